@@ -5,38 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
+from safealign.lab.tokenizer import WORD_CHAT_TEMPLATE, word_tokenizer
+
 WORDS = (
     "I ' m sorry cannot can t help with that Sure here is how to a the of and in it you "
     "kill python process bake cake break into house write poem explain what 1 2 3 4 5 6 7 8 "
     "9 0 + = ? . , ! Step first then make tool safe unsafe yes no answer ok"
 ).split()
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
-def tiny_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(chat_template: str | None = WORD_CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over a small fixed vocabulary, with a chat template."""
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + list(dict.fromkeys(WORDS)))}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
-    )
-    tokenizer.chat_template = chat_template
-    return tokenizer
+    return word_tokenizer(WORDS, roles=("user", "assistant", "system"), chat_template=chat_template)
 
 
 def tiny_model(tokenizer, seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
