@@ -19,10 +19,10 @@ import shutil
 import struct
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, Self
 
 import torch
 from safetensors import safe_open
@@ -809,7 +809,49 @@ def _base_model_name(source: Checkpoint) -> str:
     return str(source.path)
 
 
-class CheckpointWriter:
+class _FolderWriter:
+    """What both writers share: files go to a temporary folder beside ``out`` (refused when
+    ``out`` is an input, or not empty without ``overwrite``), renamed into place at the end.
+    As a context manager, an exception inside (or a missing ``finish``) discards everything."""
+
+    def __init__(self, out: str | Path, inputs: list[Checkpoint | str | Path], overwrite: bool):
+        self._atomic = _AtomicFolder(out, inputs, overwrite)
+        self.out = self._atomic.out
+
+    @property
+    def folder(self) -> Path:
+        """The temporary folder being written (extra files such as report.json go here)."""
+        return self._atomic.folder
+
+    def _check_open(self) -> None:
+        if self._atomic.done:
+            raise CheckpointError(f"writer already finished or discarded: {self.out}")
+
+    def _commit(self, write: Callable[[ModelCard], None], card: ModelCard) -> Path:
+        """``write(card)`` the remaining files, then rename into place; discard on any error."""
+        try:
+            write(card)
+            return self._atomic.commit()
+        except BaseException:
+            self._atomic.discard()
+            raise
+
+    def discard(self) -> None:
+        """Remove the temporary folder; the destination stays untouched."""
+        self._atomic.discard()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.discard()
+        elif not self._atomic.done:
+            self.discard()
+            raise CheckpointError(f"writer closed without finish(), nothing written: {self.out}")
+
+
+class CheckpointWriter(_FolderWriter):
     """Write a model folder as tensors arrive: shards flushed as they fill, atomic rename at
     :meth:`finish`. Use as a context manager; an exception inside discards everything."""
 
@@ -824,8 +866,7 @@ class CheckpointWriter:
     ):
         self.source = _source_checkpoint(source)
         self.max_shard_size = parse_size(max_shard_size)
-        self._atomic = _AtomicFolder(out, [self.source, *inputs], overwrite)
-        self.out = self._atomic.out
+        super().__init__(out, [self.source, *inputs], overwrite)
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
@@ -834,19 +875,13 @@ class CheckpointWriter:
         self.total_size = 0
         self.total_parameters = 0
 
-    @property
-    def folder(self) -> Path:
-        """The temporary folder being written (extra files such as report.json go here)."""
-        return self._atomic.folder
-
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Queue one tensor; a shard is written when the next tensor would overflow it.
 
         The writer keeps the tensor until its shard is written: do not modify it in place
         afterwards. Views and tensors sharing storage with a queued one are cloned.
         """
-        if self._atomic.done:
-            raise CheckpointError(f"writer already finished or discarded: {self.out}")
+        self._check_open()
         if name in self._names:
             raise CheckpointError(f"tensor {name} added twice: {self.out}")
         tensor = _owned(tensor, self._pending.values())
@@ -873,18 +908,16 @@ class CheckpointWriter:
         """Write the last shard, index, config, tokenizer and README.md; rename into place."""
         if not self._names:
             raise CheckpointError(f"no tensors were added: {self.out}")
-        try:
-            self._flush()
-            self._name_shards()
-            self._write_config()
-            _copy_files(self.source.tokenizer_folder, self.folder, TOKENIZER_FILES)
-            (self.folder / "README.md").write_text(
-                card.render(_base_model_name(self.source)), encoding="utf-8"
-            )
-            return self._atomic.commit()
-        except BaseException:
-            self._atomic.discard()
-            raise
+        return self._commit(self._write_files, card)
+
+    def _write_files(self, card: ModelCard) -> None:
+        self._flush()
+        self._name_shards()
+        self._write_config()
+        _copy_files(self.source.tokenizer_folder, self.folder, TOKENIZER_FILES)
+        (self.folder / "README.md").write_text(
+            card.render(_base_model_name(self.source)), encoding="utf-8"
+        )
 
     def _name_shards(self) -> None:
         count = len(self._shards)
@@ -910,20 +943,6 @@ class CheckpointWriter:
         (self.folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _copy_files(self.source.model_folder, self.folder, ["generation_config.json"])
 
-    def discard(self) -> None:
-        """Remove the temporary folder; the destination stays untouched."""
-        self._atomic.discard()
-
-    def __enter__(self) -> CheckpointWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.discard()
-        elif not self._atomic.done:
-            self.discard()
-            raise CheckpointError(f"writer closed without finish(), nothing written: {self.out}")
-
 
 def _owned(tensor: torch.Tensor, pending: Iterable[torch.Tensor]) -> torch.Tensor:
     """A detached, contiguous CPU tensor that owns its storage (no views, no sharing)."""
@@ -940,7 +959,7 @@ def _owned(tensor: torch.Tensor, pending: Iterable[torch.Tensor]) -> torch.Tenso
 EMBEDDING_NAME = re.compile(r"(^|\.)(embed_tokens|wte|embed_in|word_embeddings)\.weight$")
 
 
-class AdapterWriter:
+class AdapterWriter(_FolderWriter):
     """Write a PEFT LoRA adapter folder from per-weight factors, atomically.
 
     Factors are given in :class:`LoraFactors` orientation (``delta = scale * B @ A`` on the
@@ -966,19 +985,13 @@ class AdapterWriter:
                 f"{self.source.path / ADAPTER_CONFIG_NAME}"
             )
         self.base_model = str(base_model) if base_model is not None else None
-        self._atomic = _AtomicFolder(out, [self.source, *inputs], overwrite)
-        self.out = self._atomic.out
+        super().__init__(out, [self.source, *inputs], overwrite)
         self._tensors: dict[str, torch.Tensor] = {}
         self._ranks: dict[str, tuple[int, float]] = {}
 
-    @property
-    def folder(self) -> Path:
-        return self._atomic.folder
-
     def add(self, name: str, A: torch.Tensor, B: torch.Tensor, scale: float | None = None) -> None:
         """Factors for base weight ``name`` (``scale`` default: the source adapter's for it)."""
-        if self._atomic.done:
-            raise CheckpointError(f"writer already finished or discarded: {self.out}")
+        self._check_open()
         if name not in self.source.base:
             raise CheckpointError(
                 f"{name} is not a weight of the base model: {self.source.base.path}"
@@ -1057,33 +1070,16 @@ class AdapterWriter:
         """Write adapter_model.safetensors, adapter_config.json, tokenizer, README.md; rename."""
         if not self._tensors:
             raise CheckpointError(f"no LoRA factors were added: {self.out}")
-        try:
-            save_file(
-                self._tensors, str(self.folder / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"}
-            )
-            config = self._adapter_config()
-            (self.folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            if _has_tokenizer(self.source.path):
-                _copy_files(self.source.path, self.folder, TOKENIZER_FILES)
-            base = config.get("base_model_name_or_path") or str(self.source.base.path)
-            (self.folder / "README.md").write_text(card.render(base), encoding="utf-8")
-            return self._atomic.commit()
-        except BaseException:
-            self._atomic.discard()
-            raise
+        return self._commit(self._write_files, card)
 
-    def discard(self) -> None:
-        self._atomic.discard()
-
-    def __enter__(self) -> AdapterWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.discard()
-        elif not self._atomic.done:
-            self.discard()
-            raise CheckpointError(f"writer closed without finish(), nothing written: {self.out}")
+    def _write_files(self, card: ModelCard) -> None:
+        save_file(self._tensors, str(self.folder / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        config = self._adapter_config()
+        (self.folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        if _has_tokenizer(self.source.path):
+            _copy_files(self.source.path, self.folder, TOKENIZER_FILES)
+        base = config.get("base_model_name_or_path") or str(self.source.base.path)
+        (self.folder / "README.md").write_text(card.render(base), encoding="utf-8")
 
 
 def _alphas(ranks: dict[str, tuple[int, float]], rslora: bool) -> dict[str, int | float]:
