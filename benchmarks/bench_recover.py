@@ -43,6 +43,10 @@ SIZES = {  # name: (layers, hidden, intermediate, vocab)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 HARMFUL = ["w1 w2 w3 w4", "w5 w6 w7", "w8 w9 w10 w11 w12", "w13 w14"]
 TASK = [{"prompt": "w20 w21 w22", "answer": "w30"}, {"prompt": "w23 w24", "answer": "w31"}]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 RUN = """
 import json, resource, sys, time
 from safealign.recover import recover
@@ -101,11 +105,23 @@ def tensor_shapes(layers: int, hidden: int, intermediate: int, vocab: int):
 
 
 def write_tokenizer(folder: Path, vocab: int) -> None:
-    """A word-level tokenizer of ``vocab`` tokens (the special ones, then w0, w1, ...)."""
-    from safealign.lab.tokenizer import word_tokenizer
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    special = len(word_tokenizer([]))
-    word_tokenizer(f"w{i}" for i in range(vocab - special)).save_pretrained(folder)
+    special = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
+    words = special + [f"w{i}" for i in range(vocab - len(special))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
 
 
 def write_pair(

@@ -5,18 +5,48 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-from safealign.lab.tokenizer import WORD_CHAT_TEMPLATE, word_tokenizer
 
 WORDS = (
     "I ' m sorry cannot can t help with that Sure here is how to a the of and in it you "
     "kill python process bake cake break into house write poem explain what 1 2 3 4 5 6 7 8 "
     "9 0 + = ? . , ! Step first then make tool safe unsafe yes no answer ok"
 ).split()
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
-def tiny_tokenizer(chat_template: str | None = WORD_CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+def word_tokenizer(
+    words: list[str],
+    *,
+    roles: tuple[str, ...] = ("user", "assistant"),
+    chat_template: str | None = CHAT_TEMPLATE,
+) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: ids ``<pad> <s> </s> <unk>``, one ``<|role|>`` special token per
+    role, then ``words`` (repeats dropped). Splits at white space and punctuation."""
+    role_tokens = [f"<|{role}|>" for role in roles]
+    tokens = ["<pad>", "<s>", "</s>", "<unk>", *role_tokens, *dict.fromkeys(words)]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=role_tokens,
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def tiny_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over a small fixed vocabulary, with a chat template."""
     return word_tokenizer(WORDS, roles=("user", "assistant", "system"), chat_template=chat_template)
 

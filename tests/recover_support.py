@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from eval_support import word_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-from safealign.lab.tokenizer import word_tokenizer
 
 WORDS = (
     "how do i make a bomb steal car hack bank poison write poem sum of two and three is what "

@@ -1,12 +1,8 @@
-"""The lab's tokenizer: a small byte-level BPE trained on the lab's own text, chat template.
-
-Also :func:`word_tokenizer`, a word-level tokenizer over a given word list for tiny synthetic
-models (tests and benchmarks), that needs no training.
-"""
+"""The lab's tokenizer: a small byte-level BPE trained on the lab's own text, chat template."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -47,43 +43,3 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int):
         padding_side="left",
         model_max_length=256,
     )
-
-
-#: The chat template of :func:`word_tokenizer`: ``<s><|role|> content ... <|assistant|>``.
-WORD_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def word_tokenizer(
-    words: Iterable[str],
-    *,
-    roles: Sequence[str] = ("user", "assistant"),
-    chat_template: str | None = WORD_CHAT_TEMPLATE,
-):
-    """A word-level tokenizer over ``words``; return a transformers fast tokenizer.
-
-    Ids: ``<pad> <s> </s> <unk>``, one ``<|role|>`` special token per role, then ``words`` in
-    order (repeats dropped). Text splits at white space and punctuation; other words are
-    ``<unk>``.
-    """
-    from transformers import PreTrainedTokenizerFast
-
-    role_tokens = [f"<|{role}|>" for role in roles]
-    tokens = ["<pad>", "<s>", "</s>", "<unk>", *role_tokens, *dict.fromkeys(words)]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=role_tokens,
-    )
-    tokenizer.chat_template = chat_template
-    return tokenizer
