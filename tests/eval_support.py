@@ -51,22 +51,28 @@ def tiny_tokenizer(chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedToken
     return word_tokenizer(WORDS, roles=("user", "assistant", "system"), chat_template=chat_template)
 
 
+def tiny_config(tokenizer, *, layers: int = 2, hidden: int = 32, **extra) -> LlamaConfig:
+    """A tiny Llama config over ``tokenizer``'s vocabulary and special tokens; ``extra``
+    overrides any setting."""
+    settings = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    return LlamaConfig(**(settings | extra))
+
+
 def tiny_model(tokenizer, seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
     """A random tiny Llama over ``tokenizer``'s vocabulary, in eval mode."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(tiny_config(tokenizer, layers=layers))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval()
@@ -90,18 +96,13 @@ def scripted_model(tokenizer, next_token: dict[str, str], default: str) -> Llama
     """
     vocab = len(tokenizer)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=vocab + (-vocab) % 8,
+    config = tiny_config(
+        tokenizer,
+        layers=1,
+        hidden=vocab + (-vocab) % 8,
         intermediate_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=256,
         tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -134,17 +135,12 @@ def save_classifier(folder: Path, id2label: dict[int, str], seed: int = 0) -> Pa
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    config = tiny_config(
+        tokenizer,
+        layers=1,
         num_labels=len(id2label),
         id2label=id2label,
         label2id={v: k for k, v in id2label.items()},
-        pad_token_id=tokenizer.pad_token_id,
     )
     LlamaForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

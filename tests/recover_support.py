@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from eval_support import tiny_config as shared_tiny_config
 from eval_support import word_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -28,20 +29,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return word_tokenizer(WORDS)
 
 
-def tiny_config(tokenizer, *, layers: int = 4, hidden: int = 32, **extra) -> LlamaConfig:
-    extra.setdefault("vocab_size", len(tokenizer))
-    return LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **extra,
-    )
+def tiny_config(tokenizer, *, layers: int = 4, **extra) -> LlamaConfig:
+    """``eval_support.tiny_config`` with four decoder layers unless told otherwise."""
+    return shared_tiny_config(tokenizer, layers=layers, **extra)
 
 
 def save_model(model: LlamaForCausalLM, tokenizer, folder: Path) -> Path:
