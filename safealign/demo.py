@@ -6,7 +6,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from safealign.checkpoint import Checkpoint
 from safealign.data import load_prompts, load_task
 from safealign.eval import Evaluator, Scores
 from safealign.lab import Lab, build
@@ -37,7 +36,7 @@ def lab_evaluator(lab: Lab) -> Evaluator:
 
 def score_output(evaluator: Evaluator, folder: Path, aligned: Path) -> Scores:
     """Score a model folder, or an adapter folder on the aligned model."""
-    if Checkpoint.open(folder, base=aligned).is_adapter:
+    if (Path(folder) / "adapter_config.json").exists():
         return evaluator.score_folder(aligned, adapter=folder)
     return evaluator.score_folder(folder)
 

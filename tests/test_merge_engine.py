@@ -14,7 +14,7 @@ from safealign.merge import MergeConfigError, get_method, load_config, run_merge
 from safealign.merge.cli import merge_command
 from safealign.merge.config import layer_position, resolve_value
 from safealign.merge.methods import MergeParams
-from tests.merge_support import build_tiny_models, read_weights
+from merge_support import build_tiny_models, read_weights
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 
