@@ -1,0 +1,208 @@
+"""Safety-merge trade-off on the lab: harmful rate and task cost of each merge of ft_harmful_lora.
+
+Every setting merges the lab's harmful LoRA fine-tune (``ft_harmful_lora``) back toward its aligned
+origin, writes the result to a temporary folder, scores it with the demo's evaluator (held-out
+harmful, task and benign sets) and deletes it. Deltas are against ``ft_harmful_lora`` itself, in
+percentage points: harmful points lowered (higher is safer) and task points lost (lower is better).
+
+Run (on a shared CPU, under the lock):
+    OMP_NUM_THREADS=2 flock /tmp/safealign-cpu.lock python benchmarks/bench_safety_merge.py
+
+Prints a markdown table and writes benchmarks/results/safety_merge.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging as transformers_logging
+
+from safealign import __version__
+from safealign.demo import lab_evaluator, score_output
+from safealign.eval import Evaluator, Scores
+from safealign.lab import Lab, build
+from safealign.merge import METHODS, run_merge, safety_config
+from safealign.report import markdown_table, write_json
+
+OUT = Path(__file__).parent / "results" / "safety_merge.json"
+FINETUNED = "ft_harmful_lora"
+
+#: (method, parameters) in run order; each method's paper default comes first where it is a row.
+GRID: list[tuple[str, dict[str, Any]]] = [
+    *(
+        ("safemerge", {"tau": tau, "weights": weights})
+        for tau in (0.35, 0.5, 0.7)
+        for weights in ([0.8, 0.2], [0.5, 0.5], [0.2, 0.8])
+    ),
+    *(("safe_lora", {"select": "threshold", "tau": tau}) for tau in (0.5, 0.35, 0.7)),
+    *(("safe_lora", {"select": "lowest", "k": k}) for k in (6, 12, 24)),
+    *(("resta", {"beta": beta}) for beta in (0.5, 1.0)),
+    *(("interpolate", {"alpha": alpha}) for alpha in (0.2, 0.5, 0.8)),
+]
+
+COLUMNS = (
+    "method",
+    "parameters",
+    "default",
+    "layers selected",
+    "harmful",
+    "task",
+    "over-refusal",
+    "merge s",
+    "harmful pts lowered",
+    "task pts lost",
+)
+
+
+def is_default(method: str, parameters: dict[str, Any]) -> bool:
+    """Whether the resolved parameters are all the method's declared defaults."""
+    return all(parameters.get(p.name) == p.default for p in METHODS[method].parameters)
+
+
+def describe(parameters: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in parameters.items())
+
+
+def points(before: float | None, after: float | None) -> float | None:
+    """``before - after`` in percentage points, or None when either is missing."""
+    if before is None or after is None:
+        return None
+    return round(100 * (before - after), 1)
+
+
+def scored_row(name: str, scores: Scores, reference: Scores) -> dict[str, Any]:
+    return {
+        "method": name,
+        "harmful_rate": scores.harmful_rate,
+        "task_accuracy": scores.utility,
+        "over_refusal": scores.over_refusal,
+        "harmful_points_lowered": points(reference.harmful_rate, scores.harmful_rate),
+        "task_points_lost": points(reference.utility, scores.utility),
+    }
+
+
+def run_grid(lab: Lab, evaluator: Evaluator, reference: Scores, work: Path) -> list[dict[str, Any]]:
+    """Merge, score and delete each grid setting; one result row each."""
+    rows = []
+    for i, (method, parameters) in enumerate(GRID):
+        roles = METHODS[method].required_roles + METHODS[method].optional_roles
+        config = safety_config(
+            method,
+            aligned=lab.aligned,
+            finetuned=lab.ft_harmful_lora,
+            unaligned=lab.unaligned if "unaligned" in roles else None,
+            safety=lab.safety_lora if "safety" in roles else None,
+            parameters=parameters,
+        )
+        result = run_merge(config, work / f"{i:02d}-{method}", progress=False)
+        scores = score_output(evaluator, result.out, lab.aligned)
+        report = result.report
+        resolved = {p.name: report["parameters"][p.name] for p in METHODS[method].parameters}
+        layerwise = report["layers_scored"] > 0
+        row = {
+            **scored_row(method, scores, reference),
+            "parameters": parameters,
+            "resolved_parameters": resolved,
+            "default": is_default(method, resolved),
+            "output": report["output"],
+            "layers_selected": report["layers_selected"] if layerwise else None,
+            "layers_scored": report["layers_scored"] if layerwise else None,
+            "merge_seconds": report["seconds"],
+        }
+        rows.append(row)
+        shutil.rmtree(result.out)
+        print(
+            f"  {method} {describe(parameters)}: harmful {scores.harmful_rate:.3f} "
+            f"task {scores.utility:.3f} ({report['seconds']:.1f} s)",
+            flush=True,
+        )
+    return rows
+
+
+def _one_decimal(value: float | None) -> str | None:
+    return None if value is None else f"{value:.1f}"
+
+
+def table_rows(inputs: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The printed table: inputs first, then the grid."""
+    out = []
+    for row in [*inputs, *rows]:
+        selected = row.get("layers_selected")
+        out.append(
+            {
+                "method": row["method"],
+                "parameters": describe(row["parameters"]) if "parameters" in row else "input",
+                "default": "yes" if row.get("default") else "",
+                "layers selected": None
+                if selected is None
+                else f"{selected}/{row['layers_scored']}",
+                "harmful": row["harmful_rate"],
+                "task": row["task_accuracy"],
+                "over-refusal": row["over_refusal"],
+                "merge s": row.get("merge_seconds"),
+                "harmful pts lowered": _one_decimal(row["harmful_points_lowered"]),
+                "task pts lost": _one_decimal(row["task_points_lost"]),
+            }
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="default", choices=["default", "test"])
+    parser.add_argument("--lab", type=Path, help="an already built lab folder (else build --size)")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    transformers_logging.disable_progress_bar()
+
+    lab = Lab.open(args.lab) if args.lab else build(size=args.size)
+    evaluator = lab_evaluator(lab)
+    aligned = evaluator.score_folder(lab.aligned)
+    reference = evaluator.score_folder(lab.aligned, adapter=lab.ft_harmful_lora)
+    inputs = [
+        scored_row("aligned", aligned, reference),
+        scored_row(FINETUNED, reference, reference),
+    ]
+    with tempfile.TemporaryDirectory(prefix="bench-safety-merge-", dir=args.workdir) as work:
+        rows = run_grid(lab, evaluator, reference, Path(work))
+
+    result = {
+        "lab": {"key": lab.info["key"], "size": lab.info["size"], "path": str(lab.root)},
+        "finetuned": FINETUNED,
+        "evaluator_n": {
+            "harmful": reference.n_harmful,
+            "task": reference.n_task,
+            "benign": reference.n_benign,
+        },
+        "deltas": "percentage points against ft_harmful_lora",
+        "versions": {
+            "safealign": __version__,
+            "torch": torch.__version__,
+            "transformers": version("transformers"),
+            "peft": version("peft"),
+            "python": platform.python_version(),
+        },
+        "torch_threads": torch.get_num_threads(),
+        "inputs": inputs,
+        "rows": rows,
+    }
+    n = result["evaluator_n"]
+    print(
+        f"\nlab {lab.info['size']} ({lab.info['key']}); n harmful {n['harmful']}, "
+        f"task {n['task']}, benign {n['benign']}; deltas vs {FINETUNED} in points"
+    )
+    print(markdown_table(table_rows(inputs, rows), COLUMNS))
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
