@@ -8,13 +8,13 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from merge_support import build_tiny_models, read_weights
 
 from safealign.checkpoint import Checkpoint
 from safealign.merge import MergeConfigError, get_method, load_config, run_merge, safety_config
 from safealign.merge.cli import merge_command
 from safealign.merge.config import layer_position, resolve_value
 from safealign.merge.methods import MergeParams
-from merge_support import build_tiny_models, read_weights
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 
