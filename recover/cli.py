@@ -34,8 +34,20 @@ def _rates(_ctx, _param, value: str | None) -> tuple[float, ...]:
     "--eval-harmful", type=click.Path(), help="Harmful prompts scored per step [--harmful]."
 )
 @click.option("--task", type=click.Path(), help="Held-out task data with answers; drives rollback.")
+@click.option(
+    "--benign", type=click.Path(), help="Benign prompts; over-refusal is checked with utility."
+)
+@click.option(
+    "--refusal-rise",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="Allowed over-refusal rise above max(A, B), with --benign.",
+)
 @click.option("--layer", type=int, help="Direction layer L [floor(4n/6); n under 12 layers].")
-@click.option("--rate", type=float, help="Share restored per step [0.002; 0.02 under 12 layers].")
+@click.option(
+    "--rate", type=float, default=0.002, show_default=True, help="Share restored per step."
+)
 @click.option("--steps", type=int, default=20, show_default=True)
 @click.option(
     "--warmup", type=int, default=5, show_default=True, help="Steps before utility checks."

@@ -3,9 +3,10 @@
 One working model (the fine-tuned one) lives in memory. Per step: accumulate the gradient of
 -cos(harmful-prompt centroid, aligned harmful direction) over the blocks below the direction
 layer, restore the top ``rate`` share of sign-agreeing elements to their aligned values, and
-(from the end of the warm-up on, with task data) score utility and roll back part of the step
-when it fell more than ``metric_drop`` below the fine-tuned model's. The kept state is the
-last step whose utility held.
+(from the end of the warm-up on) check the step: utility on task data must stay within
+``metric_drop`` of the fine-tuned model's and, when benign prompts are given, over-refusal
+must not rise more than ``refusal_rise`` above the higher of A's and B's. A step that fails
+is partly rolled back. The kept state is the last step that held.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from safealign.recover.weights import (
     Layout,
     checkpoint_dtype,
     copy_into,
-    default_rate,
     layout,
     load_working_model,
     model_tensor,
@@ -57,7 +57,8 @@ class StepRecord:
     harmful_rate: float | None
     utility: float | None  # after rollback, if one happened
     utility_before_rollback: float | None
-    holds: bool | None  # utility within metric_drop of the fine-tuned model's
+    over_refusal: float | None  # after rollback, if one happened (with benign prompts)
+    holds: bool | None  # utility (and over-refusal) within bounds
     seconds: float
 
 
@@ -71,6 +72,7 @@ class RunOutcome:
     restored: int  # elements at aligned values in the kept state
     harmful_rate: float | None
     utility: float | None
+    over_refusal: float | None
     seconds: float
 
     def summary(self) -> dict:
@@ -80,6 +82,7 @@ class RunOutcome:
             "restored": self.restored,
             "harmful_rate": self.harmful_rate,
             "utility": self.utility,
+            "over_refusal": self.over_refusal,
             "seconds": round(self.seconds, 3),
         }
 
@@ -124,7 +127,7 @@ def peak_rss_bytes() -> int:
 
 
 def _check_settings(
-    rate, steps, warmup, metric_drop, rollback_rate, sweep, batch_size, max_prompts
+    rate, steps, warmup, metric_drop, rollback_rate, sweep, batch_size, max_prompts, refusal_rise
 ) -> None:
     problems = []
     for r in [rate, *sweep]:
@@ -136,6 +139,8 @@ def _check_settings(
         problems.append(f"warmup must be >= 0, got {warmup}")
     if not 0 <= metric_drop < 1:
         problems.append(f"metric_drop must be in [0, 1), got {metric_drop}")
+    if not 0 <= refusal_rise < 1:
+        problems.append(f"refusal_rise must be in [0, 1), got {refusal_rise}")
     if not 0 <= rollback_rate <= 1:
         problems.append(f"rollback_rate must be in [0, 1], got {rollback_rate}")
     if max_prompts is not None and max_prompts < 1:
@@ -164,11 +169,12 @@ def open_pair(aligned, finetuned) -> tuple[Checkpoint, Checkpoint]:
 class _Session:
     """The working model and everything fixed across steps and sweep runs."""
 
-    def __init__(self, a, b, lay: Layout, dtype, device, harmful, eval_harmful, task, opts):
+    def __init__(self, a, b, lay: Layout, dtype, device, harmful, eval_harmful, task, benign, opts):
         self.a, self.b, self.layout, self.opts = a, b, lay, opts
         self.model, self.tokenizer = load_working_model(a, b, dtype, device)
         self.harmful = harmful
         self.task_prompts = [e.prompt for e in task.examples] if task is not None else None
+        self.benign_prompts = benign.prompts if benign is not None else None
         common = {
             "batch_size": opts["eval_batch_size"],
             "max_new_tokens": opts["max_new_tokens"],
@@ -177,6 +183,9 @@ class _Session:
         self.harm_eval = Evaluator(harmful=eval_harmful, judge=opts["judge"], **common)
         self.task_eval = (
             Evaluator(task=task, metric=opts["metric"], **common) if task is not None else None
+        )
+        self.benign_eval = (
+            Evaluator(benign=benign, judge=opts["judge"], **common) if benign is not None else None
         )
         self.params = {t.name: self.model.get_parameter(t.name) for t in lay.targets}
 
@@ -190,18 +199,30 @@ class _Session:
             return None
         return self.task_eval.score(self.model, self.tokenizer).utility
 
+    def over_refusal(self) -> float | None:
+        if self.benign_eval is None:
+            return None
+        return self.benign_eval.score(self.model, self.tokenizer).over_refusal
+
     def scores(self) -> dict:
-        return {"harmful_rate": self.harmful_rate(), "utility": self.utility()}
+        return {
+            "harmful_rate": self.harmful_rate(),
+            "utility": self.utility(),
+            "over_refusal": self.over_refusal(),
+        }
 
     # -- the fixed references
 
     def references(self) -> dict[str, dict]:
-        """Score B, take B's task centroid, swap A in for its direction and scores, swap back."""
+        """Score B, take B's centroids on the kept sets (task, benign), swap A in for its
+        direction and scores, swap back."""
         layer, bs = self.layout.layer, self.opts["batch_size"]
         finetuned_scores = self.scores()
-        self.centroid = None
-        if self.task_prompts:
-            self.centroid = mean_state(self.model, self.tokenizer, self.task_prompts, layer, bs)
+        self.keep_sets = [
+            (prompts, mean_state(self.model, self.tokenizer, prompts, layer, bs))
+            for prompts in (self.task_prompts, self.benign_prompts)
+            if prompts
+        ]
         copy_into(self.model, self.a, self.a.names())
         self.direction = mean_state(self.model, self.tokenizer, self.harmful, layer, bs)
         aligned_scores = self.scores()
@@ -210,6 +231,10 @@ class _Session:
         )
         copy_into(self.model, self.b, back)
         self.finetuned_utility = finetuned_scores["utility"]
+        self.refusal_ceiling = None
+        if self.benign_eval is not None:
+            reference = max(aligned_scores["over_refusal"], finetuned_scores["over_refusal"])
+            self.refusal_ceiling = reference + self.opts["refusal_rise"]
         return {"aligned": aligned_scores, "finetuned": finetuned_scores}
 
     # -- one step's parts
@@ -236,18 +261,31 @@ class _Session:
             param.data.view(-1)[index.to(param.device)] = vals.to(param.device, param.dtype)
 
     def rollback(self, step_picked: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        grads = gathered_gradients(
-            self.model,
-            self.tokenizer,
-            self.task_prompts,
-            self.layout.layer,
-            self.centroid,
-            step_picked,
-            self.opts["batch_size"],
-        )
+        """Roll back part of a step, chosen by the gradient toward B's centroids on the
+        kept sets (the task prompts, and the benign prompts when given)."""
+        grads: dict[str, torch.Tensor] = {}
+        for prompts, centroid in self.keep_sets:
+            part = gathered_gradients(
+                self.model,
+                self.tokenizer,
+                prompts,
+                self.layout.layer,
+                centroid,
+                step_picked,
+                self.opts["batch_size"],
+            )
+            grads = {n: grads[n] + g if n in grads else g for n, g in part.items()}
         chosen = choose_rollback(self.model, self.b, step_picked, grads, self.opts["rollback_rate"])
         self.write(chosen)
         return {name: index for name, (index, _) in chosen.items()}
+
+    def check(self, floor: float | None) -> tuple[float | None, float | None, bool]:
+        """(utility, over-refusal, whether both are within bounds) of the current state."""
+        utility, refusal = self.utility(), self.over_refusal()
+        holds = (floor is None or utility >= floor) and (
+            self.refusal_ceiling is None or refusal <= self.refusal_ceiling
+        )
+        return utility, refusal, holds
 
     # -- the loop
 
@@ -258,6 +296,7 @@ class _Session:
         ledger, records, kept = Ledger(), [], 0
         base = self.finetuned_utility
         floor = None if base is None else base * (1 - opts["metric_drop"])
+        checked = floor is not None or self.refusal_ceiling is not None
         for param in self.params.values():
             param.requires_grad_(True)
             param.grad = None
@@ -277,18 +316,18 @@ class _Session:
                 self.write({n: (p.index, p.values) for n, p in picked.items()})
                 step_index = {n: p.index for n, p in picked.items()}
                 ledger.record_restore(step, step_index)
-                utility = before = holds = None
+                utility = before = refusal = holds = None
                 rolled: dict[str, torch.Tensor] = {}
-                if floor is not None and step >= min(max(opts["warmup"], 1), opts["steps"]):
-                    utility = self.utility()
-                    if utility < floor and opts["rollback_rate"] > 0 and step_index:
+                if checked and step >= min(max(opts["warmup"], 1), opts["steps"]):
+                    utility, refusal, holds = self.check(floor)
+                    if not holds and opts["rollback_rate"] > 0 and step_index:
                         rolled = self.rollback(step_index)
                         ledger.record_rollback(step, rolled)
-                        before, utility = utility, self.utility()
-                    holds = utility >= floor
+                        before = utility
+                        utility, refusal, holds = self.check(floor)
                     if holds:
                         kept = step
-                elif floor is None:
+                elif not checked:
                     kept = step
                 net = {n: i.numel() for n, i in step_index.items()}
                 for n, i in rolled.items():
@@ -304,6 +343,7 @@ class _Session:
                     harmful_rate=self.harmful_rate(),
                     utility=utility,
                     utility_before_rollback=before,
+                    over_refusal=refusal,
                     holds=holds,
                     seconds=round(time.perf_counter() - t0, 3),
                 )
@@ -311,6 +351,7 @@ class _Session:
                 bar.set_postfix(
                     harmful=f"{record.harmful_rate:.2f}",
                     utility="-" if utility is None else f"{utility:.2f}",
+                    refusal="-" if refusal is None else f"{refusal:.2f}",
                     cos=f"{-loss:.3f}",
                 )
         finally:
@@ -328,6 +369,7 @@ class _Session:
             restored=ledger.net_total(kept),
             harmful_rate=kept_record.harmful_rate if kept_record else None,
             utility=kept_record.utility if kept_record else None,
+            over_refusal=kept_record.over_refusal if kept_record else None,
             seconds=time.perf_counter() - start,
         )
         return outcome, ledger
@@ -341,8 +383,10 @@ def recover(
     harmful=None,
     task=None,
     eval_harmful=None,
+    benign=None,
+    refusal_rise: float = 0.05,
     layer: int | None = None,
-    rate: float | None = None,
+    rate: float = 0.002,
     steps: int = 20,
     warmup: int = 5,
     metric_drop: float = 0.05,
@@ -368,10 +412,12 @@ def recover(
     PromptSet or list; default: the bundled smoke set), the first ``max_prompts`` of them.
     ``eval_harmful``: prompts the harmful rate is measured on (default: ``harmful``).
     ``task``: held-out task examples with answers (path, TaskSet or list) that drive
-    rollback; without them there is no rollback. ``layer``: direction layer (default
-    floor(4n/6), or n for models under 12 layers). ``rate``: share of decoder matrix elements
-    restored per step (default 0.002, or 0.02 for models under 12 layers). ``sweep``:
-    extra rates whose outcomes form the trade-off curve in the report.
+    rollback; without them there is no rollback. ``benign``: benign prompts (path, PromptSet
+    or list) whose over-refusal is checked with utility: a step also fails when it rises more
+    than ``refusal_rise`` (absolute) above the higher of A's and B's. ``layer``: direction
+    layer (default floor(4n/6), or n for models under 12 layers). ``rate``: share of decoder
+    matrix elements restored per step (the paper's 0.002).
+    ``sweep``: extra rates whose outcomes form the trade-off curve in the report.
     ``dtype``: working and output dtype (default: the fine-tuned checkpoint's).
     ``dry_run``: return the plan only; nothing is loaded or written. ``max_shard_size``:
     output shard size (writing a shard briefly needs its bytes again in memory).
@@ -379,8 +425,17 @@ def recover(
     start = time.perf_counter()
     a, b = open_pair(aligned, finetuned)
     lay = layout(b, layer)
-    rate = default_rate(lay.n_layers) if rate is None else rate
-    _check_settings(rate, steps, warmup, metric_drop, rollback_rate, sweep, batch_size, max_prompts)
+    _check_settings(
+        rate,
+        steps,
+        warmup,
+        metric_drop,
+        rollback_rate,
+        sweep,
+        batch_size,
+        max_prompts,
+        refusal_rise,
+    )
     work_dtype = resolve_dtype(dtype)
     if work_dtype == "auto":
         work_dtype = checkpoint_dtype(b)
@@ -391,9 +446,13 @@ def recover(
         )
     eval_set = prompt_set(eval_harmful, "eval_harmful") if eval_harmful is not None else harmful_set
     task_set = task_examples(task) if task is not None else None
+    benign_set = prompt_set(benign, "benign") if benign is not None else None
     notes = []
     if task_set is None:
-        notes.append("no task data given: recovery runs without utility checks or rollback")
+        notes.append(
+            "no task data given: recovery runs without utility checks"
+            + ("" if benign_set is not None else " or rollback")
+        )
         warnings.warn(notes[-1], stacklevel=2)
     plan = Plan(
         aligned=str(a.path),
@@ -410,7 +469,7 @@ def recover(
         decoder_params=lay.decoder_params,
         per_step=lay.per_step(rate),
         candidates=None,
-        rollback=task_set is not None,
+        rollback=task_set is not None or benign_set is not None,
         memory=memory_estimate(b, lay, work_dtype, lay.per_step(rate), steps),
     )
     settings = {
@@ -420,6 +479,7 @@ def recover(
         "warmup": warmup,
         "metric_drop": metric_drop,
         "rollback_rate": rollback_rate,
+        "refusal_rise": refusal_rise,
         "judge": judge,
         "metric": metric,
         "dtype": plan.dtype,
@@ -433,6 +493,7 @@ def recover(
         "harmful": _describe(harmful_set),
         "eval_harmful": _describe(eval_set),
         "task": _describe(task_set) if task_set is not None else None,
+        "benign": _describe(benign_set) if benign_set is not None else None,
     }
     result = RecoveryResult(None, plan, settings=settings, sets=sets, warnings=notes)
     if dry_run:
@@ -446,6 +507,7 @@ def recover(
         "warmup": warmup,
         "metric_drop": metric_drop,
         "rollback_rate": rollback_rate,
+        "refusal_rise": refusal_rise,
         "judge": judge,
         "metric": metric,
         "batch_size": batch_size,
@@ -457,7 +519,16 @@ def recover(
         out, source=b, overwrite=overwrite, inputs=[a], max_shard_size=max_shard_size
     ) as writer:
         session = _Session(
-            a, b, lay, work_dtype, device, harmful_set.prompts, eval_set, task_set, opts
+            a,
+            b,
+            lay,
+            work_dtype,
+            device,
+            harmful_set.prompts,
+            eval_set,
+            task_set,
+            benign_set,
+            opts,
         )
         result.scores = session.references()
         for extra in sorted(set(sweep) - {rate}):
@@ -469,15 +540,18 @@ def recover(
         if sweep:
             result.sweep = sorted([*result.sweep, outcome.summary()], key=lambda r: r["rate"])
         finetuned_scores = result.scores["finetuned"]
-        result.scores["recovered"] = {
-            "harmful_rate": outcome.harmful_rate
+        result.scores["recovered"] = (
+            {
+                "harmful_rate": outcome.harmful_rate,
+                "utility": outcome.utility,
+                "over_refusal": outcome.over_refusal,
+            }
             if outcome.kept_step
-            else finetuned_scores["harmful_rate"],
-            "utility": outcome.utility if outcome.kept_step else finetuned_scores["utility"],
-        }
-        if outcome.kept_step == 0 and task_set is not None:
+            else dict(finetuned_scores)
+        )
+        if outcome.kept_step == 0 and plan.rollback:
             result.warnings.append(
-                "utility never held after the warm-up: the output equals the fine-tuned model; "
+                "no step held after the warm-up: the output equals the fine-tuned model; "
                 "try a smaller rate, a larger metric_drop or a larger rollback_rate"
             )
             warnings.warn(result.warnings[-1], stacklevel=2)

@@ -24,7 +24,7 @@ def scores_table(result) -> str:
     rows = [
         {"model": label, **result.scores[key]} for key, label in SCORE_ROWS if key in result.scores
     ]
-    return markdown_table(rows, ["model", "harmful_rate", "utility"])
+    return markdown_table(rows, ["model", "harmful_rate", "utility", "over_refusal"])
 
 
 def steps_table(result) -> str:
@@ -40,6 +40,7 @@ def steps_table(result) -> str:
             "cos": -s.loss,
             "harmful_rate": s.harmful_rate,
             "utility": s.utility,
+            "over_refusal": s.over_refusal,
             "holds": s.holds,
             "seconds": s.seconds,
         }
@@ -51,7 +52,8 @@ def steps_table(result) -> str:
 def sweep_table(result) -> str:
     """The trade-off curve: harmful rate and utility per rate."""
     return markdown_table(
-        result.sweep, ["rate", "kept_step", "restored", "harmful_rate", "utility"]
+        result.sweep,
+        ["rate", "kept_step", "restored", "harmful_rate", "utility", "over_refusal"],
     )
 
 

@@ -29,30 +29,21 @@ def num_layers(ckpt: Checkpoint) -> int:
     return n
 
 
-#: Models with fewer decoder layers than this are "small": the paper's defaults (tuned on
-#: 2B-13B models of 18-40 layers) are replaced by the small-model ones below.
+#: Models with fewer decoder layers than this are "small": the paper's direction layer (tuned
+#: on 2B-13B models of 18-40 layers) is replaced by the last one.
 SMALL_MODEL_LAYERS = 12
-PAPER_RATE = 0.002
-SMALL_MODEL_RATE = 0.02
 
 
 def default_layer(n_layers: int) -> int:
     """The direction layer: the paper's floor(4n/6), or n (every block) for small models.
 
-    In models of a few blocks the top block takes part in the refusal decision: on the lab's
-    4-layer model restoring blocks 0..2 (L=3) left the harmful rate at 100% at any rate up
-    to 0.05, while L=4 brought it to 3%.
+    In models of a few blocks the top block takes part in the refusal decision: on the test
+    lab's 4-layer ``ft_harmful``, 20 steps at rate 0.002 leave the harmful rate at 59% with the
+    paper's L=2 (31% at rate 0.01), and bring it to 0% with L=4, task accuracy kept.
     """
     if n_layers < SMALL_MODEL_LAYERS:
         return n_layers
     return max(1, (4 * n_layers) // 6)
-
-
-def default_rate(n_layers: int) -> float:
-    """Share restored per step: the paper's 0.002, or 0.02 for small models (on the lab's
-    4-layer model 0.002 x 20 steps lowered the harmful rate from 100% to 83% only; 0.02
-    reached 3% with task accuracy within 5 points)."""
-    return SMALL_MODEL_RATE if n_layers < SMALL_MODEL_LAYERS else PAPER_RATE
 
 
 def layer_prefix(names: list[str], n_layers: int) -> str:

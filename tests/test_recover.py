@@ -172,9 +172,9 @@ def test_dry_run_writes_nothing(pair, tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())
     plan = result.plan
     assert plan.layer == 4 and plan.n_layers == 4  # small model: every block
-    assert plan.rate == 0.02  # small-model rate
+    assert plan.rate == 0.002  # the paper's rate
     assert plan.candidates == plan.restorable_params  # every weight was perturbed
-    assert plan.per_step == -(-plan.decoder_params * 2 // 100)  # ceil(0.02 x decoder params)
+    assert plan.per_step == -(-plan.decoder_params * 2 // 1000)  # ceil(0.002 x decoder params)
     assert "layer:        4 of 4" in plan.describe()
     paper = recover(aligned, finetuned, out, harmful=HARMFUL, layer=2, rate=0.002, dry_run=True)
     assert paper.plan.restorable_params == plan.restorable_params // 2  # blocks 0..1 of 4
@@ -286,9 +286,8 @@ def test_sweep_reports_each_rate_and_output_matches_main_rate(pair):
     )
 
 
-def test_defaults_paper_for_deep_models_small_model_otherwise():
-    from safealign.recover.weights import default_layer, default_rate
+def test_default_layer_paper_for_deep_models_last_for_small():
+    from safealign.recover.weights import default_layer
 
     assert default_layer(32) == 21 and default_layer(18) == 12  # floor(4n/6), the paper's
-    assert default_rate(32) == 0.002
-    assert default_layer(4) == 4 and default_layer(6) == 6 and default_rate(6) == 0.02
+    assert default_layer(4) == 4 and default_layer(6) == 6

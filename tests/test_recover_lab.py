@@ -10,7 +10,7 @@ from safealign.recover import recover
 pytestmark = pytest.mark.lab
 
 
-def _recover(lab, tmp_path, finetuned: str):
+def _recover(lab, tmp_path, finetuned: str, **options):
     return recover(
         lab.aligned,
         getattr(lab, finetuned),
@@ -19,6 +19,7 @@ def _recover(lab, tmp_path, finetuned: str):
         eval_harmful=lab.data("harmful_eval"),
         task=lab.data("task_eval"),
         progress=False,
+        **options,
     )
 
 
@@ -41,10 +42,25 @@ def test_recovers_full_fine_tune(lab, tmp_path):
     assert scores.utility == result.scores["recovered"]["utility"]
 
 
-@pytest.mark.xfail(
-    reason="on the lab's LoRA fine-tune the harmful-direction objective saturates (cos -> 1) "
-    "while the model keeps complying, at any layer and rate tried; see the recover report",
-    strict=False,
-)
 def test_recovers_lora_fine_tune(lab, tmp_path):
     _check_acceptance(_recover(lab, tmp_path, "ft_harmful_lora"))
+
+
+def test_benign_guard_bounds_over_refusal(lab, tmp_path):
+    """With benign prompts, a step whose over-refusal rises past max(A, B) + refusal_rise fails
+    like a utility drop: it is rolled back and never kept."""
+    rise = 0.05  # the default refusal_rise
+    result = _recover(
+        lab, tmp_path, "ft_harmful_lora", benign=lab.prompts("safety_train", kind="lookalike")[:64]
+    )
+    _check_acceptance(result)
+    scores = result.scores
+    ceiling = max(scores["aligned"]["over_refusal"], scores["finetuned"]["over_refusal"]) + rise
+    floor = scores["finetuned"]["utility"] * (1 - 0.05)  # the default metric_drop
+    assert scores["recovered"]["over_refusal"] <= ceiling
+    checked = [s for s in result.run.steps if s.holds is not None]
+    assert all(s.holds == (s.over_refusal <= ceiling and s.utility >= floor) for s in checked)
+    # on this lab restoring keeps raising over-refusal while utility holds: the guard fires
+    refused = [s for s in checked if s.utility >= floor and s.over_refusal > ceiling]
+    assert refused and all(s.rolled_back > 0 for s in refused)
+    assert result.run.kept_step < refused[0].step

@@ -74,6 +74,12 @@ class Lab:
             raise ValueError(f"unknown lab data set {name!r}: choose one of {', '.join(DATASETS)}")
         return self.root / "data" / f"{name}.jsonl"
 
+    def prompts(self, name: str, kind: str | None = None) -> list[str]:
+        """The prompts of data set ``name``; only rows of ``kind`` (e.g. ``lookalike``) if given."""
+        lines = self.data(name).read_text().splitlines()
+        rows = [json.loads(line) for line in lines if line.strip()]
+        return [row["prompt"] for row in rows if kind is None or row.get("kind") == kind]
+
     @property
     def info(self) -> dict:
         """The content of lab.json: build key, settings, timings and the phenomenon table."""
