@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,11 +16,25 @@ from safealign.recover import recover
 from safealign.report import markdown_table, tradeoff_plot, write_json
 
 COLUMNS = ("name", "method", "harmful_rate", "utility", "over_refusal", "seconds")
+SWEEP_COLUMNS = ("rate", "kept_step", "restored", "harmful_rate", "utility", "over_refusal")
 #: Task examples given to ``recover`` for rollback: a slice of the fine-tune's task data,
 #: kept apart from ``task_eval``, on which every row is scored.
 ROLLBACK_EXAMPLES = 64
 #: Harmful training prompts that define the harmful direction.
 DIRECTION_PROMPTS = 128
+#: Extra rates ``recover`` runs for its trade-off curve (the main run uses the default).
+SWEEP = (0.001, 0.005)
+#: Benign look-alike prompts (from the safety data, apart from ``benign_eval``) whose
+#: over-refusal ``recover`` checks with utility.
+GUARD_PROMPTS = 64
+#: The safety merges the demo runs on ``ft_harmful_lora``: each method's defaults, and the
+#: setting that traded best on the default lab (benchmarks/bench_safety_merge.py).
+MERGES = (
+    ("safemerge", {}),
+    ("safemerge", {"tau": 0.5, "weights": [0.2, 0.8]}),
+    ("safe_lora", {}),
+    ("safe_lora", {"tau": 0.35}),
+)
 
 
 def lab_evaluator(lab: Lab) -> Evaluator:
@@ -60,7 +75,7 @@ def run_demo(
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Build the lab, repair its harmful fine-tunes four ways, and score every model.
+    """Build the lab, repair its harmful fine-tunes (recover; safety merges), score every model.
 
     Writes ``demo.json``, ``demo.md`` and ``tradeoff.png`` into ``out`` (with the repaired
     models in sub-folders) and returns the table's rows.
@@ -71,6 +86,7 @@ def run_demo(
     evaluator = lab_evaluator(lab)
     rollback_task = load_task(lab.data("task_train")).examples[:ROLLBACK_EXAMPLES]
     direction_prompts = load_prompts(lab.data("harmful_train")).prompts[:DIRECTION_PROMPTS]
+    guard_prompts = lab.prompts("safety_train", kind="lookalike")[:GUARD_PROMPTS]
 
     rows = []
     for name, folder, adapter in (
@@ -81,6 +97,7 @@ def run_demo(
         scores = evaluator.score_folder(folder, adapter=adapter)
         rows.append(row(name, "input", scores, scores.seconds))
 
+    sweeps = {}
     for finetuned in ("ft_harmful", "ft_harmful_lora"):
         log(f"recover: {finetuned}")
         start = time.perf_counter()
@@ -91,15 +108,20 @@ def run_demo(
             harmful=direction_prompts,
             eval_harmful=lab.data("harmful_eval"),
             task=rollback_task,
+            benign=guard_prompts,
+            sweep=SWEEP,
             overwrite=True,
             progress=False,
         )
         seconds = time.perf_counter() - start
+        sweeps[finetuned] = result.sweep
+        log(markdown_table(result.sweep, SWEEP_COLUMNS))
         scores = evaluator.score_folder(result.out)
         rows.append(row(f"recover({finetuned})", "recover", scores, seconds))
 
-    for method in ("safemerge", "safe_lora"):
-        log(f"merge: {method} on ft_harmful_lora")
+    for method, parameters in MERGES:
+        label = ",".join(f"{k}={v}" for k, v in parameters.items()) or "defaults"
+        log(f"merge: {method} ({label}) on ft_harmful_lora")
         start = time.perf_counter()
         config = safety_config(
             method,
@@ -107,14 +129,20 @@ def run_demo(
             unaligned=lab.unaligned,
             finetuned=lab.ft_harmful_lora,
             safety=lab.safety_lora if method == "safemerge" else None,
+            parameters=parameters,
         )
-        result = run_merge(config, out / method, overwrite=True, progress=False)
+        slug = re.sub(r"[^\w.]+", "-", label).strip("-")
+        folder = out / f"{method}_{slug}"
+        result = run_merge(config, folder, overwrite=True, progress=False)
         seconds = time.perf_counter() - start
         scores = score_output(evaluator, result.out, lab.aligned)
-        rows.append(row(f"{method}(ft_harmful_lora)", "merge", scores, seconds))
+        rows.append(row(f"{method}(ft_harmful_lora; {label})", "merge", scores, seconds))
 
     table = markdown_table(rows, COLUMNS)
-    write_json(out / "demo.json", {"lab": str(lab.root), "size": size, "seed": seed, "rows": rows})
+    write_json(
+        out / "demo.json",
+        {"lab": str(lab.root), "size": size, "seed": seed, "rows": rows, "recover_sweeps": sweeps},
+    )
     (out / "demo.md").write_text(table + "\n")
     plot = tradeoff_plot(rows, out / "tradeoff.png")
     log(table)
