@@ -19,9 +19,7 @@ def main() -> None:
 
 @main.command("demo")
 @click.option("--out", type=click.Path(), default="runs/demo", show_default=True)
-@click.option(
-    "--size", type=click.Choice(["test", "default"]), default="test", show_default=True
-)
+@click.option("--size", type=click.Choice(["test", "default"]), default="test", show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 def demo_command(out: str, size: str, seed: int) -> None:
     """Build the lab, repair its harmful fine-tunes (recover, safemerge, safe_lora), compare."""
