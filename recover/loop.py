@@ -36,6 +36,7 @@ from safealign.recover.weights import (
     Layout,
     checkpoint_dtype,
     copy_into,
+    default_warmup,
     layout,
     load_working_model,
     model_tensor,
@@ -388,7 +389,7 @@ def recover(
     layer: int | None = None,
     rate: float = 0.002,
     steps: int = 20,
-    warmup: int = 5,
+    warmup: int | None = None,
     metric_drop: float = 0.05,
     rollback_rate: float = 0.2,
     judge: str = "keyword",
@@ -415,7 +416,8 @@ def recover(
     rollback; without them there is no rollback. ``benign``: benign prompts (path, PromptSet
     or list) whose over-refusal is checked with utility: a step also fails when it rises more
     than ``refusal_rise`` (absolute) above the higher of A's and B's. ``layer``: direction
-    layer (default floor(4n/6), or n for models under 12 layers). ``rate``: share of decoder
+    layer (default floor(4n/6), or n for models under 12 layers). ``warmup``: the first step
+    that is checked (default 5, or 1 for models under 12 layers). ``rate``: share of decoder
     matrix elements restored per step (the paper's 0.002).
     ``sweep``: extra rates whose outcomes form the trade-off curve in the report.
     ``dtype``: working and output dtype (default: the fine-tuned checkpoint's).
@@ -425,6 +427,7 @@ def recover(
     start = time.perf_counter()
     a, b = open_pair(aligned, finetuned)
     lay = layout(b, layer)
+    warmup = default_warmup(lay.n_layers) if warmup is None else warmup
     _check_settings(
         rate,
         steps,

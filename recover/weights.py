@@ -29,9 +29,11 @@ def num_layers(ckpt: Checkpoint) -> int:
     return n
 
 
-#: Models with fewer decoder layers than this are "small": the paper's direction layer (tuned
-#: on 2B-13B models of 18-40 layers) is replaced by the last one.
+#: Models with fewer decoder layers than this are "small": the paper's direction layer and
+#: warm-up (tuned on 2B-13B models of 18-40 layers) are replaced by the ones below.
 SMALL_MODEL_LAYERS = 12
+PAPER_WARMUP = 5
+SMALL_MODEL_WARMUP = 1
 
 
 def default_layer(n_layers: int) -> int:
@@ -44,6 +46,17 @@ def default_layer(n_layers: int) -> int:
     if n_layers < SMALL_MODEL_LAYERS:
         return n_layers
     return max(1, (4 * n_layers) // 6)
+
+
+def default_warmup(n_layers: int) -> int:
+    """Steps before the first check: the paper's 5, or 1 (check every step) for small models.
+
+    Rollback only gives back the failing step's elements, so whatever the unchecked warm-up
+    overshoots stays. On the default lab's 6-layer LoRA fine-tune with the over-refusal guard,
+    five steps at rate 0.002 already pass the over-refusal ceiling and no step is kept; checking
+    from step 1 keeps step 4 (harmful 4.7%, task 100%, over-refusal 7.0% against A's 4.7%).
+    """
+    return SMALL_MODEL_WARMUP if n_layers < SMALL_MODEL_LAYERS else PAPER_WARMUP
 
 
 def layer_prefix(names: list[str], n_layers: int) -> str:

@@ -23,11 +23,9 @@ ROLLBACK_EXAMPLES = 64
 #: Harmful training prompts that define the harmful direction.
 DIRECTION_PROMPTS = 128
 #: Benign look-alike prompts (from the safety data, apart from ``benign_eval``) whose
-#: over-refusal ``recover`` checks with utility, from the first step on (``warmup=1``): on the
-#: default lab's LoRA fine-tune, restoring without this guard ends with 95% over-refusal, and
-#: the paper's 5 unchecked warm-up steps already overshoot it.
+#: over-refusal ``recover`` checks with utility: on the default lab's LoRA fine-tune,
+#: restoring without this guard ends with 95% over-refusal.
 GUARD_PROMPTS = 64
-GUARD_WARMUP = 1
 #: Extra rates ``recover`` runs for its trade-off curve (the main run uses the default).
 SWEEP = (0.001, 0.005)
 #: The safety merges the demo runs on ``ft_harmful_lora``: each method's defaults, and the
@@ -112,7 +110,6 @@ def run_demo(
             eval_harmful=lab.data("harmful_eval"),
             task=rollback_task,
             benign=guard_prompts,
-            warmup=GUARD_WARMUP,
             sweep=SWEEP,
             overwrite=True,
             progress=False,

@@ -287,7 +287,8 @@ def test_sweep_reports_each_rate_and_output_matches_main_rate(pair):
 
 
 def test_default_layer_paper_for_deep_models_last_for_small():
-    from safealign.recover.weights import default_layer
+    from safealign.recover.weights import default_layer, default_warmup
 
     assert default_layer(32) == 21 and default_layer(18) == 12  # floor(4n/6), the paper's
-    assert default_layer(4) == 4 and default_layer(6) == 6
+    assert default_warmup(32) == 5
+    assert default_layer(4) == 4 and default_layer(6) == 6 and default_warmup(6) == 1
