@@ -11,7 +11,7 @@ from safealign.data import load_prompts, load_task
 from safealign.eval import Evaluator, Scores
 from safealign.lab import Lab, build
 from safealign.lab.phenomenon import format_table
-from safealign.merge import run_merge, safety_config
+from safealign.merge import MergeConfig, run_merge, safety_config
 from safealign.recover import recover
 from safealign.report import markdown_table, tradeoff_plot, write_json
 
@@ -47,6 +47,19 @@ def lab_evaluator(lab: Lab) -> Evaluator:
         judge="keyword",
         metric="exact_match",
         batch_size=64,
+    )
+
+
+def lab_safety_config(lab: Lab, method: str, parameters: dict | None = None) -> MergeConfig:
+    """A safety merge of the lab's LoRA fine-tune: roles from the lab, the safety LoRA for
+    ``safemerge``."""
+    return safety_config(
+        method,
+        aligned=lab.aligned,
+        unaligned=lab.unaligned,
+        finetuned=lab.ft_harmful_lora,
+        safety=lab.safety_lora if method == "safemerge" else None,
+        parameters=parameters,
     )
 
 
@@ -124,14 +137,7 @@ def run_demo(
         label = ",".join(f"{k}={v}" for k, v in parameters.items()) or "defaults"
         log(f"merge: {method} ({label}) on ft_harmful_lora")
         start = time.perf_counter()
-        config = safety_config(
-            method,
-            aligned=lab.aligned,
-            unaligned=lab.unaligned,
-            finetuned=lab.ft_harmful_lora,
-            safety=lab.safety_lora if method == "safemerge" else None,
-            parameters=parameters,
-        )
+        config = lab_safety_config(lab, method, parameters)
         slug = re.sub(r"[^\w.]+", "-", label).strip("-")
         folder = out / f"{method}_{slug}"
         result = run_merge(config, folder, overwrite=True, progress=False)

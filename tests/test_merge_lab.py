@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 
 from safealign.data import load_prompts
+from safealign.demo import lab_safety_config
 from safealign.eval import Evaluator, get_judge
-from safealign.merge import run_merge, safety_config
+from safealign.merge import run_merge
 from safealign.model import load_model
 
 pytestmark = pytest.mark.lab
@@ -27,21 +28,16 @@ def refusal_log_odds(lab, adapter) -> float:
     return sum(v.score for v in verdicts) / len(verdicts)
 
 
+def merge_harmful_lora(lab, method: str, out, parameters=None):
+    """A layer-wise safety merge of ft_harmful_lora (a LoRA adapter on A)."""
+    return run_merge(lab_safety_config(lab, method, parameters), out, progress=False)
+
+
 @pytest.fixture(scope="module")
 def merged(lab, tmp_path_factory):
-    """The two layer-wise merges of ft_harmful_lora at their defaults (LoRA adapters on A)."""
+    """The two layer-wise merges of ft_harmful_lora at their defaults."""
     out = tmp_path_factory.mktemp("lab-merges")
-    results = {}
-    for method in ("safemerge", "safe_lora"):
-        config = safety_config(
-            method,
-            aligned=lab.aligned,
-            unaligned=lab.unaligned,
-            finetuned=lab.ft_harmful_lora,
-            safety=lab.safety_lora if method == "safemerge" else None,
-        )
-        results[method] = run_merge(config, out / method, progress=False)
-    return results
+    return {m: merge_harmful_lora(lab, m, out / m) for m in ("safemerge", "safe_lora")}
 
 
 @pytest.mark.parametrize("method", ["safemerge", "safe_lora"])
@@ -64,15 +60,8 @@ def test_safe_lora_lowers_first_token_harmful_rate(lab, merged):
 def test_safemerge_with_a_larger_safety_weight_restores_refusals(lab, tmp_path):
     """At τ 0.5 and weights [0.2, 0.8] (the setting that trades best on the default lab, see
     benchmarks/bench_safety_merge.py) SafeMERGE lowers the keyword-judged harmful rate."""
-    config = safety_config(
-        "safemerge",
-        aligned=lab.aligned,
-        unaligned=lab.unaligned,
-        finetuned=lab.ft_harmful_lora,
-        safety=lab.safety_lora,
-        parameters={"tau": 0.5, "weights": [0.2, 0.8]},
-    )
-    result = run_merge(config, tmp_path / "safemerge", progress=False)
+    parameters = {"tau": 0.5, "weights": [0.2, 0.8]}
+    result = merge_harmful_lora(lab, "safemerge", tmp_path / "safemerge", parameters)
     evaluator = Evaluator(harmful=lab.data("harmful_eval"))
     before = evaluator.score_folder(lab.aligned, adapter=lab.ft_harmful_lora)
     after = evaluator.score_folder(lab.aligned, adapter=result.out)
