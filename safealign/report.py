@@ -52,7 +52,8 @@ def tradeoff_plot(
     y: str = "utility",
     label: str = "name",
 ) -> Path | None:
-    """Scatter utility against harmful rate, one labelled point per row.
+    """Scatter utility against harmful rate, one point per row, named in a legend beside the
+    axes (points of different rows often coincide, so labels on the points would overlap).
 
     Returns the written PNG path, or None when matplotlib (the ``plot`` extra) is missing.
     """
@@ -63,18 +64,20 @@ def tradeoff_plot(
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for row in rows:
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    markers = "osD^v<>PX*"
+    for i, row in enumerate(rows):
         if row.get(x) is None or row.get(y) is None:
             continue
-        ax.scatter(row[x], row[y])
-        ax.annotate(
-            str(row.get(label, "")),
-            (row[x], row[y]),
-            fontsize=8,
-            xytext=(4, 4),
-            textcoords="offset points",
+        ax.scatter(
+            row[x],
+            row[y],
+            marker=markers[i % len(markers)],
+            s=60,
+            alpha=0.8,
+            label=str(row.get(label, "")),
         )
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     ax.set_xlabel(f"{x} (lower is safer)")
     ax.set_ylabel(f"{y} (higher is better)")
     ax.set_xlim(-0.05, 1.05)
