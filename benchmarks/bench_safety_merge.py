@@ -25,10 +25,10 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from safealign import __version__
-from safealign.demo import lab_evaluator, score_output
+from safealign.demo import lab_evaluator, lab_safety_config, score_output
 from safealign.eval import Evaluator, Scores
 from safealign.lab import Lab, build
-from safealign.merge import METHODS, run_merge, safety_config
+from safealign.merge import METHODS, run_merge
 from safealign.report import markdown_table, write_json
 
 OUT = Path(__file__).parent / "results" / "safety_merge.json"
@@ -92,15 +92,7 @@ def run_grid(lab: Lab, evaluator: Evaluator, reference: Scores, work: Path) -> l
     """Merge, score and delete each grid setting; one result row each."""
     rows = []
     for i, (method, parameters) in enumerate(GRID):
-        roles = METHODS[method].required_roles + METHODS[method].optional_roles
-        config = safety_config(
-            method,
-            aligned=lab.aligned,
-            finetuned=lab.ft_harmful_lora,
-            unaligned=lab.unaligned if "unaligned" in roles else None,
-            safety=lab.safety_lora if "safety" in roles else None,
-            parameters=parameters,
-        )
+        config = lab_safety_config(lab, method, parameters)
         result = run_merge(config, work / f"{i:02d}-{method}", progress=False)
         scores = score_output(evaluator, result.out, lab.aligned)
         report = result.report

@@ -49,7 +49,7 @@ def _rates(_ctx, _param, value: str | None) -> tuple[float, ...]:
     "--rate", type=float, default=0.002, show_default=True, help="Share restored per step."
 )
 @click.option("--steps", type=int, default=20, show_default=True)
-@click.option("--warmup", type=int, help="Steps before the first check [5; 1 under 12 layers].")
+@click.option("--warmup", type=int, help="First step checked [5; 1 under 12 layers].")
 @click.option(
     "--metric-drop",
     type=float,

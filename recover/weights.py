@@ -49,7 +49,7 @@ def default_layer(n_layers: int) -> int:
 
 
 def default_warmup(n_layers: int) -> int:
-    """Steps before the first check: the paper's 5, or 1 (check every step) for small models.
+    """The first step checked: the paper's 5, or 1 (check every step) for small models.
 
     Rollback only gives back the failing step's elements, so whatever the unchecked warm-up
     overshoots stays. On the default lab's 6-layer LoRA fine-tune with the over-refusal guard,

@@ -11,12 +11,12 @@ from safealign.data import load_prompts, load_task
 from safealign.eval import Evaluator, Scores
 from safealign.lab import Lab, build
 from safealign.lab.phenomenon import format_table
-from safealign.merge import MergeConfig, run_merge, safety_config
+from safealign.merge import METHODS, MergeConfig, run_merge, safety_config
 from safealign.recover import recover
+from safealign.recover.report import sweep_table
 from safealign.report import markdown_table, tradeoff_plot, write_json
 
 COLUMNS = ("name", "method", "harmful_rate", "utility", "over_refusal", "seconds")
-SWEEP_COLUMNS = ("rate", "kept_step", "restored", "harmful_rate", "utility", "over_refusal")
 #: Task examples given to ``recover`` for rollback: a slice of the fine-tune's task data,
 #: kept apart from ``task_eval``, on which every row is scored.
 ROLLBACK_EXAMPLES = 64
@@ -51,14 +51,15 @@ def lab_evaluator(lab: Lab) -> Evaluator:
 
 
 def lab_safety_config(lab: Lab, method: str, parameters: dict | None = None) -> MergeConfig:
-    """A safety merge of the lab's LoRA fine-tune: roles from the lab, the safety LoRA for
-    ``safemerge``."""
+    """A safety merge of the lab's LoRA fine-tune, given the lab's models for the roles
+    ``method`` takes (``unaligned``, ``safety``)."""
+    roles = METHODS[method].required_roles + METHODS[method].optional_roles
     return safety_config(
         method,
         aligned=lab.aligned,
-        unaligned=lab.unaligned,
         finetuned=lab.ft_harmful_lora,
-        safety=lab.safety_lora if method == "safemerge" else None,
+        unaligned=lab.unaligned if "unaligned" in roles else None,
+        safety=lab.safety_lora if "safety" in roles else None,
         parameters=parameters,
     )
 
@@ -129,7 +130,7 @@ def run_demo(
         )
         seconds = time.perf_counter() - start
         sweeps[finetuned] = result.sweep
-        log(markdown_table(result.sweep, SWEEP_COLUMNS))
+        log(sweep_table(result))
         scores = evaluator.score_folder(result.out)
         rows.append(row(f"recover({finetuned})", "recover", scores, seconds))
 
