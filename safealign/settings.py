@@ -1,0 +1,256 @@
+"""One settings object per command: defaults, help and range checks written once.
+
+A command's settings are a dataclass deriving from :class:`Settings` whose fields are made
+with :func:`setting`. The CLI options are generated from it (:func:`click_options`), the
+Python API takes it (or its fields as keywords), YAML configs load into it
+(:meth:`Settings.from_dict`, unknown keys refused) and reports and model cards record
+:meth:`Settings.to_dict`. A new option is added in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+S = TypeVar("S", bound="Settings")
+
+
+class SettingsError(ValueError):
+    """A setting out of range or unknown; the message names the CLI flag."""
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    min: float | None = None,
+    max: float | None = None,
+    min_open: bool = False,
+    max_open: bool = False,
+    choices: Sequence[str] | None = None,
+    path: bool = False,
+    default_text: str | None = None,
+    group: str = "Options",
+    flag: str | None = None,
+    cli: bool = True,
+) -> Any:
+    """A settings field. ``min``/``max`` bound numbers (``*_open``: the bound itself is out),
+    ``choices`` bounds text, ``path`` marks a file or folder argument, ``default_text`` is
+    what help shows for a ``None`` default, ``cli=False`` keeps the field off the CLI."""
+    meta = {
+        "help": help,
+        "min": min,
+        "max": max,
+        "min_open": min_open,
+        "max_open": max_open,
+        "choices": tuple(choices) if choices else None,
+        "path": path,
+        "default_text": default_text,
+        "group": group,
+        "flag": flag,
+        "cli": cli,
+    }
+    if isinstance(default, list | dict | set):
+        raise TypeError("use a tuple (immutable) default for a sequence setting")
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    """The CLI flag of a field: ``--`` and the name with dashes, unless ``flag`` says else."""
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+def _bounds_text(meta: Mapping) -> str:
+    low, high = meta["min"], meta["max"]
+    if low is not None and high is not None:
+        left = "(" if meta["min_open"] else "["
+        right = ")" if meta["max_open"] else "]"
+        return f"in {left}{low}, {high}{right}"
+    if low is not None:
+        return f"{'>' if meta['min_open'] else '>='} {low}"
+    return f"{'<' if meta['max_open'] else '<='} {high}"
+
+
+def _out_of_bounds(value: float, meta: Mapping) -> bool:
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    low, high = meta["min"], meta["max"]
+    if low is not None and (value <= low if meta["min_open"] else value < low):
+        return True
+    return high is not None and (value >= high if meta["max_open"] else value > high)
+
+
+def _check_field(field: dataclasses.Field, value: Any) -> str | None:
+    meta = field.metadata
+    if value is None:
+        return None
+    items = value if isinstance(value, tuple) else (value,)
+    for item in items:
+        if meta.get("choices") and item not in meta["choices"]:
+            return f"{flag_name(field)} must be one of {', '.join(meta['choices'])}, got {item!r}"
+        bounded = meta.get("min") is not None or meta.get("max") is not None
+        if bounded and isinstance(item, int | float) and not isinstance(item, bool):
+            if _out_of_bounds(item, meta):
+                return f"{flag_name(field)} must be {_bounds_text(meta)}, got {item}"
+    return None
+
+
+@dataclasses.dataclass
+class Settings:
+    """Base of every command's settings; checks every field on construction."""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`SettingsError` for the first field out of range."""
+        for field in dataclasses.fields(self):
+            problem = _check_field(field, getattr(self, field.name))
+            if problem:
+                raise SettingsError(problem)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (paths as text, tuples as lists)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls: type[S], data: Mapping[str, Any], where: str = "settings") -> S:
+        """Build from a mapping (a YAML config); unknown keys are refused, listing the known."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in data.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                raise SettingsError(
+                    f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}"
+                )
+            values[name] = _coerce(value, cls, name)
+        return cls(**values)
+
+    def replace(self: S, **changes: Any) -> S:
+        """A copy with ``changes`` applied (and checked)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(hint: Any) -> tuple[Any, bool]:
+    """``(type without None, whether None is allowed)``."""
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else hint), True
+    return hint, False
+
+
+def _coerce(value: Any, cls: type, name: str) -> Any:
+    """YAML lists become tuples for tuple-typed fields; other values pass through."""
+    base, _ = _base_type(_hints(cls)[name])
+    if typing.get_origin(base) is tuple and isinstance(value, list | tuple):
+        return tuple(value)
+    if typing.get_origin(base) is tuple and isinstance(value, str):
+        return _split_list(value, typing.get_args(base)[0])
+    return value
+
+
+def _split_list(text: str, kind: type) -> tuple:
+    try:
+        return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SettingsError(f"expected a comma-separated list, got {text!r}") from None
+
+
+def _list_callback(kind: type) -> Callable:
+    def convert(_ctx, param, value):
+        if value is None or isinstance(value, tuple):
+            return value
+        try:
+            return _split_list(value, kind)
+        except SettingsError as error:
+            raise click.BadParameter(str(error), param=param) from None
+
+    return convert
+
+
+def _option(field: dataclasses.Field, hint: Any) -> Callable:
+    meta = field.metadata
+    base, _ = _base_type(hint)
+    flag = flag_name(field)
+    help_text = meta["help"]
+    kwargs: dict[str, Any] = {"help": help_text, "show_default": True}
+    if field.default is None:
+        kwargs["show_default"] = meta.get("default_text") or False
+    if base is bool:
+        decls = [f"{flag}/--no-{flag[2:]}"] if field.default is True else [flag]
+        return click.option(*decls, field.name, default=field.default, **kwargs)
+    kwargs["default"] = field.default
+    if typing.get_origin(base) is tuple:
+        kind = typing.get_args(base)[0]
+        kwargs["callback"] = _list_callback(kind)
+        kwargs["default"] = ",".join(map(str, field.default)) if field.default else None
+        kwargs["metavar"] = "X,Y,..."
+    elif meta.get("choices"):
+        kwargs["type"] = click.Choice(meta["choices"])
+    elif meta.get("path"):
+        kwargs["type"] = click.Path()
+    elif base in (int, float, str):
+        kwargs["type"] = base
+    return click.option(flag, field.name, **kwargs)
+
+
+def click_options(cls: type[Settings], exclude: Sequence[str] = ()) -> Callable:
+    """Decorator adding one click option per CLI field of ``cls`` (in field order)."""
+    hints = _hints(cls)
+    fields = [
+        f for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and f.name not in exclude
+    ]
+
+    def decorate(command: Callable) -> Callable:
+        for field in reversed(fields):
+            command = _option(field, hints[field.name])(command)
+        return command
+
+    return decorate
+
+
+def from_cli(
+    cls: type[S], values: dict[str, Any], base: Mapping[str, Any] | None = None
+) -> tuple[S, dict[str, Any]]:
+    """Split click's keyword values into ``(settings, the rest)``.
+
+    With ``base`` (a loaded YAML config), a flag left at its default does not override the
+    config's value: flags the user typed win, then the config, then the defaults.
+    """
+    ctx = click.get_current_context(silent=True)
+    names = {f.name for f in dataclasses.fields(cls)}
+    merged = dict(base or {})
+    rest = {}
+    for key, value in values.items():
+        if key not in names:
+            rest[key] = value
+            continue
+        typed = ctx is None or ctx.get_parameter_source(key) not in (
+            click.core.ParameterSource.DEFAULT,
+            click.core.ParameterSource.DEFAULT_MAP,
+        )
+        if typed or key not in merged:
+            merged[key] = value
+    return cls.from_dict(merged), rest
