@@ -17,13 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-
-def default_cache_dir() -> Path:
-    """``$SAFEALIGN_CACHE``, else ``$XDG_CACHE_HOME/safealign``, else ``~/.cache/safealign``."""
-    if env := os.environ.get("SAFEALIGN_CACHE"):
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "safealign"
+from safealign.paths import cache_dir as default_cache_dir  # the lab still imports this name
 
 
 def _key(*parts) -> str:

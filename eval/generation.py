@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from safealign.model import chat_prompt, model_device
+from safealign.model import chat_prompt, ensure_pad_token, model_device
 
 AUTO_START_CUDA = 128
 AUTO_START_CPU = 16
@@ -118,9 +118,7 @@ def generate_from_ids(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = model_device(model)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id
+    pad_id = ensure_pad_token(tokenizer)
     eos_id = model.generation_config.eos_token_id
     if eos_id is None:
         eos_id = tokenizer.eos_token_id

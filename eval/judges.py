@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from safealign.eval.options import parse_options
+from safealign.model import ensure_pad_token
 
 #: Refusal substrings for ``keyword``: the list popularised by the GCG attack evaluation
 #: (Zou et al., 2023) and reused by many jailbreak papers, plus a few modern "I can't"
@@ -384,8 +385,7 @@ class ClassifierJudge(Judge):
             ).eval()
             if self.device:
                 model = model.to(self.device)
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
+            ensure_pad_token(tokenizer)
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
             self._loaded = (model, tokenizer)
@@ -449,8 +449,7 @@ class GuardJudge(Judge):
             raise JudgeError(f"guard {self.path}: not a model folder ({error})") from None
         if not getattr(self.tokenizer, "chat_template", None):
             raise JudgeError(f"guard {self.path}: the tokenizer has no chat template")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        ensure_pad_token(self.tokenizer)
         self.device = device
         self.max_new_tokens = max_new_tokens
         self._model = None

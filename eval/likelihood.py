@@ -7,11 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from safealign.eval.generation import encode_chat, left_pad, run_batched
-from safealign.model import model_device
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+from safealign.model import ensure_pad_token, model_device
 
 
 def next_token_logprobs(
@@ -23,7 +19,7 @@ def next_token_logprobs(
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
 
     def forward(indices: list[int]) -> list[torch.Tensor]:
-        ids, mask = left_pad([encoded[i] for i in indices], _pad_id(tokenizer), device)
+        ids, mask = left_pad([encoded[i] for i in indices], ensure_pad_token(tokenizer), device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits

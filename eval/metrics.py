@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from safealign.eval.options import parse_options
+from safealign.model import ensure_pad_token
 
 Answer = str | Sequence[str]
 
@@ -239,8 +240,9 @@ class MultipleChoice(Metric):
             for choice in choices:
                 tokens = split_continuation(tokenizer, context_ids, context, choice)
                 pairs.append((context_ids, tokens))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        scored = continuation_logprobs(model, pairs, pad_id=pad, batch_size=batch_size)
+        scored = continuation_logprobs(
+            model, pairs, pad_id=ensure_pad_token(tokenizer), batch_size=batch_size
+        )
         values = [total / count if self.length_normalise else total for total, count in scored]
         results = []
         for (start, end), answer in zip(spans, answers, strict=True):
@@ -284,8 +286,9 @@ class Perplexity(Metric):
             if len(context) + len(continuation) < 2 or not continuation:
                 raise ValueError(f"perplexity: text {example.prompt[:40]!r} has under two tokens")
             pairs.append((context, continuation))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        scored = continuation_logprobs(model, pairs, pad_id=pad, batch_size=batch_size)
+        scored = continuation_logprobs(
+            model, pairs, pad_id=ensure_pad_token(tokenizer), batch_size=batch_size
+        )
         return [math.exp(total / count) for total, count in scored]
 
     def describe(self) -> dict:

@@ -13,13 +13,13 @@ The safety methods name each model's part with a per-model ``role`` parameter (`
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from safealign.layers import layer_index
 from safealign.merge.methods import METHODS, MergeMethod, SafetyMethod, get_method
 from safealign.merge.methods.safety import ROLES
 from safealign.model import DTYPES
@@ -39,7 +39,6 @@ UNSUPPORTED_KEYS = {
     "modules": "per-module configs are not supported; list whole models",
     "chat_template": "chat_template is not supported; the tokenizer source's template is kept",
 }
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class MergeConfigError(ValueError):
@@ -335,10 +334,10 @@ def resolve_value(value: Any, tensor_name: str, t: float, listlike: bool = False
 
 def layer_position(tensor_name: str, n_layers: int) -> float:
     """mergekit's ``t`` for gradients: i/(n-1) for decoder layer i, 0 for other tensors."""
-    match = _LAYER_INDEX.search(tensor_name)
-    if match is None:
+    index = layer_index(tensor_name)
+    if index is None:
         return 0.0
-    return int(match[1]) / (n_layers - 1) if n_layers > 1 else 1.0
+    return index / (n_layers - 1) if n_layers > 1 else 1.0
 
 
 def _is_number(value: Any) -> bool:

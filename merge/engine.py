@@ -30,6 +30,7 @@ from safealign.checkpoint import (
     ModelCard,
     validate_checkpoints,
 )
+from safealign.layers import num_decoder_layers
 from safealign.merge.config import (
     MergeConfig,
     MergeConfigError,
@@ -115,16 +116,11 @@ def plan_merge(config: MergeConfig | str | Path | dict, *, output: str = "auto")
         raise MergeConfigError(str(err)) from None
     first = opened[base_id] if base_id else next(iter(opened.values()))
     names = first.names()
-    n_layers = int(first.config.get("num_hidden_layers") or _count_layers(names))
+    n_layers = num_decoder_layers(first.config, names)
     plan = MergePlan(config, method, opened, base_id, names, n_layers, "model", first)
     plan.source = _tokenizer_source(plan)
     plan.output = _output_kind(plan, output)
     return plan
-
-
-def _count_layers(names: list[str]) -> int:
-    indices = {int(n.split("layers.")[1].split(".")[0]) for n in names if "layers." in n}
-    return max(indices) + 1 if indices else 1
 
 
 def _tokenizer_source(plan: MergePlan) -> Checkpoint:

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from safealign.eval.generation import encode_chat, left_pad
-from safealign.model import decoder_layers, model_device
+from safealign.layers import decoder_layers
+from safealign.model import model_device
 
 
 class _Reached(Exception):

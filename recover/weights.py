@@ -8,7 +8,6 @@ are needed, so no second full model is ever held.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -16,17 +15,17 @@ import torch
 from torch import nn
 
 from safealign.checkpoint import Checkpoint, CheckpointError
-
-LAYER_NAME = re.compile(r"^(?P<prefix>.*?\.)(?P<index>\d+)\.")
+from safealign.layers import LayerError, layer_prefix, num_decoder_layers
+from safealign.model import ensure_pad_token
+from safealign.paths import has_tokenizer
 
 
 def num_layers(ckpt: Checkpoint) -> int:
-    """Number of decoder layers from the checkpoint's config."""
-    config = ckpt.config.get("text_config") or ckpt.config
-    n = config.get("num_hidden_layers")
-    if not isinstance(n, int) or n < 1:
-        raise CheckpointError(f"config has no num_hidden_layers: {ckpt.model_folder}")
-    return n
+    """Number of decoder layers of the checkpoint."""
+    try:
+        return num_decoder_layers(ckpt.config, ckpt.names())
+    except LayerError as error:
+        raise CheckpointError(f"{ckpt.model_folder}: {error}") from None
 
 
 #: Models with fewer decoder layers than this are "small": the paper's direction layer and
@@ -57,20 +56,6 @@ def default_warmup(n_layers: int) -> int:
     from step 1 keeps step 4 (harmful 4.7%, task 100%, over-refusal 7.0% against A's 4.7%).
     """
     return SMALL_MODEL_WARMUP if n_layers < SMALL_MODEL_LAYERS else PAPER_WARMUP
-
-
-def layer_prefix(names: list[str], n_layers: int) -> str:
-    """The name prefix of the decoder blocks (e.g. ``model.layers.``), found from the names:
-    the prefix followed by exactly the indices 0..n_layers-1."""
-    seen: dict[str, set[int]] = {}
-    for name in names:
-        match = LAYER_NAME.match(name)
-        if match:
-            seen.setdefault(match["prefix"], set()).add(int(match["index"]))
-    for prefix, indices in seen.items():
-        if indices == set(range(n_layers)):
-            return prefix
-    raise CheckpointError(f"no decoder-layer tensors numbered 0..{n_layers - 1} found")
 
 
 @dataclass(frozen=True)
@@ -201,13 +186,8 @@ def load_working_model(
         model.to(device)
     model.eval().requires_grad_(False)
     folder = finetuned.tokenizer_folder
-    if not _has_tokenizer(folder):
+    if not has_tokenizer(folder):
         folder = aligned.tokenizer_folder
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     return model, tokenizer
-
-
-def _has_tokenizer(folder) -> bool:
-    return (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()

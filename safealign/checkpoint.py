@@ -28,6 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from safealign.paths import has_tokenizer
+
 __all__ = [
     "AdapterWriter",
     "Checkpoint",
@@ -390,7 +392,7 @@ class Checkpoint:
     @property
     def tokenizer_folder(self) -> Path:
         """Where the tokenizer lives: the adapter's own if it has one, else the model's."""
-        if self.is_adapter and _has_tokenizer(self.path):
+        if self.is_adapter and has_tokenizer(self.path):
             return self.path
         return self.model_folder
 
@@ -497,10 +499,6 @@ class Checkpoint:
     def __repr__(self) -> str:
         kind = f"adapter on {self.base.path}" if self.base is not None else "model"
         return f"Checkpoint({str(self.path)!r}, {kind}, {len(self)} tensors)"
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -1076,7 +1074,7 @@ class AdapterWriter(_FolderWriter):
         save_file(self._tensors, str(self.folder / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         config = self._adapter_config()
         (self.folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        if _has_tokenizer(self.source.path):
+        if has_tokenizer(self.source.path):
             _copy_files(self.source.path, self.folder, TOKENIZER_FILES)
         base = config.get("base_model_name_or_path") or str(self.source.base.path)
         (self.folder / "README.md").write_text(card.render(base), encoding="utf-8")

@@ -1,12 +1,13 @@
-"""Load causal LMs, find their decoder layers, and format chat prompts."""
+"""Load causal LMs and their tokenizers, one pad-token rule, and format chat prompts."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from safealign.paths import has_tokenizer
 
 DTYPES = {
     "auto": "auto",
@@ -54,7 +55,7 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         str(path), trust_remote_code=trust_remote_code, **kwargs
     )
-    tok_source = adapter if adapter is not None and _has_tokenizer(adapter) else path
+    tok_source = adapter if adapter is not None and has_tokenizer(adapter) else path
     tokenizer = AutoTokenizer.from_pretrained(str(tok_source), trust_remote_code=trust_remote_code)
     if adapter is not None:
         from peft import PeftModel
@@ -65,40 +66,8 @@ def load_model(
     if device is not None and device_map is None:
         model = model.to(device)
     model.eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     return model, tokenizer
-
-
-def _has_tokenizer(folder: str | Path) -> bool:
-    folder = Path(folder)
-    return (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """Return the list of decoder blocks of a Llama-like model, found by structure.
-
-    The decoder stack is the longest ``nn.ModuleList`` whose members all share one class;
-    this finds ``model.layers`` (Llama, Qwen2, Mistral, Gemma, Phi-3), ``gpt_neox.layers``
-    and PEFT-wrapped variants without a table of attribute names.
-    """
-    best: nn.ModuleList | None = None
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
-                best = module
-    if best is None:
-        raise ValueError(f"{type(model).__name__}: no decoder-layer list found")
-    return best
-
-
-def decoder_layer_prefix(model: nn.Module) -> str:
-    """Parameter-name prefix of the decoder blocks, e.g. ``"model.layers."``."""
-    layers = decoder_layers(model)
-    for name, module in model.named_modules():
-        if module is layers:
-            return name + "."
-    raise ValueError("decoder layers are not a named submodule")
 
 
 def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
@@ -110,11 +79,15 @@ def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
     return prompt
 
 
-def chat_prompts(tokenizer, prompts: Sequence[str], system: str | None = None) -> list[str]:
-    """Format many prompts with :func:`chat_prompt`."""
-    return [chat_prompt(tokenizer, p, system) for p in prompts]
-
-
 def model_device(model: nn.Module) -> torch.device:
     """Device of the model's first parameter."""
     return next(model.parameters()).device
+
+
+def ensure_pad_token(tokenizer) -> int:
+    """The one pad-token rule: a tokenizer without a pad token pads with EOS. Returns its id."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer.pad_token_id

@@ -13,12 +13,12 @@ V = W_A − W_U, select layers, and repair only those; every other tensor keeps 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
 
+from safealign.layers import layer_index
 from safealign.merge.methods.base import (
     MergeMethod,
     MergeParams,
@@ -34,12 +34,11 @@ from safealign.merge.methods.lowrank import LowRank, Update, cosine, norm, proje
 from safealign.merge.methods.sparsify import dare_drop, tensor_generator
 
 ROLES = ("finetuned", "unaligned", "safety")
-_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
 
 
 def is_layer_weight(name: str, ndim: int) -> bool:
     """A 2-D weight inside a decoder layer (the matrices the layer-wise methods score)."""
-    return ndim == 2 and name.endswith(".weight") and _LAYER.search(name) is not None
+    return ndim == 2 and name.endswith(".weight") and layer_index(name) is not None
 
 
 def update_of(value: Update, aligned: torch.Tensor) -> Update:
