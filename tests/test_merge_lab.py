@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 
 from safealign.data import load_prompts
-from safealign.demo import lab_safety_config
 from safealign.eval import Evaluator, get_judge
+from safealign.lab.compare import lab_safety_config
 from safealign.merge import run_merge
 from safealign.model import load_model
 
