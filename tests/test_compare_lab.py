@@ -73,7 +73,7 @@ def test_methods_equal_their_own_commands(lab, merged, tmp_path):
 
 def test_missing_inputs_skip_and_a_failure_does_not_stop_the_others(lab, tmp_path):
     inputs = dataclasses.replace(lab_inputs(lab), unaligned=None, train_data=None)
-    methods = ("safe_lora", "retrain:kl", "safe_lora:tau=oops", "interpolate:alpha=0.5")
+    methods = ("safe_lora", "retrain:kl", "interpolate:alpha=oops", "interpolate:alpha=0.5")
     result, _ = _compare(lab, tmp_path / "out", methods, inputs=inputs)
     rows = _rows(result)
     assert (rows["safe_lora"].status, rows["safe_lora"].reason) == (
@@ -82,7 +82,7 @@ def test_missing_inputs_skip_and_a_failure_does_not_stop_the_others(lab, tmp_pat
     )
     assert rows["retrain:kl"].status == "skipped"
     assert rows["retrain:kl"].reason == "retrain needs the fine-tuning data (--train-data)"
-    failed = rows["safe_lora:tau=oops"]
+    failed = rows["interpolate:alpha=oops"]
     assert failed.status == "failed" and "\n" not in failed.reason and failed.scores is None
     assert rows["interpolate:alpha=0.5"].status == "done"
 
@@ -99,4 +99,6 @@ def test_resume_runs_only_unfinished_methods(lab, merged, tmp_path):
     assert any("safe_lora:tau=0.35: running" in line for line in lines)
     assert not any("interpolate:alpha=0.5: running" in line for line in lines)
     assert {p.name: p.stat().st_mtime_ns for p in kept.iterdir()} == stamp
-    assert _rows(again)["safe_lora:tau=0.35"].scores == _rows(first)["safe_lora:tau=0.35"].scores
+    rerun, before = _rows(again)["safe_lora:tau=0.35"], _rows(first)["safe_lora:tau=0.35"]
+    for key in ("harmful_rate", "utility", "over_refusal"):
+        assert rerun.scores[key] == before.scores[key]
