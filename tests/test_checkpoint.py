@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from safealign.checkpoint import (
     AdapterWriter,
@@ -19,8 +17,8 @@ from safealign.checkpoint import (
     CheckpointError,
     CheckpointWriter,
     ModelCard,
-    check_finite,
     parse_size,
+    store,
     validate_checkpoints,
 )
 
@@ -115,7 +113,7 @@ def copy_all(source: Checkpoint, out: Path, **kwargs) -> Path:
 def test_open_sharded_model_reads_headers_and_tensors(base):
     ckpt = Checkpoint.open(base)
     state = load_model(base).state_dict()
-    assert len({info.file for info in ckpt._store.infos.values()}) > 1
+    assert len(list(base.glob("*.safetensors"))) > 1  # the reads below span shards
     assert set(ckpt.names()) == set(state)
     name = "model.layers.1.mlp.up_proj.weight"
     assert ckpt.shape(name) == (64, 32)
@@ -310,7 +308,7 @@ def test_architecture_and_vocab_mismatch(base, tmp_path):
     assert all(line.endswith(f"{base.resolve()} vs {other.resolve()}") for line in lines)
 
 
-def test_name_and_shape_mismatches_are_listed(base, tmp_path):
+def test_name_and_shape_mismatches_are_listed(base, tmp_path, monkeypatch):
     source = Checkpoint.open(base)
     out = tmp_path / "other"
     with CheckpointWriter(out, source=source) as writer:
@@ -323,10 +321,11 @@ def test_name_and_shape_mismatches_are_listed(base, tmp_path):
             writer.add(name, tensor)
         writer.add("extra.weight", torch.zeros(2))
         writer.finish(CARD)
-    start = time.perf_counter()
+    opened = []  # validation reads headers only: no safetensors file is opened for data
+    monkeypatch.setattr(store, "safe_open", lambda *args, **kwargs: opened.append(args))
     with pytest.raises(CheckpointError) as err:
         validate_checkpoints(base, out)
-    assert time.perf_counter() - start < 0.5
+    assert opened == []
     names_line, shapes_line = str(err.value).splitlines()
     assert names_line.startswith("tensor names differ, 4 only in first (model.layers.1.self_attn")
     assert "and 1 more), 1 only in second (extra.weight)" in names_line
@@ -339,20 +338,6 @@ def test_validation_on_selected_names(base, tmp_path):
     validate_checkpoints(base, other, names=wanted[:1])
     with pytest.raises(CheckpointError, match=r"^1 tensors missing \(model.layers.1.self_attn"):
         validate_checkpoints(base, other, names=wanted)
-
-
-def test_check_finite_streams_and_reports(base, tmp_path):
-    check_finite(base)
-    folder = tmp_path / "nan"
-    folder.mkdir()
-    shutil.copy(base / "config.json", folder)
-    save_file(
-        {"a": torch.tensor([1.0, float("nan"), float("inf")]), "b": torch.ones(2)},
-        str(folder / "model.safetensors"),
-    )
-    with pytest.raises(CheckpointError, match=r"^1 tensors not finite \(a \(1 NaN, 1 inf\)\)"):
-        check_finite(folder)
-    check_finite(folder, names=["b"])
 
 
 # ----------------------------------------------------------------------------- writing

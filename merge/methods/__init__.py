@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from safealign.checkpoint import LowRank
 from safealign.merge.methods.base import MergeMethod, MergeParams, Param
-from safealign.merge.methods.lowrank import LowRank
 from safealign.merge.methods.safety import (
     SAFETY_METHODS,
     LayerScore,
