@@ -6,8 +6,9 @@ import pytest
 import torch
 from eval_support import tiny_model, tiny_tokenizer
 
+from safealign.chat import encode_chat, left_pad
 from safealign.eval import Evaluator, Judge, Verdict, generate, wilson_interval
-from safealign.eval.generation import encode_chat, left_pad, run_batched
+from safealign.eval.generation import run_batched
 
 PROMPTS = [
     "kill python process",
