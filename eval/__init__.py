@@ -7,11 +7,13 @@ from safealign.eval.harm_judges import ClassifierJudge, GuardJudge
 from safealign.eval.judges import JUDGES, Judge, JudgeError, Verdict, get_judge, register_judge
 from safealign.eval.metrics import METRICS, Metric, get_metric, register_metric
 from safealign.eval.results import Scores, wilson_interval, write_results
+from safealign.eval.settings import EvalSettings
 
 __all__ = [
     "JUDGES",
     "METRICS",
     "ClassifierJudge",
+    "EvalSettings",
     "Evaluator",
     "GuardJudge",
     "Judge",

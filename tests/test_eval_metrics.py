@@ -10,8 +10,8 @@ from eval_support import scripted_model, tiny_model, tiny_tokenizer
 
 from safealign.chat import encode_chat
 from safealign.eval import METRICS, get_metric
-from safealign.eval.evaluator import Example
 from safealign.eval.metrics import choice_index, lcs_length, rouge_l_f1
+from safealign.eval.sets import Example
 
 
 def ex(prompt, answer=None, choices=None):
