@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from safealign.data import DataError, content_hash, load_prompts, load_task, read_rows
+from safealign.data import content_hash, load_prompts, load_task
 from safealign.eval.metrics import Metric
+from safealign.rows import DataError, read_rows
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from safealign.data import (
     DataError,
     PromptSet,
     TaskExample,
-    bundled_prompts,
     content_hash,
     load_pairs,
     load_prompts,
@@ -311,11 +310,3 @@ def test_content_hash_is_stable_and_sensitive(tmp_path):
         == load_prompts(same[1]).hash
         == PromptSet.from_list(["x", "y"]).hash
     )
-
-
-def test_bundled_smoke_sets():
-    harmful, benign = bundled_prompts("harmful"), bundled_prompts("benign")
-    assert harmful.name == "smoke_harmful" and len(harmful) >= 100 and len(benign) >= 50
-    assert not set(harmful) & set(benign)
-    with pytest.raises(DataError, match="unknown bundled set 'toxic'"):
-        bundled_prompts("toxic")
