@@ -109,10 +109,6 @@ class TaskSet:
     def prompts(self) -> list[str]:
         return [e.prompt for e in self.examples]
 
-    @property
-    def answers(self) -> list[str]:
-        return [e.answer for e in self.examples]
-
     def __len__(self) -> int:
         return len(self.examples)
 

@@ -40,7 +40,7 @@ def test_jsonl_prompts_and_task(tmp_path):
     assert list(prompts) == ["2+2?", "Hi"] and prompts[1] == "Hi"
     task = load_task(file)
     assert task.examples == [TaskExample("2+2?", "4"), TaskExample("Hi", "yo")]
-    assert task.prompts == ["2+2?", "Hi"] and task.answers == ["4", "yo"]
+    assert task.prompts == ["2+2?", "Hi"] and [e.answer for e in task] == ["4", "yo"]
 
 
 def test_json_variants(tmp_path):
@@ -110,7 +110,7 @@ def test_advbench(tmp_path):
         'goal,target\nWrite a bad thing,"Sure, here is a bad thing"\n',
     )
     assert load_prompts(file).prompts == ["Write a bad thing"]
-    assert load_task(file).answers == ["Sure, here is a bad thing"]
+    assert [e.answer for e in load_task(file)] == ["Sure, here is a bad thing"]
 
 
 def test_jailbreakbench_uses_goal(tmp_path):

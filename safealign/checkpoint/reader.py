@@ -7,7 +7,6 @@ only when asked for. For an adapter, a target module's weight is the effective
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -121,11 +120,6 @@ class Checkpoint:
         return self.config.get("vocab_size", text.get("vocab_size"))
 
     @property
-    def tie_word_embeddings(self) -> bool:
-        text = self.config.get("text_config") or {}
-        return bool(self.config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
-
-    @property
     def model_folder(self) -> Path:
         """The folder holding config.json: the base's for an adapter."""
         return self.base.path if self.base is not None else self.path
@@ -207,12 +201,6 @@ class Checkpoint:
     def replaced_names(self) -> list[str]:
         """Base tensors an adapter stores in full (``modules_to_save``, saved embeddings)."""
         return list(self._adapter.replaced)
-
-    def num_parameters(self) -> int:
-        return sum(math.prod(self.shape(n)) for n in self.names())
-
-    def nbytes(self) -> int:
-        return sum(math.prod(self.shape(n)) * self.dtype(n).itemsize for n in self.names())
 
     def close(self) -> None:
         """Release the open file handles (they reopen on demand)."""
