@@ -1,11 +1,13 @@
 """Tiny checkpoints for the safealign.checkpoint tests: random Llama/GPT-2 models saved with
-save_pretrained, PEFT adapters on them, and PEFT's own merge as the reference (CPU, offline)."""
+save_pretrained, PEFT adapters on them, and PEFT's own merge as the reference (CPU, offline).
+The fixtures ``base`` and ``adapter`` serve the test modules that import them."""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 
 from safealign.checkpoint import Checkpoint, CheckpointWriter, ModelCard
@@ -85,11 +87,13 @@ def copy_all(source: Checkpoint, out: Path, **kwargs) -> Path:
         return writer.finish(CARD)
 
 
-def make_base(tmp_path_factory) -> Path:
-    """A sharded tiny Llama folder (the ``base`` fixture of the checkpoint tests)."""
+@pytest.fixture(scope="module", name="base")
+def base_fixture(tmp_path_factory) -> Path:
+    """A sharded tiny Llama folder."""
     return save_model(tiny_llama(), tmp_path_factory.mktemp("models") / "base")
 
 
-def make_adapter(base: Path, tmp_path_factory) -> Path:
-    """A LoRA adapter on ``base`` (the ``adapter`` fixture of the checkpoint tests)."""
+@pytest.fixture(scope="module", name="adapter")
+def adapter_fixture(base: Path, tmp_path_factory) -> Path:
+    """A LoRA adapter on ``base``."""
     return save_adapter(base, tmp_path_factory.mktemp("adapters") / "lora")

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_support import (
+from checkpoint_support import (  # noqa: F401 (the *_fixture names are pytest fixtures)
     CARD,
+    adapter_fixture,
+    base_fixture,
     load_model,
-    make_adapter,
-    make_base,
     merged_state,
     save_adapter,
     save_model,
@@ -27,17 +27,6 @@ from safealign.checkpoint import (
     store,
     validate_checkpoints,
 )
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return make_base(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def adapter(base, tmp_path_factory) -> Path:
-    return make_adapter(base, tmp_path_factory)
-
 
 # ----------------------------------------------------------------------------- reading
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_support import (
+from checkpoint_support import (  # noqa: F401 (the *_fixture names are pytest fixtures)
     CARD,
+    adapter_fixture,
+    base_fixture,
     copy_all,
     load_model,
-    make_adapter,
-    make_base,
     merged_state,
     save_adapter,
 )
@@ -25,17 +24,6 @@ from safealign.checkpoint import (
     CheckpointWriter,
     parse_size,
 )
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return make_base(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def adapter(base, tmp_path_factory) -> Path:
-    return make_adapter(base, tmp_path_factory)
-
 
 # ----------------------------------------------------------------------------- writing
 
