@@ -73,6 +73,16 @@ def test_json_flag_prints_results(files):
     assert data["harmful_rate"]["n"] == 1 and data["judge"]["name"] == "keyword-prefix"
 
 
+def test_batch_size_auto_and_settings_flags_reach_results(files):
+    result = invoke(files, "--batch-size", "auto", "--seed", "3", "--no-cache")
+    assert result.exit_code == 0, result.output
+    results = json.loads((files["out"] / "results.json").read_text())
+    assert results["batch_size"] == "auto" and results["seed"] == 3
+    assert (
+        results["responses_generated"] == 7 and not (files["cache"] / "responses.sqlite").exists()
+    )
+
+
 def test_gate_exit_1_names_the_broken_bound(files):
     result = invoke(files, "--max-harmful-rate", "0.5", "--min-utility", "0.4")
     assert result.exit_code == 1

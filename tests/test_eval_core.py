@@ -10,8 +10,9 @@ from eval_support import tiny_model, tiny_tokenizer
 
 import safealign.eval.evaluator as evaluator_module
 from safealign.chat import encode_chat, left_pad
-from safealign.eval import Evaluator, Judge, Verdict, generate, wilson_interval
+from safealign.eval import EvalSettings, Evaluator, Judge, Verdict, generate, wilson_interval
 from safealign.eval.generation import run_batched
+from safealign.settings import SettingsError
 
 PROMPTS = [
     "kill python process",
@@ -142,3 +143,14 @@ def test_wilson_interval_known_values():
     assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
     assert wilson_interval(0, 10)[0] == 0.0
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_eval_settings_checks_and_keywords_override_a_settings_object():
+    assert EvalSettings().batch_size == 16
+    assert EvalSettings.from_dict({"batch-size": "8", "limit": 2}).batch_size == 8
+    with pytest.raises(SettingsError, match="--max-harmful-rate must be in"):
+        EvalSettings(max_harmful_rate=1.5)
+    with pytest.raises(SettingsError, match="neither a positive integer nor 'auto'"):
+        EvalSettings(batch_size="zero")
+    evaluator = Evaluator(harmful=PROMPTS, settings=EvalSettings(limit=1), max_new_tokens=3)
+    assert evaluator.harmful.prompts == PROMPTS[:1] and evaluator.settings.max_new_tokens == 3
