@@ -69,7 +69,7 @@ def test_restored_equal_aligned_untouched_equal_finetuned(pair):
     assert [s.restored for s in result.run.steps] == [k, k, k]
     assert restored == result.run.restored == 3 * k == report["run"]["restored"]
     # nothing in blocks at or above the direction layer, nor outside decoder matrices
-    assert set().union(*(s.per_layer for s in result.run.steps)) <= set(range(result.plan.layer))
+    assert set().union(*(s.per_layer for s in result.run.steps)) <= set(range(result.settings.layer))
     assert report["scores"]["recovered"]["harmful_rate"] is not None
     assert "no task data" in report["warnings"][0]
 
@@ -108,7 +108,7 @@ def test_adapter_input(tmp_path):
     assert restored == result.run.restored > 0
     assert result.plan.finetuned_is_adapter
     # only LoRA targets differ from A, so only they can be restored
-    lay = layout(b, result.plan.layer)
+    lay = layout(b, result.settings.layer)
     c = _tensors(tmp_path / "out")
     for target in lay.targets:
         if target.name not in b.lora_targets():
@@ -171,8 +171,8 @@ def test_dry_run_writes_nothing(pair, tmp_path):
     result = recover(aligned, finetuned, out, harmful=HARMFUL, dry_run=True, progress=False)
     assert not out.exists() and not list(tmp_path.iterdir())
     plan = result.plan
-    assert plan.layer == 4 and plan.n_layers == 4  # small model: every block
-    assert plan.rate == 0.002  # the paper's rate
+    assert plan.settings.layer == 4 and plan.n_layers == 4  # small model: every block
+    assert plan.settings.rate == 0.002  # the paper's rate
     assert plan.candidates == plan.restorable_params  # every weight was perturbed
     assert plan.per_step == -(-plan.decoder_params * 2 // 1000)  # ceil(0.002 x decoder params)
     assert "layer:        4 of 4" in plan.describe()
