@@ -59,36 +59,47 @@ def recover(
     lay = layout(b, settings.layer)
     settings = _resolved(settings, lay, b)
     sets = Sets.load(harmful, eval_harmful, task, benign, settings.max_prompts)
-    notes = []
-    if sets.task is None:
-        notes.append(
-            "no task data given: recovery runs without utility checks"
-            + ("" if sets.benign is not None else " or rollback")
-        )
-        warnings.warn(notes[-1], stacklevel=2)
-    rollback = sets.task is not None or sets.benign is not None
-    plan = Plan.build(a, b, lay, settings, rollback)
-    result = RecoveryResult(None, plan, sets=sets.describe(), warnings=notes)
+    checked = sets.task is not None or sets.benign is not None
+    plan = Plan.build(a, b, lay, settings, rollback=checked)
+    result = RecoveryResult(None, plan, sets=sets.describe(), warnings=_input_notes(sets))
     if dry_run:
         plan.candidates = count_candidates(a, b, lay, working_dtype(settings))
         result.seconds = time.perf_counter() - start
-        return result
-    if out is None:
+    elif out is None:
         raise ValueError("out is required unless dry_run is set")
-    with CheckpointWriter(
-        out, source=b, overwrite=overwrite, inputs=[a], max_shard_size=max_shard_size
-    ) as writer:
-        work = WorkingModel(a, b, lay, working_dtype(settings), settings.device)
-        guard = StepGuard(work, sets, settings)
-        _run_rates(result, work, guard, sets, progress)
-        for name in b.names():
-            writer.add(name, work.output_tensor(name))
-        result.out = writer.out
-        result.seconds = time.perf_counter() - start
-        result.peak_rss_bytes = peak_rss_bytes()
-        write_report(writer.folder / "report.json", result)
-        writer.finish(model_card(result))
+    else:
+        with CheckpointWriter(
+            out, source=b, overwrite=overwrite, inputs=[a], max_shard_size=max_shard_size
+        ) as writer:
+            work = WorkingModel(a, b, lay, working_dtype(settings), settings.device)
+            guard = StepGuard(work, sets, settings)
+            _run_rates(result, work, guard, sets, progress)
+            _write(writer, result, work, start)
     return result
+
+
+def _input_notes(sets: Sets) -> list[str]:
+    """Warnings about missing inputs (also issued as Python warnings)."""
+    if sets.task is not None:
+        return []
+    note = "no task data given: recovery runs without utility checks" + (
+        "" if sets.benign is not None else " or rollback"
+    )
+    warnings.warn(note, stacklevel=3)
+    return [note]
+
+
+def _write(
+    writer: CheckpointWriter, result: RecoveryResult, work: WorkingModel, start: float
+) -> None:
+    """The working model's tensors, report.json and the model card into the output folder."""
+    for name in work.finetuned.names():
+        writer.add(name, work.output_tensor(name))
+    result.out = writer.out
+    result.seconds = time.perf_counter() - start
+    result.peak_rss_bytes = peak_rss_bytes()
+    write_report(writer.folder / "report.json", result)
+    writer.finish(model_card(result))
 
 
 def _run_rates(
