@@ -47,8 +47,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MEASURED_MERGE = """
 import json, resource, sys, time
 import torch
-from safealign.merge import run_merge
-from safealign.merge.engine import return_freed_tensors_to_os
+from safealign.merge import return_freed_tensors_to_os, run_merge
 config, out, device = sys.argv[1:4]
 return_freed_tensors_to_os()
 if device.startswith("cuda"):

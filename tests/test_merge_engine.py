@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from merge_support import build_tiny_models, read_weights
 
 from safealign.checkpoint import Checkpoint
-from safealign.merge import MergeConfigError, get_method, load_config, run_merge, safety_config
+from safealign.merge import METHODS, MergeConfigError, load_config, run_merge, safety_config
 from safealign.merge.cli import merge_command
 from safealign.merge.config import layer_position, resolve_value
 from safealign.merge.methods import MergeParams
@@ -97,7 +97,7 @@ def test_slerp_gradient_and_filters_follow_mergekit(tiny, tmp_path):
     }
     result = run_merge(config, tmp_path / "out", progress=False)
     a, b, out = (read_weights(p) for p in (tiny.aligned, tiny.finetuned, result.out))
-    slerp = get_method("slerp")
+    slerp = METHODS.create("slerp")
     for name, t_value in [
         ("model.layers.0.self_attn.k_proj.weight", 0.0),
         ("model.layers.1.self_attn.k_proj.weight", 0.5),
