@@ -122,26 +122,7 @@ def parse_config(data: Any, where: str = "config") -> MergeConfig:
         problems.append(f"{where}: merge_method is missing (one of {', '.join(METHODS)})")
     elif method not in METHODS:
         problems.append(f"{where}: unknown merge_method {method!r} (one of {', '.join(METHODS)})")
-    models = []
-    raw_models = data.get("models")
-    if not isinstance(raw_models, list) or not raw_models:
-        problems.append(f"{where}: models must be a non-empty list of {{model, parameters}}")
-        raw_models = []
-    for i, entry in enumerate(raw_models):
-        at = f"{where}: models[{i}]"
-        if isinstance(entry, str):
-            entry = {"model": entry}
-        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
-            problems.append(f"{at}: needs a 'model' path")
-            continue
-        extra = set(entry) - {"model", "parameters"}
-        if extra:
-            problems.append(f"{at}: unknown key(s) {', '.join(sorted(extra))}")
-        params = entry.get("parameters") or {}
-        if not isinstance(params, dict):
-            problems.append(f"{at}: parameters must be a mapping")
-            params = {}
-        models.append(ModelEntry(entry["model"], dict(params)))
+    models = _parse_models(data.get("models"), where, problems)
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         problems.append(f"{where}: parameters must be a mapping")
@@ -172,6 +153,30 @@ def parse_config(data: Any, where: str = "config") -> MergeConfig:
         out_dtype=data.get("out_dtype"),
         tokenizer_source=tokenizer,
     )
+
+
+def _parse_models(raw_models: Any, where: str, problems: list[str]) -> list[ModelEntry]:
+    """The ``models`` list; each problem is appended to ``problems``."""
+    if not isinstance(raw_models, list) or not raw_models:
+        problems.append(f"{where}: models must be a non-empty list of {{model, parameters}}")
+        return []
+    models = []
+    for i, entry in enumerate(raw_models):
+        at = f"{where}: models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
+            problems.append(f"{at}: needs a 'model' path")
+            continue
+        extra = set(entry) - {"model", "parameters"}
+        if extra:
+            problems.append(f"{at}: unknown key(s) {', '.join(sorted(extra))}")
+        params = entry.get("parameters") or {}
+        if not isinstance(params, dict):
+            problems.append(f"{at}: parameters must be a mapping")
+            params = {}
+        models.append(ModelEntry(entry["model"], dict(params)))
+    return models
 
 
 def validate_config(config: MergeConfig) -> None:
