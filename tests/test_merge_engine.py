@@ -7,12 +7,10 @@ import json
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 from merge_support import build_tiny_models, read_weights
 
 from safealign.checkpoint import Checkpoint
 from safealign.merge import METHODS, MergeConfigError, load_config, run_merge, safety_config
-from safealign.merge.cli import merge_command
 from safealign.merge.config import layer_position, resolve_value
 from safealign.merge.methods import MergeParams
 
@@ -232,40 +230,6 @@ def test_resta_on_dense_models(tiny, tmp_path):
     out = read_weights(result.out)
     for name in a:
         torch.testing.assert_close(out[name], b[name] + 0.3 * (a[name] - u[name]))
-
-
-def test_cli_score_prints_table_and_writes_nothing(tiny, tmp_path):
-    runner = CliRunner()
-    args = ["--method", "safemerge", "--aligned", str(tiny.aligned), "--unaligned"]
-    args += [str(tiny.unaligned), "--finetuned", str(tiny.finetuned), "--score", "--quiet"]
-    args += ["--set", "tau=0.5", "--out", str(tmp_path / "never")]
-    result = runner.invoke(merge_command, args)
-    assert result.exit_code == 0, result.output
-    assert "| name" in result.output and "rho" in result.output and Q0 in result.output
-    assert "nothing written" in result.output
-    assert not (tmp_path / "never").exists()
-
-
-def test_cli_config_merge_and_clear_errors(tiny, tmp_path):
-    config = write_yaml(
-        tmp_path / "lin.yaml",
-        {
-            "merge_method": "linear",
-            "models": [
-                {"model": str(tiny.aligned), "parameters": {"weight": 1.0}},
-                {"model": str(tiny.finetuned), "parameters": {"weight": 3.0}},
-            ],
-        },
-    )
-    runner = CliRunner()
-    result = runner.invoke(merge_command, [str(config), "--out", str(tmp_path / "o"), "--quiet"])
-    assert result.exit_code == 0, result.output
-    a, b, out = (read_weights(p) for p in (tiny.aligned, tiny.finetuned, tmp_path / "o"))
-    torch.testing.assert_close(out[Q0], (a[Q0] + 3 * b[Q0]) / 4)
-    again = runner.invoke(merge_command, [str(config), "--out", str(tmp_path / "o"), "--quiet"])
-    assert again.exit_code != 0 and "not empty" in again.output
-    bad = runner.invoke(merge_command, [str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "x")])
-    assert bad.exit_code != 0 and "merge config not found" in bad.output
 
 
 @pytest.mark.parametrize(
