@@ -29,10 +29,11 @@ FLAGS = ("dry_run", "overwrite")
 
 
 def _role_options(command):
+    """``--aligned`` and one flag per role (``harmful_model`` would be ``--harmful-model``)."""
     for role in reversed(SHORTCUT_ROLES):
-        option = click.option(
-            f"--{role.name}", type=click.Path(path_type=Path), help=f"Shortcut: {role.help}."
-        )
+        flag = "--" + role.name.replace("_", "-")
+        help_text = f"Shortcut: {role.help}."
+        option = click.option(flag, role.name, type=click.Path(path_type=Path), help=help_text)
         command = option(command)
     return command
 

@@ -177,12 +177,6 @@ def number(value: Any) -> str | None:
     return None
 
 
-def unit_interval(value: Any) -> str | None:
-    if number(value) is not None or not 0.0 <= value <= 1.0:
-        return f"must be a number in [0, 1], got {value!r}"
-    return None
-
-
 def density(value: Any) -> str | None:
     if number(value) is not None or not 0.0 < value <= 1.0:
         return f"must be a number in (0, 1], got {value!r}"
