@@ -113,8 +113,7 @@ def merge_command(config, out, sets, score, quiet, **values):
     try:
         settings, roles = from_cli(MergeSettings, values)
         cfg = _config(config, settings, roles, sets)
-        if score:
-            settings = settings.replace(dry_run=True)
+        settings = settings.replace(method=None, dtype=None, dry_run=settings.dry_run or score)
         if not settings.dry_run and out is None:
             raise click.UsageError("--out is required (or use --dry-run / --score)")
         # Process-wide and permanent, so the CLI (a process that only merges) opts in and the

@@ -94,6 +94,11 @@ def plan_merge(
     ``settings`` (or its fields as keywords, e.g. ``output="adapter"``) as for :func:`run_merge`.
     """
     settings = (settings or MergeSettings()).replace(**changes)
+    if settings.method is not None or settings.dtype is not None:
+        raise MergeConfigError(
+            "method and dtype describe the --method shortcut's config (safety_config); "
+            "a config carries its own merge_method and dtype"
+        )
     if not isinstance(config, MergeConfig):
         config = load_config(config)
     method = config.method

@@ -15,10 +15,13 @@ SHORTCUT_METHODS = tuple(name for name in METHODS if METHODS.get(name).required_
 
 @dataclass
 class MergeSettings(Settings):
-    """The options of a merge. :func:`~safealign.merge.run_merge` and
-    :func:`~safealign.merge.plan_merge` read ``device`` to ``overwrite``; ``method`` and
-    ``dtype`` make the config of the ``--method`` shortcut (a config file or data carries its
-    own ``merge_method`` and ``dtype``)."""
+    """The options of ``safealign merge``, checked on construction.
+
+    :func:`~safealign.merge.run_merge` and :func:`~safealign.merge.plan_merge` read ``device``
+    to ``overwrite``. ``method`` and ``dtype`` describe the config of the ``--method`` shortcut
+    (the CLI passes them to :func:`~safealign.merge.safety_config`); a merge run from a config
+    takes its method and dtype from it, and refuses settings that set them.
+    """
 
     method: str | None = setting(
         None,

@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 from merge_support import build_tiny_models, read_weights
 
-from safealign.merge import MergeSettings, run_merge, safety_config
+from safealign.merge import MergeConfigError, MergeSettings, run_merge, safety_config
 from safealign.merge.cli import merge_command
 from safealign.settings import SettingsError
 
@@ -118,6 +118,9 @@ def test_settings_are_checked_and_read_by_the_api(tiny, tmp_path):
     assert (adapter.out / "adapter_config.json").exists()
     dry = run_merge(config, None, settings, dry_run=True, progress=False)
     assert dry.out is None and dry.report["output"] == "model"
+    with pytest.raises(MergeConfigError, match="a config carries its own merge_method and dtype"):
+        run_merge(config, tmp_path / "never", dtype="bfloat16", progress=False)
+    assert not (tmp_path / "never").exists()
 
 
 def test_cli_score_prints_table_and_writes_nothing(tiny, tmp_path):

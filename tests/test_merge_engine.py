@@ -10,9 +10,17 @@ import yaml
 from merge_support import build_tiny_models, read_weights
 
 from safealign.checkpoint import Checkpoint
-from safealign.merge import METHODS, MergeConfigError, load_config, run_merge, safety_config
+from safealign.merge import (
+    METHODS,
+    MergeConfigError,
+    load_config,
+    plan_merge,
+    run_merge,
+    safety_config,
+)
 from safealign.merge.config import layer_position, resolve_value
 from safealign.merge.methods import MergeParams
+from safealign.merge.plan import tensor_work
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 
@@ -146,6 +154,44 @@ def test_method_requirements_are_checked(tiny):
         safety_config("safemerge", aligned=tiny.aligned, finetuned=tiny.lora)
     with pytest.raises(MergeConfigError, match="slices"):
         load_config({"merge_method": "linear", "slices": [], "models": [str(tiny.aligned)]})
+
+
+def test_plan_reads_inputs_as_the_method_declares(tiny):
+    """LoRAs on the aligned model are read as factors only in the roles the method names;
+    the output kind, tokenizer source and per-tensor work follow from that, once."""
+    lora = safety_config(
+        "safemerge",
+        aligned=tiny.aligned,
+        unaligned=tiny.unaligned,
+        finetuned=tiny.lora,
+        safety=tiny.safety_lora,
+    )
+    plan = plan_merge(lora)
+    assert plan.factors == {"finetuned", "safety"} and plan.output == "adapter"
+    assert plan.source.path == tiny.lora and plan.base.path == tiny.aligned
+    work = tensor_work(plan, {Q0})
+    assert [w.name for w in work] == Checkpoint.open(tiny.lora).lora_targets()
+    assert [w.name for w in work if w.params.selected] == [Q0]
+    dense = safety_config(
+        "safemerge", aligned=tiny.aligned, unaligned=tiny.unaligned, finetuned=tiny.finetuned
+    )
+    plan = plan_merge(dense)
+    assert plan.factors == frozenset() and plan.output == "model"
+    with pytest.raises(MergeConfigError, match="adapter output needs"):
+        plan_merge(dense, output="adapter")
+    ties = {
+        "merge_method": "ties",
+        "base_model": str(tiny.aligned),
+        "models": [{"model": str(tiny.lora)}, {"model": str(tiny.finetuned)}],
+        "parameters": {"weight": 1.0},
+        "out_dtype": "bfloat16",
+    }
+    plan = plan_merge(ties)
+    assert set(plan.inputs) == {str(tiny.aligned), str(tiny.lora), str(tiny.finetuned)}
+    assert plan.factors == frozenset() and plan.output == "model"
+    work = tensor_work(plan, set())
+    assert [w.name for w in work] == Checkpoint.open(tiny.aligned).names()
+    assert {w.dtype for w in work} == {torch.bfloat16}
 
 
 def dense_rho(a, u, update):
