@@ -7,6 +7,7 @@ roles the methods declare (``--aligned`` and one flag per role).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ SHORTCUT_ROLES = (ALIGNED, *ROLES.values())
 FLAGS = ("dry_run", "overwrite")
 
 
-def _role_options(command):
+def _role_options(command: Callable) -> Callable:
     """``--aligned`` and one flag per role (``harmful_model`` would be ``--harmful-model``)."""
     for role in reversed(SHORTCUT_ROLES):
         flag = "--" + role.name.replace("_", "-")
@@ -38,7 +39,7 @@ def _role_options(command):
     return command
 
 
-def _flags(command):
+def _flags(command: Callable) -> Callable:
     fields = {f.name: f for f in dataclasses.fields(MergeSettings)}
     for name in reversed(FLAGS):
         field = fields[name]
