@@ -156,17 +156,16 @@ def test_method_requirements_are_checked(tiny):
         load_config({"merge_method": "linear", "slices": [], "models": [str(tiny.aligned)]})
 
 
+def safemerge_of_loras(tiny, **parameters):
+    """SafeMERGE of the fine-tuning LoRA with the safety LoRA, both on the aligned model."""
+    roles = {"unaligned": tiny.unaligned, "finetuned": tiny.lora, "safety": tiny.safety_lora}
+    return safety_config("safemerge", aligned=tiny.aligned, parameters=parameters, **roles)
+
+
 def test_plan_reads_inputs_as_the_method_declares(tiny):
     """LoRAs on the aligned model are read as factors only in the roles the method names;
     the output kind, tokenizer source and per-tensor work follow from that, once."""
-    lora = safety_config(
-        "safemerge",
-        aligned=tiny.aligned,
-        unaligned=tiny.unaligned,
-        finetuned=tiny.lora,
-        safety=tiny.safety_lora,
-    )
-    plan = plan_merge(lora)
+    plan = plan_merge(safemerge_of_loras(tiny))
     assert plan.factors == {"finetuned", "safety"} and plan.output == "adapter"
     assert plan.source.path == tiny.lora and plan.base.path == tiny.aligned
     work = tensor_work(plan, {Q0})
@@ -209,14 +208,7 @@ def test_safemerge_lora_in_lora_out_equals_dense_merge(tiny, tmp_path):
     ordered = sorted(rhos.values())
     half = len(ordered) // 2
     tau = (ordered[half - 1] + ordered[half]) / 2  # selects half the layers
-    config = safety_config(
-        "safemerge",
-        aligned=tiny.aligned,
-        unaligned=tiny.unaligned,
-        finetuned=tiny.lora,
-        safety=tiny.safety_lora,
-        parameters={"tau": tau},
-    )
+    config = safemerge_of_loras(tiny, tau=tau)
     adapter = run_merge(config, tmp_path / "adapter", progress=False)
     dense = run_merge(config, tmp_path / "dense", progress=False, output="model")
     assert adapter.report["output"] == "adapter" and dense.report["output"] == "model"
