@@ -6,7 +6,6 @@ roles the methods declare (``--aligned`` and one flag per role).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,9 @@ from safealign.merge.methods import ALIGNED, ROLES
 from safealign.merge.report import REPORT_NAME, layer_table
 from safealign.merge.settings import MergeSettings
 from safealign.merge.shortcuts import safety_config
-from safealign.settings import click_options, flag_name, from_cli
+from safealign.settings import click_options, from_cli
 
 SHORTCUT_ROLES = (ALIGNED, *ROLES.values())
-#: Settings that are on/off flags: click_options (click 8.5) makes a bool whose default is False
-#: an option that takes a value, so these are declared here as flags.
-FLAGS = ("dry_run", "overwrite")
 
 
 def _role_options(command: Callable) -> Callable:
@@ -36,15 +32,6 @@ def _role_options(command: Callable) -> Callable:
         help_text = f"Shortcut: {role.help}."
         option = click.option(flag, role.name, type=click.Path(path_type=Path), help=help_text)
         command = option(command)
-    return command
-
-
-def _flags(command: Callable) -> Callable:
-    fields = {f.name: f for f in dataclasses.fields(MergeSettings)}
-    for name in reversed(FLAGS):
-        field = fields[name]
-        flag = click.option(flag_name(field), name, is_flag=True, help=field.metadata["help"])
-        command = flag(command)
     return command
 
 
@@ -98,8 +85,7 @@ def _print(result: MergeResult) -> None:
 @click.option(
     "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Shortcut: method parameter."
 )
-@click_options(MergeSettings, exclude=FLAGS)
-@_flags
+@click_options(MergeSettings)
 @click.option("--score", is_flag=True, help="Print the layer table only.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def merge_command(config, out, sets, score, quiet, **values):
