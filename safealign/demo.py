@@ -53,7 +53,7 @@ def lab_evaluator(lab: Lab) -> Evaluator:
 def lab_safety_config(lab: Lab, method: str, parameters: dict | None = None) -> MergeConfig:
     """A safety merge of the lab's LoRA fine-tune, given the lab's models for the roles
     ``method`` takes (``unaligned``, ``safety``)."""
-    roles = METHODS[method].required_roles + METHODS[method].optional_roles
+    roles = METHODS.get(method).required_roles + METHODS.get(method).optional_roles
     return safety_config(
         method,
         aligned=lab.aligned,
