@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from safealign.checkpoint import LowRank
 from safealign.merge.methods import safety, standard  # noqa: F401  (they register the methods)
 from safealign.merge.methods.base import (
     ALIGNED,
@@ -13,7 +14,6 @@ from safealign.merge.methods.base import (
     Param,
     Role,
 )
-from safealign.merge.methods.lowrank import LowRank
 
 __all__ = [
     "ALIGNED",
