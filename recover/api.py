@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import resource
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -21,6 +19,7 @@ from safealign.recover.sets import Sets
 from safealign.recover.settings import RecoverSettings
 from safealign.recover.weights import Layout, checkpoint_dtype, default_warmup, layout
 from safealign.recover.working import WorkingModel
+from safealign.runtime import peak_rss_bytes
 
 
 def recover(
@@ -168,9 +167,3 @@ def open_pair(aligned, finetuned) -> tuple[Checkpoint, Checkpoint]:
     )
     validate_checkpoints(a, b)
     return a, b
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024

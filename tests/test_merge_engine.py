@@ -204,7 +204,7 @@ def test_safemerge_lora_in_lora_out_equals_dense_merge(tiny, tmp_path):
     a, u = read_weights(tiny.aligned), read_weights(tiny.unaligned)
     lora = Checkpoint.open(tiny.lora)
     for name in lora.lora_targets():
-        rhos[name] = dense_rho(a[name], u[name], lora.lora_factors(name).delta())
+        rhos[name] = dense_rho(a[name], u[name], lora.lora_factors(name).dense())
     ordered = sorted(rhos.values())
     half = len(ordered) // 2
     tau = (ordered[half - 1] + ordered[half]) / 2  # selects half the layers
@@ -250,7 +250,7 @@ def test_safe_lora_lowest_k_projects_k_layers(tiny, tmp_path):
     lora = Checkpoint.open(tiny.lora)
     name = selected[0]["name"]
     v = a[name] - u[name]
-    expected = a[name] + v @ v.T @ lora.lora_factors(name).delta() / torch.linalg.matrix_norm(v)
+    expected = a[name] + v @ v.T @ lora.lora_factors(name).dense() / torch.linalg.matrix_norm(v)
     torch.testing.assert_close(merged.get(name), expected, rtol=1e-4, atol=1e-5)
     assert merged.lora_factors(name).A.shape == lora.lora_factors(name).A.shape
 

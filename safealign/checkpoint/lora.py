@@ -49,9 +49,6 @@ class LowRank:
         dtype = torch.promote_types(self.B.dtype, torch.float32)
         return (self.B.to(dtype) @ self.A.to(dtype)).mul_(self.scale)
 
-    # LoraFactors' name for dense(), still used by merge's tests; to go once they say dense().
-    delta = dense
-
     def scaled(self, factor: float) -> LowRank:
         return LowRank(self.A, self.B, self.scale * factor)
 
