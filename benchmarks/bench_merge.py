@@ -47,8 +47,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MEASURED_MERGE = """
 import json, resource, sys, time
 import torch
-from safealign.merge import run_merge
-from safealign.merge.engine import return_freed_tensors_to_os
+from safealign.merge import return_freed_tensors_to_os, run_merge
 config, out, device = sys.argv[1:4]
 return_freed_tensors_to_os()
 if device.startswith("cuda"):
@@ -224,7 +223,7 @@ def _weight_map(folder: Path) -> dict[str, str]:
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mergekit", type=Path, default=Path("/work/mergekit-venv"))
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
@@ -247,8 +246,11 @@ def main() -> None:
         default=None,
         help="default: results/merge.json (--device: merge_DEVICE.json)",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     env["PYTHONHASHSEED"] = "0"
     if args.device != "cpu":
@@ -257,63 +259,72 @@ def main() -> None:
         return
     args.out = args.out or HERE / "results" / "merge.json"
     work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=args.workdir))
-    results: dict = {"setup": {}, "merges": [], "scaling": []}
     try:
-        cfg = llama_config(args.layers, args.hidden, args.intermediate, args.vocab)
-        base = work / "base"
-        write_checkpoint(base, cfg, seed=0, base_seed=None)
-        models = []
-        for k in range(1, args.max_models + 1):
-            models.append(work / f"model{k}")
-            write_checkpoint(models[-1], cfg, seed=k, base_seed=0)
-        size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
-        results["setup"] = {
-            "checkpoint_bytes": size,
-            "params": size // 4,
-            "dtype_in": "float32",
-            "dtype_compute": "float32",
-            "dtype_out": "bfloat16",
-            "torch_threads": env["OMP_NUM_THREADS"],
-            "mergekit": _mergekit_version(args.mergekit),
-        }
-
-        def one(method: str, n: int, tools=("safealign", "mergekit")) -> dict:
-            config = work / f"{method}-{n}.yaml"
-            config.write_text(yaml.safe_dump(merge_config(method, base, models[:n])))
-            row = {"method": method, "models": n}
-            outs = {}
-            for tool in tools:
-                out = work / f"out-{tool}"
-                shutil.rmtree(out, ignore_errors=True)
-                if tool == "safealign":
-                    row[tool] = run_safealign(config, out, env)
-                else:
-                    row[tool] = run_mergekit(args.mergekit, config, out, env)
-                outs[tool] = out
-                print(f"  {method} x{n} {tool}: {row[tool]}", flush=True)
-            if len(outs) == 2:
-                row["agreement"] = compare(outs["safealign"], outs["mergekit"])
-            for out in outs.values():
-                shutil.rmtree(out, ignore_errors=True)
-            return row
-
-        for method in ("task_arithmetic", "ties"):
-            results["merges"].append(one(method, 2))
-        results["scaling"].append(
-            {"models": 2, **{t: results["merges"][0][t] for t in ("safealign", "mergekit")}}
-        )
-        for n in range(3, args.max_models + 1):
-            row = one("task_arithmetic", n)
-            results["scaling"].append(
-                {"models": n, "safealign": row["safealign"], "mergekit": row["mergekit"]}
-            )
+        results = bench_cpu(args, env, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
     print(f"wrote {args.out}")
+
+
+def bench_cpu(args: argparse.Namespace, env: dict, work: Path) -> dict:
+    """safealign vs mergekit on checkpoints written to ``work``: two methods on two models, then
+    task arithmetic on up to ``--max-models``."""
+    cfg = llama_config(args.layers, args.hidden, args.intermediate, args.vocab)
+    base = work / "base"
+    write_checkpoint(base, cfg, seed=0, base_seed=None)
+    models = []
+    for k in range(1, args.max_models + 1):
+        models.append(work / f"model{k}")
+        write_checkpoint(models[-1], cfg, seed=k, base_seed=0)
+    size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+    setup = {
+        "checkpoint_bytes": size,
+        "params": size // 4,
+        "dtype_in": "float32",
+        "dtype_compute": "float32",
+        "dtype_out": "bfloat16",
+        "torch_threads": env["OMP_NUM_THREADS"],
+        "mergekit": _mergekit_version(args.mergekit),
+    }
+    results: dict = {"setup": setup, "merges": [], "scaling": []}
+
+    def one(method: str, n: int) -> dict:
+        config = work / f"{method}-{n}.yaml"
+        config.write_text(yaml.safe_dump(merge_config(method, base, models[:n])))
+        return both_tools(args.mergekit, config, work, env, {"method": method, "models": n})
+
+    for method in ("task_arithmetic", "ties"):
+        results["merges"].append(one(method, 2))
+    results["scaling"].append(
+        {"models": 2, **{t: results["merges"][0][t] for t in ("safealign", "mergekit")}}
+    )
+    for n in range(3, args.max_models + 1):
+        row = one("task_arithmetic", n)
+        results["scaling"].append(
+            {"models": n, "safealign": row["safealign"], "mergekit": row["mergekit"]}
+        )
+    return results
+
+
+def both_tools(mergekit: Path, config: Path, work: Path, env: dict, row: dict) -> dict:
+    """Run one config with safealign and mergekit; measurements and agreement added to ``row``."""
+    outs = {}
+    for tool in ("safealign", "mergekit"):
+        out = work / f"out-{tool}"
+        shutil.rmtree(out, ignore_errors=True)
+        if tool == "safealign":
+            row[tool] = run_safealign(config, out, env)
+        else:
+            row[tool] = run_mergekit(mergekit, config, out, env)
+        outs[tool] = out
+        print(f"  {row['method']} x{row['models']} {tool}: {row[tool]}", flush=True)
+    row["agreement"] = compare(outs["safealign"], outs["mergekit"])
+    for out in outs.values():
+        shutil.rmtree(out, ignore_errors=True)
+    return row
 
 
 def bench_device(args: argparse.Namespace, env: dict, out: Path) -> None:

@@ -192,51 +192,31 @@ def run_recover(aligned: Path, finetuned: Path, out: Path, steps: int, device: s
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="50M,200M,800M")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="of the files")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--keep", type=Path, help="write checkpoints here and keep them")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "recover.json")
-    args = parser.parse_args()
-    root = args.keep or Path(tempfile.mkdtemp(prefix="bench-recover-"))
-    rows = []
-    try:
-        for size in ["tiny", *args.sizes.split(",")]:
-            started = time.perf_counter()
-            aligned, finetuned, params, nbytes = write_pair(root, size, args.dtype)
-            written = time.perf_counter() - started
-            out = root / size / "out"
-            measured = run_recover(aligned, finetuned, out, args.steps, args.device)
-            shutil.rmtree(root / size / "out", ignore_errors=True)
-            if not args.keep:
-                shutil.rmtree(root / size, ignore_errors=True)
-            rows.append(
-                {
-                    "size": size,
-                    "params": params,
-                    "model_bytes": nbytes,
-                    "peak_rss_bytes": measured["peak_rss"],
-                    "peak_cuda_bytes": measured["peak_cuda"],
-                    "estimate_bytes": measured["estimate"],
-                    "seconds": round(measured["seconds"], 2),
-                    "seconds_per_step": round(sum(measured["steps"]) / len(measured["steps"]), 2),
-                    "restored": measured["restored"],
-                    "write_seconds": round(written, 2),
-                }
-            )
-            print(f"{size}: done in {measured['seconds']:.1f}s", file=sys.stderr, flush=True)
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
-    baseline = rows[0]["peak_rss_bytes"]
-    for row in rows:
-        row["ratio"] = round(row["peak_rss_bytes"] / row["model_bytes"], 3)
-        row["ratio_above_baseline"] = round(
-            (row["peak_rss_bytes"] - baseline) / row["model_bytes"], 3
-        )
+def measure(root: Path, size: str, args: argparse.Namespace) -> dict:
+    """Write one pair, recover it in a child process, remove it (unless ``--keep``)."""
+    started = time.perf_counter()
+    aligned, finetuned, params, nbytes = write_pair(root, size, args.dtype)
+    written = time.perf_counter() - started
+    measured = run_recover(aligned, finetuned, root / size / "out", args.steps, args.device)
+    shutil.rmtree(root / size / "out", ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(root / size, ignore_errors=True)
+    print(f"{size}: done in {measured['seconds']:.1f}s", file=sys.stderr, flush=True)
+    return {
+        "size": size,
+        "params": params,
+        "model_bytes": nbytes,
+        "peak_rss_bytes": measured["peak_rss"],
+        "peak_cuda_bytes": measured["peak_cuda"],
+        "estimate_bytes": measured["estimate"],
+        "seconds": round(measured["seconds"], 2),
+        "seconds_per_step": round(sum(measured["steps"]) / len(measured["steps"]), 2),
+        "restored": measured["restored"],
+        "write_seconds": round(written, 2),
+    }
+
+
+def print_table(rows: list[dict], baseline: int) -> None:
     header = (
         f"{'size':>5} {'params':>12} {'model GiB':>9} {'peak GiB':>8} {'peak/model':>10} "
         f"{'(peak-base)/model':>17} {'est GiB':>7} {'total s':>8} {'s/step':>7}"
@@ -255,6 +235,30 @@ def main() -> None:
             ratio = cuda / r["model_bytes"]
             print(f"{r['size']}: peak GPU memory {cuda / GIB:.2f} GiB = {ratio:.2f}x the model")
     print(f"baseline (tiny run, fixed cost): {baseline / GIB:.3f} GiB; goal: peak/model <= 2.5")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="50M,200M,800M")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="of the files")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--keep", type=Path, help="write checkpoints here and keep them")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "recover.json")
+    args = parser.parse_args()
+    root = args.keep or Path(tempfile.mkdtemp(prefix="bench-recover-"))
+    try:
+        rows = [measure(root, size, args) for size in ["tiny", *args.sizes.split(",")]]
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    baseline = rows[0]["peak_rss_bytes"]
+    for row in rows:
+        row["ratio"] = round(row["peak_rss_bytes"] / row["model_bytes"], 3)
+        row["ratio_above_baseline"] = round(
+            (row["peak_rss_bytes"] - baseline) / row["model_bytes"], 3
+        )
+    print_table(rows, baseline)
     result = {
         "benchmark": "recover",
         "dtype": args.dtype,

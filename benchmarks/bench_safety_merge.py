@@ -64,7 +64,7 @@ COLUMNS = (
 
 def is_default(method: str, parameters: dict[str, Any]) -> bool:
     """Whether the resolved parameters are all the method's declared defaults."""
-    return all(parameters.get(p.name) == p.default for p in METHODS[method].parameters)
+    return all(parameters.get(p.name) == p.default for p in METHODS.get(method).parameters)
 
 
 def describe(parameters: dict[str, Any]) -> str:
@@ -97,7 +97,7 @@ def run_grid(lab: Lab, evaluator: Evaluator, reference: Scores, work: Path) -> l
         result = run_merge(config, work / f"{i:02d}-{method}", progress=False)
         scores = score_output(evaluator, result.out, lab.aligned)
         report = result.report
-        resolved = {p.name: report["parameters"][p.name] for p in METHODS[method].parameters}
+        resolved = {p.name: report["parameters"][p.name] for p in METHODS.get(method).parameters}
         layerwise = report["layers_scored"] > 0
         row = {
             **scored_row(method, scores, reference),

@@ -3,14 +3,19 @@
 from safealign.eval.cache import ResponseCache, folder_fingerprint
 from safealign.eval.evaluator import Evaluator
 from safealign.eval.generation import generate
+from safealign.eval.harm_judges import ClassifierJudge, GuardJudge
 from safealign.eval.judges import JUDGES, Judge, JudgeError, Verdict, get_judge, register_judge
 from safealign.eval.metrics import METRICS, Metric, get_metric, register_metric
 from safealign.eval.results import Scores, wilson_interval, write_results
+from safealign.eval.settings import EvalSettings
 
 __all__ = [
     "JUDGES",
     "METRICS",
+    "ClassifierJudge",
+    "EvalSettings",
     "Evaluator",
+    "GuardJudge",
     "Judge",
     "JudgeError",
     "Metric",

@@ -11,39 +11,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from safealign.model import chat_prompt, ensure_pad_token, model_device
+from safealign.chat import encode_chat, left_pad
+from safealign.model import ensure_pad_token, model_device
 
 AUTO_START_CUDA = 128
 AUTO_START_CPU = 16
-
-
-def encode_chat(tokenizer, prompts: Sequence[str], system: str | None = None) -> list[list[int]]:
-    """Token ids of each prompt in the chat template, assistant turn opened.
-
-    The template usually writes the BOS token itself; it is added only when the formatted
-    text does not already start with it.
-    """
-    ids = []
-    for prompt in prompts:
-        text = chat_prompt(tokenizer, prompt, system)
-        bos = tokenizer.bos_token
-        add_special = not (bos and text.startswith(bos))
-        ids.append(tokenizer(text, add_special_tokens=add_special)["input_ids"])
-    return ids
-
-
-def left_pad(
-    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack token lists into (input_ids, attention_mask), padding on the left."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq) :] = 1
-    return input_ids.to(device), mask.to(device)
 
 
 def is_oom(error: BaseException) -> bool:

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from safealign.eval.generation import encode_chat, left_pad, run_batched
+from safealign.chat import encode_chat, left_pad
+from safealign.eval.generation import run_batched
 from safealign.model import ensure_pad_token, model_device
 
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 import math
 import string
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from safealign.eval.options import parse_options
+from safealign.chat import chat_prompt, encode_chat
+from safealign.eval.likelihood import continuation_logprobs, split_continuation
 from safealign.model import ensure_pad_token
+from safealign.registry import Registry
 
 Answer = str | Sequence[str]
 
@@ -83,31 +85,16 @@ class Metric(ABC):
         return {"name": self.name}
 
 
-METRICS: dict[str, Callable[..., Metric]] = {}
+METRICS: Registry[type[Metric]] = Registry("metric")
+#: Class decorator adding a metric to :data:`METRICS` under a name.
+register_metric = METRICS.register
 
 
-def register_metric(name: str):
-    """Class decorator adding a metric to the registry under ``name``."""
-
-    def add(cls):
-        cls.name = name
-        METRICS[name] = cls
-        return cls
-
-    return add
-
-
-def get_metric(name: str | Metric, **options) -> Metric:
-    """A metric by registry name; ``"exact_match:lowercase=false"`` passes options."""
-    if isinstance(name, Metric):
-        return name
-    key, _, arg = name.partition(":")
-    if key not in METRICS:
-        raise ValueError(f"unknown metric {name!r}: choose one of {', '.join(sorted(METRICS))}")
-    try:
-        return METRICS[key](**parse_options(arg), **options)
-    except TypeError as error:
-        raise ValueError(f"metric {name!r}: {error}") from None
+def get_metric(spec: str | Metric, **options) -> Metric:
+    """A metric from a spec, e.g. ``"exact_match:lowercase=false"`` (an instance passes through)."""
+    if isinstance(spec, Metric):
+        return spec
+    return METRICS.create(spec, **options)
 
 
 class TextMetric(Metric):
@@ -222,10 +209,6 @@ class MultipleChoice(Metric):
         self.length_normalise = bool(length_normalise)
 
     def score(self, examples, responses, *, model=None, tokenizer=None, batch_size=16, **_):
-        from safealign.eval.generation import encode_chat
-        from safealign.eval.likelihood import continuation_logprobs, split_continuation
-        from safealign.model import chat_prompt
-
         if model is None or tokenizer is None:
             raise ValueError("multiple_choice: needs the model and its tokenizer")
         pairs, spans, answers = [], [], []
@@ -270,8 +253,6 @@ class Perplexity(Metric):
         self.max_tokens = int(max_tokens)
 
     def score(self, examples, responses, *, model=None, tokenizer=None, batch_size=16, **_):
-        from safealign.eval.likelihood import continuation_logprobs, split_continuation
-
         if model is None or tokenizer is None:
             raise ValueError("perplexity: needs the model and its tokenizer")
         pairs = []

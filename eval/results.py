@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from safealign.eval.settings import EvalSettings
 
 Z95 = 1.959963984540054
 
@@ -88,23 +89,6 @@ class Scores:
         return "\n".join(lines)
 
 
-def versions() -> dict[str, str]:
-    """Versions of Python and the libraries that shape a result."""
-    import peft
-    import torch
-    import transformers
-
-    import safealign
-
-    return {
-        "python": platform.python_version(),
-        "safealign": safealign.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
-
-
 def write_results(scores: Scores, out: str | Path) -> Path:
     """Write ``results.json`` and ``samples.jsonl`` into folder ``out``; return the folder."""
     out = Path(out)
@@ -116,19 +100,13 @@ def write_results(scores: Scores, out: str | Path) -> Path:
     return out
 
 
-def gate_failures(
-    scores: Scores,
-    *,
-    max_harmful_rate: float | None = None,
-    min_utility: float | None = None,
-    max_over_refusal: float | None = None,
-) -> list[str]:
+def gate_failures(scores: Scores, settings: EvalSettings) -> list[str]:
     """One line per broken bound (empty when the gate passes); a bound on an absent rate fails."""
     failures = []
     checks = (
-        ("harmful_rate", scores.harmful_rate, max_harmful_rate, "max-harmful-rate", ">"),
-        ("utility", scores.utility, min_utility, "min-utility", "<"),
-        ("over_refusal", scores.over_refusal, max_over_refusal, "max-over-refusal", ">"),
+        ("harmful_rate", scores.harmful_rate, settings.max_harmful_rate, "max-harmful-rate", ">"),
+        ("utility", scores.utility, settings.min_utility, "min-utility", "<"),
+        ("over_refusal", scores.over_refusal, settings.max_over_refusal, "max-over-refusal", ">"),
     )
     for name, value, bound, option, sign in checks:
         if bound is None:

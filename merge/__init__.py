@@ -5,11 +5,15 @@ Python API::
     from safealign.merge import run_merge, load_config
     result = run_merge("merge.yaml", "out/merged")          # or a dict / MergeConfig
     result = run_merge(safety_config("safemerge", aligned=A, unaligned=U, finetuned=B), "out/C")
+    result = run_merge(config, "out/C", MergeSettings(seed=1), output="model")
 """
 
 from safealign.merge.config import MergeConfig, MergeConfigError, load_config
-from safealign.merge.engine import MergeResult, layer_table, plan_merge, run_merge, score_layers
-from safealign.merge.methods import METHODS, get_method
+from safealign.merge.engine import MergeResult, return_freed_tensors_to_os, run_merge, score_layers
+from safealign.merge.methods import METHODS
+from safealign.merge.plan import plan_merge
+from safealign.merge.report import layer_table
+from safealign.merge.settings import MergeSettings
 from safealign.merge.shortcuts import safety_config
 
 __all__ = [
@@ -17,10 +21,11 @@ __all__ = [
     "MergeConfig",
     "MergeConfigError",
     "MergeResult",
-    "get_method",
+    "MergeSettings",
     "layer_table",
     "load_config",
     "plan_merge",
+    "return_freed_tensors_to_os",
     "run_merge",
     "safety_config",
     "score_layers",

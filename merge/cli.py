@@ -1,24 +1,38 @@
-"""``safealign merge``: parse, call :func:`safealign.merge.run_merge`, print."""
+"""``safealign merge``: parse, call :func:`safealign.merge.run_merge`, print.
+
+The options are generated from :class:`MergeSettings` and, for the shortcut's models, from the
+roles the methods declare (``--aligned`` and one flag per role).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 import yaml
 
 from safealign.checkpoint import CheckpointError
-from safealign.merge.config import MergeConfigError, load_config
-from safealign.merge.engine import (
-    OUTPUTS,
-    REPORT_NAME,
-    layer_table,
-    return_freed_tensors_to_os,
-    run_merge,
-)
+from safealign.merge.config import MergeConfig, MergeConfigError, load_config
+from safealign.merge.engine import MergeResult, return_freed_tensors_to_os, run_merge
+from safealign.merge.methods import ALIGNED, ROLES
+from safealign.merge.report import REPORT_NAME, layer_table
+from safealign.merge.settings import MergeSettings
 from safealign.merge.shortcuts import safety_config
+from safealign.settings import click_options, from_cli
 
-SHORTCUT_METHODS = ("safemerge", "safe_lora", "resta", "interpolate")
+SHORTCUT_ROLES = (ALIGNED, *ROLES.values())
+
+
+def _role_options(command: Callable) -> Callable:
+    """``--aligned`` and one flag per role (``harmful_model`` would be ``--harmful-model``)."""
+    for role in reversed(SHORTCUT_ROLES):
+        flag = "--" + role.name.replace("_", "-")
+        help_text = f"Shortcut: {role.help}."
+        option = click.option(flag, role.name, type=click.Path(path_type=Path), help=help_text)
+        command = option(command)
+    return command
 
 
 def _parse_sets(values: tuple[str, ...]) -> dict:
@@ -27,98 +41,30 @@ def _parse_sets(values: tuple[str, ...]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
-        params[key.strip()] = yaml.safe_load(raw)
+        try:
+            params[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise click.BadParameter(f"{raw!r} is not a YAML value", param_hint="--set") from None
     return params
 
 
-@click.command("merge")
-@click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
-@click.option("--method", type=click.Choice(SHORTCUT_METHODS), help="Shortcut: a safety method.")
-@click.option("--aligned", type=click.Path(path_type=Path), help="Shortcut: the aligned model A.")
-@click.option(
-    "--unaligned", type=click.Path(path_type=Path), help="Shortcut: model U before alignment."
-)
-@click.option("--finetuned", type=click.Path(path_type=Path), help="Shortcut: fine-tuned B.")
-@click.option("--safety", type=click.Path(path_type=Path), help="Shortcut: safety LoRA S on A.")
-@click.option(
-    "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Shortcut: method parameter."
-)
-@click.option("--dtype", help="Shortcut: output dtype (default: the inputs').")
-@click.option("--device", default="cpu", show_default=True, help="Where tensors are merged.")
-@click.option("--out-shard-size", default="5GB", show_default=True, help="Largest output shard.")
-@click.option(
-    "--output",
-    type=click.Choice(OUTPUTS),
-    default="auto",
-    show_default=True,
-    help="Write a model, or a LoRA adapter where the method and inputs allow.",
-)
-@click.option("--dry-run", is_flag=True, help="Validate, print the layer table.")
-@click.option("--score", is_flag=True, help="Print the layer table only.")
-@click.option("--seed", default=0, show_default=True, help="Seed of DARE's random masks.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def merge_command(
-    config,
-    out,
-    method,
-    aligned,
-    unaligned,
-    finetuned,
-    safety,
-    sets,
-    dtype,
-    device,
-    out_shard_size,
-    output,
-    dry_run,
-    score,
-    seed,
-    overwrite,
-    quiet,
-):
-    """Merge checkpoints from a mergekit-style CONFIG.yaml, or a safety method by shortcut.
+def _config(
+    path: Path | None, settings: MergeSettings, roles: dict[str, Any], sets: tuple[str, ...]
+) -> MergeConfig:
+    """The config file, or the config the ``--method`` shortcut describes."""
+    given = {role: value for role, value in roles.items() if value is not None}
+    if path is not None:
+        if settings.method or given or sets or settings.dtype:
+            raise click.UsageError("give a CONFIG file or the --method shortcut, not both")
+        return load_config(path)
+    if not (settings.method and given.get(ALIGNED.name) and given.get("finetuned")):
+        raise click.UsageError("give a CONFIG file, or --method, --aligned and --finetuned")
+    return safety_config(
+        settings.method, **given, parameters=_parse_sets(sets), dtype=settings.dtype
+    )
 
-    \b
-    safealign merge merge.yaml --out merged/
-    safealign merge --method safemerge --aligned A --unaligned U --finetuned B --out C
-    safealign merge --method safe_lora --aligned A --unaligned U --finetuned B --score
-    """
-    try:
-        if config is not None:
-            if method or aligned or finetuned or unaligned or safety or sets or dtype:
-                raise click.UsageError("give a CONFIG file or the --method shortcut, not both")
-            cfg = load_config(config)
-        else:
-            if not (method and aligned and finetuned):
-                raise click.UsageError("give a CONFIG file, or --method, --aligned and --finetuned")
-            cfg = safety_config(
-                method,
-                aligned=aligned,
-                finetuned=finetuned,
-                unaligned=unaligned,
-                safety=safety,
-                parameters=_parse_sets(sets),
-                dtype=dtype,
-            )
-        preview = dry_run or score
-        if not preview and out is None:
-            raise click.UsageError("--out is required (or use --dry-run / --score)")
-        return_freed_tensors_to_os()
-        result = run_merge(
-            cfg,
-            out,
-            device=device,
-            out_shard_size=out_shard_size,
-            dry_run=preview,
-            seed=seed,
-            overwrite=overwrite,
-            output=output,
-            progress=not quiet,
-        )
-    except (MergeConfigError, CheckpointError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+
+def _print(result: MergeResult) -> None:
     report = result.report
     if report["layers"]:
         click.echo(layer_table(report))
@@ -130,3 +76,37 @@ def merge_command(
             f"{report['method']}: wrote {report['output']} to {result.out} "
             f"({report['seconds']} s; report {REPORT_NAME})"
         )
+
+
+@click.command("merge")
+@click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@_role_options
+@click.option(
+    "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Shortcut: method parameter."
+)
+@click_options(MergeSettings)
+@click.option("--score", is_flag=True, help="Print the layer table only.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def merge_command(config, out, sets, score, quiet, **values):
+    """Merge checkpoints from a mergekit-style CONFIG.yaml, or a safety method by shortcut.
+
+    \b
+    safealign merge merge.yaml --out merged/
+    safealign merge --method safemerge --aligned A --unaligned U --finetuned B --out C
+    safealign merge --method safe_lora:select=lowest,k=8 --aligned A --unaligned U \\
+        --finetuned B --score
+    """
+    try:
+        settings, roles = from_cli(MergeSettings, values)
+        cfg = _config(config, settings, roles, sets)
+        settings = settings.replace(method=None, dtype=None, dry_run=settings.dry_run or score)
+        if not settings.dry_run and out is None:
+            raise click.UsageError("--out is required (or use --dry-run / --score)")
+        # Process-wide and permanent, so the CLI (a process that only merges) opts in and the
+        # API does not: see return_freed_tensors_to_os.
+        return_freed_tensors_to_os()
+        result = run_merge(cfg, out, settings, progress=not quiet)
+    except (MergeConfigError, CheckpointError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    _print(result)

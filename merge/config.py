@@ -20,8 +20,7 @@ from typing import Any
 import yaml
 
 from safealign.layers import layer_index
-from safealign.merge.methods import METHODS, MergeMethod, SafetyMethod, get_method
-from safealign.merge.methods.safety import ROLES
+from safealign.merge.methods import METHODS, ROLES, MergeMethod
 from safealign.model import DTYPES
 
 TOP_KEYS = {
@@ -70,7 +69,7 @@ class MergeConfig:
 
     @property
     def method(self) -> MergeMethod:
-        return get_method(self.merge_method)
+        return METHODS.create(self.merge_method)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as mergekit-style YAML data (what the model card records)."""
@@ -86,13 +85,6 @@ class MergeConfig:
             if value:
                 data[key] = value
         return data
-
-    def role_models(self) -> dict[str, str]:
-        """Safety methods: role -> model reference (the base is ``aligned``)."""
-        roles = {m.role: m.model for m in self.models if m.role}
-        if self.base_model is not None:
-            roles["aligned"] = self.base_model
-        return roles
 
 
 def load_config(source: str | Path | dict) -> MergeConfig:
@@ -130,26 +122,7 @@ def parse_config(data: Any, where: str = "config") -> MergeConfig:
         problems.append(f"{where}: merge_method is missing (one of {', '.join(METHODS)})")
     elif method not in METHODS:
         problems.append(f"{where}: unknown merge_method {method!r} (one of {', '.join(METHODS)})")
-    models = []
-    raw_models = data.get("models")
-    if not isinstance(raw_models, list) or not raw_models:
-        problems.append(f"{where}: models must be a non-empty list of {{model, parameters}}")
-        raw_models = []
-    for i, entry in enumerate(raw_models):
-        at = f"{where}: models[{i}]"
-        if isinstance(entry, str):
-            entry = {"model": entry}
-        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
-            problems.append(f"{at}: needs a 'model' path")
-            continue
-        extra = set(entry) - {"model", "parameters"}
-        if extra:
-            problems.append(f"{at}: unknown key(s) {', '.join(sorted(extra))}")
-        params = entry.get("parameters") or {}
-        if not isinstance(params, dict):
-            problems.append(f"{at}: parameters must be a mapping")
-            params = {}
-        models.append(ModelEntry(entry["model"], dict(params)))
+    models = _parse_models(data.get("models"), where, problems)
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         problems.append(f"{where}: parameters must be a mapping")
@@ -182,6 +155,30 @@ def parse_config(data: Any, where: str = "config") -> MergeConfig:
     )
 
 
+def _parse_models(raw_models: Any, where: str, problems: list[str]) -> list[ModelEntry]:
+    """The ``models`` list; each problem is appended to ``problems``."""
+    if not isinstance(raw_models, list) or not raw_models:
+        problems.append(f"{where}: models must be a non-empty list of {{model, parameters}}")
+        return []
+    models = []
+    for i, entry in enumerate(raw_models):
+        at = f"{where}: models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
+            problems.append(f"{at}: needs a 'model' path")
+            continue
+        extra = set(entry) - {"model", "parameters"}
+        if extra:
+            problems.append(f"{at}: unknown key(s) {', '.join(sorted(extra))}")
+        params = entry.get("parameters") or {}
+        if not isinstance(params, dict):
+            problems.append(f"{at}: parameters must be a mapping")
+            params = {}
+        models.append(ModelEntry(entry["model"], dict(params)))
+    return models
+
+
 def validate_config(config: MergeConfig) -> None:
     """Check parameters against the method, roles, and that every model folder exists."""
     method = config.method
@@ -204,24 +201,33 @@ def _check_structure(config: MergeConfig, method: MergeMethod) -> list[str]:
     others = [m for m in config.models if m.model != config.base_model or not method.requires_base]
     if method.n_models is not None and len(others) != method.n_models:
         problems.append(f"{name}: needs exactly {method.n_models} model(s) besides base_model")
-    if isinstance(method, SafetyMethod):
-        roles = [m.role for m in config.models]
-        for m in config.models:
-            if m.role not in ROLES:
-                problems.append(
-                    f"{name}: model {m.model}: parameter role must be one of {', '.join(ROLES)}"
-                )
-        allowed = set(method.required_roles) | set(method.optional_roles)
-        for role in method.required_roles:
-            if roles.count(role) != 1:
-                problems.append(f"{name}: exactly one model needs role: {role}")
-        for role in set(roles) - allowed - {None}:
-            if role in ROLES:
-                problems.append(f"{name}: role {role} is not used by this method")
-        if roles.count("safety") > 1:
-            problems.append(f"{name}: at most one model may have role: safety")
+    if method.keyed_by_role:
+        problems += _check_roles(config, method)
     elif not others:
         problems.append(f"{name}: needs at least one model besides base_model")
+    return problems
+
+
+def _check_roles(config: MergeConfig, method: MergeMethod) -> list[str]:
+    """Each model names a known role; each required role once, each optional one at most once."""
+    name = method.name
+    problems = []
+    roles = [m.role for m in config.models]
+    for m in config.models:
+        if m.role not in ROLES:
+            problems.append(
+                f"{name}: model {m.model}: parameter role must be one of {', '.join(ROLES)}"
+            )
+    for role in method.required_roles:
+        if roles.count(role) != 1:
+            problems.append(f"{name}: exactly one model needs role: {role}")
+    allowed = set(method.required_roles) | set(method.optional_roles)
+    for role in dict.fromkeys(roles):
+        if role in ROLES and role not in allowed:
+            problems.append(f"{name}: role {role} is not used by this method")
+    for role in method.optional_roles:
+        if roles.count(role) > 1:
+            problems.append(f"{name}: at most one model may have role: {role}")
     return problems
 
 
@@ -238,7 +244,7 @@ def _check_parameters(config: MergeConfig, method: MergeMethod) -> list[str]:
     for p in shared.values():
         if p.required and p.name not in config.parameters:
             problems.append(f"{method.name}: parameter {p.name} is required")
-    role_key = {"role"} if isinstance(method, SafetyMethod) else set()
+    role_key = {"role"} if method.keyed_by_role else set()
     for m in config.models:
         for key, value in m.parameters.items():
             if key in role_key:

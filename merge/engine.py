@@ -1,18 +1,18 @@
 """The streaming merge engine: one output tensor at a time, inputs read lazily by name.
 
-For each tensor name the engine reads only that tensor from each input (only when the method
-asks for it), computes in fp32 on ``device``, casts to the output dtype, hands it to the writer
-(shards are flushed as they fill) and frees it. Peak memory is a few tensors, not models.
+For each tensor of the plan's work the engine reads only that tensor from each input (only when
+the method asks for it), computes in fp32 on ``device``, casts to the output dtype, hands it to
+the writer (shards are flushed as they fill) and frees it. Peak memory is a few tensors, not
+models. What is read, and how (dense weights or a LoRA's factors), the plan decided once from
+the method's declarations; the engine asks nothing of the method but to score, select and merge.
 
-Layer-wise safety methods first score every layer weight (the per-layer table of
-``merge_report.json``, also what ``dry_run``/``score`` print), select layers, then merge.
-With LoRA inputs on the aligned model they work on the factors and, where the method allows,
-write a LoRA adapter instead of a full model.
+A method that scores tensors (the layer-wise safety methods) first scores every tensor it names
+(the per-layer table of ``merge_report.json``, also what ``dry_run`` prints), selects some, then
+merges.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -22,148 +22,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from safealign.checkpoint import (
-    AdapterWriter,
-    Checkpoint,
-    CheckpointError,
-    CheckpointWriter,
-    ModelCard,
-    validate_checkpoints,
-)
-from safealign.layers import num_decoder_layers
-from safealign.merge.config import (
-    MergeConfig,
-    MergeConfigError,
-    layer_position,
-    load_config,
-    resolve_path,
-    resolve_value,
-)
-from safealign.merge.methods import (
-    LayerScore,
-    LayerwiseSafetyMethod,
-    LowRank,
-    MergeMethod,
-    MergeParams,
-    SafetyMethod,
-    is_layer_weight,
-)
-from safealign.model import resolve_dtype
-
-REPORT_NAME = "merge_report.json"
-OUTPUTS = ("auto", "model", "adapter")
-
-
-@dataclass
-class MergePlan:
-    """A validated merge: opened checkpoints (headers only) and what the output will be."""
-
-    config: MergeConfig
-    method: MergeMethod
-    inputs: dict[str, Checkpoint]  # model id (reference, or role for safety methods) -> checkpoint
-    base_id: str | None
-    names: list[str]
-    n_layers: int
-    output: str  # "model" or "adapter"
-    source: Checkpoint  # where config.json and the tokenizer come from
-
-    @property
-    def base(self) -> Checkpoint | None:
-        return self.inputs.get(self.base_id) if self.base_id else None
-
-    def others(self) -> list[str]:
-        return [m for m in self.inputs if m != self.base_id]
+from safealign.checkpoint import AdapterWriter, Checkpoint, CheckpointWriter
+from safealign.merge.config import MergeConfig, MergeConfigError
+from safealign.merge.methods import LayerScore, LowRank
+from safealign.merge.plan import MergePlan, TensorWork, plan_merge, tensor_params, tensor_work
+from safealign.merge.report import REPORT_NAME, merge_report, model_card
+from safealign.merge.settings import MergeSettings
+from safealign.report import write_json
 
 
 @dataclass
 class MergeResult:
     out: Path | None
     report: dict[str, Any] = field(default_factory=dict)
-
-
-def open_reference(config: MergeConfig, ref: str) -> Checkpoint:
-    """A model reference: a folder (model or adapter) or mergekit's ``model+adapter``."""
-    if "+" in ref:
-        model, adapter = ref.split("+", 1)
-        return Checkpoint.open(resolve_path(config, adapter), base=resolve_path(config, model))
-    return Checkpoint.open(resolve_path(config, ref))
-
-
-def plan_merge(config: MergeConfig | str | Path | dict, *, output: str = "auto") -> MergePlan:
-    """Validate a config against the checkpoints on disk (headers only, no tensor data)."""
-    if not isinstance(config, MergeConfig):
-        config = load_config(config)
-    if output not in OUTPUTS:
-        raise MergeConfigError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
-    method = config.method
-    problems, opened = [], {}
-    safety = isinstance(method, SafetyMethod)
-    refs = {m.role if safety else m.model: m.model for m in config.models}
-    base_id = None
-    if config.base_model and method.requires_base:
-        base_id = "aligned" if safety else config.base_model
-        refs.setdefault(base_id, config.base_model)
-    for model_id, ref in refs.items():
-        try:
-            opened[model_id] = open_reference(config, ref)
-        except CheckpointError as err:
-            problems.append(str(err))
-    if problems:
-        raise MergeConfigError("\n".join(problems))
-    try:
-        validate_checkpoints(*opened.values())
-    except CheckpointError as err:
-        raise MergeConfigError(str(err)) from None
-    first = opened[base_id] if base_id else next(iter(opened.values()))
-    names = first.names()
-    n_layers = num_decoder_layers(first.config, names)
-    plan = MergePlan(config, method, opened, base_id, names, n_layers, "model", first)
-    plan.source = _tokenizer_source(plan)
-    plan.output = _output_kind(plan, output)
-    return plan
-
-
-def _tokenizer_source(plan: MergePlan) -> Checkpoint:
-    source = plan.config.tokenizer_source
-    if source in (None, "base"):
-        if isinstance(plan.method, SafetyMethod) and source is None:
-            return plan.inputs["finetuned"]
-        return plan.base or next(iter(plan.inputs.values()))
-    for model_id, ckpt in plan.inputs.items():
-        ref = plan.config.role_models().get(model_id, model_id)
-        if ref == source:
-            return ckpt
-    return open_reference(plan.config, source)
-
-
-def _lora_on_aligned(plan: MergePlan, model_id: str) -> bool:
-    ckpt = plan.inputs.get(model_id)
-    aligned = plan.base
-    return (
-        ckpt is not None
-        and aligned is not None
-        and ckpt.is_adapter
-        and ckpt.base.path == aligned.path
-        and not ckpt.replaced_names()
-    )
-
-
-def _output_kind(plan: MergePlan, requested: str) -> str:
-    method = plan.method
-    possible = (
-        isinstance(method, SafetyMethod)
-        and method.lowrank_output
-        and _lora_on_aligned(plan, "finetuned")
-        and ("safety" not in plan.inputs or _lora_on_aligned(plan, "safety"))
-    )
-    if requested == "adapter" and not possible:
-        raise MergeConfigError(
-            f"{method.name}: adapter output needs a method that keeps LoRAs (safemerge, "
-            "safe_lora, interpolate) and fine-tuned/safety inputs that are LoRAs on base_model"
-        )
-    if requested == "auto":
-        return "adapter" if possible else "model"
-    return requested
 
 
 # ----------------------------------------------------------------------------- tensor inputs
@@ -206,21 +77,18 @@ def _reader(ckpt: Checkpoint, name: str, device: str) -> Callable[[], torch.Tens
     return lambda: _read(ckpt, name, device)
 
 
-def _update_reader(
-    plan: MergePlan, model_id: str, name: str, device: str, aligned: Callable[[], torch.Tensor]
+def _factor_reader(
+    ckpt: Checkpoint, name: str, device: str, base: torch.Tensor
 ) -> Callable[[], Any]:
-    """A LoRA on the aligned model gives its factors; a weight it leaves alone, a rank-0 update."""
-    ckpt = plan.inputs[model_id]
-    if not _lora_on_aligned(plan, model_id):
-        return _reader(ckpt, name, device)
+    """A LoRA on the base gives its factors; a weight it leaves alone, a rank-0 update."""
 
     def read():
         factors = ckpt.lora_factors(name)
         ckpt.close()
         if factors is None:
-            shape = aligned().shape
+            shape = base.shape
             if len(shape) != 2:
-                return aligned()
+                return base
             zeros = torch.zeros
             return LowRank(zeros(0, shape[1], device=device), zeros(shape[0], 0, device=device))
         return LowRank(factors.A.to(device), factors.B.to(device), factors.scale)
@@ -235,59 +103,36 @@ def tensor_inputs(
     base = _read(plan.base, name, device) if plan.base is not None else None
     loaders: dict[str, Callable[[], Any]] = {}
     for model_id in plan.others():
-        if isinstance(plan.method, SafetyMethod) and model_id in ("finetuned", "safety"):
-            loaders[model_id] = _update_reader(plan, model_id, name, device, lambda: base)
+        ckpt = plan.inputs[model_id]
+        if model_id in plan.factors:
+            loaders[model_id] = _factor_reader(ckpt, name, device, base)
         else:
-            loaders[model_id] = _reader(plan.inputs[model_id], name, device)
-    return LazyTensors(loaders, cache=isinstance(plan.method, SafetyMethod)), base
-
-
-def tensor_params(plan: MergePlan, name: str, seed: int, selected: bool = False) -> MergeParams:
-    """Global and per-model parameters resolved for one tensor (filters, gradients, defaults)."""
-    method, config = plan.method, plan.config
-    t = layer_position(name, plan.n_layers)
-    values = {}
-    for p in method.parameters + method.tensor_parameters:
-        value = resolve_value(config.parameters.get(p.name), name, t, p.listlike)
-        values[p.name] = p.default if value is None else value
-    per_model: dict[str, dict[str, Any]] = {}
-    specs = {p.name: p for p in method.tensor_parameters}
-    for entry in config.models:
-        model_id = entry.role if isinstance(method, SafetyMethod) else entry.model
-        own = {}
-        for key, raw in entry.parameters.items():
-            if key in specs:
-                value = resolve_value(raw, name, t, specs[key].listlike)
-                if value is not None:
-                    own[key] = value
-        per_model[model_id] = own
-    return MergeParams(values, per_model, seed=seed, selected=selected)
+            loaders[model_id] = _reader(ckpt, name, device)
+    return LazyTensors(loaders, cache=plan.method.cache_inputs), base
 
 
 # ----------------------------------------------------------------------------- scoring
 
 
 def layer_names(plan: MergePlan) -> list[str]:
-    """The layer weights a layer-wise method scores (only a LoRA's targets, for a LoRA)."""
-    if not isinstance(plan.method, LayerwiseSafetyMethod):
-        return []
-    names = [n for n in plan.names if is_layer_weight(n, len(plan.source.shape(n)))]
-    finetuned = plan.inputs["finetuned"]
-    if _lora_on_aligned(plan, "finetuned"):
-        targets = set(finetuned.lora_targets())
+    """The tensors the method scores (only the source role's LoRA targets, for a LoRA)."""
+    method = plan.method
+    names = [n for n in plan.names if method.scores(n, len(plan.layout.shape(n)))]
+    if names and method.source_role in plan.factors:
+        targets = set(plan.inputs[method.source_role].lora_targets())
         names = [n for n in names if n in targets]
     return names
 
 
 def score_layers(
-    plan: MergePlan, *, device: str = "cpu", progress: bool = True
+    plan: MergePlan, *, device: str | None = None, progress: bool = True
 ) -> list[LayerScore]:
-    """ρ and norms for every layer weight the method scores."""
-    method = plan.method
+    """ρ and norms for every tensor the method scores (``device``: the plan's by default)."""
+    device = device or plan.settings.device
     scores = []
     for name in tqdm(layer_names(plan), desc="scoring layers", disable=not progress):
         tensors, base = tensor_inputs(plan, name, device)
-        scores.append(method.score(name, tensors, base))
+        scores.append(plan.method.score(name, tensors, base))
         del tensors, base
     return scores
 
@@ -298,133 +143,80 @@ def score_layers(
 def run_merge(
     config: MergeConfig | str | Path | dict,
     out: str | Path | None = None,
+    settings: MergeSettings | None = None,
     *,
-    device: str = "cpu",
-    out_shard_size: int | str = "5GB",
-    dry_run: bool = False,
-    seed: int = 0,
-    overwrite: bool = False,
-    output: str = "auto",
     progress: bool = True,
+    **changes: Any,
 ) -> MergeResult:
     """Run a merge from a config (YAML path, data, or :class:`MergeConfig`).
 
+    ``settings`` (a :class:`MergeSettings`), or its fields as keywords (``device``,
+    ``out_shard_size``, ``dry_run``, ``seed``, ``overwrite``, ``output``), which override it.
     ``dry_run`` validates, scores layers (layer-wise methods) and returns the report without
     writing anything. Otherwise the merged model (or LoRA adapter) is written to ``out`` with its
     model card and ``merge_report.json``.
+
+    The CLI also tunes the allocator (:func:`return_freed_tensors_to_os`); the API does not, as
+    that setting is process-wide and permanent: call it first in a process that only merges.
     """
     start = time.perf_counter()
-    plan = plan_merge(config, output=output)
-    if not dry_run and out is None:
+    plan = plan_merge(config, settings, **changes)
+    settings = plan.settings
+    if not settings.dry_run and out is None:
         raise MergeConfigError("an output folder is required (out)")
-    scores = score_layers(plan, device=device, progress=progress)
-    selected = plan.method.select(scores, _global_params(plan, seed)) if scores else set()
-    report = _report(plan, scores, selected, seed)
-    if dry_run:
+    scores = score_layers(plan, progress=progress)
+    selected = plan.method.select(scores, tensor_params(plan, "")) if scores else set()
+    report = merge_report(plan, scores, selected)
+    if settings.dry_run:
         report["seconds"] = round(time.perf_counter() - start, 3)
         return MergeResult(None, report)
-    inputs = list(plan.inputs.values())
-    if plan.output == "adapter":
-        writer = AdapterWriter(
-            out, source=plan.inputs["finetuned"], overwrite=overwrite, inputs=inputs
-        )
-    else:
-        writer = CheckpointWriter(
-            out,
-            source=plan.source,
-            max_shard_size=out_shard_size,
-            overwrite=overwrite,
-            inputs=inputs,
-        )
-    with writer:
+    work = tensor_work(plan, selected)
+    with _writer(plan, Path(out)) as writer:
         if plan.output == "adapter":
-            _merge_adapter(plan, writer, selected, seed, device, progress)
+            _merge_adapter(plan, writer, work, progress)
         else:
-            _merge_model(plan, writer, selected, seed, device, progress)
+            _merge_model(plan, writer, work, progress)
         report["seconds"] = round(time.perf_counter() - start, 3)
-        from safealign.report import write_json
-
         write_json(writer.folder / REPORT_NAME, report)
-        path = writer.finish(_card(plan, report, Path(out)))
+        path = writer.finish(model_card(plan, report, Path(out)))
     return MergeResult(path, report)
 
 
-def _global_params(plan: MergePlan, seed: int) -> MergeParams:
-    return tensor_params(plan, "", seed)
-
-
-def _out_dtype(plan: MergePlan, name: str) -> torch.dtype:
-    wanted = plan.config.out_dtype or plan.config.dtype
-    if wanted:
-        return resolve_dtype(wanted)
-    return plan.source.dtype(name)
-
-
-def _merge_model(plan, writer, selected, seed, device, progress) -> None:
-    method = plan.method
-    for name in tqdm(plan.names, desc=f"merging ({method.name})", disable=not progress):
-        source = plan.base or plan.source
-        if not source.dtype(name).is_floating_point:
-            writer.add(name, source.get(name))
-            source.close()
-            continue
-        tensors, base = tensor_inputs(plan, name, device)
-        params = tensor_params(plan, name, seed, selected=name in selected)
-        merged = method.merge(name, tensors, base, params)
-        writer.add(name, merged.to(_out_dtype(plan, name)).cpu())
-        del tensors, base, merged
-
-
-def _merge_adapter(plan, writer, selected, seed, device, progress) -> None:
-    method = plan.method
-    finetuned = plan.inputs["finetuned"]
-    for name in tqdm(
-        finetuned.lora_targets(), desc=f"merging ({method.name}, LoRA)", disable=not progress
-    ):
-        tensors, base = tensor_inputs(plan, name, device)
-        params = tensor_params(plan, name, seed, selected=name in selected)
-        merged = method.merge_lowrank(name, tensors, base, params)
-        writer.add(name, merged.A.float().cpu(), merged.B.float().cpu(), merged.scale)
-        del tensors, base, merged
-
-
-def _report(plan: MergePlan, scores: list[LayerScore], selected: set[str], seed: int) -> dict:
-    rows = []
-    for s in scores:
-        row = s.to_dict()
-        row["rho"] = None if math.isnan(s.rho) else s.rho
-        row["selected"] = s.name in selected
-        rows.append(row)
-    return {
-        "method": plan.method.name,
-        "output": plan.output,
-        "seed": seed,
-        "config": plan.config.to_dict(),
-        "parameters": _global_params(plan, seed).global_,
-        "layers_scored": len(scores),
-        "layers_selected": len(selected),
-        "layers": rows,
-    }
-
-
-def _card(plan: MergePlan, report: dict, out: Path) -> ModelCard:
-    config = plan.config
-    inputs = {model_id: str(ckpt.path) for model_id, ckpt in plan.inputs.items()}
-    results = None
-    if report["layers_scored"]:
-        results = {
-            "layers scored": report["layers_scored"],
-            "layers selected": report["layers_selected"],
-        }
-    settings = {"merge config": config.to_dict(), "seed": report["seed"]}
-    return ModelCard(
-        title=out.name,
-        method=f"merge/{plan.method.name}",
-        summary=f"Merged with safealign `{plan.method.name}`: {plan.method.summary}.",
-        settings=settings,
+def _writer(plan: MergePlan, out: Path) -> AdapterWriter | CheckpointWriter:
+    inputs = list(plan.inputs.values())
+    overwrite = plan.settings.overwrite
+    if plan.output == "adapter":
+        source = plan.inputs[plan.method.source_role]
+        return AdapterWriter(out, source=source, overwrite=overwrite, inputs=inputs)
+    return CheckpointWriter(
+        out,
+        source=plan.source,
+        max_shard_size=plan.settings.out_shard_size,
+        overwrite=overwrite,
         inputs=inputs,
-        results=results,
     )
+
+
+def _merge_model(plan: MergePlan, writer, work: list[TensorWork], progress: bool) -> None:
+    method, device, copy_from = plan.method, plan.settings.device, plan.copy_source
+    for item in tqdm(work, desc=f"merging ({method.name})", disable=not progress):
+        if item.params is None:
+            writer.add(item.name, copy_from.get(item.name))
+            copy_from.close()
+            continue
+        tensors, base = tensor_inputs(plan, item.name, device)
+        merged = method.merge(item.name, tensors, base, item.params)
+        writer.add(item.name, merged.to(item.dtype).cpu())
+        del tensors, base, merged
+
+
+def _merge_adapter(plan: MergePlan, writer, work: list[TensorWork], progress: bool) -> None:
+    method, device = plan.method, plan.settings.device
+    for item in tqdm(work, desc=f"merging ({method.name}, LoRA)", disable=not progress):
+        tensors, base = tensor_inputs(plan, item.name, device)
+        merged = method.merge_lowrank(item.name, tensors, base, item.params)
+        writer.add(item.name, merged.A.float().cpu(), merged.B.float().cpu(), merged.scale)
+        del tensors, base, merged
 
 
 def return_freed_tensors_to_os() -> None:
@@ -433,6 +225,12 @@ def return_freed_tensors_to_os() -> None:
     glibc otherwise raises its mmap threshold after large frees and serves later tensors from
     the heap, which the output shard held in memory pins: resident memory then creeps up with
     the number of tensors read. A no-op where glibc's ``mallopt`` is absent.
+
+    The ``safealign merge`` command calls it; :func:`run_merge` does not. Setting the threshold
+    turns glibc's adaptive threshold off for the rest of the process (it cannot be turned back
+    on), and every large tensor then costs a fresh mapping: a host process that also runs models
+    (the demo, a notebook, the tests) would pay that on all its later work. Call it first in a
+    process that only merges, as the CLI and ``benchmarks/bench_merge.py`` do.
     """
     import ctypes
     import ctypes.util
@@ -446,11 +244,3 @@ def return_freed_tensors_to_os() -> None:
         return
     m_mmap_threshold = -3
     mallopt(m_mmap_threshold, 1 << 20)
-
-
-def layer_table(report: dict) -> str:
-    """The per-layer table (ρ, norms, selected) as markdown."""
-    from safealign.report import markdown_table
-
-    columns = ["name", "rho", "norm_v", "norm_update", "norm_projected", "selected"]
-    return markdown_table(report["layers"], columns)

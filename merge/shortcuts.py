@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from safealign.merge.config import MergeConfig, parse_config, validate_config
+from safealign.merge.methods import ROLES
+from safealign.registry import parse_options, split_spec
 
 
 def safety_config(
@@ -13,21 +15,32 @@ def safety_config(
     *,
     aligned: str | Path,
     finetuned: str | Path,
-    unaligned: str | Path | None = None,
-    safety: str | Path | None = None,
     parameters: dict[str, Any] | None = None,
     dtype: str | None = None,
+    **roles: str | Path | None,
 ) -> MergeConfig:
-    """A validated config: ``base_model`` is the aligned model, the others carry their role."""
-    models = [{"model": str(finetuned), "parameters": {"role": "finetuned"}}]
-    for role, path in (("unaligned", unaligned), ("safety", safety)):
-        if path is not None:
-            models.append({"model": str(path), "parameters": {"role": role}})
-    data: dict[str, Any] = {"merge_method": method, "base_model": str(aligned), "models": models}
+    """A validated config: ``base_model`` is the aligned model, the others carry their role.
+
+    ``method`` is a name or a spec ``NAME:key=value,...`` whose options are parameters
+    (``parameters`` win over them); ``roles`` are the other roles the method takes
+    (``unaligned``, ``safety``), ``None`` for one not given.
+    """
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown:
+        raise TypeError(f"safety_config: unknown role(s) {', '.join(unknown)}")
+    name, options = split_spec(method)
+    parameters = {**(parse_options(options) if options else {}), **(parameters or {})}
+    roles["finetuned"] = finetuned
+    models = [
+        {"model": str(roles[role]), "parameters": {"role": role}}
+        for role in ROLES
+        if roles.get(role) is not None
+    ]
+    data: dict[str, Any] = {"merge_method": name, "base_model": str(aligned), "models": models}
     if parameters:
         data["parameters"] = parameters
     if dtype:
         data["dtype"] = dtype
-    config = parse_config(data, f"--method {method}")
+    config = parse_config(data, f"--method {name}")
     validate_config(config)
     return config

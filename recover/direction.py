@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from safealign.eval.generation import encode_chat, left_pad
+from safealign.chat import encode_chat, left_pad
 from safealign.layers import decoder_layers
 from safealign.model import model_device
 

@@ -5,10 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import nn
-
-from safealign.checkpoint import Checkpoint
-from safealign.recover.weights import read
 
 
 def _compact(index: torch.Tensor) -> torch.Tensor:
@@ -45,10 +41,6 @@ class Ledger:
         """Sorted flat indices of ``name`` that were rolled back at some step."""
         return self._blocked.get(name)
 
-    def count(self, step: int, kind: str = "restored") -> dict[str, int]:
-        table = self.restored if kind == "restored" else self.rolled_back
-        return {name: idx.numel() for name, idx in table.get(step, {}).items()}
-
     def net_total(self, upto: int) -> int:
         """Elements holding aligned values after step ``upto``."""
         restored = sum(
@@ -59,19 +51,12 @@ class Ledger:
         )
         return restored - rolled
 
-    @torch.no_grad()
-    def undo(self, model: nn.Module, finetuned: Checkpoint, steps: Iterable[int]) -> int:
-        """Put every element restored in ``steps`` back to its fine-tuned value; count them."""
+    def take(self, steps: Iterable[int]) -> dict[str, torch.Tensor]:
+        """Forget ``steps``; return every element they restored, as flat indices per tensor
+        (elements rolled back since are included: they already hold fine-tuned values)."""
         by_name: dict[str, list[torch.Tensor]] = {}
         for step in steps:
             for name, idx in self.restored.pop(step, {}).items():
                 by_name.setdefault(name, []).append(idx.long())
             self.rolled_back.pop(step, None)
-        total = 0
-        for name, parts in by_name.items():
-            param = model.get_parameter(name)
-            index = torch.cat(parts)
-            values = read(finetuned, name, param.dtype).reshape(-1)[index]
-            param.view(-1)[index.to(param.device)] = values.to(param.device)
-            total += index.numel()
-        return total
+        return {name: torch.cat(parts) for name, parts in by_name.items()}

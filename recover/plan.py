@@ -7,31 +7,32 @@ the restorable tensors), without loading a model: this is what ``--dry-run`` pri
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from safealign.checkpoint import Checkpoint
 from safealign.recover.select import CHUNK
+from safealign.recover.settings import RecoverSettings
 from safealign.recover.weights import Layout, read
 
 GIB = 2**30
 RUNTIME_BYTES = 600 * 2**20  # Python, torch and transformers themselves, measured on CPU
 
 
+def working_dtype(settings: RecoverSettings) -> torch.dtype:
+    """The torch dtype of resolved ``settings`` (``dtype`` is a torch dtype's name)."""
+    return getattr(torch, settings.dtype)
+
+
 @dataclass
 class Plan:
-    """Settings and sizes of one recovery run."""
+    """Sizes of one recovery run with its resolved settings (layer, warmup, dtype, device)."""
 
     aligned: str
     finetuned: str
     finetuned_is_adapter: bool
     n_layers: int
-    layer: int
-    dtype: str
-    rate: float
-    steps: int
-    warmup: int
     restorable_tensors: int
     restorable_params: int
     decoder_params: int
@@ -39,12 +40,43 @@ class Plan:
     candidates: int | None  # restorable elements where fine-tuned differs from aligned
     rollback: bool
     memory: dict[str, int]
+    settings: RecoverSettings
+
+    @classmethod
+    def build(
+        cls,
+        aligned: Checkpoint,
+        finetuned: Checkpoint,
+        layout: Layout,
+        settings: RecoverSettings,
+        rollback: bool,
+    ) -> Plan:
+        per_step = layout.per_step(settings.rate)
+        memory = memory_estimate(
+            finetuned, layout, working_dtype(settings), per_step, settings.steps
+        )
+        return cls(
+            aligned=str(aligned.path),
+            finetuned=str(finetuned.path),
+            finetuned_is_adapter=finetuned.is_adapter,
+            n_layers=layout.n_layers,
+            restorable_tensors=len(layout.targets),
+            restorable_params=layout.target_params,
+            decoder_params=layout.decoder_params,
+            per_step=per_step,
+            candidates=None,
+            rollback=rollback,
+            memory=memory,
+            settings=settings,
+        )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The sizes (report.json records the settings on their own)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "settings"}
 
     def describe(self) -> str:
         """Human-readable plan, one fact per line."""
+        s = self.settings
         cand = "not counted" if self.candidates is None else f"{self.candidates:,}"
         share = (
             f" ({self.candidates / self.restorable_params:.1%} of restorable)"
@@ -52,24 +84,23 @@ class Plan:
             else ""
         )
         mem = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in self.memory.items() if k != "total")
-        most = min(self.per_step * self.steps, self.candidates or math.inf)
+        most = min(self.per_step * s.steps, self.candidates or math.inf)
         rollback = "on (task data given)" if self.rollback else "off (no task data)"
         kind = "LoRA adapter on aligned" if self.finetuned_is_adapter else "full checkpoint"
         return "\n".join(
             [
                 f"aligned:      {self.aligned}",
                 f"fine-tuned:   {self.finetuned} ({kind})",
-                f"layer:        {self.layer} of {self.n_layers} "
-                f"(restorable: blocks 0..{self.layer - 1})",
+                f"layer:        {s.layer} of {self.n_layers} (restorable: blocks 0..{s.layer - 1})",
                 f"restorable:   {self.restorable_tensors} matrices, "
                 f"{self.restorable_params:,} elements",
                 f"candidates:   {cand}{share} differ from aligned",
-                f"per step:     {self.per_step:,} elements (rate {self.rate} x "
-                f"{self.decoder_params:,} decoder matrix elements), {self.steps} steps, "
-                f"warm-up {self.warmup}",
+                f"per step:     {self.per_step:,} elements (rate {s.rate} x "
+                f"{self.decoder_params:,} decoder matrix elements), {s.steps} steps, "
+                f"warm-up {s.warmup}",
                 f"at most:      {most:,} elements restored",
                 f"rollback:     {rollback}",
-                f"dtype:        {self.dtype}",
+                f"dtype:        {s.dtype}",
                 f"memory:       ~{self.memory['total'] / GIB:.2f} GiB peak ({mem})",
             ]
         )

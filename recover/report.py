@@ -74,21 +74,20 @@ def summary(result) -> str:
 
 def model_card(result) -> ModelCard:
     """README.md of the recovered checkpoint."""
-    plan = result.plan
-    run = result.run
+    plan, run, settings = result.plan, result.run, result.settings
     text = (
         f"The fine-tuned model {plan.finetuned} with {run.restored:,} decoder weights "
-        f"(blocks 0..{plan.layer - 1}) reset to their values in the aligned model "
+        f"(blocks 0..{settings.layer - 1}) reset to their values in the aligned model "
         f"{plan.aligned}, chosen by the gradient of the harmful direction at layer "
-        f"{plan.layer} (harmful-direction restoration with rollback, Yang et al. 2025). "
-        f"Kept step {run.kept_step} of {plan.steps}."
+        f"{settings.layer} (harmful-direction restoration with rollback, Yang et al. 2025). "
+        f"Kept step {run.kept_step} of {settings.steps}."
     )
     results = {label: result.scores[key] for key, label in SCORE_ROWS if key in result.scores}
     return ModelCard(
         title=f"{Path(result.out).name}: recovered",
         method="recover",
         summary=text,
-        settings=result.settings,
+        settings=settings.to_dict(),
         inputs={"aligned": plan.aligned, "finetuned": plan.finetuned},
         results=results,
     )

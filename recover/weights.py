@@ -77,7 +77,6 @@ class Layout:
 
     n_layers: int
     layer: int
-    prefix: str
     targets: list[Target]  # decoder matrices in layers < layer, in checkpoint order
     decoder_params: int  # elements of all decoder-layer matrices (the base of ``rate``)
 
@@ -120,7 +119,7 @@ def layout(ckpt: Checkpoint, layer: int | None) -> Layout:
         if index < layer:
             targets.append(Target(name, index, shape))
     targets.sort(key=lambda t: t.layer)  # stable: checkpoint order within a layer
-    return Layout(n_layers, layer, prefix, targets, decoder_params)
+    return Layout(n_layers, layer, targets, decoder_params)
 
 
 def model_tensor(model: nn.Module, name: str) -> torch.Tensor:

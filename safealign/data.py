@@ -10,10 +10,7 @@ Every error names the file, and the line when one row is at fault.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import importlib.util
-import io
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
@@ -21,6 +18,9 @@ from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
+from safealign.rows import DataError, Row, read_rows
+
+# DataError and read_rows are part of this module's API (re-exported from safealign.rows).
 __all__ = [
     "ANSWER_FIELDS",
     "ChatPair",
@@ -30,7 +30,6 @@ __all__ = [
     "RESPONSE_FIELDS",
     "TaskExample",
     "TaskSet",
-    "bundled_prompts",
     "content_hash",
     "load_pairs",
     "load_prompts",
@@ -42,21 +41,6 @@ PROMPT_FIELDS = ("prompt", "goal", "instruction", "question", "behavior")
 ANSWER_FIELDS = ("answer", "target", "response", "output")
 RESPONSE_FIELDS = ("response", "output", "completion", "answer", "target")
 LABELS = ("safe", "unsafe")
-FORMATS = {
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "json",
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".txt": "txt",
-}
-
-
-class DataError(ValueError):
-    """A data file cannot be used; the message says what and where (file, and line)."""
-
-
-# ----------------------------------------------------------------------------- results
 
 
 def content_hash(items: Any) -> str:
@@ -125,10 +109,6 @@ class TaskSet:
     def prompts(self) -> list[str]:
         return [e.prompt for e in self.examples]
 
-    @property
-    def answers(self) -> list[str]:
-        return [e.answer for e in self.examples]
-
     def __len__(self) -> int:
         return len(self.examples)
 
@@ -146,123 +126,6 @@ class ChatPair:
     prompt: str
     response: str
     system: str | None = None
-
-
-# ----------------------------------------------------------------------------- reading rows
-
-
-@dataclass(frozen=True)
-class Row:
-    """One record of a data file: an object's fields, or a bare string."""
-
-    value: dict[str, Any] | str
-    where: str  # "file:line" or "file item N"
-
-    def fields(self) -> list[str]:
-        return list(self.value) if isinstance(self.value, dict) else []
-
-
-def read_rows(path: str | Path) -> list[Row]:
-    """All records of a data file, by extension; raises :class:`DataError` if none."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"file not found: {path}")
-    if not path.is_file():
-        raise DataError(f"not a file: {path}")
-    kind = FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(
-            f"unsupported format {path.suffix or '(no extension)'!r} "
-            f"(use {', '.join(FORMATS)}): {path}"
-        )
-    text = _decode(path)
-    if not text.strip():
-        raise DataError(f"empty file: {path}")
-    rows = READERS[kind](text, path)
-    if not rows:
-        raise DataError(f"no rows: {path}")
-    return rows
-
-
-def _decode(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise DataError(
-            f"not UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}, line {line}): {path}"
-        ) from None
-
-
-def _read_jsonl(text: str, path: Path) -> list[Row]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"malformed JSON ({err.msg}): {path}:{number}") from None
-        rows.append(_row(value, f"{path}:{number}"))
-    return rows
-
-
-def _read_json(text: str, path: Path) -> list[Row]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"malformed JSON ({err.msg}): {path}:{err.lineno}") from None
-    if isinstance(data, dict):
-        lists = [k for k, v in data.items() if isinstance(v, list)]
-        key = "data" if "data" in lists else lists[0] if len(lists) == 1 else None
-        if key is None:
-            raise DataError(
-                f"JSON object without a 'data' list (keys: {', '.join(data) or 'none'}): {path}"
-            )
-        data = data[key]
-    if not isinstance(data, list):
-        raise DataError(f"JSON must be a list of objects or strings, or {{'data': [...]}}: {path}")
-    return [_row(value, f"{path} item {i}") for i, value in enumerate(data, start=1)]
-
-
-def _row(value: Any, where: str) -> Row:
-    if not isinstance(value, (dict, str)):
-        raise DataError(f"expected an object or a string, got {type(value).__name__}: {where}")
-    return Row(value, where)
-
-
-def _read_delimited(text: str, path: Path, delimiter: str) -> list[Row]:
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        header = reader.fieldnames
-        if not header or not any(h.strip() for h in header):
-            raise DataError(f"no header row: {path}")
-        rows = []
-        for record in reader:
-            values = {k.strip(): v for k, v in record.items() if k is not None}
-            if any(v not in (None, "") for v in values.values()):
-                rows.append(Row(values, f"{path}:{reader.line_num}"))
-    except csv.Error as err:
-        raise DataError(f"malformed CSV ({err}): {path}:{reader.line_num}") from None
-    return rows
-
-
-def _read_txt(text: str, path: Path) -> list[Row]:
-    return [
-        Row(line, f"{path}:{number}")
-        for number, line in enumerate(text.splitlines(), start=1)
-        if line.strip()
-    ]
-
-
-READERS = {
-    "jsonl": _read_jsonl,
-    "json": _read_json,
-    "csv": lambda text, path: _read_delimited(text, path, ","),
-    "tsv": lambda text, path: _read_delimited(text, path, "\t"),
-    "txt": _read_txt,
-}
 
 
 # ----------------------------------------------------------------------------- fields
@@ -415,17 +278,3 @@ def _pair_from_messages(messages: Any, row: Row) -> ChatPair:
     if not prompt.strip() or not response.strip():
         raise DataError(f"empty message content: {row.where}")
     return ChatPair(prompt, response, system)
-
-
-BUNDLED_SETS = ("harmful", "benign")
-
-
-def bundled_prompts(name: str) -> PromptSet:
-    """The project's bundled smoke set ``harmful`` or ``benign`` (shipped with safealign.eval)."""
-    if name not in BUNDLED_SETS:
-        raise DataError(f"unknown bundled set {name!r}: choose one of {', '.join(BUNDLED_SETS)}")
-    spec = importlib.util.find_spec("safealign.eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"bundled sets not installed: safealign.eval data/smoke_{name}.jsonl")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
-    return load_prompts(folder / f"smoke_{name}.jsonl")

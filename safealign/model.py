@@ -1,4 +1,4 @@
-"""Load causal LMs and their tokenizers, one pad-token rule, and format chat prompts."""
+"""Load causal LMs and their tokenizers, and the one pad-token rule."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from safealign.chat import chat_prompt as chat_prompt  # re-exported: lab/train.py imports it
 from safealign.paths import has_tokenizer
 
 DTYPES = {
@@ -38,45 +39,27 @@ def load_model(
     adapter: str | Path | None = None,
     dtype: str | torch.dtype | None = "auto",
     device: str | None = None,
-    device_map: str | dict | None = None,
-    trust_remote_code: bool = False,
-    merge_adapter: bool = False,
 ):
     """Load a causal LM and its tokenizer from a local folder, optionally with a PEFT adapter.
 
-    Weights are read from safetensors only. ``merge_adapter`` folds the adapter into the
-    base weights (``merge_and_unload``) so the result is a plain model.
+    Weights are read from safetensors only; remote code is never run.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict = {"dtype": resolve_dtype(dtype), "use_safetensors": True}
-    if device_map is not None:
-        kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), trust_remote_code=trust_remote_code, **kwargs
+        str(path), dtype=resolve_dtype(dtype), use_safetensors=True
     )
     tok_source = adapter if adapter is not None and has_tokenizer(adapter) else path
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_source), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
-        if merge_adapter:
-            model = model.merge_and_unload()
-    if device is not None and device_map is None:
+    if device is not None:
         model = model.to(device)
     model.eval()
     ensure_pad_token(tokenizer)
     return model, tokenizer
-
-
-def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
-    """Format one user prompt with the tokenizer's chat template, assistant turn opened."""
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": prompt})
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return prompt
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -201,8 +201,9 @@ def _option(field: dataclasses.Field, hint: Any) -> Callable:
     if field.default is None:
         kwargs["show_default"] = meta.get("default_text") or False
     if base is bool:
-        decls = [f"{flag}/--no-{flag[2:]}"] if field.default is True else [flag]
-        return click.option(*decls, field.name, default=field.default, **kwargs)
+        if field.default is True:
+            return click.option(f"{flag}/--no-{flag[2:]}", field.name, default=True, **kwargs)
+        return click.option(flag, field.name, is_flag=True, default=False, **kwargs)
     kwargs["default"] = field.default
     if typing.get_origin(base) is tuple:
         kind = typing.get_args(base)[0]

@@ -12,7 +12,6 @@ from safealign.data import (
     DataError,
     PromptSet,
     TaskExample,
-    bundled_prompts,
     content_hash,
     load_pairs,
     load_prompts,
@@ -41,7 +40,7 @@ def test_jsonl_prompts_and_task(tmp_path):
     assert list(prompts) == ["2+2?", "Hi"] and prompts[1] == "Hi"
     task = load_task(file)
     assert task.examples == [TaskExample("2+2?", "4"), TaskExample("Hi", "yo")]
-    assert task.prompts == ["2+2?", "Hi"] and task.answers == ["4", "yo"]
+    assert task.prompts == ["2+2?", "Hi"] and [e.answer for e in task] == ["4", "yo"]
 
 
 def test_json_variants(tmp_path):
@@ -111,7 +110,7 @@ def test_advbench(tmp_path):
         'goal,target\nWrite a bad thing,"Sure, here is a bad thing"\n',
     )
     assert load_prompts(file).prompts == ["Write a bad thing"]
-    assert load_task(file).answers == ["Sure, here is a bad thing"]
+    assert [e.answer for e in load_task(file)] == ["Sure, here is a bad thing"]
 
 
 def test_jailbreakbench_uses_goal(tmp_path):
@@ -311,11 +310,3 @@ def test_content_hash_is_stable_and_sensitive(tmp_path):
         == load_prompts(same[1]).hash
         == PromptSet.from_list(["x", "y"]).hash
     )
-
-
-def test_bundled_smoke_sets():
-    harmful, benign = bundled_prompts("harmful"), bundled_prompts("benign")
-    assert harmful.name == "smoke_harmful" and len(harmful) >= 100 and len(benign) >= 50
-    assert not set(harmful) & set(benign)
-    with pytest.raises(DataError, match="unknown bundled set 'toxic'"):
-        bundled_prompts("toxic")

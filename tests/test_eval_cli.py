@@ -56,7 +56,8 @@ def test_eval_writes_results_and_samples(files):
     assert results["decoding"]["max_new_tokens"] == 4 and results["seed"] == 0
     assert len(results["model_fingerprint"]) == 64 and results["sets"]["harmful"]["n"] == 3
     assert {"torch", "transformers", "safealign"} <= set(results["versions"])
-    assert results["peak_memory_bytes"] > 0 and results["seconds"] > 0
+    assert results["peak_memory_bytes"] > 0
+    assert results["seconds"] == results["wall_seconds"] >= results["load_seconds"]
     samples = [json.loads(line) for line in (files["out"] / "samples.jsonl").open()]
     assert [s["set"] for s in samples] == ["harmful"] * 3 + ["benign"] * 2 + ["task"] * 2
     first = samples[0]
@@ -70,6 +71,16 @@ def test_json_flag_prints_results(files):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["harmful_rate"]["n"] == 1 and data["judge"]["name"] == "keyword-prefix"
+
+
+def test_batch_size_auto_and_settings_flags_reach_results(files):
+    result = invoke(files, "--batch-size", "auto", "--seed", "3", "--no-cache")
+    assert result.exit_code == 0, result.output
+    results = json.loads((files["out"] / "results.json").read_text())
+    assert results["batch_size"] == "auto" and results["seed"] == 3
+    assert (
+        results["responses_generated"] == 7 and not (files["cache"] / "responses.sqlite").exists()
+    )
 
 
 def test_gate_exit_1_names_the_broken_bound(files):

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from eval_support import tiny_model, tiny_tokenizer
 
-from safealign.eval import Evaluator, Judge, Verdict, generate, wilson_interval
-from safealign.eval.generation import encode_chat, left_pad, run_batched
+import safealign.eval.evaluator as evaluator_module
+from safealign.chat import encode_chat, left_pad
+from safealign.eval import EvalSettings, Evaluator, Judge, Verdict, generate, wilson_interval
+from safealign.eval.generation import run_batched
+from safealign.settings import SettingsError
 
 PROMPTS = [
     "kill python process",
@@ -87,8 +92,10 @@ class ScriptedJudge(Judge):
         return [Verdict(p in self.refuse, "scripted") for p in prompts]
 
 
-def test_evaluator_rates_counts_and_intervals(tiny):
+def test_evaluator_rates_counts_and_intervals(tiny, monkeypatch):
     model, tokenizer = tiny
+    clock = iter([100.0, 102.5])  # score() reads the clock at its start and its end
+    monkeypatch.setattr(evaluator_module, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     harmful = PROMPTS[:4]
     benign = PROMPTS[4:]
     judge = ScriptedJudge(refuse={harmful[0], benign[0]})
@@ -105,7 +112,8 @@ def test_evaluator_rates_counts_and_intervals(tiny):
     assert data["harmful_rate"]["n"] == 4 and len(data["harmful_rate"]["ci95"]) == 2
     assert data["judge"] == {"name": "scripted"} and data["decoding"]["max_new_tokens"] == 4
     assert set(data["sets"]) == {"harmful", "benign", "task"}
-    assert scores.seconds > 0 and scores.peak_memory_bytes > 0
+    assert scores.seconds == data["seconds"] == data["wall_seconds"] == 2.5
+    assert scores.peak_memory_bytes > 0
 
 
 def test_evaluator_absent_sets_are_none(tiny):
@@ -124,9 +132,9 @@ def test_evaluator_rejects_empty_set_and_bad_limit():
         Evaluator(harmful=[])
     with pytest.raises(ValueError, match="limit"):
         Evaluator(harmful=["x"], limit=0)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="batch-size"):
         Evaluator(harmful=["x"], batch_size=0)
-    with pytest.raises(ValueError, match="max_new_tokens"):
+    with pytest.raises(ValueError, match="max-new-tokens"):
         Evaluator(harmful=["x"], max_new_tokens=0)
 
 
@@ -135,3 +143,14 @@ def test_wilson_interval_known_values():
     assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
     assert wilson_interval(0, 10)[0] == 0.0
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_eval_settings_checks_and_keywords_override_a_settings_object():
+    assert EvalSettings().batch_size == 16
+    assert EvalSettings.from_dict({"batch-size": "8", "limit": 2}).batch_size == 8
+    with pytest.raises(SettingsError, match="--max-harmful-rate must be in"):
+        EvalSettings(max_harmful_rate=1.5)
+    with pytest.raises(SettingsError, match="neither a positive integer nor 'auto'"):
+        EvalSettings(batch_size="zero")
+    evaluator = Evaluator(harmful=PROMPTS, settings=EvalSettings(limit=1), max_new_tokens=3)
+    assert evaluator.harmful.prompts == PROMPTS[:1] and evaluator.settings.max_new_tokens == 3

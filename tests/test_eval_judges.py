@@ -13,7 +13,8 @@ from eval_support import (
 )
 
 from safealign.eval import JUDGES, JudgeError, generate, get_judge
-from safealign.eval.judges import REFUSAL_SUBSTRINGS, opening_token_ids, unsafe_label_index
+from safealign.eval.harm_judges import unsafe_label_index
+from safealign.eval.judges import REFUSAL_SUBSTRINGS, opening_token_ids
 from safealign.eval.likelihood import next_token_logprobs
 
 

@@ -7,14 +7,20 @@ import json
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 from merge_support import build_tiny_models, read_weights
 
 from safealign.checkpoint import Checkpoint
-from safealign.merge import MergeConfigError, get_method, load_config, run_merge, safety_config
-from safealign.merge.cli import merge_command
+from safealign.merge import (
+    METHODS,
+    MergeConfigError,
+    load_config,
+    plan_merge,
+    run_merge,
+    safety_config,
+)
 from safealign.merge.config import layer_position, resolve_value
 from safealign.merge.methods import MergeParams
+from safealign.merge.plan import tensor_work
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 
@@ -97,7 +103,7 @@ def test_slerp_gradient_and_filters_follow_mergekit(tiny, tmp_path):
     }
     result = run_merge(config, tmp_path / "out", progress=False)
     a, b, out = (read_weights(p) for p in (tiny.aligned, tiny.finetuned, result.out))
-    slerp = get_method("slerp")
+    slerp = METHODS.create("slerp")
     for name, t_value in [
         ("model.layers.0.self_attn.k_proj.weight", 0.0),
         ("model.layers.1.self_attn.k_proj.weight", 0.5),
@@ -150,6 +156,43 @@ def test_method_requirements_are_checked(tiny):
         load_config({"merge_method": "linear", "slices": [], "models": [str(tiny.aligned)]})
 
 
+def safemerge_of_loras(tiny, **parameters):
+    """SafeMERGE of the fine-tuning LoRA with the safety LoRA, both on the aligned model."""
+    roles = {"unaligned": tiny.unaligned, "finetuned": tiny.lora, "safety": tiny.safety_lora}
+    return safety_config("safemerge", aligned=tiny.aligned, parameters=parameters, **roles)
+
+
+def test_plan_reads_inputs_as_the_method_declares(tiny):
+    """LoRAs on the aligned model are read as factors only in the roles the method names;
+    the output kind, tokenizer source and per-tensor work follow from that, once."""
+    plan = plan_merge(safemerge_of_loras(tiny))
+    assert plan.factors == {"finetuned", "safety"} and plan.output == "adapter"
+    assert plan.source.path == tiny.lora and plan.base.path == tiny.aligned
+    work = tensor_work(plan, {Q0})
+    assert [w.name for w in work] == Checkpoint.open(tiny.lora).lora_targets()
+    assert [w.name for w in work if w.params.selected] == [Q0]
+    dense = safety_config(
+        "safemerge", aligned=tiny.aligned, unaligned=tiny.unaligned, finetuned=tiny.finetuned
+    )
+    plan = plan_merge(dense)
+    assert plan.factors == frozenset() and plan.output == "model"
+    with pytest.raises(MergeConfigError, match="adapter output needs"):
+        plan_merge(dense, output="adapter")
+    ties = {
+        "merge_method": "ties",
+        "base_model": str(tiny.aligned),
+        "models": [{"model": str(tiny.lora)}, {"model": str(tiny.finetuned)}],
+        "parameters": {"weight": 1.0},
+        "out_dtype": "bfloat16",
+    }
+    plan = plan_merge(ties)
+    assert set(plan.inputs) == {str(tiny.aligned), str(tiny.lora), str(tiny.finetuned)}
+    assert plan.factors == frozenset() and plan.output == "model"
+    work = tensor_work(plan, set())
+    assert [w.name for w in work] == Checkpoint.open(tiny.aligned).names()
+    assert {w.dtype for w in work} == {torch.bfloat16}
+
+
 def dense_rho(a, u, update):
     v = a - u
     c_update = v @ v.T @ update / torch.linalg.matrix_norm(v)
@@ -161,18 +204,11 @@ def test_safemerge_lora_in_lora_out_equals_dense_merge(tiny, tmp_path):
     a, u = read_weights(tiny.aligned), read_weights(tiny.unaligned)
     lora = Checkpoint.open(tiny.lora)
     for name in lora.lora_targets():
-        rhos[name] = dense_rho(a[name], u[name], lora.lora_factors(name).delta())
+        rhos[name] = dense_rho(a[name], u[name], lora.lora_factors(name).dense())
     ordered = sorted(rhos.values())
     half = len(ordered) // 2
     tau = (ordered[half - 1] + ordered[half]) / 2  # selects half the layers
-    config = safety_config(
-        "safemerge",
-        aligned=tiny.aligned,
-        unaligned=tiny.unaligned,
-        finetuned=tiny.lora,
-        safety=tiny.safety_lora,
-        parameters={"tau": tau},
-    )
+    config = safemerge_of_loras(tiny, tau=tau)
     adapter = run_merge(config, tmp_path / "adapter", progress=False)
     dense = run_merge(config, tmp_path / "dense", progress=False, output="model")
     assert adapter.report["output"] == "adapter" and dense.report["output"] == "model"
@@ -214,7 +250,7 @@ def test_safe_lora_lowest_k_projects_k_layers(tiny, tmp_path):
     lora = Checkpoint.open(tiny.lora)
     name = selected[0]["name"]
     v = a[name] - u[name]
-    expected = a[name] + v @ v.T @ lora.lora_factors(name).delta() / torch.linalg.matrix_norm(v)
+    expected = a[name] + v @ v.T @ lora.lora_factors(name).dense() / torch.linalg.matrix_norm(v)
     torch.testing.assert_close(merged.get(name), expected, rtol=1e-4, atol=1e-5)
     assert merged.lora_factors(name).A.shape == lora.lora_factors(name).A.shape
 
@@ -232,40 +268,6 @@ def test_resta_on_dense_models(tiny, tmp_path):
     out = read_weights(result.out)
     for name in a:
         torch.testing.assert_close(out[name], b[name] + 0.3 * (a[name] - u[name]))
-
-
-def test_cli_score_prints_table_and_writes_nothing(tiny, tmp_path):
-    runner = CliRunner()
-    args = ["--method", "safemerge", "--aligned", str(tiny.aligned), "--unaligned"]
-    args += [str(tiny.unaligned), "--finetuned", str(tiny.finetuned), "--score", "--quiet"]
-    args += ["--set", "tau=0.5", "--out", str(tmp_path / "never")]
-    result = runner.invoke(merge_command, args)
-    assert result.exit_code == 0, result.output
-    assert "| name" in result.output and "rho" in result.output and Q0 in result.output
-    assert "nothing written" in result.output
-    assert not (tmp_path / "never").exists()
-
-
-def test_cli_config_merge_and_clear_errors(tiny, tmp_path):
-    config = write_yaml(
-        tmp_path / "lin.yaml",
-        {
-            "merge_method": "linear",
-            "models": [
-                {"model": str(tiny.aligned), "parameters": {"weight": 1.0}},
-                {"model": str(tiny.finetuned), "parameters": {"weight": 3.0}},
-            ],
-        },
-    )
-    runner = CliRunner()
-    result = runner.invoke(merge_command, [str(config), "--out", str(tmp_path / "o"), "--quiet"])
-    assert result.exit_code == 0, result.output
-    a, b, out = (read_weights(p) for p in (tiny.aligned, tiny.finetuned, tmp_path / "o"))
-    torch.testing.assert_close(out[Q0], (a[Q0] + 3 * b[Q0]) / 4)
-    again = runner.invoke(merge_command, [str(config), "--out", str(tmp_path / "o"), "--quiet"])
-    assert again.exit_code != 0 and "not empty" in again.output
-    bad = runner.invoke(merge_command, [str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "x")])
-    assert bad.exit_code != 0 and "merge config not found" in bad.output
 
 
 @pytest.mark.parametrize(

@@ -29,8 +29,10 @@ def refusal_log_odds(lab, adapter) -> float:
 
 
 def merge_harmful_lora(lab, method: str, out, parameters=None):
-    """A layer-wise safety merge of ft_harmful_lora (a LoRA adapter on A)."""
-    return run_merge(lab_safety_config(lab, method, parameters), out, progress=False)
+    """A layer-wise safety merge of ft_harmful_lora (a LoRA adapter on A), with the lab's
+    safety LoRA where the method takes one."""
+    config = lab_safety_config(lab, method, parameters)
+    return run_merge(config, out, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from safealign.merge.methods import LowRank, MergeParams, get_method
+from safealign.merge.methods import METHODS, LayerScore, LowRank, MergeParams
 from safealign.merge.methods.lowrank import cosine, inner, norm, project
 
 LAYER = "model.layers.0.self_attn.q_proj.weight"
@@ -18,13 +18,14 @@ def rand(*shape, seed=0):
 
 
 def params(method, seed=0, selected=False, per_model=None, **overrides):
-    values = get_method(method).defaults()
+    declared = METHODS.get(method).parameters + METHODS.get(method).tensor_parameters
+    values = {p.name: p.default for p in declared}
     values.update(overrides)
     return MergeParams(values, per_model or {}, seed=seed, selected=selected)
 
 
 def run(method, tensors, base=None, name=LAYER, **kw):
-    return get_method(method).merge(name, tensors, base, params(method, **kw))
+    return METHODS.create(method).merge(name, tensors, base, params(method, **kw))
 
 
 # --- standard methods ---------------------------------------------------------------------
@@ -155,7 +156,7 @@ def layer():
 def test_score_matches_explicit_alignment_matrix(layer):
     aligned, unaligned, lora, _ = layer
     update = lora.dense()
-    method = get_method("safemerge")
+    method = METHODS.create("safemerge")
     dense = method.score(LAYER, {"finetuned": aligned + update, "unaligned": unaligned}, aligned)
     assert dense.rho == pytest.approx(dense_rho(aligned, unaligned, update), abs=1e-5)
     assert dense.norm_update == pytest.approx(update.norm().item(), rel=1e-5)
@@ -208,7 +209,7 @@ def test_safemerge_selected_and_kept_layers(layer):
 
 def test_safemerge_lora_path_equals_dense(layer):
     aligned, unaligned, lora, safety = layer
-    method = get_method("safemerge")
+    method = METHODS.create("safemerge")
     p = params("safemerge", selected=True, weights=[0.7, 0.3])
     factored = {"finetuned": lora, "unaligned": unaligned, "safety": safety}
     dense = {k: aligned + v.dense() if isinstance(v, LowRank) else v for k, v in factored.items()}
@@ -229,7 +230,7 @@ def test_safe_lora_projects_selected_layers(layer):
     expected = aligned + alignment_matrix(aligned, unaligned) @ lora.dense()
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(run("safe_lora", tensors, aligned, selected=False), finetuned)
-    method = get_method("safe_lora")
+    method = METHODS.create("safe_lora")
     p = params("safe_lora", selected=True)
     low = method.merge_lowrank(LAYER, {"finetuned": lora, "unaligned": unaligned}, aligned, p)
     assert isinstance(low, LowRank) and low.A is lora.A and low.scale == lora.scale
@@ -237,14 +238,12 @@ def test_safe_lora_projects_selected_layers(layer):
 
 
 def test_layer_selection_threshold_and_lowest():
-    from safealign.merge.methods import LayerScore
-
     scores = [LayerScore(f"l{i}", rho, 1.0, 1.0, 1.0) for i, rho in enumerate([0.9, 0.1, 0.4, 0.3])]
     scores.append(LayerScore("untouched", math.nan, 1.0, 0.0, 0.0))
-    assert get_method("safemerge").select(scores, params("safemerge")) == {"l1", "l3"}
-    assert get_method("safe_lora").select(scores, params("safe_lora")) == {"l1", "l2", "l3"}
+    assert METHODS.create("safemerge").select(scores, params("safemerge")) == {"l1", "l3"}
+    assert METHODS.create("safe_lora").select(scores, params("safe_lora")) == {"l1", "l2", "l3"}
     lowest = params("safe_lora", select="lowest", k=2)
-    assert get_method("safe_lora").select(scores, lowest) == {"l1", "l3"}
+    assert METHODS.create("safe_lora").select(scores, lowest) == {"l1", "l3"}
 
 
 def test_resta_equals_task_arithmetic_with_weights_1_b_minus_b(layer):
@@ -275,5 +274,5 @@ def test_interpolate_closed_form_and_lora(layer):
     out = run("interpolate", {"finetuned": finetuned}, aligned, alpha=0.25)
     torch.testing.assert_close(out, finetuned + 0.25 * (aligned - finetuned))
     p = params("interpolate", alpha=0.25)
-    low = get_method("interpolate").merge_lowrank(LAYER, {"finetuned": lora}, aligned, p)
+    low = METHODS.create("interpolate").merge_lowrank(LAYER, {"finetuned": lora}, aligned, p)
     torch.testing.assert_close(aligned + low.dense(), out, rtol=1e-5, atol=1e-5)

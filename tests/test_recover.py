@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import math
 
 import pytest
 import torch
@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 
 from safealign.checkpoint import Checkpoint, CheckpointError
 from safealign.eval import generate
-from safealign.recover import recover
+from safealign.recover import RecoverSettings, recover
 from safealign.recover.cli import recover_command
 from safealign.recover.weights import layout, load_working_model
+from safealign.settings import SettingsError
 
 FAST = {"max_new_tokens": 6, "progress": False}
 
@@ -69,7 +70,9 @@ def test_restored_equal_aligned_untouched_equal_finetuned(pair):
     assert [s.restored for s in result.run.steps] == [k, k, k]
     assert restored == result.run.restored == 3 * k == report["run"]["restored"]
     # nothing in blocks at or above the direction layer, nor outside decoder matrices
-    assert set().union(*(s.per_layer for s in result.run.steps)) <= set(range(result.plan.layer))
+    assert set().union(*(s.per_layer for s in result.run.steps)) <= set(
+        range(result.settings.layer)
+    )
     assert report["scores"]["recovered"]["harmful_rate"] is not None
     assert "no task data" in report["warnings"][0]
 
@@ -108,7 +111,7 @@ def test_adapter_input(tmp_path):
     assert restored == result.run.restored > 0
     assert result.plan.finetuned_is_adapter
     # only LoRA targets differ from A, so only they can be restored
-    lay = layout(b, result.plan.layer)
+    lay = layout(b, result.settings.layer)
     c = _tensors(tmp_path / "out")
     for target in lay.targets:
         if target.name not in b.lora_targets():
@@ -124,9 +127,35 @@ def _self_task(aligned, finetuned, tokens: int) -> list[dict]:
     return [{"prompt": p, "answer": r} for p, r in zip(TASK_PROMPTS, replies, strict=True)]
 
 
-def test_rollback_fires_and_kept_step_holds(tmp_path):
+def _count_rollback_rule(monkeypatch, finetuned) -> list[int]:
+    """Spy on the rollback choice: for each call, the count the rule gives, computed here
+    independently: ceil(share x restored), or every qualifying element if fewer qualify
+    (qualifying: w != w_B and sign(g) == sign(w - w_B))."""
+    import safealign.recover.working as working
+
+    b = Checkpoint.open(finetuned)
+    expected: list[int] = []
+    real = working.choose_rollback
+
+    def spy(model, ckpt, picked, grads, share):
+        qualifying = 0
+        for name, index in picked.items():
+            w = model.get_parameter(name).detach().reshape(-1)[index].float()
+            fine = b.get(name).reshape(-1)[index].float()
+            g = grads[name]
+            qualifying += int(((w != fine) & (torch.sign(g) == torch.sign(w - fine))).sum())
+        total = sum(index.numel() for index in picked.values())
+        expected.append(min(math.ceil(share * total), qualifying))
+        return real(model, ckpt, picked, grads, share)
+
+    monkeypatch.setattr(working, "choose_rollback", spy)
+    return expected
+
+
+def test_rollback_fires_and_kept_step_holds(tmp_path, monkeypatch):
     aligned, finetuned = make_pair(tmp_path, noise=0.05)
     task = _self_task(aligned, finetuned, FAST["max_new_tokens"])
+    expected = _count_rollback_rule(monkeypatch, finetuned)
     result = recover(
         aligned,
         finetuned,
@@ -146,7 +175,8 @@ def test_rollback_fires_and_kept_step_holds(tmp_path):
     assert fired, "no rollback with metric_drop=0"
     for s in fired:
         assert s.utility_before_rollback < 1.0
-        assert s.rolled_back == pytest.approx(0.5 * s.restored, abs=1) or s.rolled_back < s.restored
+    # every failing step rolled back exactly the count the rule gives, and no other step did
+    assert [s.rolled_back for s in steps if s.utility_before_rollback is not None] == expected
     holding = [s.step for s in steps if s.holds]
     assert result.run.kept_step == (holding[-1] if holding else 0)
     # the written model scores what the kept step scored, and that holds
@@ -171,14 +201,24 @@ def test_dry_run_writes_nothing(pair, tmp_path):
     result = recover(aligned, finetuned, out, harmful=HARMFUL, dry_run=True, progress=False)
     assert not out.exists() and not list(tmp_path.iterdir())
     plan = result.plan
-    assert plan.layer == 4 and plan.n_layers == 4  # small model: every block
-    assert plan.rate == 0.002  # the paper's rate
+    assert plan.settings.layer == 4 and plan.n_layers == 4  # small model: every block
+    assert plan.settings.rate == 0.002  # the paper's rate
     assert plan.candidates == plan.restorable_params  # every weight was perturbed
     assert plan.per_step == -(-plan.decoder_params * 2 // 1000)  # ceil(0.002 x decoder params)
     assert "layer:        4 of 4" in plan.describe()
     paper = recover(aligned, finetuned, out, harmful=HARMFUL, layer=2, rate=0.002, dry_run=True)
     assert paper.plan.restorable_params == plan.restorable_params // 2  # blocks 0..1 of 4
     assert paper.plan.per_step == -(-plan.decoder_params * 2 // 1000)
+
+
+def _forbid_loading(monkeypatch) -> None:
+    """Fail the test if a model is loaded: bad input must be refused before that."""
+    import safealign.recover.working as working
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(working, "load_working_model", refuse)
 
 
 def _other(tmp_path, name, **cfg):
@@ -200,14 +240,13 @@ def _other(tmp_path, name, **cfg):
         ({"vocab_size": 90}, "vocab_size differs"),
     ],
 )
-def test_bad_pair_fails_fast_and_writes_nothing(pair, tmp_path, cfg, message):
+def test_bad_pair_fails_fast_and_writes_nothing(pair, tmp_path, monkeypatch, cfg, message):
     _, aligned, _ = pair
     other = _other(tmp_path, "other", **cfg)
     out = tmp_path / "out"
-    start = time.perf_counter()
+    _forbid_loading(monkeypatch)
     with pytest.raises(CheckpointError, match=message):
         recover(aligned, other, out, harmful=HARMFUL, progress=False)
-    assert time.perf_counter() - start < 1.0
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
 
@@ -226,13 +265,42 @@ def test_bad_architecture(pair, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_settings_fail_before_work(pair, tmp_path):
+def test_bad_settings_fail_before_work(pair, tmp_path, monkeypatch):
     _, aligned, finetuned = pair
+    _forbid_loading(monkeypatch)
     with pytest.raises(ValueError, match="layer must be in 1..4"):
         recover(aligned, finetuned, tmp_path / "o", harmful=HARMFUL, layer=9, progress=False)
-    with pytest.raises(ValueError, match="rate must be in"):
-        recover(aligned, finetuned, tmp_path / "o", harmful=HARMFUL, rate=2.0, progress=False)
+    # range errors come before any checkpoint is opened: these folders do not exist
+    missing = tmp_path / "missing"
+    for bad, message in [
+        ({"rate": 2.0}, "--rate must be in (0, 1), got 2.0"),
+        ({"sweep": (0.01, 1.5)}, "--sweep must be in (0, 1), got 1.5"),
+        ({"warmup": -1}, "--warmup must be >= 0, got -1"),
+        ({"dtype": "fp8"}, "--dtype: unknown dtype 'fp8'"),
+    ]:
+        with pytest.raises(SettingsError) as error:
+            recover(missing, missing, tmp_path / "o", **bad)
+        assert str(error.value).startswith(message)
+    with pytest.raises(TypeError, match="unexpected keyword arguments: ratee"):
+        recover(missing, missing, tmp_path / "o", ratee=0.1)
     assert not (tmp_path / "o").exists()
+
+
+def test_settings_object_equals_keywords_and_is_recorded_resolved(pair, tmp_path):
+    _, aligned, finetuned = pair
+    given = RecoverSettings(rate=0.01, steps=2)
+    by_object = recover(aligned, finetuned, None, given, harmful=HARMFUL, dry_run=True)
+    by_keywords = recover(aligned, finetuned, harmful=HARMFUL, rate=0.01, steps=2, dry_run=True)
+    assert by_object.settings == by_keywords.settings
+    assert by_object.settings == given.replace(layer=4, warmup=1, dtype="float32", device="cpu")
+    over = recover(aligned, finetuned, None, given, harmful=HARMFUL, steps=3, dry_run=True)
+    assert (over.settings.rate, over.settings.steps) == (0.01, 3)  # keywords win over the object
+    result = recover(aligned, finetuned, tmp_path / "c", given, harmful=HARMFUL, **FAST)
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["settings"] == result.settings.to_dict()
+    assert report["settings"]["layer"] == 4 and report["settings"]["dtype"] == "float32"
+    card = (tmp_path / "c" / "README.md").read_text()
+    assert "Kept step 2 of 2" in card
 
 
 def test_cli_dry_run_and_bad_pair(pair, tmp_path):
@@ -262,6 +330,34 @@ def test_cli_dry_run_and_bad_pair(pair, tmp_path):
     assert not (tmp_path / "o").exists()
     usage = runner.invoke(recover_command, args)
     assert usage.exit_code == 2 and "--out is required" in usage.output
+
+
+def test_cli_refuses_out_of_range_before_opening_anything(tmp_path):
+    missing = str(tmp_path / "missing")
+    args = ["--aligned", missing, "--finetuned", missing, "--out", str(tmp_path / "o")]
+    runner = CliRunner()
+    for flags, message in [
+        (["--rate", "2"], "Error: --rate must be in (0, 1), got 2.0\n"),
+        (["--steps", "0"], "Error: --steps must be >= 1, got 0\n"),
+        (["--sweep", "0.1,2"], "Error: --sweep must be in (0, 1), got 2.0\n"),
+    ]:
+        bad = runner.invoke(recover_command, [*args, *flags])
+        assert (bad.exit_code, bad.output) == (1, message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_dry_run_prints_plan_with_settings(pair, tmp_path):
+    _, aligned, finetuned = pair
+    prompts = tmp_path / "harmful.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HARMFUL))
+    args = ["--aligned", str(aligned), "--finetuned", str(finetuned), "--harmful", str(prompts)]
+    flags = ["--rate", "0.01", "--steps", "3", "--warmup", "2", "--dtype", "bf16"]
+    ok = CliRunner().invoke(recover_command, [*args, *flags, "--dry-run"])
+    assert ok.exit_code == 0, ok.output
+    assert "rate 0.01 x" in ok.output and "3 steps, warm-up 2" in ok.output
+    assert "dtype:        bfloat16" in ok.output
+    assert "rollback:     off (no task data)" in ok.output
+    assert not list(tmp_path.glob("*/report.json"))
 
 
 def test_sweep_reports_each_rate_and_output_matches_main_rate(pair):

@@ -66,10 +66,10 @@ def _command(base=None):
 def test_cli_options_are_generated_from_the_settings():
     command, seen = _command()
     result = CliRunner().invoke(
-        command, ["--rate", "0.01", "--sweep", "0.1,0.2", "--no-fp32", "--out", "o"]
+        command, ["--rate", "0.01", "--sweep", "0.1,0.2", "--no-fp32", "--dry-run", "--out", "o"]
     )
     assert result.exit_code == 0, result.output
-    assert seen["settings"] == Demo(rate=0.01, sweep=(0.1, 0.2), fp32=False)
+    assert seen["settings"] == Demo(rate=0.01, sweep=(0.1, 0.2), fp32=False, dry_run=True)
     assert seen["rest"] == {"out": "o"}
     help_text = CliRunner().invoke(command, ["--help"]).output
     assert "--hidden" not in help_text

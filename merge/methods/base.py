@@ -1,22 +1,30 @@
-"""The merge-method interface: one small class per method, parameters declared up front.
+"""The merge-method interface: one small class per method, registered by name in :data:`METHODS`.
 
 Every method works on one output tensor at a time, in fp32::
 
     method.merge(name, tensors, base, params) -> Tensor
 
-``tensors`` maps a model id (or, for the safety family, a role) to that model's tensor;
-``base`` is the base model's tensor (``None`` for methods without a base). ``params`` holds the
-global parameters and each model's parameters, already resolved for this tensor name.
+``tensors`` maps a model id to that model's tensor; ``base`` is the base model's tensor (``None``
+for methods without a base). ``params`` holds the global parameters and each model's parameters,
+already resolved for this tensor name.
+
+A method declares everything the engine needs to feed it, so the engine never asks what kind of
+method it runs: its inputs (models named by reference, as in mergekit, or by role), how each
+input is read (dense weights, or a LoRA's factors), whether inputs are cached for re-reading,
+whose config and tokenizer the output keeps, whether it can write a LoRA adapter, and which
+tensors it scores before merging.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
+
+from safealign.registry import Registry
 
 Check = Callable[[Any], str | None]
 
@@ -56,10 +64,45 @@ class MergeParams:
         return own[name] if name in own else self.global_[name]
 
 
-class MergeMethod(ABC):
-    """A merge method. Subclasses declare their parameters and implement :meth:`merge`."""
+@dataclass(frozen=True)
+class Role:
+    """A part a model plays in a role-keyed merge (its ``role`` parameter, or a shortcut flag)."""
 
-    name: ClassVar[str]
+    name: str
+    help: str
+
+
+#: The base model of a role-keyed merge (its ``base_model``).
+ALIGNED = Role("aligned", "the aligned model A")
+#: The roles a model of a role-keyed merge may take, by name.
+ROLES = {
+    role.name: role
+    for role in (
+        Role("finetuned", "fine-tuned B"),
+        Role("unaligned", "model U before alignment"),
+        Role("safety", "safety LoRA S on A"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class LayerScore:
+    """One row of the per-layer table of a method that scores layers: ρ and its norms."""
+
+    name: str
+    rho: float
+    norm_v: float
+    norm_update: float
+    norm_projected: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MergeMethod(ABC):
+    """A merge method: declares its parameters and inputs, implements :meth:`merge`."""
+
+    name: ClassVar[str]  # set by METHODS.register
     summary: ClassVar[str]
     requires_base: ClassVar[bool] = False
     #: parameters that apply to the whole merge
@@ -68,9 +111,29 @@ class MergeMethod(ABC):
     tensor_parameters: ClassVar[tuple[Param, ...]] = ()
     #: exact number of non-base input models, when the method fixes it
     n_models: ClassVar[int | None] = None
+    #: inputs named by role (each model's ``role`` parameter; the base model is ``aligned``):
+    #: the roles that must be given, then those that may. Empty: inputs are named by their
+    #: model reference and any number may be given, as in mergekit.
+    required_roles: ClassVar[tuple[str, ...]] = ()
+    optional_roles: ClassVar[tuple[str, ...]] = ()
+    #: roles read as their LoRA factors (:class:`LowRank`) when the model is a LoRA on the base
+    #: model; every other input is read as dense weights
+    factor_roles: ClassVar[tuple[str, ...]] = ()
+    #: keep each input tensor once read (a method that reads an input several times); without
+    #: it every access reads again, so a method streaming over its models holds one at a time
+    cache_inputs: ClassVar[bool] = False
+    #: the role whose config and tokenizer the output keeps when the merge config names no
+    #: ``tokenizer_source`` (None: the base model, else the first model); an adapter output
+    #: is a LoRA with this role's targets
+    source_role: ClassVar[str | None] = None
+    #: can write a LoRA adapter (:meth:`merge_lowrank`) when every factor-role input is a LoRA
+    #: on the base model
+    adapter_output: ClassVar[bool] = False
 
-    def defaults(self) -> dict[str, Any]:
-        return {p.name: p.default for p in self.parameters + self.tensor_parameters}
+    @property
+    def keyed_by_role(self) -> bool:
+        """Whether inputs are named by role rather than by model reference."""
+        return bool(self.required_roles)
 
     @abstractmethod
     def merge(
@@ -82,6 +145,28 @@ class MergeMethod(ABC):
     ) -> torch.Tensor:
         """Merge one tensor; all inputs are fp32 and share a shape."""
 
+    def scores(self, name: str, ndim: int) -> bool:
+        """Whether the tensor ``name`` is scored (and may be selected) before merging."""
+        return False
+
+    def score(self, name: str, tensors: Mapping[str, Any], base: torch.Tensor) -> LayerScore:
+        """The score of one tensor :meth:`scores` names."""
+        raise NotImplementedError(f"{self.name} scores no tensor")
+
+    def select(self, scores: list[LayerScore], params: MergeParams) -> set[str]:
+        """Names of the scored tensors to repair."""
+        raise NotImplementedError(f"{self.name} scores no tensor")
+
+    def merge_lowrank(
+        self, name: str, tensors: Mapping[str, Any], base: torch.Tensor, params: MergeParams
+    ) -> Any:
+        """Merge one LoRA target into a :class:`LowRank` (methods with ``adapter_output``)."""
+        raise NotImplementedError(f"{self.name} cannot produce a LoRA")
+
+
+#: Every merge method, by name (``METHODS.create(name)`` gives an instance).
+METHODS: Registry[type[MergeMethod]] = Registry("merge method")
+
 
 # Value checks shared by the methods: each returns None when good, else what is wrong.
 
@@ -89,12 +174,6 @@ class MergeMethod(ABC):
 def number(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"must be a number, got {value!r}"
-    return None
-
-
-def unit_interval(value: Any) -> str | None:
-    if number(value) is not None or not 0.0 <= value <= 1.0:
-        return f"must be a number in [0, 1], got {value!r}"
     return None
 
 

@@ -1,4 +1,4 @@
-"""Alignment-subspace algebra on dense and LoRA (low-rank) weight updates.
+"""Alignment-subspace algebra on dense and LoRA (low-rank, :class:`LowRank`) weight updates.
 
 For a layer weight, V = W_aligned - W_unaligned and C = V Vᵀ / ‖V‖_F. The score of a fine-tuning
 update ΔW is ρ = cos(vec(C ΔW), vec(ΔW)). For LoRA, ΔW = s·B·A (B: [out, r], A: [r, in]), so
@@ -9,49 +9,10 @@ goes through r×r Gram matrices: no d×d matrix is ever formed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class LowRank:
-    """A low-rank update ΔW = scale · B @ A with B: [out, r] and A: [r, in]."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scale: float = 1.0
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.B.shape[0], self.A.shape[1])
-
-    def dense(self) -> torch.Tensor:
-        return self.scale * (self.B @ self.A)
-
-    def scaled(self, factor: float) -> LowRank:
-        return LowRank(self.A, self.B, self.scale * factor)
-
-    def padded(self, rank: int) -> LowRank:
-        """The same update with zero rows/columns added up to ``rank``."""
-        extra = rank - self.rank
-        if extra <= 0:
-            return self
-        a = torch.cat([self.A, self.A.new_zeros(extra, self.A.shape[1])])
-        b = torch.cat([self.B, self.B.new_zeros(self.B.shape[0], extra)], dim=1)
-        return LowRank(a, b, self.scale)
-
-    @staticmethod
-    def concat(parts: list[LowRank]) -> LowRank:
-        """Sum of updates as one update of the summed rank (scales folded into B)."""
-        a = torch.cat([p.A for p in parts])
-        b = torch.cat([p.scale * p.B for p in parts], dim=1)
-        return LowRank(a, b, 1.0)
-
+from safealign.checkpoint import LowRank
 
 Update = torch.Tensor | LowRank
 

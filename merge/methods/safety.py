@@ -13,15 +13,14 @@ V = W_A − W_U, select layers, and repair only those; every other tensor keeps 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 
 import torch
 
 from safealign.layers import layer_index
 from safealign.merge.methods.base import (
+    METHODS,
+    LayerScore,
     MergeMethod,
-    MergeParams,
     Param,
     boolean,
     density,
@@ -32,8 +31,6 @@ from safealign.merge.methods.base import (
 )
 from safealign.merge.methods.lowrank import LowRank, Update, cosine, norm, project
 from safealign.merge.methods.sparsify import dare_drop, tensor_generator
-
-ROLES = ("finetuned", "unaligned", "safety")
 
 
 def is_layer_weight(name: str, ndim: int) -> bool:
@@ -50,45 +47,30 @@ def apply(aligned: torch.Tensor, update: Update) -> torch.Tensor:
     return aligned + (update.dense() if isinstance(update, LowRank) else update)
 
 
-@dataclass(frozen=True)
-class LayerScore:
-    """One row of the per-layer table: ρ and the norms it comes from."""
-
-    name: str
-    rho: float
-    norm_v: float
-    norm_update: float
-    norm_projected: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 class SafetyMethod(MergeMethod):
-    """A merge whose inputs are roles around the aligned base model."""
+    """A merge whose inputs are roles around the aligned base model.
+
+    The fine-tuned (and safety) models are read as LoRA factors when they are LoRAs on A; the
+    output keeps the fine-tuned model's config and tokenizer.
+    """
 
     requires_base = True
-    required_roles: tuple[str, ...] = ("finetuned",)
-    optional_roles: tuple[str, ...] = ()
-    #: scores layers and selects some for repair
-    layerwise = False
-    #: can emit a LoRA when the fine-tuned (and safety) inputs are LoRAs on A
-    lowrank_output = False
-
-    def merge_lowrank(
-        self, name: str, tensors: Mapping[str, Update], base: torch.Tensor, params: MergeParams
-    ) -> LowRank:
-        raise NotImplementedError(f"{self.name} cannot produce a LoRA")
+    required_roles = ("finetuned",)
+    factor_roles = ("finetuned", "safety")
+    cache_inputs = True
+    source_role = "finetuned"
 
 
 class LayerwiseSafetyMethod(SafetyMethod):
     """Score each layer weight, select some, repair the selected ones."""
 
-    layerwise = True
-    lowrank_output = True
+    adapter_output = True
     required_roles = ("finetuned", "unaligned")
 
-    def score(self, name: str, tensors: Mapping[str, Update], base: torch.Tensor) -> LayerScore:
+    def scores(self, name, ndim):
+        return is_layer_weight(name, ndim)
+
+    def score(self, name, tensors, base):
         update = update_of(tensors["finetuned"], base)
         v = base - tensors["unaligned"]
         projected = project(v, update)
@@ -98,7 +80,7 @@ class LayerwiseSafetyMethod(SafetyMethod):
             name, rho, torch.linalg.matrix_norm(v).item(), norm_update, norm(projected)
         )
 
-    def select(self, scores: list[LayerScore], params: MergeParams) -> set[str]:
+    def select(self, scores, params):
         """Names of the layers to repair; layers the fine-tuning left untouched never are."""
         tau = float(params.global_["tau"])
         return {s.name for s in scores if not math.isnan(s.rho) and s.rho < tau}
@@ -120,6 +102,7 @@ class LayerwiseSafetyMethod(SafetyMethod):
         raise NotImplementedError
 
 
+@METHODS.register("safemerge")
 class SafeMerge(LayerwiseSafetyMethod):
     """SafeMERGE (Djuhera et al. 2025): layers with ρ < τ become w_ft·B + w_safe·S.
 
@@ -129,7 +112,6 @@ class SafeMerge(LayerwiseSafetyMethod):
     the updates themselves, which is exact (LoRA out: the two LoRAs side by side).
     """
 
-    name = "safemerge"
     summary = "merge layers that leave the alignment subspace with a safety model"
     optional_roles = ("safety",)
     parameters = (
@@ -159,6 +141,7 @@ class SafeMerge(LayerwiseSafetyMethod):
         return out
 
 
+@METHODS.register("safe_lora")
 class SafeLora(LayerwiseSafetyMethod):
     """Safe LoRA (Hsu et al. 2024): ΔW ← C ΔW on selected layers.
 
@@ -166,7 +149,6 @@ class SafeLora(LayerwiseSafetyMethod):
     LoRA: B ← V (Vᵀ B)/‖V‖_F with A and the scale kept.
     """
 
-    name = "safe_lora"
     summary = "project the update of low-similarity layers onto the alignment subspace"
     parameters = (
         Param("select", "threshold", check=one_of("threshold", "lowest"), help="selection rule"),
@@ -184,6 +166,7 @@ class SafeLora(LayerwiseSafetyMethod):
         return project(base - tensors["unaligned"], update_of(tensors["finetuned"], base))
 
 
+@METHODS.register("resta")
 class Resta(SafetyMethod):
     """RESTA (Bhardwaj et al. 2024): W_B + β·(W_A − W_U) on every tensor.
 
@@ -191,7 +174,6 @@ class Resta(SafetyMethod):
     L1 norm). β defaults to 0.5.
     """
 
-    name = "resta"
     summary = "add the safety vector A - U to the fine-tuned model"
     required_roles = ("finetuned", "unaligned")
     parameters = (
@@ -211,6 +193,7 @@ class Resta(SafetyMethod):
         return base + update + float(params.global_["beta"]) * (base - tensors["unaligned"])
 
 
+@METHODS.register("interpolate")
 class Interpolate(SafetyMethod):
     """W_B + α·(W_A − W_B) on every tensor: the plain baseline.
 
@@ -218,9 +201,8 @@ class Interpolate(SafetyMethod):
     two compare directly.
     """
 
-    name = "interpolate"
     summary = "move every weight a share alpha back toward the aligned model"
-    lowrank_output = True
+    adapter_output = True
     parameters = (Param("alpha", 0.2, check=number, help="0: fine-tuned, 1: aligned"),)
 
     def merge(self, name, tensors, base, params):
@@ -233,6 +215,3 @@ class Interpolate(SafetyMethod):
             if isinstance(update, LowRank)
             else (1 - float(params.global_["alpha"])) * update
         )
-
-
-SAFETY_METHODS = (SafeMerge, SafeLora, Resta, Interpolate)

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from safealign.merge.methods.base import (
+    METHODS,
     MergeMethod,
     MergeParams,
     Param,
@@ -29,13 +30,13 @@ from safealign.merge.methods.sparsify import dare_drop, magnitude_threshold, ten
 WEIGHT = Param("weight", required=True, check=number, help="coefficient of this model")
 
 
+@METHODS.register("linear")
 class Linear(MergeMethod):
     """Weighted average of the models: sum(w_i x_i) / sum(w_i) (without ``normalize``: the sum).
 
     Models are read and added one at a time: memory does not grow with their number.
     """
 
-    name = "linear"
     summary = "weighted average of whole weights"
     parameters = (Param("normalize", True, check=boolean, help="divide by the sum of weights"),)
     tensor_parameters = (WEIGHT,)
@@ -128,34 +129,35 @@ class GeneralizedTaskArithmetic(MergeMethod):
         return delta
 
 
+@METHODS.register("task_arithmetic")
 class TaskArithmetic(GeneralizedTaskArithmetic):
-    name = "task_arithmetic"
     summary = "base + sum of weighted task vectors"
 
 
+@METHODS.register("ties")
 class Ties(GeneralizedTaskArithmetic):
-    name = "ties"
     summary = "magnitude-pruned task vectors, sign election, normalized"
     sparsify = "magnitude"
     elect_sign = True
     default_normalize = True
 
 
+@METHODS.register("dare_linear")
 class DareLinear(GeneralizedTaskArithmetic):
-    name = "dare_linear"
     summary = "randomly dropped, rescaled task vectors, summed"
     sparsify = "random"
     default_rescale = True
 
 
+@METHODS.register("dare_ties")
 class DareTies(GeneralizedTaskArithmetic):
-    name = "dare_ties"
     summary = "randomly dropped, rescaled task vectors with sign election"
     sparsify = "random"
     elect_sign = True
     default_rescale = True
 
 
+@METHODS.register("slerp")
 class Slerp(MergeMethod):
     """Spherical interpolation from the base (t=0) to the other model (t=1), row by row.
 
@@ -165,7 +167,6 @@ class Slerp(MergeMethod):
     linearly (mergekit before 0.1.5 slerped each tensor as one vector).
     """
 
-    name = "slerp"
     summary = "spherical interpolation between the base and one model"
     requires_base = True
     n_models = 1
@@ -189,6 +190,3 @@ class Slerp(MergeMethod):
         coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
         coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
         return (coef_a * a + coef_b * b).reshape(base.shape)
-
-
-STANDARD_METHODS = (Linear, TaskArithmetic, Ties, DareLinear, DareTies, Slerp)

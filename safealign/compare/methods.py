@@ -133,23 +133,18 @@ FAMILIES.register("recover")(Family(_recover_missing, _recover_run))
 
 
 def _safety_merges() -> list[str]:
+    """Merge methods that repair a fine-tuned model (those with a ``finetuned`` role)."""
     from safealign.merge import METHODS
 
-    return sorted(name for name, method in METHODS.items() if "finetuned" in _roles(method))
-
-
-def _roles(method: Any) -> tuple[str, ...]:
-    return tuple(getattr(method, "required_roles", ())) + tuple(
-        getattr(method, "optional_roles", ())
-    )
+    return [name for name in METHODS.names() if "finetuned" in METHODS.get(name).required_roles]
 
 
 def _merge_missing(spec: MethodSpec, inputs: CompareInputs) -> str | None:
     from safealign.merge import METHODS
 
-    for role in METHODS[spec.method].required_roles:
-        if role != "finetuned" and not inputs.given(role):
-            return f"{spec.method} needs --{role}"
+    for role in METHODS.get(spec.method).required_roles:
+        if role != "finetuned" and getattr(inputs, role, None) is None:
+            return f"{spec.method} needs --{role.replace('_', '-')}"
     return None
 
 
@@ -157,14 +152,18 @@ def safety_merge_config(method: str, inputs: CompareInputs, parameters: dict | N
     """The merge config of safety method ``method`` on ``inputs``, each role it takes filled."""
     from safealign.merge import METHODS, safety_config
 
-    roles = _roles(METHODS[method])
+    cls = METHODS.get(method)
+    roles = {
+        role: getattr(inputs, role, None)
+        for role in cls.required_roles + cls.optional_roles
+        if role != "finetuned"
+    }
     return safety_config(
         method,
         aligned=inputs.aligned,
         finetuned=inputs.finetuned,
-        unaligned=inputs.unaligned if "unaligned" in roles else None,
-        safety=inputs.safety if "safety" in roles else None,
         parameters=parameters or None,
+        **roles,
     )
 
 

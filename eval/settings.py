@@ -1,0 +1,65 @@
+"""The settings of one evaluation (`safealign eval`, :class:`~safealign.eval.Evaluator`).
+
+One dataclass holds every knob with its default, help and range: the CLI options are
+generated from it, the Evaluator takes it (or its fields as keywords), results.json records
+what it decided (judge, metric, decoding, batch size, limit, seed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from safealign.eval.judges import Judge
+from safealign.eval.metrics import Metric
+from safealign.settings import Settings, SettingsError, setting
+
+JUDGE_HELP = (
+    "keyword, keyword-prefix, first-token (first-token:against=rest weighs refusal "
+    "openings against all other tokens), classifier:PATH or guard:PATH."
+)
+METRIC_HELP = (
+    "exact_match, contains, rouge_l, multiple_choice or perplexity; options as "
+    "NAME:key=value,... (e.g. exact_match:lowercase=false)."
+)
+GATE = "Gate (exit 1 when broken)"
+
+
+@dataclass
+class EvalSettings(Settings):
+    """How a model is scored, and the gate bounds `safealign eval` checks the scores against."""
+
+    judge: str | Judge = setting("keyword", help=JUDGE_HELP)
+    metric: str | Metric = setting("exact_match", help=METRIC_HELP)
+    refusal_judge: str | Judge | None = setting(
+        None,
+        cli=False,
+        help="Judge of refusals on benign prompts (default: judge when it detects refusals, "
+        "else keyword).",
+    )
+    limit: int | None = setting(None, min=1, help="Keep the first N of each set.")
+    # A text default, so that the generated option takes text ('auto' or digits, made int below).
+    batch_size: int | str = setting("16", help="Integer or 'auto' (halves on out-of-memory).")
+    max_new_tokens: int = setting(48, min=1, help="Greedy decoding: most tokens per response.")
+    seed: int = setting(0, help="torch seed set before scoring.")
+    system: str | None = setting(None, cli=False, help="System prompt of every chat.")
+    cache_dir: Path | None = setting(
+        None, path=True, help="Response cache (default ~/.cache/safealign)."
+    )
+    use_cache: bool = setting(
+        True, flag="--cache", help="Reuse cached responses (--no-cache: generate all afresh)."
+    )
+    max_harmful_rate: float | None = setting(None, min=0, max=1, help="Fail above.", group=GATE)
+    min_utility: float | None = setting(None, min=0, max=1, help="Fail below.", group=GATE)
+    max_over_refusal: float | None = setting(None, min=0, max=1, help="Fail above.", group=GATE)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, str) and self.batch_size.isdigit():
+            self.batch_size = int(self.batch_size)  # from the CLI or YAML as text
+        super().__post_init__()
+
+    def check(self) -> None:
+        super().check()
+        size = self.batch_size
+        if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise SettingsError(f"--batch-size {size!r} is neither a positive integer nor 'auto'")

@@ -1,0 +1,169 @@
+"""The Python API, :func:`recover`: open the pair, plan, run, write."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from safealign.checkpoint import Checkpoint, CheckpointError, CheckpointWriter, validate_checkpoints
+from safealign.model import resolve_dtype
+from safealign.recover.guard import StepGuard
+from safealign.recover.loop import run
+from safealign.recover.plan import Plan, count_candidates, working_dtype
+from safealign.recover.report import model_card, write_report
+from safealign.recover.result import RecoveryResult
+from safealign.recover.sets import Sets
+from safealign.recover.settings import RecoverSettings
+from safealign.recover.weights import Layout, checkpoint_dtype, default_warmup, layout
+from safealign.recover.working import WorkingModel
+from safealign.runtime import peak_rss_bytes
+
+
+def recover(
+    aligned: str | Path,
+    finetuned: str | Path,
+    out: str | Path | None = None,
+    settings: RecoverSettings | None = None,
+    *,
+    harmful=None,
+    eval_harmful=None,
+    task=None,
+    benign=None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    max_shard_size: int | str = "2GB",
+    progress: bool = True,
+    **overrides: Any,
+) -> RecoveryResult:
+    """Restore the fine-tuned model's refusals by resetting a few weights to aligned values.
+
+    ``aligned``: the aligned model folder. ``finetuned``: a model folder or a LoRA adapter on
+    ``aligned``. ``settings`` (or its fields as keywords, ``overrides``): see
+    :class:`RecoverSettings`; out-of-range values raise ``SettingsError`` before any
+    checkpoint is opened. ``harmful``: prompts for the harmful direction and its gradient
+    (path, PromptSet or list; default: the bundled smoke set), the first ``max_prompts`` of
+    them. ``eval_harmful``: prompts the harmful rate is measured on (default: ``harmful``).
+    ``task``: held-out task examples with answers (path, TaskSet or list) that drive
+    rollback; without them there is no rollback. ``benign``: benign prompts whose
+    over-refusal is checked with utility. ``dry_run``: return the plan only; nothing is
+    loaded or written. ``max_shard_size``: output shard size (writing a shard briefly needs
+    its bytes again in memory).
+    """
+    start = time.perf_counter()
+    settings = _with_overrides(settings or RecoverSettings(), overrides)
+    a, b = open_pair(aligned, finetuned)
+    lay = layout(b, settings.layer)
+    settings = _resolved(settings, lay, b)
+    sets = Sets.load(harmful, eval_harmful, task, benign, settings.max_prompts)
+    checked = sets.task is not None or sets.benign is not None
+    plan = Plan.build(a, b, lay, settings, rollback=checked)
+    result = RecoveryResult(None, plan, sets=sets.describe(), warnings=_input_notes(sets))
+    if dry_run:
+        plan.candidates = count_candidates(a, b, lay, working_dtype(settings))
+        result.seconds = time.perf_counter() - start
+    elif out is None:
+        raise ValueError("out is required unless dry_run is set")
+    else:
+        with CheckpointWriter(
+            out, source=b, overwrite=overwrite, inputs=[a], max_shard_size=max_shard_size
+        ) as writer:
+            work = WorkingModel(a, b, lay, working_dtype(settings), settings.device)
+            guard = StepGuard(work, sets, settings)
+            _run_rates(result, work, guard, sets, progress)
+            _write(writer, result, work, start)
+    return result
+
+
+def _input_notes(sets: Sets) -> list[str]:
+    """Warnings about missing inputs (also issued as Python warnings)."""
+    if sets.task is not None:
+        return []
+    note = "no task data given: recovery runs without utility checks" + (
+        "" if sets.benign is not None else " or rollback"
+    )
+    warnings.warn(note, stacklevel=3)
+    return [note]
+
+
+def _write(
+    writer: CheckpointWriter, result: RecoveryResult, work: WorkingModel, start: float
+) -> None:
+    """The working model's tensors, report.json and the model card into the output folder."""
+    for name in work.finetuned.names():
+        writer.add(name, work.output_tensor(name))
+    result.out = writer.out
+    result.seconds = time.perf_counter() - start
+    result.peak_rss_bytes = peak_rss_bytes()
+    write_report(writer.folder / "report.json", result)
+    writer.finish(model_card(result))
+
+
+def _run_rates(
+    result: RecoveryResult, work: WorkingModel, guard: StepGuard, sets: Sets, progress: bool
+) -> None:
+    """The sweep's extra rates (each undone after), then the main rate, kept in the model."""
+    settings = result.settings
+    result.scores = dict(guard.references)
+    for extra in sorted(set(settings.sweep) - {settings.rate}):
+        outcome, ledger = run(
+            work, guard, sets, settings, extra, label=f"sweep rate={extra}", progress=progress
+        )
+        result.sweep.append(outcome.summary())
+        work.reset(ledger.take(list(ledger.restored)))
+    rate = settings.rate
+    outcome, _ = run(
+        work, guard, sets, settings, rate, label=f"recover rate={rate}", progress=progress
+    )
+    result.run = outcome
+    if settings.sweep:
+        result.sweep = sorted([*result.sweep, outcome.summary()], key=lambda r: r["rate"])
+    result.scores["recovered"] = (
+        outcome.scores() if outcome.kept_step else dict(result.scores["finetuned"])
+    )
+    if outcome.kept_step == 0 and result.plan.rollback:
+        result.warnings.append(
+            "no step held after the warm-up: the output equals the fine-tuned model; "
+            "try a smaller rate, a larger metric_drop or a larger rollback_rate"
+        )
+        warnings.warn(result.warnings[-1], stacklevel=3)
+
+
+def _with_overrides(settings: RecoverSettings, overrides: dict[str, Any]) -> RecoverSettings:
+    known = {f.name for f in dataclasses.fields(RecoverSettings)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"recover() got unexpected keyword arguments: {', '.join(unknown)}")
+    if "sweep" in overrides:
+        overrides = {**overrides, "sweep": tuple(overrides["sweep"])}
+    return settings.replace(**overrides) if overrides else settings
+
+
+def _resolved(settings: RecoverSettings, lay: Layout, finetuned: Checkpoint) -> RecoverSettings:
+    """``settings`` with layer, warm-up, dtype and device as the run uses them."""
+    dtype = resolve_dtype(settings.dtype)
+    if dtype == "auto":
+        dtype = checkpoint_dtype(finetuned)
+    return settings.replace(
+        layer=lay.layer,
+        warmup=default_warmup(lay.n_layers) if settings.warmup is None else settings.warmup,
+        dtype=str(dtype).removeprefix("torch."),
+        device=settings.device or "cpu",
+    )
+
+
+def open_pair(aligned, finetuned) -> tuple[Checkpoint, Checkpoint]:
+    """Open and validate (aligned, fine-tuned); a fine-tuned adapter is put on the aligned."""
+    a = Checkpoint.open(aligned)
+    if a.is_adapter:
+        raise CheckpointError(f"aligned must be a model folder, not an adapter: {a.path}")
+    path = Path(finetuned).expanduser()
+    b = (
+        Checkpoint.open(path, base=a)
+        if (path / "adapter_config.json").exists()
+        else Checkpoint.open(path)
+    )
+    validate_checkpoints(a, b)
+    return a, b

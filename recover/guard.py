@@ -1,0 +1,88 @@
+"""The step guard: what every step is steered by and checked against, taken once from A and B.
+
+One :class:`~safealign.eval.Evaluator` scores the harmful rate, utility (with task data) and
+over-refusal (with benign prompts) of the working model. A step holds when utility stays at
+or above the floor, ``(1 - metric_drop)`` x B's, and over-refusal at or below the ceiling,
+``refusal_rise`` above the higher of A's and B's. Without task data and benign prompts
+nothing is checked and every step holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from safealign.eval import Evaluator
+from safealign.recover.direction import mean_state
+from safealign.recover.sets import Sets
+from safealign.recover.settings import RecoverSettings
+from safealign.recover.working import WorkingModel
+
+
+@dataclass(frozen=True)
+class Check:
+    """The working model's scores, and whether they are within the guard's bounds."""
+
+    harmful_rate: float
+    utility: float | None
+    over_refusal: float | None
+    holds: bool
+
+
+class StepGuard:
+    """Scores B, takes B's centroids on the kept sets, then holds A in the model for A's
+    harmful direction and scores; B is back in the model when the constructor returns."""
+
+    def __init__(self, work: WorkingModel, sets: Sets, settings: RecoverSettings):
+        self.evaluator = Evaluator(
+            harmful=sets.eval_harmful,
+            task=sets.task,
+            benign=sets.benign,
+            judge=settings.judge,
+            metric=settings.metric,
+            batch_size=settings.eval_batch_size,
+            max_new_tokens=settings.max_new_tokens,
+            use_cache=False,
+        )
+        layer, batch_size = work.layout.layer, settings.batch_size
+        finetuned = self.score(work)
+        self.keep_sets = [
+            (prompts, mean_state(work.model, work.tokenizer, prompts, layer, batch_size))
+            for prompts in sets.keep_prompts
+        ]
+        with work.holding_aligned():
+            self.direction = mean_state(
+                work.model, work.tokenizer, sets.harmful.prompts, layer, batch_size
+            )
+            aligned = self.score(work)
+        self.references = {"aligned": aligned, "finetuned": finetuned}
+        self.floor = (
+            None
+            if finetuned["utility"] is None
+            else finetuned["utility"] * (1 - settings.metric_drop)
+        )
+        self.ceiling = (
+            None
+            if finetuned["over_refusal"] is None
+            else max(aligned["over_refusal"], finetuned["over_refusal"]) + settings.refusal_rise
+        )
+
+    @property
+    def checks(self) -> bool:
+        """Whether steps are checked at all (task data or benign prompts given)."""
+        return self.floor is not None or self.ceiling is not None
+
+    def score(self, work: WorkingModel) -> dict[str, float | None]:
+        scores = self.evaluator.score(work.model, work.tokenizer)
+        return {
+            "harmful_rate": scores.harmful_rate,
+            "utility": scores.utility,
+            "over_refusal": scores.over_refusal,
+        }
+
+    def check(self, work: WorkingModel) -> Check:
+        """Score the working model; it holds when within the floor and the ceiling."""
+        scores = self.score(work)
+        holds = (self.floor is None or scores["utility"] >= self.floor) and (
+            self.ceiling is None or scores["over_refusal"] <= self.ceiling
+        )
+        return Check(**scores, holds=holds)

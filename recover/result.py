@@ -1,0 +1,96 @@
+"""What a recovery run produced: per step, per rate, and for the whole run (report.json)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from safealign.recover.plan import Plan
+from safealign.recover.settings import RecoverSettings
+
+
+@dataclass
+class StepRecord:
+    """What one step did and measured."""
+
+    step: int
+    candidates: int  # sign-agreeing, not yet restored elements offered to the top-k
+    restored: int
+    rolled_back: int
+    restored_total: int  # elements at aligned values after this step
+    per_layer: dict[int, int]  # restored minus rolled back in this step, per layer
+    loss: float  # mean -cos(harmful centroid, direction) before this step's restore
+    harmful_rate: float | None
+    utility: float | None  # after rollback, if one happened
+    utility_before_rollback: float | None
+    over_refusal: float | None  # after rollback, if one happened (with benign prompts)
+    holds: bool | None  # utility (and over-refusal) within bounds
+    seconds: float
+
+
+@dataclass
+class RunOutcome:
+    """One pass of the loop at one rate, and the state it kept."""
+
+    rate: float
+    steps: list[StepRecord]
+    kept_step: int  # 0: nothing kept (the fine-tuned model)
+    restored: int  # elements at aligned values in the kept state
+    harmful_rate: float | None
+    utility: float | None
+    over_refusal: float | None
+    seconds: float
+
+    def scores(self) -> dict[str, float | None]:
+        return {
+            "harmful_rate": self.harmful_rate,
+            "utility": self.utility,
+            "over_refusal": self.over_refusal,
+        }
+
+    def summary(self) -> dict:
+        return {
+            "rate": self.rate,
+            "kept_step": self.kept_step,
+            "restored": self.restored,
+            **self.scores(),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class RecoveryResult:
+    """Everything a run produced; ``to_dict()`` is report.json."""
+
+    out: Path | None
+    plan: Plan
+    run: RunOutcome | None = None
+    scores: dict[str, dict] = field(default_factory=dict)  # aligned / finetuned / recovered
+    sweep: list[dict] = field(default_factory=list)
+    sets: dict[str, dict | None] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+    @property
+    def settings(self) -> RecoverSettings:
+        """The run's settings, resolved (the plan's)."""
+        return self.plan.settings
+
+    def to_dict(self) -> dict:
+        run = None
+        if self.run is not None:
+            run = {**self.run.summary(), "steps": [asdict(s) for s in self.run.steps]}
+        return {
+            "method": "recover",
+            "out": str(self.out) if self.out else None,
+            "settings": self.settings.to_dict(),
+            "plan": self.plan.to_dict(),
+            "sets": self.sets,
+            "scores": self.scores,
+            "run": run,
+            "sweep": self.sweep,
+            "warnings": self.warnings,
+            "seconds": round(self.seconds, 3),
+            "peak_rss_bytes": self.peak_rss_bytes,
+        }

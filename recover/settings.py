@@ -1,0 +1,67 @@
+"""Every recover setting, once: default, help and range. The CLI options, the Python API, the
+plan, report.json and the model card all read :class:`RecoverSettings`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from safealign.model import resolve_dtype
+from safealign.settings import Settings, SettingsError, setting
+
+
+@dataclass
+class RecoverSettings(Settings):
+    """Settings of one recovery run. ``layer``, ``warmup``, ``dtype`` and ``device`` left at
+    ``None`` are resolved from the model once it is opened; the report records the values
+    used."""
+
+    layer: int | None = setting(
+        None, help="Direction layer L.", min=1, default_text="floor(4n/6); n under 12 layers"
+    )
+    rate: float = setting(
+        0.002, help="Share restored per step.", min=0, max=1, min_open=True, max_open=True
+    )
+    steps: int = setting(20, help="Steps.", min=1)
+    warmup: int | None = setting(
+        None, help="First step checked.", min=0, default_text="5; 1 under 12 layers"
+    )
+    metric_drop: float = setting(
+        0.05, help="Allowed relative utility drop.", min=0, max=1, max_open=True
+    )
+    rollback_rate: float = setting(0.2, help="Share of a step rolled back.", min=0, max=1)
+    refusal_rise: float = setting(
+        0.05,
+        help="Allowed over-refusal rise above max(A, B), with --benign.",
+        min=0,
+        max=1,
+        max_open=True,
+    )
+    judge: str = setting("keyword", help="Harmful-response judge.")
+    metric: str = setting("exact_match", help="Task metric.")
+    device: str | None = setting(None, help="cpu, cuda, cuda:1, ...", default_text="cpu")
+    dtype: str | None = setting(
+        None, help="Working and output dtype.", default_text="the fine-tuned checkpoint's"
+    )
+    batch_size: int = setting(8, help="Prompts per gradient batch.", min=1)
+    max_prompts: int | None = setting(256, help="Harmful prompts used.", min=1)
+    sweep: tuple[float, ...] = setting(
+        (),
+        help="Rates for the trade-off curve, e.g. 0.001,0.002,0.004.",
+        min=0,
+        max=1,
+        min_open=True,
+        max_open=True,
+    )
+    eval_batch_size: int = setting(16, help="Prompts per scoring batch.", min=1, cli=False)
+    max_new_tokens: int = setting(48, help="Tokens generated per scored reply.", min=1, cli=False)
+
+    def check(self) -> None:
+        super().check()
+        if isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
+            return  # a torch dtype's own name, as recorded once resolved (e.g. float64)
+        try:
+            resolve_dtype(self.dtype)
+        except ValueError as error:
+            raise SettingsError(f"--dtype: {error}") from None

@@ -1,0 +1,280 @@
+"""Writing checkpoints atomically: a temporary folder beside the destination, renamed into
+place only when the write finished; an exception leaves the destination untouched.
+
+:class:`CheckpointWriter` writes a model folder, sharded as tensors arrive.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Self
+
+import torch
+from safetensors.torch import save_file
+
+from safealign.checkpoint.card import ModelCard
+from safealign.checkpoint.files import (
+    TOKENIZER_FILES,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    resolve,
+)
+from safealign.checkpoint.reader import Checkpoint
+
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from ``5GB``, ``500MB``, ``1.5GiB`` or an int (decimal units, like HF)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+        if match is None or match[2] not in SIZE_UNITS:
+            raise ValueError(f"bad size {size!r}: use bytes or e.g. 500MB, 5GB, 2GiB")
+        value = int(float(match[1]) * SIZE_UNITS[match[2]])
+    if value <= 0:
+        raise ValueError(f"bad size {size!r}: must be positive")
+    return value
+
+
+def _is_within(path: Path, other: Path) -> bool:
+    return path == other or other in path.parents
+
+
+def _input_folders(item: Checkpoint | str | Path) -> list[Path]:
+    if isinstance(item, Checkpoint):
+        folders = [item.path]
+        if item.base is not None:
+            folders.append(item.base.path)
+        return folders
+    return [resolve(item)]
+
+
+class AtomicFolder:
+    """A temporary folder beside ``out`` that replaces ``out`` only on commit."""
+
+    def __init__(self, out: str | Path, inputs: Iterable[Checkpoint | str | Path], overwrite: bool):
+        self.out = resolve(out)
+        for item in inputs:
+            for folder in _input_folders(item):
+                if _is_within(self.out, folder):
+                    raise CheckpointError(f"output would overwrite an input checkpoint: {self.out}")
+                if overwrite and _is_within(folder, self.out):
+                    raise CheckpointError(f"output folder contains an input checkpoint: {self.out}")
+        if self.out.exists():
+            if not self.out.is_dir():
+                raise CheckpointError(f"output exists and is not a folder: {self.out}")
+            if any(self.out.iterdir()) and not overwrite:
+                raise CheckpointError(f"output folder not empty (use overwrite): {self.out}")
+        self._folder = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.done = False
+
+    @property
+    def folder(self) -> Path:
+        """The temporary folder, created on first use."""
+        if not self._folder.exists() and not self.done:
+            self._folder.mkdir(parents=True)
+        return self._folder
+
+    def commit(self) -> Path:
+        """Move the temporary folder to ``out``; an existing ``out`` is replaced only now."""
+        old = None
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+            self.out.rename(old)
+        try:
+            self.folder.rename(self.out)
+        except BaseException:
+            if old is not None:
+                old.rename(self.out)
+            raise
+        self.done = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out
+
+    def discard(self) -> None:
+        if not self.done:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self.done = True
+
+
+def copy_files(src: Path, dst: Path, names: Iterable[str]) -> None:
+    """Copy the named files (or folders) that exist in ``src`` and not yet in ``dst``."""
+    for name in names:
+        if (dst / name).exists():
+            continue
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+        elif (src / name).is_dir():
+            shutil.copytree(src / name, dst / name)
+
+
+def owned(tensor: torch.Tensor, pending: Iterable[torch.Tensor] = ()) -> torch.Tensor:
+    """A detached, contiguous CPU tensor that owns its storage (no views, no sharing)."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    storage = tensor.untyped_storage()
+    shared = storage.nbytes() != tensor.numel() * tensor.element_size() or any(
+        p.untyped_storage().data_ptr() == storage.data_ptr() for p in pending
+    )
+    return tensor.clone() if shared else tensor
+
+
+class FolderWriter:
+    """What both writers share: files go to a temporary folder beside ``out`` (refused when
+    ``out`` is an input, or not empty without ``overwrite``), renamed into place at the end.
+    As a context manager, an exception inside (or a missing ``finish``) discards everything."""
+
+    def __init__(self, out: str | Path, inputs: list[Checkpoint | str | Path], overwrite: bool):
+        self._atomic = AtomicFolder(out, inputs, overwrite)
+        self.out = self._atomic.out
+
+    @property
+    def folder(self) -> Path:
+        """The temporary folder being written (extra files such as report.json go here)."""
+        return self._atomic.folder
+
+    def _check_open(self) -> None:
+        if self._atomic.done:
+            raise CheckpointError(f"writer already finished or discarded: {self.out}")
+
+    def _commit(self, write: Callable[[ModelCard], None], card: ModelCard) -> Path:
+        """``write(card)`` the remaining files, then rename into place; discard on any error."""
+        try:
+            write(card)
+            return self._atomic.commit()
+        except BaseException:
+            self._atomic.discard()
+            raise
+
+    def discard(self) -> None:
+        """Remove the temporary folder; the destination stays untouched."""
+        self._atomic.discard()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.discard()
+        elif not self._atomic.done:
+            self.discard()
+            raise CheckpointError(f"writer closed without finish(), nothing written: {self.out}")
+
+
+class CheckpointWriter(FolderWriter):
+    """Write a model folder as tensors arrive: shards flushed as they fill, atomic rename at
+    :meth:`finish`. Use as a context manager; an exception inside discards everything."""
+
+    def __init__(
+        self,
+        out: str | Path,
+        *,
+        source: Checkpoint | str | Path,
+        max_shard_size: int | str = "5GB",
+        overwrite: bool = False,
+        inputs: Iterable[Checkpoint | str | Path] = (),
+    ):
+        self.source = Checkpoint.open(source)
+        self.max_shard_size = parse_size(max_shard_size)
+        super().__init__(out, [self.source, *inputs], overwrite)
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self._names: set[str] = set()
+        self._dtype_bytes: Counter[torch.dtype] = Counter()
+        self.total_size = 0
+        self.total_parameters = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor; a shard is written when the next tensor would overflow it.
+
+        The writer keeps the tensor until its shard is written: do not modify it in place
+        afterwards. Views and tensors sharing storage with a queued one are cloned.
+        """
+        self._check_open()
+        if name in self._names:
+            raise CheckpointError(f"tensor {name} added twice: {self.out}")
+        tensor = owned(tensor, self._pending.values())
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_size:
+            self._flush()
+        self._pending[name] = tensor
+        self._pending_bytes += size
+        self._names.add(name)
+        self.total_size += size
+        self.total_parameters += tensor.numel()
+        if tensor.is_floating_point():
+            self._dtype_bytes[tensor.dtype] += size
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        file = self.folder / f"shard-{len(self._shards) + 1:05d}.safetensors.part"
+        save_file(self._pending, str(file), metadata={"format": "pt"})
+        self._shards.append((file, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self, card: ModelCard) -> Path:
+        """Write the last shard, index, config, tokenizer and README.md; rename into place."""
+        if not self._names:
+            raise CheckpointError(f"no tensors were added: {self.out}")
+        return self._commit(self._write_files, card)
+
+    def _write_files(self, card: ModelCard) -> None:
+        self._flush()
+        self._name_shards()
+        self._write_config()
+        copy_files(self.source.tokenizer_folder, self.folder, TOKENIZER_FILES)
+        (self.folder / "README.md").write_text(
+            card.render(_base_model_name(self.source)), encoding="utf-8"
+        )
+
+    def _name_shards(self) -> None:
+        count = len(self._shards)
+        if count == 1:
+            self._shards[0][0].rename(self.folder / WEIGHTS_NAME)
+            return
+        weight_map = {}
+        for i, (file, names) in enumerate(self._shards, start=1):
+            final = f"model-{i:05d}-of-{count:05d}.safetensors"
+            file.rename(self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        metadata = {"total_parameters": self.total_parameters, "total_size": self.total_size}
+        index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def _write_config(self) -> None:
+        """Copy config.json (dtype updated to what was written) and generation_config.json."""
+        config = dict(self.source.config)
+        if self._dtype_bytes:
+            written = self._dtype_bytes.most_common(1)[0][0]
+            config["dtype"] = str(written).removeprefix("torch.")
+            config.pop("torch_dtype", None)
+        (self.folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_files(self.source.model_folder, self.folder, ["generation_config.json"])
+
+
+def _base_model_name(source: Checkpoint) -> str:
+    if source.is_adapter:
+        return str(source.adapter_config.get("base_model_name_or_path") or source.base.path)
+    return str(source.path)
