@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
-import sys
 import threading
 import time
 from pathlib import Path
@@ -12,6 +10,7 @@ from pathlib import Path
 import torch
 
 from safealign.checkpoint import Checkpoint
+from safealign.runtime import peak_rss_bytes
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -22,8 +21,7 @@ def rss_bytes() -> int:
         with open("/proc/self/statm") as handle:
             return int(handle.read().split()[1]) * _PAGE
     except OSError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
+        return peak_rss_bytes()
 
 
 class Usage:
