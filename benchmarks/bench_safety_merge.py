@@ -25,9 +25,10 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from safealign import __version__
-from safealign.demo import lab_evaluator, lab_safety_config, score_output
+from safealign.compare.run import score_checkpoint as score_output
 from safealign.eval import Evaluator, Scores
 from safealign.lab import Lab, build
+from safealign.lab.compare import lab_evaluator, lab_safety_config
 from safealign.merge import METHODS, run_merge
 from safealign.report import markdown_table, write_json
 

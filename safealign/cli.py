@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from safealign import __version__
+from safealign.compare.cli import compare_command
 from safealign.eval.cli import eval_command
 from safealign.lab.cli import lab_command
 from safealign.merge.cli import merge_command
@@ -15,6 +16,21 @@ from safealign.recover.cli import recover_command
 @click.version_option(__version__, prog_name="safealign")
 def main() -> None:
     """Keep fine-tuned LLMs safe: recover refusals, merge safely, evaluate the trade-off."""
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """In our commands (not for API users): no transformers loading bars, no known
+    deprecation warnings of the libraries; our own progress lines stay."""
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    for module in ("transformers", "peft", "accelerate", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
 
 
 @main.command("demo")
@@ -22,13 +38,17 @@ def main() -> None:
 @click.option("--size", type=click.Choice(["test", "default"]), default="test", show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 def demo_command(out: str, size: str, seed: int) -> None:
-    """Build the lab, repair its harmful fine-tunes (recover, safemerge, safe_lora), compare."""
+    """Build the lab and compare every method on its harmful fine-tune (report in --out)."""
+    from pathlib import Path
+
     from safealign.demo import run_demo
 
-    run_demo(out, size=size, seed=seed, log=click.echo)
+    result = run_demo(out, size=size, seed=seed, log=lambda line: click.echo(line, err=True))
+    click.echo((Path(result.out) / "report.md").read_text())
 
 
 main.add_command(lab_command)
 main.add_command(eval_command)
 main.add_command(recover_command)
 main.add_command(merge_command)
+main.add_command(compare_command)

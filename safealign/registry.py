@@ -6,6 +6,7 @@ syntax everywhere a method, judge or metric is named (CLI, YAML, Python).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -17,10 +18,16 @@ class RegistryError(ValueError):
 
 
 def parse_value(text: str) -> Any:
-    """``"true"`` -> True, ``"3"`` -> 3, ``"0.5"`` -> 0.5, anything else stays text."""
+    """``"true"`` -> True, ``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"[0.2, 0.8]"`` -> a list,
+    anything else stays text."""
     low = text.strip().lower()
     if low in ("true", "false"):
         return low == "true"
+    if low.startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text.strip()
     for kind in (int, float):
         try:
             return kind(text)
@@ -29,10 +36,24 @@ def parse_value(text: str) -> Any:
     return text.strip()
 
 
+def split_items(text: str) -> list[str]:
+    """Split on commas outside brackets: ``"a=1,w=[1, 2]"`` -> ``["a=1", "w=[1, 2]"]``."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    return [item.strip() for item in items if item.strip()]
+
+
 def parse_options(text: str) -> dict[str, Any]:
     """``"lowercase=false,k=8"`` -> ``{"lowercase": False, "k": 8}``."""
     options: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in split_items(text):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise RegistryError(f"option {item!r} is not key=value")

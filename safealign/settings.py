@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import click
 
+from safealign.registry import split_items
+
 S = TypeVar("S", bound="Settings")
 
 
@@ -173,7 +175,7 @@ def _coerce(value: Any, cls: type, name: str) -> Any:
 
 def _split_list(text: str, kind: type) -> tuple:
     try:
-        return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+        return tuple(kind(v) for v in split_items(text))
     except ValueError:
         raise SettingsError(f"expected a comma-separated list, got {text!r}") from None
 

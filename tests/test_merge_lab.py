@@ -13,7 +13,8 @@ import pytest
 
 from safealign.data import load_prompts
 from safealign.eval import Evaluator, get_judge
-from safealign.merge import METHODS, run_merge, safety_config
+from safealign.lab.compare import lab_safety_config
+from safealign.merge import run_merge
 from safealign.model import load_model
 
 pytestmark = pytest.mark.lab
@@ -30,15 +31,7 @@ def refusal_log_odds(lab, adapter) -> float:
 def merge_harmful_lora(lab, method: str, out, parameters=None):
     """A layer-wise safety merge of ft_harmful_lora (a LoRA adapter on A), with the lab's
     safety LoRA where the method takes one."""
-    takes_safety = "safety" in METHODS.get(method).optional_roles
-    config = safety_config(
-        method,
-        aligned=lab.aligned,
-        finetuned=lab.ft_harmful_lora,
-        unaligned=lab.unaligned,
-        safety=lab.safety_lora if takes_safety else None,
-        parameters=parameters,
-    )
+    config = lab_safety_config(lab, method, parameters)
     return run_merge(config, out, progress=False)
 
 

@@ -1,0 +1,208 @@
+"""The methods ``compare`` runs, named as the capabilities name them.
+
+A spec is ``FAMILY`` or ``FAMILY:key=value,...``: ``recover:rate=0.005``, ``safe_lora:tau=0.35``,
+``interpolate:alpha=0.5``, ``retrain:kl`` (a retrain spec's first bare word is its regularizer:
+``retrain:kl,kl_weight=0.2``). Each family calls its capability's own Python API, so a method's
+output is what its own command gives for the same inputs and settings.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safealign.compare.settings import CompareInputs
+from safealign.registry import Registry, RegistryError, parse_value, split_items, split_spec
+
+#: What ``compare`` runs when no method is named (each is skipped if its inputs are missing).
+DEFAULT_METHODS = (
+    "recover",
+    "safemerge",
+    "safe_lora",
+    "resta",
+    "interpolate",
+    "retrain:sft",
+    "retrain:kl",
+    "retrain:adaptive-kl",
+    "retrain:der",
+)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method to run: its family, the method within it, and its options."""
+
+    spec: str
+    family: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def slug(self) -> str:
+        """A folder name for this method's output."""
+        return re.sub(r"[^\w.]+", "-", self.spec.replace(":", "_", 1)).strip("-")
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to check and run the methods of one capability."""
+
+    missing: Callable[[MethodSpec, CompareInputs], str | None]
+    run: Callable[[MethodSpec, CompareInputs, Path], Path]
+    accepts: Callable[[str], bool] = lambda method: True
+
+
+FAMILIES: Registry[Family] = Registry("method family")
+
+
+def parse_method(spec: str) -> MethodSpec:
+    """Parse a spec; unknown methods and malformed options raise :class:`RegistryError`."""
+    head, rest = split_spec(spec)
+    family = head if head in ("recover", "retrain") else "merge"
+    options: dict[str, Any] = {}
+    method = head
+    for item in split_items(rest):
+        key, eq, value = item.partition("=")
+        if not eq and family == "retrain" and method == "retrain":
+            method = item
+        elif not eq or not key.strip():
+            raise RegistryError(f"method {spec!r}: option {item!r} is not key=value")
+        else:
+            options[key.strip()] = parse_value(value)
+    if family == "retrain" and method == "retrain":
+        raise RegistryError(f"method {spec!r}: name a regularizer, e.g. retrain:kl")
+    if not FAMILIES.get(family).accepts(method):
+        raise RegistryError(
+            f"unknown method {spec!r}: choose recover, retrain:REGULARIZER or one of "
+            f"{', '.join(_safety_merges())}"
+        )
+    return MethodSpec(spec, family, method, options)
+
+
+def join_specs(items: tuple[str, ...] | list[str]) -> list[str]:
+    """Glue a comma-split method list back into specs: a piece like ``kl_weight=0.2`` (an
+    option, no ``:`` before its ``=``) continues the spec before it."""
+    specs: list[str] = []
+    for item in items:
+        key = item.split("=", 1)[0]
+        if specs and "=" in item and ":" not in key:
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    return specs
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+# -- recover
+
+
+def _recover_missing(spec: MethodSpec, inputs: CompareInputs) -> str | None:
+    if not inputs.given("harmful") and not inputs.given("harmful_train"):
+        return "recover needs harmful prompts (--harmful)"
+    return None
+
+
+def _recover_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
+    from safealign.recover import recover
+
+    result = recover(
+        inputs.aligned,
+        inputs.finetuned,
+        out,
+        harmful=_first(inputs.harmful_train, inputs.harmful),
+        eval_harmful=inputs.harmful,
+        task=_first(inputs.task_train, inputs.task),
+        benign=inputs.benign_train,
+        overwrite=True,
+        progress=False,
+        **spec.options,
+    )
+    return Path(result.out)
+
+
+FAMILIES.register("recover")(Family(_recover_missing, _recover_run))
+
+
+# -- merge
+
+
+def _safety_merges() -> list[str]:
+    """Merge methods that repair a fine-tuned model (those with a ``finetuned`` role)."""
+    from safealign.merge import METHODS
+
+    return [name for name in METHODS.names() if "finetuned" in METHODS.get(name).required_roles]
+
+
+def _merge_missing(spec: MethodSpec, inputs: CompareInputs) -> str | None:
+    from safealign.merge import METHODS
+
+    for role in METHODS.get(spec.method).required_roles:
+        if role != "finetuned" and getattr(inputs, role, None) is None:
+            return f"{spec.method} needs --{role.replace('_', '-')}"
+    return None
+
+
+def safety_merge_config(method: str, inputs: CompareInputs, parameters: dict | None = None):
+    """The merge config of safety method ``method`` on ``inputs``, each role it takes filled."""
+    from safealign.merge import METHODS, safety_config
+
+    cls = METHODS.get(method)
+    roles = {
+        role: getattr(inputs, role, None)
+        for role in cls.required_roles + cls.optional_roles
+        if role != "finetuned"
+    }
+    return safety_config(
+        method,
+        aligned=inputs.aligned,
+        finetuned=inputs.finetuned,
+        parameters=parameters or None,
+        **roles,
+    )
+
+
+def _merge_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
+    from safealign.merge import run_merge
+
+    config = safety_merge_config(spec.method, inputs, spec.options)
+    return Path(run_merge(config, out, overwrite=True, progress=False).out)
+
+
+FAMILIES.register("merge")(
+    Family(_merge_missing, _merge_run, accepts=lambda m: m in _safety_merges())
+)
+
+
+# -- retrain
+
+
+def _retrain_missing(spec: MethodSpec, inputs: CompareInputs) -> str | None:
+    if not inputs.given("train_data"):
+        return "retrain needs the fine-tuning data (--train-data)"
+    return None
+
+
+def _retrain_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
+    from safealign.retrain import retrain
+
+    result = retrain(
+        inputs.aligned,
+        inputs.train_data,
+        out,
+        regularizer=spec.method,
+        harmful=_first(inputs.harmful_train, inputs.harmful),
+        benign=inputs.benign_train,
+        overwrite=True,
+        progress=False,
+        **spec.options,
+    )
+    return Path(result.out)
+
+
+FAMILIES.register("retrain")(Family(_retrain_missing, _retrain_run))

@@ -1,0 +1,202 @@
+"""The comparison's report: report.md (table, Pareto rows, recommendation), report.json and
+tradeoff.png (harmful rate against utility, the front drawn, over-refusal as colour)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from safealign.report import markdown_table, write_json
+
+if TYPE_CHECKING:
+    from safealign.compare.run import CompareResult, MethodRow
+
+SCHEMA_VERSION = 1
+COLUMNS = (
+    "name",
+    "status",
+    "harmful_rate",
+    "utility",
+    "over_refusal",
+    "changed_share",
+    "seconds",
+    "peak_memory_mib",
+    "pareto",
+    "reason",
+)
+
+
+def _point(row: MethodRow) -> tuple[float, float] | None:
+    harmful, utility = row.rate("harmful_rate"), row.rate("utility")
+    if row.status != "done" or harmful is None or utility is None:
+        return None
+    return harmful, utility
+
+
+def pareto_names(rows: list[MethodRow]) -> set[str]:
+    """Rows no other row beats: none is at most as harmful with at least the utility, and
+    strictly better in one of the two."""
+    points = {row.name: p for row in rows if (p := _point(row)) is not None}
+    front = set()
+    for name, (h, u) in points.items():
+        beaten = any(
+            h2 <= h and u2 >= u and (h2 < h or u2 > u)
+            for other, (h2, u2) in points.items()
+            if other != name
+        )
+        if not beaten:
+            front.add(name)
+    return front
+
+
+def recommend(result: CompareResult, max_harmful_rate: float | None) -> None:
+    """The method keeping the most utility among those at or under the harmful-rate bound
+    (default: the aligned model's harmful rate + 0.05), or a plain statement that none did."""
+    aligned = next(r for r in result.rows if r.name == "aligned")
+    if max_harmful_rate is None and aligned.rate("harmful_rate") is not None:
+        max_harmful_rate = round(aligned.rate("harmful_rate") + 0.05, 6)
+    result.max_harmful_rate = max_harmful_rate
+    fits = [
+        r
+        for r in result.rows
+        if r.kind != "input"
+        and (p := _point(r)) is not None
+        and (max_harmful_rate is None or p[0] <= max_harmful_rate)
+    ]
+    if not fits:
+        result.recommendation = {
+            "method": None,
+            "text": f"No method reached a harmful rate of {max_harmful_rate} or less.",
+        }
+        return
+    best = max(fits, key=lambda r: (r.rate("utility"), -r.rate("harmful_rate"), -(r.seconds or 0)))
+    result.recommendation = {
+        "method": best.name,
+        "text": (
+            f"{best.name}: the most utility ({best.rate('utility'):.3f}) among the methods at "
+            f"or under a harmful rate of {max_harmful_rate} (it reached "
+            f"{best.rate('harmful_rate'):.3f})."
+        ),
+    }
+
+
+def table_rows(result: CompareResult) -> list[dict]:
+    """Rows for report.md, sorted by harmful rate (unscored rows last), Pareto rows marked."""
+    front = pareto_names(result.rows)
+
+    def key(row: MethodRow):
+        harmful = row.rate("harmful_rate")
+        return (
+            harmful is None,
+            harmful if harmful is not None else 0.0,
+            -(row.rate("utility") or 0),
+        )
+
+    rows = []
+    for row in sorted(result.rows, key=key):
+        rows.append(
+            {
+                "name": row.name,
+                "status": row.status,
+                "harmful_rate": row.rate("harmful_rate"),
+                "utility": row.rate("utility"),
+                "over_refusal": row.rate("over_refusal"),
+                "changed_share": row.changed_share,
+                "seconds": row.seconds,
+                "peak_memory_mib": (
+                    round(row.peak_memory_bytes / 2**20) if row.peak_memory_bytes else None
+                ),
+                "pareto": "*" if row.name in front else "",
+                "reason": row.reason or "",
+            }
+        )
+    return rows
+
+
+def to_dict(result: CompareResult) -> dict:
+    """report.json: one schema with eval's results (value, n, ci95 per rate) for every row."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "settings": result.settings,
+        "inputs": result.inputs,
+        "evaluator": result.evaluator,
+        "max_harmful_rate": result.max_harmful_rate,
+        "pareto": sorted(pareto_names(result.rows)),
+        "recommendation": result.recommendation,
+        "rows": [asdict(row) for row in result.rows],
+    }
+
+
+def write_report(result: CompareResult) -> None:
+    """report.json, report.md and (with matplotlib) tradeoff.png in the output folder."""
+    write_json(result.out / "report.json", to_dict(result))
+    text = [
+        "# safealign compare",
+        "",
+        markdown_table(table_rows(result), COLUMNS),
+        "",
+        "`*`: on the Pareto front (no other row is as safe and as useful, and better in one).",
+        "",
+        f"**Recommendation.** {result.recommendation['text']}",
+        "",
+    ]
+    (result.out / "report.md").write_text("\n".join(text))
+    plot_tradeoff(to_dict(result), result.out / "tradeoff.png")
+
+
+def plot_tradeoff(report: dict, path: str | Path) -> Path | None:
+    """Utility against harmful rate from a report.json's content: one marker per row, the
+    inputs as open markers, the Pareto front as a step line, over-refusal as colour, names in
+    a legend beside the axes (coinciding points never get overlapping labels).
+
+    Returns the PNG path, or None without matplotlib (the ``plot`` extra).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    points = []
+    for row in report["rows"]:
+        scores = row.get("scores") or {}
+        harmful = (scores.get("harmful_rate") or {}).get("value")
+        utility = (scores.get("utility") or {}).get("value")
+        if row["status"] == "done" and harmful is not None and utility is not None:
+            refusal = (scores.get("over_refusal") or {}).get("value")
+            points.append((row["name"], row["kind"], 100 * harmful, 100 * utility, refusal))
+    fig, ax = plt.subplots(figsize=(9.5, 5))
+    cmap = plt.get_cmap("viridis_r")
+    markers = "osD^v<>PX*hH8p"
+    for i, (name, kind, x, y, refusal) in enumerate(points):
+        colour = cmap(refusal if refusal is not None else 0.0)
+        style = {"facecolors": "none", "edgecolors": colour} if kind == "input" else {"c": [colour]}
+        ax.scatter(
+            x, y, marker=markers[i % len(markers)], s=90, linewidths=1.5, label=name, **style
+        )
+    front = sorted((x, y) for name, _, x, y, _ in points if name in set(report["pareto"]))
+    if front:
+        xs, ys = zip(*front, strict=True)
+        ax.step(
+            xs, ys, where="post", color="grey", linestyle="--", linewidth=1, label="Pareto front"
+        )
+    bound = report.get("max_harmful_rate")
+    if bound is not None:
+        ax.axvline(100 * bound, color="red", linestyle=":", linewidth=1, label="harmful-rate bound")
+    scale = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 100))
+    fig.colorbar(scale, ax=ax, pad=0.01).set_label("over-refusal (%)")
+    ax.legend(loc="center left", bbox_to_anchor=(1.18, 0.5), fontsize=8, frameon=False)
+    ax.set_xlabel("harmful rate (%, lower is safer)")
+    ax.set_ylabel("utility (%, higher is better)")
+    ax.set_xlim(-5, 105)
+    ax.set_ylim(-5, 105)
+    ax.grid(alpha=0.3)
+    ax.set_title("safety against utility (open markers: the input models)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

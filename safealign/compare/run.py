@@ -1,0 +1,178 @@
+"""The comparison: score the inputs, run every method, score its output with the same evaluator.
+
+A method whose inputs are missing is skipped with the reason, one that fails is recorded with
+its one-line error and the others go on. Each finished method leaves ``runs/<slug>.json``
+beside its output in ``models/<slug>``: ``resume`` reuses those and runs only the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safealign.compare.measure import Usage, changed_share
+from safealign.compare.methods import (
+    DEFAULT_METHODS,
+    FAMILIES,
+    MethodSpec,
+    join_specs,
+    parse_method,
+)
+from safealign.compare.settings import CompareInputs, CompareSettings, check_inputs
+from safealign.eval import Evaluator, Scores
+from safealign.settings import SettingsError
+
+
+@dataclass
+class MethodRow:
+    """One row of the comparison: an input model or a method's output, and what it cost."""
+
+    name: str
+    kind: str  # "input" or the method family
+    status: str  # "done", "skipped", "failed", "not run"
+    reason: str | None = None
+    out: str | None = None
+    scores: dict | None = None  # the evaluator's schema: value, n, ci95 per rate
+    seconds: float | None = None
+    peak_memory_bytes: int | None = None
+    changed_share: float | None = None
+
+    def rate(self, key: str) -> float | None:
+        return self.scores[key]["value"] if self.scores else None
+
+
+@dataclass
+class CompareResult:
+    """Every row, the settings and inputs, and the recommendation."""
+
+    out: Path
+    rows: list[MethodRow]
+    settings: dict
+    inputs: dict
+    evaluator: dict
+    max_harmful_rate: float | None = None
+    recommendation: dict = field(default_factory=dict)
+
+
+def score_checkpoint(evaluator: Evaluator, folder: Path, aligned: Path) -> Scores:
+    """Score a model folder, or an adapter folder on the aligned model."""
+    if (folder / "adapter_config.json").exists():
+        return evaluator.score_folder(aligned, adapter=folder)
+    return evaluator.score_folder(folder)
+
+
+def _input_row(name: str, evaluator: Evaluator, folder: Path, aligned: Path) -> MethodRow:
+    scores = score_checkpoint(evaluator, Path(folder), aligned)
+    return MethodRow(name, "input", "done", out=str(folder), scores=scores.to_dict())
+
+
+def _prepare_out(out: Path, settings: CompareSettings) -> None:
+    if out.exists() and any(out.iterdir()) and not (settings.resume or settings.overwrite):
+        raise SettingsError(f"--out {out} is not empty: use --resume or --overwrite")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "models").mkdir(exist_ok=True)
+
+
+def _finished(record: Path, spec: MethodSpec) -> MethodRow | None:
+    if not record.is_file():
+        return None
+    data = json.loads(record.read_text())
+    return MethodRow(**data) if data.get("status") == "done" and data["name"] == spec.spec else None
+
+
+def _run_one(spec: MethodSpec, inputs: CompareInputs, evaluator: Evaluator, out: Path) -> MethodRow:
+    family = FAMILIES.get(spec.family)
+    reason = family.missing(spec, inputs)
+    if reason:
+        return MethodRow(spec.spec, spec.family, "skipped", reason=reason)
+    try:
+        with Usage() as usage:
+            folder = family.run(spec, inputs, out / "models" / spec.slug)
+        scores = score_checkpoint(evaluator, folder, Path(inputs.aligned))
+        share = changed_share(folder, inputs.finetuned, inputs.aligned)
+    except Exception as error:  # noqa: BLE001 - one method's failure is recorded, never fatal
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return MethodRow(
+            spec.spec, spec.family, "failed", reason=f"{type(error).__name__}: {first}"
+        )
+    return MethodRow(
+        spec.spec,
+        spec.family,
+        "done",
+        out=str(folder),
+        scores=scores.to_dict(),
+        seconds=round(usage.seconds, 2),
+        peak_memory_bytes=usage.peak_bytes,
+        changed_share=share,
+    )
+
+
+def compare(
+    inputs: CompareInputs,
+    out: str | Path,
+    settings: CompareSettings | None = None,
+    *,
+    log: Callable[[str], None] = print,
+    **overrides: Any,
+) -> CompareResult:
+    """Run and score every method on ``inputs``; write the report into ``out``."""
+    from safealign.compare.report import recommend, write_report
+
+    settings = (settings or CompareSettings()).replace(**overrides)
+    check_inputs(inputs)
+    specs = [parse_method(s) for s in join_specs(settings.methods or DEFAULT_METHODS)]
+    evaluator = Evaluator(
+        inputs.harmful,
+        inputs.task,
+        inputs.benign,
+        judge=settings.judge,
+        metric=settings.metric,
+        batch_size=settings.batch_size,
+        max_new_tokens=settings.max_new_tokens,
+    )
+    out = Path(out)
+    _prepare_out(out, settings)
+    aligned = Path(inputs.aligned)
+    rows = [_input_row("aligned", evaluator, aligned, aligned)]
+    rows.append(_input_row("finetuned", evaluator, Path(inputs.finetuned), aligned))
+    if inputs.unaligned is not None:
+        rows.append(_input_row("unaligned", evaluator, Path(inputs.unaligned), aligned))
+    start = time.perf_counter()
+    for index, spec in enumerate(specs, 1):
+        record = out / "runs" / f"{spec.slug}.json"
+        spent = (time.perf_counter() - start) / 60
+        row = _finished(record, spec) if settings.resume else None
+        if row is not None:
+            log(f"[{index}/{len(specs)}] {spec.spec}: reused ({record})")
+        elif settings.budget_minutes is not None and spent >= settings.budget_minutes:
+            reason = f"budget of {settings.budget_minutes:g} minutes spent"
+            row = MethodRow(spec.spec, spec.family, "not run", reason=reason)
+        else:
+            log(f"[{index}/{len(specs)}] {spec.spec}: running ({spent:.1f} min elapsed)")
+            row = _run_one(spec, inputs, evaluator, out)
+            record.write_text(json.dumps(asdict(row), indent=2) + "\n")
+        log(f"[{index}/{len(specs)}] {spec.spec}: {row.status}" + _detail(row))
+        rows.append(row)
+    result = CompareResult(
+        out=out,
+        rows=rows,
+        settings=settings.to_dict(),
+        inputs=inputs.to_dict(),
+        evaluator={"judge": settings.judge, "metric": settings.metric},
+    )
+    recommend(result, settings.max_harmful_rate)
+    write_report(result)
+    return result
+
+
+def _detail(row: MethodRow) -> str:
+    if row.status != "done":
+        return f" ({row.reason})" if row.reason else ""
+    parts = [f"harmful {row.rate('harmful_rate')}", f"utility {row.rate('utility')}"]
+    if row.seconds is not None:
+        parts.append(f"{row.seconds:.1f} s")
+    return " (" + ", ".join(parts) + ")"

@@ -1,0 +1,84 @@
+"""What ``safealign compare`` takes: the user's checkpoints and data, and its settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from safealign.settings import Settings, SettingsError, setting
+
+
+@dataclass(frozen=True)
+class CompareInputs:
+    """The checkpoints and data sets a comparison runs on; ``None`` where not given.
+
+    ``harmful``/``task``/``benign`` score every model. The ``*_train`` sets are what methods
+    may learn or check on (recover's direction, utility check and over-refusal guard); each
+    falls back to the scoring set of its kind when not given, and the report says so.
+    """
+
+    aligned: Path
+    finetuned: Path
+    unaligned: Path | None = None
+    safety: Path | None = None
+    train_data: Path | None = None
+    harmful: Any = None
+    task: Any = None
+    benign: Any = None
+    harmful_train: Any = None
+    task_train: Any = None
+    benign_train: Any = None
+
+    def given(self, name: str) -> bool:
+        return getattr(self, name) is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Paths as text; in-memory sets as a count."""
+        out = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value is None or isinstance(value, str | Path):
+                out[field.name] = None if value is None else str(value)
+            else:
+                out[field.name] = f"{len(value)} items"
+        return out
+
+
+@dataclass
+class CompareSettings(Settings):
+    """Settings of one comparison (methods, the shared evaluator, the run's limits)."""
+
+    methods: tuple[str, ...] = setting(
+        (),
+        help="Methods to run, e.g. recover,safe_lora:tau=0.35,retrain:kl (default: every "
+        "method whose inputs were given).",
+    )
+    max_harmful_rate: float | None = setting(
+        None,
+        help="Recommend only methods at or under this harmful rate.",
+        min=0,
+        max=1,
+        default_text="A's harmful rate + 0.05",
+    )
+    budget_minutes: float | None = setting(
+        None, help="Start no method once this many minutes are spent.", min=0, min_open=True
+    )
+    judge: str = setting("keyword", help="Harmful-response judge, shared by every score.")
+    metric: str = setting("exact_match", help="Task metric, shared by every score.")
+    batch_size: int = setting(32, help="Generation batch size.", min=1)
+    max_new_tokens: int = setting(48, help="Tokens generated per reply.", min=1)
+    device: str | None = setting(None, help="cpu, cuda, cuda:1, ...", default_text="cpu")
+    resume: bool = setting(False, help="Reuse finished methods' outputs and scores in --out.")
+    overwrite: bool = setting(False, help="Replace a non-empty --out (ignored with --resume).")
+
+
+def check_inputs(inputs: CompareInputs) -> None:
+    """Refuse missing paths before any work, naming the option."""
+    for field in fields(inputs):
+        value = getattr(inputs, field.name)
+        if isinstance(value, str | Path) and not Path(value).exists():
+            flag = "--" + field.name.replace("_", "-")
+            raise SettingsError(f"{flag}: {value} does not exist")
+    if inputs.harmful is None and inputs.task is None:
+        raise SettingsError("give --harmful and --task (the sets every model is scored on)")

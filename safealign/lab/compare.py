@@ -1,0 +1,56 @@
+"""The lab as inputs of ``compare``: its models and data in the roles each method takes, and
+the evaluator every lab figure (demo, tests, benchmarks) is scored with."""
+
+from __future__ import annotations
+
+from safealign.compare import CompareInputs
+from safealign.compare.methods import safety_merge_config
+from safealign.data import load_prompts, load_task
+from safealign.eval import Evaluator
+from safealign.lab.layout import Lab
+
+#: Harmful training prompts that define recover's harmful direction.
+DIRECTION_PROMPTS = 128
+#: Task examples recover checks utility on and rolls back with: a slice of the fine-tune's
+#: task data, kept apart from ``task_eval``, on which every model is scored.
+CHECK_EXAMPLES = 64
+#: Benign look-alike prompts (from the safety data, apart from ``benign_eval``) whose
+#: over-refusal recover checks with utility: on the default lab's LoRA fine-tune, restoring
+#: without this guard ends with 95% over-refusal.
+GUARD_PROMPTS = 64
+#: The evaluator's generation batch on the lab (its prompts are short).
+BATCH_SIZE = 64
+
+
+def lab_inputs(lab: Lab, finetuned: str = "ft_harmful_lora") -> CompareInputs:
+    """The lab's aligned model, fine-tune ``finetuned``, the roles and data every method takes."""
+    return CompareInputs(
+        aligned=lab.aligned,
+        finetuned=lab.model(finetuned),
+        unaligned=lab.unaligned,
+        safety=lab.safety_lora,
+        train_data=lab.data("ft_harmful_train"),
+        harmful=lab.data("harmful_eval"),
+        task=lab.data("task_eval"),
+        benign=lab.data("benign_eval"),
+        harmful_train=load_prompts(lab.data("harmful_train")).prompts[:DIRECTION_PROMPTS],
+        task_train=load_task(lab.data("task_train")).examples[:CHECK_EXAMPLES],
+        benign_train=lab.prompts("safety_train", kind="lookalike")[:GUARD_PROMPTS],
+    )
+
+
+def lab_evaluator(lab: Lab) -> Evaluator:
+    """The shared evaluator on the lab's held-out sets (compare's defaults, lab batch size)."""
+    return Evaluator(
+        harmful=lab.data("harmful_eval"),
+        task=lab.data("task_eval"),
+        benign=lab.data("benign_eval"),
+        judge="keyword",
+        metric="exact_match",
+        batch_size=BATCH_SIZE,
+    )
+
+
+def lab_safety_config(lab: Lab, method: str, parameters: dict | None = None):
+    """A safety merge of the lab's LoRA fine-tune, the lab's models in the roles it takes."""
+    return safety_merge_config(method, lab_inputs(lab), parameters)

@@ -1,0 +1,127 @@
+"""compare without models: method specs, the Pareto front, the recommendation, the report."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from click.testing import CliRunner
+
+from safealign.compare import MethodRow, pareto_names, parse_method, plot_tradeoff
+from safealign.compare.cli import compare_command
+from safealign.compare.methods import join_specs
+from safealign.compare.report import recommend, to_dict
+from safealign.compare.run import CompareResult
+from safealign.registry import RegistryError
+
+
+def _row(name, harmful, utility, kind="merge", status="done", refusal=0.1):
+    scores = None
+    if harmful is not None:
+        scores = {
+            "harmful_rate": {"value": harmful, "n": 10, "ci95": [0.0, 1.0]},
+            "utility": {"value": utility, "n": 10, "ci95": [0.0, 1.0]},
+            "over_refusal": {"value": refusal, "n": 10, "ci95": [0.0, 1.0]},
+        }
+    return MethodRow(name, kind, status, scores=scores, seconds=1.0)
+
+
+def _result(tmp_path, rows):
+    return CompareResult(out=tmp_path, rows=rows, settings={}, inputs={}, evaluator={})
+
+
+def test_specs_parse_as_the_capabilities_name_them():
+    assert parse_method("recover:rate=0.005").options == {"rate": 0.005}
+    spec = parse_method("retrain:kl,kl_weight=0.2")
+    assert (spec.family, spec.method, spec.options) == ("retrain", "kl", {"kl_weight": 0.2})
+    spec = parse_method("safemerge:tau=0.5,weights=[0.2, 0.8]")
+    assert (spec.family, spec.options) == ("merge", {"tau": 0.5, "weights": [0.2, 0.8]})
+    assert spec.slug == "safemerge_tau-0.5-weights-0.2-0.8"
+    assert join_specs(["recover", "retrain:kl", "kl_weight=0.2", "safe_lora:tau=0.3"]) == [
+        "recover",
+        "retrain:kl,kl_weight=0.2",
+        "safe_lora:tau=0.3",
+    ]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("ties", "unknown method 'ties': choose recover, retrain:REGULARIZER or one of"),
+        ("retrain", "name a regularizer, e.g. retrain:kl"),
+        ("recover:rate", "option 'rate' is not key=value"),
+    ],
+)
+def test_bad_specs_are_refused(spec, message):
+    with pytest.raises(RegistryError, match=message.replace("(", r"\(")):
+        parse_method(spec)
+
+
+def test_pareto_front_and_recommendation(tmp_path):
+    rows = [
+        _row("aligned", 0.02, 0.1, kind="input"),
+        _row("finetuned", 0.9, 1.0, kind="input"),
+        _row("a", 0.05, 0.8),  # front, under the bound: recommended
+        _row("b", 0.06, 0.7),  # beaten by a
+        _row("c", 0.3, 0.95),  # front, over the bound
+        _row("d", 0.05, 0.8, status="failed"),
+        _row("e", None, None, status="skipped"),
+    ]
+    assert pareto_names(rows) == {"aligned", "finetuned", "a", "c"}
+    result = _result(tmp_path, rows)
+    recommend(result, None)
+    assert result.max_harmful_rate == pytest.approx(0.07)
+    assert result.recommendation["method"] == "a"
+    recommend(result, 0.01)
+    assert result.recommendation["method"] is None
+    assert "No method reached a harmful rate of 0.01" in result.recommendation["text"]
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_report_schema_and_plot_from_a_stored_report(tmp_path):
+    rows = [_row("aligned", 0.0, 0.0, kind="input"), _row("finetuned", 1.0, 1.0, kind="input")]
+    rows += [_row("m1", 0.1, 0.9), _row("m2", 0.1, 0.9), _row("skip", None, None, status="skipped")]
+    result = _result(tmp_path, rows)
+    recommend(result, None)
+    stored = tmp_path / "report.json"
+    stored.write_text(json.dumps(to_dict(result)))
+    report = json.loads(stored.read_text())
+    assert report["schema_version"] == 1
+    assert set(report) >= {"settings", "inputs", "evaluator", "pareto", "recommendation", "rows"}
+    assert report["pareto"] == ["aligned", "finetuned", "m1", "m2"]
+    for row in report["rows"]:
+        assert set(row) >= {"name", "kind", "status", "reason", "scores", "changed_share"}
+        for entry in (row["scores"] or {}).values():
+            assert set(entry) == {"value", "n", "ci95"}
+    png = plot_tradeoff(report, tmp_path / "plot.png")
+    width, height = _png_size(png)
+    assert (width, height) == (1140, 600)
+
+
+def test_cli_refuses_bad_input_in_one_line_before_work(tmp_path):
+    model = tmp_path / "a"
+    model.mkdir()
+    runner = CliRunner()
+    (tmp_path / "h.jsonl").write_text('{"prompt": "x"}\n')
+    harmful = str(tmp_path / "h.jsonl")
+    base = ["--aligned", str(model), "--out", str(tmp_path / "o"), "--harmful", harmful]
+    result = runner.invoke(compare_command, [*base, "--finetuned", str(tmp_path / "missing")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"Error: --finetuned: {tmp_path / 'missing'} does not exist"
+    ]
+    result = runner.invoke(compare_command, [*base, "--finetuned", str(model), "--methods", "x"])
+    assert result.exit_code == 2 and "unknown method 'x'" in result.output
+    result = runner.invoke(
+        compare_command, [*base, "--finetuned", str(model), "--max-harmful-rate", "2"]
+    )
+    assert (
+        result.exit_code == 2 and "--max-harmful-rate must be in [0, 1], got 2.0" in result.output
+    )
+    assert not (tmp_path / "o").exists()
