@@ -15,7 +15,7 @@ from safealign.layers import (
 )
 from safealign.model import ensure_pad_token, resolve_dtype
 from safealign.paths import has_tokenizer
-from safealign.report import markdown_table, tradeoff_plot, write_json
+from safealign.report import markdown_table, write_json
 
 
 def test_decoder_layers_found_by_structure_for_llama_and_neox():
@@ -93,8 +93,3 @@ def test_markdown_table_and_json(tmp_path):
     assert "0.500" in lines[2] and "-" in lines[2]
     path = write_json(tmp_path / "x" / "r.json", {"a": 1})
     assert json.loads(path.read_text()) == {"a": 1}
-
-
-def test_tradeoff_plot_writes_png(tmp_path):
-    out = tradeoff_plot([{"name": "B", "harmful_rate": 0.9, "utility": 0.95}], tmp_path / "p.png")
-    assert out is not None and out.read_bytes()[:4] == b"\x89PNG"
