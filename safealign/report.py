@@ -1,4 +1,4 @@
-"""Run reports: JSON files, markdown tables and the harmful-rate / utility trade-off plot."""
+"""Run reports: JSON files and markdown tables."""
 
 from __future__ import annotations
 
