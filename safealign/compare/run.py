@@ -137,6 +137,7 @@ def compare(
     out = Path(out)
     _prepare_out(out, settings)
     aligned = Path(inputs.aligned)
+    log("scoring the inputs (aligned, finetuned" + (", unaligned)" if inputs.unaligned else ")"))
     rows = [_input_row("aligned", evaluator, aligned, aligned)]
     rows.append(_input_row("finetuned", evaluator, Path(inputs.finetuned), aligned))
     if inputs.unaligned is not None:
