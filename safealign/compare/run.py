@@ -173,7 +173,8 @@ def compare(
 def _detail(row: MethodRow) -> str:
     if row.status != "done":
         return f" ({row.reason})" if row.reason else ""
-    parts = [f"harmful {row.rate('harmful_rate')}", f"utility {row.rate('utility')}"]
+    rates = {key: row.rate(key) for key in ("harmful_rate", "utility", "over_refusal")}
+    parts = [f"{key} {value:.3f}" for key, value in rates.items() if value is not None]
     if row.seconds is not None:
         parts.append(f"{row.seconds:.1f} s")
     return " (" + ", ".join(parts) + ")"
