@@ -1,0 +1,138 @@
+"""Regularized retraining on the lab: each regularizer trains ``aligned`` on ``ft_harmful``'s data.
+
+Every run fine-tunes the lab's aligned model (LoRA, the default) on data/ft_harmful_train.jsonl
+(task examples plus compliant answers to harmful requests), with each regularizer at its
+default settings, and scores the adapter with the demo's evaluator (held-out harmful, task and
+benign sets). Step time and peak training memory are also given relative to ``sft`` in the
+same run. The probe critic of adaptive-kl and the harmful prompts der answers for its anchors
+use the lab's harmful_train prompts; the probe's benign side is the lab's benign look-alikes
+and task prompts from its training data (none of the evaluation sets).
+
+Run (on a shared CPU, under the lock):
+    OMP_NUM_THREADS=2 flock /tmp/safealign-cpu.lock python benchmarks/bench_retrain.py --size test
+
+Prints a markdown table and writes benchmarks/results/retrain_<size>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers.utils import logging as transformers_logging
+
+from safealign import __version__
+from safealign.demo import lab_evaluator, score_output
+from safealign.lab import Lab, build
+from safealign.registry import parse_options
+from safealign.report import markdown_table, write_json
+from safealign.retrain import retrain
+
+RESULTS = Path(__file__).parent / "results"
+REGULARIZERS = ("sft", "kl", "adaptive-kl", "der", "epoch-kl", "l2", "ema", "ldifs")
+#: The lab's LoRA fine-tune schedule (ft_harmful_lora: batch 16, lr 3e-3, ~2.5 epochs).
+TRAINING = {"epochs": 3, "batch_size": 16, "lr": 3e-3}
+COLUMNS = (
+    "regularizer",
+    "harmful",
+    "task",
+    "over-refusal",
+    "harmful pts below sft",
+    "task pts vs sft",
+    "train s",
+    "step s",
+    "step x sft",
+    "memory MB",
+    "memory x sft",
+    "probe AUROC",
+)
+
+
+def probe_benign(lab: Lab, folder: Path) -> Path:
+    """Benign prompts for the probe from the lab's training data: look-alikes and task."""
+    prompts = lab.prompts("safety_train", kind="lookalike") + lab.prompts("task_train")
+    path = folder / "probe_benign.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
+
+
+def run_one(lab: Lab, name: str, folder: Path, benign: Path, extra: dict) -> dict:
+    """Train with regularizer ``name`` and score the output."""
+    result = retrain(
+        aligned=str(lab.aligned),
+        data=str(lab.data("ft_harmful_train")),
+        out=str(folder / name),
+        regularizer=name,
+        harmful=str(lab.data("harmful_train")),
+        benign=str(benign),
+        progress=False,
+        log=lambda _: None,
+        **(TRAINING | extra),
+    )
+    scores = score_output(lab_evaluator(lab), result.out, lab.aligned)
+    metrics = result.metrics
+    return {
+        "regularizer": name,
+        "harmful": scores.harmful_rate,
+        "task": scores.utility,
+        "over-refusal": scores.over_refusal,
+        "train s": round(metrics["train_seconds"], 1),
+        "step s": metrics["step_seconds"],
+        "memory MB": metrics["peak_memory_bytes"] / 2**20,
+        "probe AUROC": metrics.get("probe_auroc"),
+        "final loss": metrics["final_loss"],
+    }
+
+
+def relative(rows: list[dict]) -> None:
+    """Add the columns against sft (points and ratios), when sft is among the rows."""
+    base = next((r for r in rows if r["regularizer"] == "sft"), None)
+    if base is None:
+        return
+    for row in rows:
+        row["harmful pts below sft"] = 100 * (base["harmful"] - row["harmful"])
+        row["task pts vs sft"] = 100 * (row["task"] - base["task"])
+        row["step x sft"] = row["step s"] / base["step s"]
+        row["memory x sft"] = row["memory MB"] / base["memory MB"] if base["memory MB"] else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=("test", "default"), default="test")
+    parser.add_argument("--only", help="Comma-separated regularizers (default: all).")
+    parser.add_argument("--set", default="", help="Setting overrides, key=value,...")
+    parser.add_argument("--out", type=Path, help="JSON path [results/retrain_<size>.json].")
+    args = parser.parse_args()
+    transformers_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    lab = build(size=args.size)
+    names = args.only.split(",") if args.only else REGULARIZERS
+    extra = parse_options(args.set)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        benign = probe_benign(lab, Path(tmp))
+        for name in names:
+            rows.append(run_one(lab, name, Path(tmp), benign, extra))
+            print(f"{name}: harmful {rows[-1]['harmful']:.3f} task {rows[-1]['task']:.3f}")
+    relative(rows)
+    print(markdown_table(rows, COLUMNS))
+    out = args.out or RESULTS / f"retrain_{args.size}.json"
+    info = {
+        "size": args.size,
+        "lab": str(lab.root),
+        "training": TRAINING | extra,
+        "safealign": __version__,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "rows": rows,
+    }
+    write_json(out, info)
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""``safealign retrain``: options generated from :class:`RetrainSettings`, YAML with --config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import yaml
+
+from safealign.data import DataError
+from safealign.registry import RegistryError
+from safealign.retrain.api import retrain
+from safealign.retrain.settings import RetrainSettings
+from safealign.settings import SettingsError, click_options, from_cli
+
+#: Errors that mean "bad input": printed as one line, exit status 1, nothing trained.
+INPUT_ERRORS = (SettingsError, RegistryError, DataError, FileExistsError, ValueError)
+
+
+def load_config(path: str | None) -> dict | None:
+    """The YAML mapping in ``path`` (None without a path)."""
+    if path is None:
+        return None
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise click.ClickException(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise click.ClickException(f"{path}: a retrain config is a mapping of settings")
+    return data
+
+
+@click.command("retrain")
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False),
+    help="YAML file of settings (keys as the flags, with _ or -); typed flags override it.",
+)
+@click_options(RetrainSettings)
+def retrain_command(config: str | None, **values) -> None:
+    """Fine-tune an aligned model on your data with a regularizer that keeps it aligned.
+
+    LoRA on --aligned by default (the reference is the model with its adapter switched off);
+    --full trains every weight. Multi-GPU: `accelerate launch -m safealign.cli retrain ...`.
+    """
+    base = load_config(config)
+    try:
+        settings, _ = from_cli(RetrainSettings, values, base)
+        result = retrain(settings, log=click.echo)
+    except INPUT_ERRORS as error:
+        raise click.ClickException(str(error).splitlines()[0]) from None
+    if result.out is not None:
+        loss = result.metrics.get("final_loss")
+        click.echo(f"steps {result.plan['steps']}, final loss {loss:.4f}: {result.out}")
