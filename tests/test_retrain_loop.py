@@ -1,0 +1,88 @@
+"""The training loop on a tiny random Llama: first-step KL, accumulation, resume, outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from retrain_support import adapter_weights, setup_files
+from transformers import AutoModelForCausalLM
+
+from safealign.retrain import retrain
+
+FAST = {"epochs": 2, "batch_size": 2, "lr": 1e-2, "progress": False, "log": lambda _: None}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return setup_files(tmp_path_factory.mktemp("retrain"))
+
+
+def test_kl_is_exactly_zero_at_the_first_step_of_a_fresh_lora(files, tmp_path):
+    result = retrain(**files, out=str(tmp_path / "out"), regularizer="kl", **FAST)
+    assert result.log[0]["kl"] == 0.0
+    assert result.log[-1]["kl"] > 0.0
+    assert result.metrics["reference_bytes"] == 0  # the adapter is switched off: no copy
+
+
+def test_gradient_accumulation_2x1_equals_1x2(files, tmp_path):
+    settings = FAST | {"epochs": 1, "regularizer": "kl"}
+    one = retrain(**files, out=str(tmp_path / "a"), **(settings | {"batch_size": 2}))
+    two = retrain(
+        **files, out=str(tmp_path / "b"), **(settings | {"batch_size": 1, "grad_accum": 2})
+    )
+    a, b = adapter_weights(one.out), adapter_weights(two.out)
+    assert [r["loss"] for r in one.log] == pytest.approx([r["loss"] for r in two.log], rel=1e-5)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("regularizer", ["kl", "epoch-kl", "ema"])
+def test_resume_after_k_steps_is_bitwise_the_uninterrupted_run(files, tmp_path, regularizer):
+    settings = FAST | {"regularizer": regularizer, "epochs": 3}
+    full = retrain(**files, out=str(tmp_path / "full"), save_every=5, **settings)
+    partial = tmp_path / "partial.checkpoints"
+    partial.mkdir()
+    shutil.copytree(tmp_path / "full.checkpoints" / "step-000005", partial / "step-000005")
+    said = []
+    resumed = retrain(
+        **files, out=str(tmp_path / "resumed"), resume=True, checkpoint_dir=str(partial),
+        **(settings | {"log": said.append}),
+    )
+    assert any(line.endswith("(step 5)") for line in said)
+    a, b = adapter_weights(full.out), adapter_weights(resumed.out)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert [r["loss"] for r in resumed.log] == [r["loss"] for r in full.log]
+
+
+def test_adapter_output_loads_with_peft_and_carries_card_and_log(files, tmp_path):
+    from peft import PeftModel
+
+    result = retrain(**files, out=str(tmp_path / "out"), regularizer="sft", **FAST)
+    base = AutoModelForCausalLM.from_pretrained(files["aligned"])
+    model = PeftModel.from_pretrained(base, str(result.out))
+    assert any("lora_B" in name for name, _ in model.named_parameters())
+    rows = [json.loads(line) for line in (result.out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    assert "retrain" in (result.out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("mode", [{"full": True}, {"merge": True}])
+def test_full_and_merged_outputs_load_with_auto_model(files, tmp_path, mode):
+    result = retrain(**files, out=str(tmp_path / "out"), regularizer="kl", **FAST, **mode)
+    model = AutoModelForCausalLM.from_pretrained(str(result.out))
+    reference = AutoModelForCausalLM.from_pretrained(files["aligned"])
+    moved = [
+        not torch.equal(p, reference.state_dict()[n]) for n, p in model.state_dict().items()
+    ]
+    assert any(moved)
+    if mode.get("full"):
+        assert result.metrics["reference_bytes"] > 0  # the frozen copy
+
+
+def test_dry_run_trains_and_writes_nothing(files, tmp_path):
+    result = retrain(**files, out=str(tmp_path / "out"), dry_run=True, log=lambda _: None)
+    assert result.out is None and result.plan["steps"] == 3  # 3 epochs of one batch of 8
+    assert not (tmp_path / "out").exists()
