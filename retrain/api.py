@@ -12,6 +12,7 @@ from safealign.retrain.build import (
     build_model,
     build_optimizer,
     build_reference,
+    load_tokenizer,
     reference_kind,
 )
 from safealign.retrain.data import load_examples, schedule
@@ -80,10 +81,10 @@ def retrain(
 
     accelerator = Accelerator(mixed_precision=settings.mixed_precision, cpu=settings.cpu)
     set_seed(settings.seed)
-    model, tokenizer = build_model(settings)
     examples, prompts = load_examples(
-        tokenizer, settings.data, text=settings.text, max_length=settings.max_length
+        load_tokenizer(settings), settings.data, text=settings.text, max_length=settings.max_length
     )
+    model, tokenizer = build_model(settings)
     regularizer = create(settings.regularizer, settings)
     steps = schedule(
         len(examples),

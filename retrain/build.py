@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -11,6 +12,20 @@ from safealign.model import load_model
 from safealign.retrain.reference import Reference, trainable
 from safealign.retrain.regularizers import Regularizer
 from safealign.retrain.settings import RetrainSettings
+
+
+def load_tokenizer(settings: RetrainSettings):
+    """The tokenizer the run uses (the adapter's when it has one), loaded alone so the data
+    is checked before any weights are read."""
+    from transformers import AutoTokenizer
+
+    source = settings.aligned
+    if settings.adapter and (Path(settings.adapter) / "tokenizer_config.json").exists():
+        source = settings.adapter
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def build_model(settings: RetrainSettings):
