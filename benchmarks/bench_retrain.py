@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -88,6 +90,14 @@ def run_one(lab: Lab, name: str, folder: Path, benign: Path, extra: dict) -> dic
     }
 
 
+def in_subprocess(size: str, name: str, extra: str, folder: Path) -> dict:
+    """``run_one`` in a fresh process, so that each peak-memory figure starts clean."""
+    path = folder / f"{name}.json"
+    command = [sys.executable, __file__, "--size", size, "--one", name, "--set", extra]
+    subprocess.run([*command, "--out", str(path)], check=True)
+    return json.loads(path.read_text())
+
+
 def relative(rows: list[dict]) -> None:
     """Add the columns against sft (points and ratios), when sft is among the rows."""
     base = next((r for r in rows if r["regularizer"] == "sft"), None)
@@ -106,17 +116,22 @@ def main() -> None:
     parser.add_argument("--only", help="Comma-separated regularizers (default: all).")
     parser.add_argument("--set", default="", help="Setting overrides, key=value,...")
     parser.add_argument("--out", type=Path, help="JSON path [results/retrain_<size>.json].")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # one regularizer, row to --out
     args = parser.parse_args()
     transformers_logging.set_verbosity_error()
     torch.manual_seed(0)
     lab = build(size=args.size)
-    names = args.only.split(",") if args.only else REGULARIZERS
     extra = parse_options(args.set)
+    if args.one:
+        with tempfile.TemporaryDirectory() as tmp:
+            benign = probe_benign(lab, Path(tmp))
+            write_json(args.out, run_one(lab, args.one, Path(tmp), benign, extra))
+        return
+    names = args.only.split(",") if args.only else REGULARIZERS
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        benign = probe_benign(lab, Path(tmp))
         for name in names:
-            rows.append(run_one(lab, name, Path(tmp), benign, extra))
+            rows.append(in_subprocess(args.size, name, args.set, Path(tmp)))
             print(f"{name}: harmful {rows[-1]['harmful']:.3f} task {rows[-1]['task']:.3f}")
     relative(rows)
     print(markdown_table(rows, COLUMNS))
