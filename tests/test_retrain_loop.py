@@ -48,7 +48,10 @@ def test_resume_after_k_steps_is_bitwise_the_uninterrupted_run(files, tmp_path, 
     shutil.copytree(tmp_path / "full.checkpoints" / "step-000005", partial / "step-000005")
     said = []
     resumed = retrain(
-        **files, out=str(tmp_path / "resumed"), resume=True, checkpoint_dir=str(partial),
+        **files,
+        out=str(tmp_path / "resumed"),
+        resume=True,
+        checkpoint_dir=str(partial),
         **(settings | {"log": said.append}),
     )
     assert any(line.endswith("(step 5)") for line in said)
@@ -74,9 +77,7 @@ def test_full_and_merged_outputs_load_with_auto_model(files, tmp_path, mode):
     result = retrain(**files, out=str(tmp_path / "out"), regularizer="kl", **FAST, **mode)
     model = AutoModelForCausalLM.from_pretrained(str(result.out))
     reference = AutoModelForCausalLM.from_pretrained(files["aligned"])
-    moved = [
-        not torch.equal(p, reference.state_dict()[n]) for n, p in model.state_dict().items()
-    ]
+    moved = [not torch.equal(p, reference.state_dict()[n]) for n, p in model.state_dict().items()]
     assert any(moved)
     if mode.get("full"):
         assert result.metrics["reference_bytes"] > 0  # the frozen copy
@@ -86,3 +87,44 @@ def test_dry_run_trains_and_writes_nothing(files, tmp_path):
     result = retrain(**files, out=str(tmp_path / "out"), dry_run=True, log=lambda _: None)
     assert result.out is None and result.plan["steps"] == 3  # 3 epochs of one batch of 8
     assert not (tmp_path / "out").exists()
+
+
+def test_continuing_an_adapter_uses_its_frozen_clone_as_reference(files, tmp_path):
+    first = retrain(**files, out=str(tmp_path / "first"), regularizer="sft", **FAST)
+    again = retrain(
+        **files, out=str(tmp_path / "again"), adapter=str(first.out), regularizer="kl", **FAST
+    )
+    assert again.plan["reference"] == "snapshot"
+    assert again.log[0]["kl"] == 0.0  # the clone, not the bare base (which differs from it)
+    adapter_bytes = sum(t.numel() * 4 for t in adapter_weights(first.out).values())
+    assert again.metrics["reference_bytes"] == adapter_bytes
+
+
+def test_text_data_trains_every_token(files, tmp_path):
+    from safealign.retrain.build import load_tokenizer
+    from safealign.retrain.data import load_examples
+    from safealign.retrain.settings import RetrainSettings
+
+    path = tmp_path / "text.txt"
+    path.write_text("Sure here is how to bake a cake .\nwrite a poem .\n")
+    tokenizer = load_tokenizer(RetrainSettings(aligned=files["aligned"]))
+    examples, _ = load_examples(tokenizer, path, text=True, max_length=64)
+    assert [start for _, start in examples] == [0, 0]
+    files = files | {"data": str(path)}
+    result = retrain(**files, out=str(tmp_path / "out"), text=True, regularizer="sft", **FAST)
+    assert result.log[0]["tokens"] == sum(len(ids) - 1 for ids, _ in examples)
+
+
+def test_judge_critic_and_periodic_evaluation(files, tmp_path):
+    result = retrain(
+        **files,
+        out=str(tmp_path / "out"),
+        regularizer="adaptive-kl",
+        critic="judge:keyword",
+        eval_every=2,
+        **(FAST | {"epochs": 1}),
+    )
+    # The random model never writes a refusal: every example scores 1, beta its maximum.
+    assert [row["beta"] for row in result.log] == pytest.approx([0.9] * len(result.log))
+    evaluated = [row["eval"] for row in result.log if "eval" in row]
+    assert len(evaluated) == 2 and evaluated[0]["harmful_rate"] == 1.0
