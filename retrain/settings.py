@@ -68,7 +68,7 @@ class RetrainSettings(Settings):
         help="der: anchor data (prompt/response) [A's greedy replies to --harmful].",
         path=True,
     )
-    replay_weight: float = setting(1.0, help="der: alpha of alpha MSE(logits, ref).", min=0)
+    replay_weight: float = setting(10.0, help="der: alpha of alpha MSE(logits, ref).", min=0)
     replay_ce: float = setting(0.0, help="der: beta of DER++ cross-entropy on anchors.", min=0)
     l2_weight: float = setting(0.1, help="l2: mu of mu ||theta - theta_A||^2.", min=0)
     ema_decay: float = setting(0.99, help="ema: decay of the parameter average.", min=0, max=1)

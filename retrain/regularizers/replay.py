@@ -41,7 +41,7 @@ class DER(Regularizer):
     batch_reference = False
     options = {"alpha": "replay_weight", "beta": "replay_ce"}
 
-    def __init__(self, alpha: float = 1.0, beta: float = 0.0):
+    def __init__(self, alpha: float = 10.0, beta: float = 0.0):
         self.alpha, self.beta = float(alpha), float(beta)
         self.drawn = 0
         self.anchors: list = []
