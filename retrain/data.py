@@ -103,13 +103,16 @@ def schedule(
 ) -> list[Step]:
     """Every step of the run. Each epoch is a fresh permutation seeded by ``(seed, epoch)``,
     cut into micro-batches of ``batch_size`` per process; ``grad_accum`` rounds of ``world``
-    micro-batches make a step (the epoch's last step may hold fewer)."""
+    micro-batches make a step (the epoch's last step may hold fewer; with several processes
+    the epoch's last incomplete round is dropped)."""
     steps = []
     per_round = batch_size * world
     for epoch in range(epochs):
         generator = torch.Generator().manual_seed(seed * 1000 + epoch)
         order = torch.randperm(n, generator=generator).tolist()
         rounds = [order[i : i + per_round] for i in range(0, n, per_round)]
+        if world > 1 and len(rounds[-1]) < per_round:
+            rounds.pop()  # every process needs a micro-batch in every round (DDP)
         for first in range(0, len(rounds), grad_accum):
             mine = []
             for chunk in rounds[first : first + grad_accum]:

@@ -170,3 +170,18 @@ def test_unknown_option_is_refused_naming_the_options():
     with pytest.raises(RegistryError, match="unknown regularizer 'klx'"):
         create("klx", RetrainSettings())
     assert create("kl:weight=2", RetrainSettings()).weight == 2.0
+
+
+def test_schedule_is_seeded_and_splits_rounds_between_processes():
+    from safealign.retrain.data import schedule
+
+    one = schedule(10, batch_size=2, grad_accum=2, epochs=2, seed=3)
+    assert one == schedule(10, batch_size=2, grad_accum=2, epochs=2, seed=3)
+    assert [s.epoch for s in one] == [0, 0, 0, 1, 1, 1]
+    assert sorted(i for s in one[:3] for m in s.micro for i in m) == list(range(10))
+    ranks = [
+        schedule(10, batch_size=2, grad_accum=1, epochs=1, seed=3, rank=r, world=2) for r in (0, 1)
+    ]
+    assert len(ranks[0]) == len(ranks[1]) == 2  # the incomplete last round of 2 is dropped
+    seen = [i for steps in ranks for s in steps for m in s.micro for i in m]
+    assert len(seen) == len(set(seen)) == 8
