@@ -34,6 +34,11 @@ class RetrainResult:
     log: list[dict] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
 
+    @property
+    def steps(self) -> list[dict]:
+        """The log's step rows (row 0 holds the plan and the setup figures)."""
+        return [row for row in self.log if row["step"] > 0]
+
 
 def check_inputs(settings: RetrainSettings) -> None:
     """Refuse, before loading anything, what would fail later: missing paths, an unknown
@@ -120,6 +125,7 @@ def _train(settings, accelerator, model, tokenizer, data, regularizer, steps, pl
     optimizer, scheduler = build_optimizer(model, settings, len(steps))
     run.model, optimizer = accelerator.prepare(model, optimizer)
     progress = Progress(regularizer, run, scheduler)
+    progress.log.append({"step": 0, "plan": plan, "setup": dict(run.metrics)})
     if settings.resume:
         checkpoint = latest_checkpoint(settings.checkpoints)
         accelerator.load_state(str(checkpoint))
@@ -139,7 +145,7 @@ def _train(settings, accelerator, model, tokenizer, data, regularizer, steps, pl
         "step_seconds": sorted(trained)[len(trained) // 2] if trained else None,
         "peak_memory_bytes": memory.bytes(),
         "reference_bytes": run.reference.nbytes if run.reference else 0,
-        "final_loss": progress.log[-1]["loss"] if progress.log else None,
+        "final_loss": progress.log[-1].get("loss"),
     }
     out = None
     if accelerator.is_main_process:

@@ -31,8 +31,8 @@ def test_yaml_config_is_read_and_typed_flags_override_it(files, tmp_path):
     result = invoke("--config", str(config), "--out", str(out), "--epochs", "1")
     assert result.exit_code == 0, result.output
     rows = (out / "train_log.jsonl").read_text().splitlines()
-    assert len(rows) == 2  # 1 epoch (the flag) of 8 examples in batches of 4 (the config)
-    assert "nll" in json.loads(rows[0]) and "kl" not in json.loads(rows[0])
+    assert len(rows) == 1 + 2  # plan, then 1 epoch (flag) of 8 examples in batches of 4 (config)
+    assert "nll" in json.loads(rows[1]) and "kl" not in json.loads(rows[1])
     assert "| regularizer | sft |" in (out / "README.md").read_text()
 
 

@@ -22,8 +22,8 @@ def files(tmp_path_factory):
 
 def test_kl_is_exactly_zero_at_the_first_step_of_a_fresh_lora(files, tmp_path):
     result = retrain(**files, out=str(tmp_path / "out"), regularizer="kl", **FAST)
-    assert result.log[0]["kl"] == 0.0
-    assert result.log[-1]["kl"] > 0.0
+    assert result.steps[0]["kl"] == 0.0
+    assert result.steps[-1]["kl"] > 0.0
     assert result.metrics["reference_bytes"] == 0  # the adapter is switched off: no copy
 
 
@@ -34,7 +34,7 @@ def test_gradient_accumulation_2x1_equals_1x2(files, tmp_path):
         **files, out=str(tmp_path / "b"), **(settings | {"batch_size": 1, "grad_accum": 2})
     )
     a, b = adapter_weights(one.out), adapter_weights(two.out)
-    assert [r["loss"] for r in one.log] == pytest.approx([r["loss"] for r in two.log], rel=1e-5)
+    assert [r["loss"] for r in one.steps] == pytest.approx([r["loss"] for r in two.steps], rel=1e-5)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
 
@@ -57,7 +57,7 @@ def test_resume_after_k_steps_is_bitwise_the_uninterrupted_run(files, tmp_path, 
     assert any(line.endswith("(step 5)") for line in said)
     a, b = adapter_weights(full.out), adapter_weights(resumed.out)
     assert all(torch.equal(a[name], b[name]) for name in a)
-    assert [r["loss"] for r in resumed.log] == [r["loss"] for r in full.log]
+    assert [r["loss"] for r in resumed.steps] == [r["loss"] for r in full.steps]
 
 
 def test_adapter_output_loads_with_peft_and_carries_card_and_log(files, tmp_path):
@@ -68,7 +68,7 @@ def test_adapter_output_loads_with_peft_and_carries_card_and_log(files, tmp_path
     model = PeftModel.from_pretrained(base, str(result.out))
     assert any("lora_B" in name for name, _ in model.named_parameters())
     rows = [json.loads(line) for line in (result.out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    assert [r["step"] for r in rows] == list(range(len(rows)))  # 0: plan and setup
     assert "retrain" in (result.out / "README.md").read_text()
 
 
@@ -95,7 +95,7 @@ def test_continuing_an_adapter_uses_its_frozen_clone_as_reference(files, tmp_pat
         **files, out=str(tmp_path / "again"), adapter=str(first.out), regularizer="kl", **FAST
     )
     assert again.plan["reference"] == "snapshot"
-    assert again.log[0]["kl"] == 0.0  # the clone, not the bare base (which differs from it)
+    assert again.steps[0]["kl"] == 0.0  # the clone, not the bare base (which differs from it)
     adapter_bytes = sum(t.numel() * 4 for t in adapter_weights(first.out).values())
     assert again.metrics["reference_bytes"] == adapter_bytes
 
@@ -112,7 +112,7 @@ def test_text_data_trains_every_token(files, tmp_path):
     assert [start for _, start in examples] == [0, 0]
     files = files | {"data": str(path)}
     result = retrain(**files, out=str(tmp_path / "out"), text=True, regularizer="sft", **FAST)
-    assert result.log[0]["tokens"] == sum(len(ids) - 1 for ids, _ in examples)
+    assert result.steps[0]["tokens"] == sum(len(ids) - 1 for ids, _ in examples)
 
 
 def test_judge_critic_and_periodic_evaluation(files, tmp_path):
@@ -125,6 +125,6 @@ def test_judge_critic_and_periodic_evaluation(files, tmp_path):
         **(FAST | {"epochs": 1}),
     )
     # The random model never writes a refusal: every example scores 1, beta its maximum.
-    assert [row["beta"] for row in result.log] == pytest.approx([0.9] * len(result.log))
-    evaluated = [row["eval"] for row in result.log if "eval" in row]
+    assert [row["beta"] for row in result.steps] == pytest.approx([0.9] * len(result.steps))
+    evaluated = [row["eval"] for row in result.steps if "eval" in row]
     assert len(evaluated) == 2 and evaluated[0]["harmful_rate"] == 1.0

@@ -95,8 +95,9 @@ def test_adaptive_kl_writes_its_probe_and_der_its_anchors_beside_the_output(file
     probe = retrain(**files, out=str(tmp_path / "a"), regularizer="adaptive-kl", **FAST)
     critic = json.loads((probe.out / "critic.json").read_text())
     assert critic["heldout_auroc"] == probe.metrics["probe_auroc"]
+    assert probe.log[0]["setup"]["probe_auroc"] == critic["heldout_auroc"]  # in train_log
     assert len(critic["probe"]["weights"]) == 32  # the tiny model's hidden size
-    assert all(0.1 <= row["beta"] <= 0.9 for row in probe.log)
+    assert all(0.1 <= row["beta"] <= 0.9 for row in probe.steps)
     der = retrain(**files, out=str(tmp_path / "d"), regularizer="der", **FAST)
     assert (der.out / "replay.jsonl").read_text().count("\n") == 4  # one per harmful prompt
 
