@@ -67,7 +67,8 @@ def retrain_command(config: str | None, **values) -> None:
     """Fine-tune an aligned model on your data with a regularizer that keeps it aligned.
 
     LoRA on --aligned by default (the reference is the model with its adapter switched off);
-    --full trains every weight. Multi-GPU: `accelerate launch -m safealign.cli retrain ...`.
+    --full trains every weight. Several GPUs: `accelerate launch --config_file
+    examples/accelerate_ddp.yaml "$(which safealign)" retrain ...`.
     """
     base = load_config(config)
     try:

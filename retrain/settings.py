@@ -26,8 +26,11 @@ class RetrainSettings(Settings):
     text: bool = setting(
         False, help="Raw text data (a 'text' field or lines): loss on every token."
     )
+    #: adaptive-kl by default: on the lab it is the one that kept alignment and task together
+    #: (benchmarks/bench_retrain.py); kl with any fixed weight traded one for the other.
     regularizer: str = setting(
-        "kl", help="sft, kl, epoch-kl, adaptive-kl, der, l2, ema, ldifs; NAME:key=value,... too."
+        "adaptive-kl",
+        help="sft, kl, epoch-kl, adaptive-kl, der, l2, ema, ldifs; NAME:key=value,... too.",
     )
     full: bool = setting(False, help="Full fine-tuning instead of LoRA.")
     merge: bool = setting(False, help="With LoRA: write the merged full model, not the adapter.")
