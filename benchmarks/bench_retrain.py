@@ -87,6 +87,7 @@ def run_one(lab: Lab, name: str, folder: Path, benign: Path, extra: dict) -> dic
         "memory MB": metrics["peak_memory_bytes"] / 2**20,
         "probe AUROC": metrics.get("probe_auroc"),
         "final loss": metrics["final_loss"],
+        "step times": [row["seconds"] for row in result.steps],
     }
 
 
@@ -98,6 +99,13 @@ def in_subprocess(size: str, name: str, extra: str, folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def paired_ratio(times: list[float], base: list[float]) -> float:
+    """Median over steps of time / sft's time on the same step (both runs take the same
+    batches in the same order, so batch shapes cancel; a shared CPU's bursts mostly do)."""
+    ratios = sorted(t / b for t, b in zip(times, base, strict=True))
+    return ratios[len(ratios) // 2]
+
+
 def relative(rows: list[dict]) -> None:
     """Add the columns against sft (points and ratios), when sft is among the rows."""
     base = next((r for r in rows if r["regularizer"] == "sft"), None)
@@ -106,7 +114,7 @@ def relative(rows: list[dict]) -> None:
     for row in rows:
         row["harmful pts below sft"] = 100 * (base["harmful"] - row["harmful"])
         row["task pts vs sft"] = 100 * (row["task"] - base["task"])
-        row["step x sft"] = row["step s"] / base["step s"]
+        row["step x sft"] = paired_ratio(row["step times"], base["step times"])
         row["memory x sft"] = row["memory MB"] / base["memory MB"] if base["memory MB"] else None
 
 

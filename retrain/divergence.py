@@ -32,12 +32,49 @@ def token_nll(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(rows.float(), targets, reduction="none")
 
 
-def _kl_rows(model_rows: torch.Tensor, ref_rows: torch.Tensor, reverse: bool) -> torch.Tensor:
-    logp = F.log_softmax(model_rows.float(), dim=-1)
-    logq = F.log_softmax(ref_rows.float(), dim=-1)
+#: float32 elements of one ``[chunk, V]`` block (64 MB): the chunk when ``chunk`` is 0.
+CHUNK_ELEMENTS = 2**24
+
+
+def _kl_from_log(logp: torch.Tensor, logq: torch.Tensor, reverse: bool) -> torch.Tensor:
     if reverse:  # KL(p_model || p_ref)
         return (logp.exp() * (logp - logq)).sum(-1)
     return (logq.exp() * (logq - logp)).sum(-1)  # KL(p_ref || p_model)
+
+
+def _kl_rows(model_rows: torch.Tensor, ref_rows: torch.Tensor, reverse: bool) -> torch.Tensor:
+    logp = F.log_softmax(model_rows.float(), dim=-1)
+    return _kl_from_log(logp, F.log_softmax(ref_rows.float(), dim=-1), reverse)
+
+
+def _nll_kl_rows(model_rows, ref_rows, targets, reverse: bool) -> torch.Tensor:
+    """``[N, 2]``: NLL and KL of each row from one log-softmax of the model's logits."""
+    logp = F.log_softmax(model_rows.float(), dim=-1)
+    kl = _kl_from_log(logp, F.log_softmax(ref_rows.float(), dim=-1), reverse)
+    nll = -logp.gather(-1, targets[:, None]).squeeze(-1)
+    return torch.stack([nll, kl], dim=-1)
+
+
+def _chunked(fn, model_rows: torch.Tensor, *others, chunk: int | None, reverse: bool):
+    """``fn`` over blocks of ``chunk`` rows, each under activation checkpointing."""
+    if chunk == 0:
+        chunk = max(1, CHUNK_ELEMENTS // model_rows.shape[-1])
+    if chunk is None or model_rows.shape[0] <= chunk:
+        return fn(model_rows, *others, reverse)
+    parts = []
+    for start in range(0, model_rows.shape[0], chunk):
+        pieces = [t[start : start + chunk] for t in (model_rows, *others)]
+        if torch.is_grad_enabled() and model_rows.requires_grad:
+            parts.append(checkpoint(fn, *pieces, reverse, use_reentrant=False))
+        else:
+            parts.append(fn(*pieces, reverse))
+    return torch.cat(parts)
+
+
+def _reverse(direction: str) -> bool:
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"KL direction must be forward or reverse, got {direction!r}")
+    return direction == "reverse"
 
 
 def token_kl(
@@ -45,26 +82,31 @@ def token_kl(
     ref_rows: torch.Tensor,
     *,
     direction: str = "forward",
-    chunk: int | None = 256,
+    chunk: int | None = 0,
 ) -> torch.Tensor:
     """KL per row (``[N]``): ``forward`` = KL(p_ref || p_model), ``reverse`` = KL(p_model || p_ref).
 
-    ``chunk=None`` computes all rows at once (the dense reference the tests compare to).
+    ``chunk``: rows per block (0: as many as :data:`CHUNK_ELEMENTS` allows; None: all at
+    once, the dense computation the tests compare to).
     """
-    if direction not in ("forward", "reverse"):
-        raise ValueError(f"KL direction must be forward or reverse, got {direction!r}")
-    reverse = direction == "reverse"
-    ref_rows = ref_rows.detach()
-    if chunk is None or model_rows.shape[0] <= chunk:
-        return _kl_rows(model_rows, ref_rows, reverse)
-    parts = []
-    for start in range(0, model_rows.shape[0], chunk):
-        m, r = model_rows[start : start + chunk], ref_rows[start : start + chunk]
-        if torch.is_grad_enabled() and m.requires_grad:
-            parts.append(checkpoint(_kl_rows, m, r, reverse, use_reentrant=False))
-        else:
-            parts.append(_kl_rows(m, r, reverse))
-    return torch.cat(parts)
+    reverse = _reverse(direction)
+    return _chunked(_kl_rows, model_rows, ref_rows.detach(), chunk=chunk, reverse=reverse)
+
+
+def token_nll_kl(
+    model_rows: torch.Tensor,
+    ref_rows: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    direction: str = "forward",
+    chunk: int | None = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL and KL per row (``[N]`` each), sharing the model's log-softmax, in chunks."""
+    reverse = _reverse(direction)
+    both = _chunked(
+        _nll_kl_rows, model_rows, ref_rows.detach(), targets, chunk=chunk, reverse=reverse
+    )
+    return both[:, 0], both[:, 1]
 
 
 def example_index(labels: torch.Tensor) -> torch.Tensor:

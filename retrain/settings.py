@@ -57,7 +57,9 @@ class RetrainSettings(Settings):
         help="KL(p_ref || p) (forward) or KL(p || p_ref).",
         choices=("forward", "reverse"),
     )
-    kl_chunk: int = setting(256, help="Tokens per chunk of the vocabulary-wide KL.", min=1)
+    kl_chunk: int = setting(
+        0, help="Tokens per chunk of the vocabulary-wide KL (0: 2^24 floats' worth).", min=0
+    )
     gamma: float = setting(0.5, help="epoch-kl: weight gamma^epoch of KL to last epoch.", min=0)
     beta_min: float = setting(0.1, help="adaptive-kl: beta at critic score 0.", min=0, max=1)
     beta_max: float = setting(0.9, help="adaptive-kl: beta at critic score 1.", min=0, max=1)

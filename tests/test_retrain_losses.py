@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from safealign.retrain.critic import auroc, beta, ema
-from safealign.retrain.divergence import token_kl
+from safealign.retrain.divergence import token_kl, token_nll, token_nll_kl
 from safealign.retrain.regularizers import KL, LDIFS, SFT, AdaptiveKL, RegistryError, create
 from safealign.retrain.regularizers.base import Run
 from safealign.retrain.regularizers.divergence import EpochKL
@@ -97,6 +97,22 @@ def test_chunked_kl_equals_dense_in_values_and_gradients():
         (chunked * torch.arange(37)).sum().backward()
         assert torch.allclose(dense, chunked, rtol=0, atol=1e-12)
         assert torch.allclose(a.grad, b.grad, rtol=0, atol=1e-12)
+
+
+def test_fused_nll_and_kl_equal_the_separate_ones_chunked_or_dense():
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randn(23, 13, generator=g, dtype=torch.float64)
+    ref = torch.randn(23, 13, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 13, (23,), generator=g)
+    grads = []
+    for chunk in (None, 4):
+        a = rows.clone().requires_grad_(True)
+        nll, kl = token_nll_kl(a, ref, targets, direction="reverse", chunk=chunk)
+        torch.testing.assert_close(nll, token_nll(rows, targets), rtol=0, atol=1e-6)
+        torch.testing.assert_close(kl, token_kl(rows, ref, direction="reverse"), rtol=0, atol=1e-6)
+        (nll.sum() + 2 * kl.sum()).backward()
+        grads.append(a.grad)
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_kl_of_identical_distributions_is_zero():

@@ -9,7 +9,7 @@ import torch
 from safealign.retrain.critic import JudgeCritic, beta, ema, fit_probe, pooled_states
 from safealign.retrain.data import prompt_set
 from safealign.retrain.divergence import example_index
-from safealign.retrain.regularizers.base import Regularizer, Run, kl_rows, nll_rows
+from safealign.retrain.regularizers.base import Regularizer, Run, nll_kl_rows
 
 
 class AdaptiveKL(Regularizer):
@@ -34,7 +34,7 @@ class AdaptiveKL(Regularizer):
         ema: float = 0.0,
         critic: str = "probe",
         direction: str = "forward",
-        chunk: int = 256,
+        chunk: int = 0,
         layers: tuple[int, ...] = (),
     ):
         if not (0 <= beta_min <= beta_max <= 1):
@@ -88,8 +88,7 @@ class AdaptiveKL(Regularizer):
             s, self.last = ema(s, self.last, self.ema)
         b = beta(s, self.beta_min, self.beta_max).to(out.logits.device)
         weight = b[example_index(inputs["labels"])]
-        nll = nll_rows(out, inputs)
-        kl = kl_rows(out, ref, inputs, self.direction, self.chunk)
+        nll, kl = nll_kl_rows(out, ref, inputs, self.direction, self.chunk)
         total = ((1 - weight) * nll + weight * kl).sum()
         stats = {"nll": nll.mean().item(), "kl": kl.mean().item(), "beta": b.mean().item()}
         return total, stats

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from safealign.retrain.divergence import shift, token_kl, token_nll
+from safealign.retrain.divergence import shift, token_nll, token_nll_kl
 from safealign.retrain.reference import Reference
 from safealign.retrain.settings import RetrainSettings
 
@@ -77,11 +77,11 @@ def nll_rows(out, inputs: dict) -> torch.Tensor:
     return token_nll(rows, targets)
 
 
-def kl_rows(out, ref, inputs: dict, direction: str, chunk: int) -> torch.Tensor:
-    """Per-token KL between model and reference on the trained tokens (``[N]``)."""
-    rows, _ = shift(out.logits, inputs["labels"])
+def nll_kl_rows(out, ref, inputs: dict, direction: str, chunk: int):
+    """Per-token NLL and KL (model vs reference) on the trained tokens (``[N]`` each)."""
+    rows, targets = shift(out.logits, inputs["labels"])
     ref_rows, _ = shift(ref.logits, inputs["labels"])
-    return token_kl(rows, ref_rows, direction=direction, chunk=chunk)
+    return token_nll_kl(rows, ref_rows, targets, direction=direction, chunk=chunk)
 
 
 def per_step(value: torch.Tensor, inputs: dict) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from safealign.retrain.divergence import trained_mask
-from safealign.retrain.regularizers.base import Regularizer, Run, kl_rows, nll_rows
+from safealign.retrain.regularizers.base import Regularizer, Run, nll_kl_rows, nll_rows
 
 
 class SFT(Regularizer):
@@ -24,7 +24,7 @@ class KL(Regularizer):
     reference = True
     options = {"weight": "kl_weight", "direction": "kl_direction", "chunk": "kl_chunk"}
 
-    def __init__(self, weight: float, direction: str = "forward", chunk: int = 256):
+    def __init__(self, weight: float, direction: str = "forward", chunk: int = 0):
         if direction not in ("forward", "reverse"):
             raise ValueError(f"direction must be forward or reverse, got {direction!r}")
         self.weight, self.direction, self.chunk = float(weight), direction, int(chunk)
@@ -33,8 +33,7 @@ class KL(Regularizer):
         return self.weight
 
     def loss(self, run: Run, inputs: dict, out, ref):
-        nll = nll_rows(out, inputs)
-        kl = kl_rows(out, ref, inputs, self.direction, self.chunk)
+        nll, kl = nll_kl_rows(out, ref, inputs, self.direction, self.chunk)
         weight = self.current_weight()
         stats = {"nll": nll.mean().item(), "kl": kl.mean().item(), "kl_weight": weight}
         return nll.sum() + weight * kl.sum(), stats
@@ -48,7 +47,7 @@ class EpochKL(KL):
     snapshot = True
     options = {"gamma": "gamma", "direction": "kl_direction", "chunk": "kl_chunk"}
 
-    def __init__(self, gamma: float, direction: str = "reverse", chunk: int = 256):
+    def __init__(self, gamma: float, direction: str = "reverse", chunk: int = 0):
         super().__init__(1.0, direction, chunk)
         self.gamma, self.epoch = float(gamma), 0
 
