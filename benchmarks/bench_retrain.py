@@ -22,7 +22,9 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers.utils import logging as transformers_logging
@@ -47,6 +49,7 @@ COLUMNS = (
     "task pts vs sft",
     "train s",
     "step s",
+    "micro-batch s",
     "step x sft",
     "memory MB",
     "memory x sft",
@@ -99,6 +102,47 @@ def in_subprocess(size: str, name: str, extra: str, folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def step_costs(lab: Lab, names: list[str], benign: Path, rounds: int = 30) -> dict[str, float]:
+    """Seconds of one micro-batch (forward, regularizer, backward) per regularizer, timed
+    round-robin on the same model and batch so a shared CPU's load falls on all alike;
+    the median over ``rounds``."""
+    from safealign.retrain.build import build_model, build_reference
+    from safealign.retrain.data import collate, load_examples
+    from safealign.retrain.loop import micro_step
+    from safealign.retrain.regularizers import Run, create
+    from safealign.retrain.settings import RetrainSettings
+
+    settings = RetrainSettings(
+        aligned=str(lab.aligned),
+        data=str(lab.data("ft_harmful_train")),
+        harmful=str(lab.data("harmful_train")),
+        benign=str(benign),
+        **TRAINING,
+    )
+    model, tokenizer = build_model(settings)
+    examples, prompts = load_examples(tokenizer, settings.data, text=False, max_length=512)
+    index = list(range(settings.batch_size))
+    inputs = collate([examples[i] for i in index], tokenizer.pad_token_id)
+    inputs["index"] = torch.tensor(index)
+    accelerator = SimpleNamespace(backward=lambda loss: loss.backward())
+    runs = {}
+    for name in names:
+        regularizer = create(name, settings)
+        run = Run(model, model, tokenizer, settings, examples, torch.device("cpu"))
+        run.prompts, run.log = prompts, lambda _: None
+        run.reference = build_reference(model, regularizer, settings)
+        regularizer.setup(run)
+        runs[name] = (run, regularizer)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name, (run, regularizer) in runs.items():
+            start = time.perf_counter()
+            micro_step(run, regularizer, inputs, 1.0, accelerator)
+            times[name].append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def paired_ratio(times: list[float], base: list[float]) -> float:
     """Median over steps of time / sft's time on the same step (both runs take the same
     batches in the same order, so batch shapes cancel; a shared CPU's bursts mostly do)."""
@@ -114,7 +158,8 @@ def relative(rows: list[dict]) -> None:
     for row in rows:
         row["harmful pts below sft"] = 100 * (base["harmful"] - row["harmful"])
         row["task pts vs sft"] = 100 * (row["task"] - base["task"])
-        row["step x sft"] = paired_ratio(row["step times"], base["step times"])
+        row["step x sft"] = row["micro-batch s"] / base["micro-batch s"]
+        row["step x sft (runs)"] = paired_ratio(row["step times"], base["step times"])
         row["memory x sft"] = row["memory MB"] / base["memory MB"] if base["memory MB"] else None
 
 
@@ -141,6 +186,9 @@ def main() -> None:
         for name in names:
             rows.append(in_subprocess(args.size, name, args.set, Path(tmp)))
             print(f"{name}: harmful {rows[-1]['harmful']:.3f} task {rows[-1]['task']:.3f}")
+        costs = step_costs(lab, list(names), probe_benign(lab, Path(tmp)))
+    for row in rows:
+        row["micro-batch s"] = costs[row["regularizer"]]
     relative(rows)
     print(markdown_table(rows, COLUMNS))
     out = args.out or RESULTS / f"retrain_{args.size}.json"
