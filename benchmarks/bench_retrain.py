@@ -8,6 +8,14 @@ same run. The probe critic of adaptive-kl and the harmful prompts der answers fo
 use the lab's harmful_train prompts; the probe's benign side is the lab's benign look-alikes
 and task prompts from its training data (none of the evaluation sets).
 
+Columns: harmful / task / over-refusal rates; points against sft; training seconds; the run's
+median step seconds; "micro-batch s": one micro-batch (forward, regularizer, backward) timed
+round-robin with every other regularizer on one model and batch, and "step x sft" its ratio
+to sft's (a shared CPU's load falls on all alike; the runs' own step times vary with it);
+peak training memory: CUDA allocator peak on a GPU, on a CPU the process's RSS high-water mark
+above the RSS at the loop's start (each regularizer in a fresh process; allocator-dependent,
+coarse for a model this small).
+
 Run (on a shared CPU, under the lock):
     OMP_NUM_THREADS=2 flock /tmp/safealign-cpu.lock python benchmarks/bench_retrain.py --size test
 
