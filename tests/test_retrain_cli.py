@@ -80,3 +80,12 @@ def test_bad_input_is_refused_in_one_line_before_training(files, tmp_path, case,
     assert result.output.startswith("Error: ") and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_default_regularizer_trains_from_the_command_line(files, tmp_path):
+    out = tmp_path / "out"
+    args = ["--aligned", files["aligned"], "--data", files["data"], "--out", str(out)]
+    args += ["--harmful", files["harmful"], "--benign", files["benign"], "--epochs", "1"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "critic.json").read_text())["critic"] == "probe"  # adaptive-kl

@@ -35,7 +35,7 @@ class AdaptiveKL(Regularizer):
         critic: str = "probe",
         direction: str = "forward",
         chunk: int = 0,
-        layers: tuple[int, ...] = (),
+        layers: tuple[int, ...] | None = (),
     ):
         if not (0 <= beta_min <= beta_max <= 1):
             raise ValueError(f"need 0 <= beta_min <= beta_max <= 1, got {beta_min}, {beta_max}")
@@ -43,7 +43,7 @@ class AdaptiveKL(Regularizer):
             raise ValueError(f"critic must be probe or judge:NAME, got {critic!r}")
         self.beta_min, self.beta_max, self.ema = float(beta_min), float(beta_max), float(ema)
         self.critic, self.direction, self.chunk = critic, direction, int(chunk)
-        self.layers = tuple(layers)
+        self.layers = tuple(layers or ())
         self.last: float | None = None
         self.table: torch.Tensor | None = None
         self.judge: JudgeCritic | None = None

@@ -81,8 +81,8 @@ class LDIFS(Regularizer):
     hidden = True
     options = {"weight": "ldifs_weight", "layers": "layers"}
 
-    def __init__(self, weight: float, layers: tuple[int, ...] = ()):
-        self.weight, self.layers = float(weight), tuple(layers)
+    def __init__(self, weight: float, layers: tuple[int, ...] | None = ()):
+        self.weight, self.layers = float(weight), tuple(layers or ())
 
     def distance(self, out, ref, inputs: dict) -> torch.Tensor:
         """Per trained position, the mean squared distance of normalised features (``[N]``)."""
