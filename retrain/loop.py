@@ -134,6 +134,7 @@ def train_step(run: Run, regularizer, step: Step, accelerator, optimizer, schedu
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     regularizer.after_step(run)
+    loss_sum = accelerator.reduce(torch.tensor(loss_sum, device=run.device), "sum").item()
     means = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} if rows else {}
     return {
         "epoch": step.epoch,

@@ -128,3 +128,29 @@ def test_judge_critic_and_periodic_evaluation(files, tmp_path):
     assert [row["beta"] for row in result.steps] == pytest.approx([0.9] * len(result.steps))
     evaluated = [row["eval"] for row in result.steps if "eval" in row]
     assert len(evaluated) == 2 and evaluated[0]["harmful_rate"] == 1.0
+
+
+DISTRIBUTED = """
+import sys
+from safealign.retrain import retrain
+aligned, data, out = sys.argv[1:4]
+retrain(aligned=aligned, data=data, out=out, regularizer="kl", epochs=2, batch_size=1,
+        lr=1e-2, progress=False, cpu=True, log=lambda _: None)
+"""
+
+
+def test_two_processes_of_one_example_equal_one_process_of_two(files, tmp_path):
+    """DDP through accelerate (gloo on CPU): the loss is normalised by the tokens of both
+    processes, so 2 processes x batch 1 train as 1 process x batch 2."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(DISTRIBUTED)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = tmp_path / "two"
+    subprocess.run([*launch, str(script), files["aligned"], files["data"], str(out)], check=True)
+    one = retrain(**files, out=str(tmp_path / "one"), regularizer="kl", **FAST)
+    a, b = adapter_weights(one.out), adapter_weights(out)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
