@@ -84,7 +84,13 @@ def retrain(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision, cpu=settings.cpu)
+    try:
+        accelerator = Accelerator(mixed_precision=settings.mixed_precision, cpu=settings.cpu)
+    except ValueError as error:  # accelerate's state is one per process
+        raise SettingsError(
+            f"--mixed-precision {settings.mixed_precision} / --cpu: this process already runs "
+            "accelerate with other settings; use one process per setting"
+        ) from error
     set_seed(settings.seed)
     examples, prompts = load_examples(
         load_tokenizer(settings), settings.data, text=settings.text, max_length=settings.max_length
