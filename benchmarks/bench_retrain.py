@@ -45,7 +45,19 @@ from safealign.report import markdown_table, write_json
 from safealign.retrain import retrain
 
 RESULTS = Path(__file__).parent / "results"
-REGULARIZERS = ("sft", "kl", "adaptive-kl", "der", "epoch-kl", "l2", "ema", "ldifs")
+#: interleave runs without the paper's refusal filter: the lab's safe replies are all refusals,
+#: which the filter would drop to the last one.
+REGULARIZERS = (
+    "sft",
+    "kl",
+    "adaptive-kl",
+    "der",
+    "epoch-kl",
+    "l2",
+    "ema",
+    "ldifs",
+    "interleave:filter_refusals=false",
+)
 #: The lab's LoRA fine-tune schedule (ft_harmful_lora: batch 16, lr 3e-3, ~2.5 epochs).
 TRAINING = {"epochs": 3, "batch_size": 16, "lr": 3e-3}
 COLUMNS = (
@@ -78,7 +90,7 @@ def run_one(lab: Lab, name: str, folder: Path, benign: Path, extra: dict) -> dic
     result = retrain(
         aligned=str(lab.aligned),
         data=str(lab.data("ft_harmful_train")),
-        out=str(folder / name),
+        out=str(folder / name.partition(":")[0]),
         regularizer=name,
         harmful=str(lab.data("harmful_train")),
         benign=str(benign),
@@ -104,7 +116,7 @@ def run_one(lab: Lab, name: str, folder: Path, benign: Path, extra: dict) -> dic
 
 def in_subprocess(size: str, name: str, extra: str, folder: Path) -> dict:
     """``run_one`` in a fresh process, so that each peak-memory figure starts clean."""
-    path = folder / f"{name}.json"
+    path = folder / f"{name.partition(':')[0]}.json"
     command = [sys.executable, __file__, "--size", size, "--one", name, "--set", extra]
     subprocess.run([*command, "--out", str(path)], check=True)
     return json.loads(path.read_text())

@@ -30,7 +30,7 @@ class RetrainSettings(Settings):
     #: (benchmarks/bench_retrain.py); kl with any fixed weight traded one for the other.
     regularizer: str = setting(
         "adaptive-kl",
-        help="sft, kl, epoch-kl, adaptive-kl, der, l2, ema, ldifs; NAME:key=value,... too.",
+        help="sft, kl, epoch-kl, adaptive-kl, der, l2, ema, ldifs, interleave; NAME:key=value,...",
     )
     full: bool = setting(False, help="Full fine-tuning instead of LoRA.")
     merge: bool = setting(False, help="With LoRA: write the merged full model, not the adapter.")
@@ -77,6 +77,14 @@ class RetrainSettings(Settings):
     replay_ce: float = setting(0.0, help="der: beta of DER++ cross-entropy on anchors.", min=0)
     l2_weight: float = setting(0.1, help="l2: mu of mu ||theta - theta_A||^2.", min=0)
     ema_decay: float = setting(0.99, help="ema: decay of the parameter average.", min=0, max=1)
+    interleave_share: float = setting(
+        0.05,
+        help="interleave: share of anchor examples in the training mix.",
+        min=0,
+        max=1,
+        min_open=True,
+        max_open=True,
+    )
     ldifs_weight: float = setting(1.0, help="ldifs: weight of the feature distance.", min=0)
     harmful: str | None = setting(
         None, help="Harmful prompts (probe, replay, eval) [bundled set].", path=True, group="Eval"

@@ -39,7 +39,7 @@ def test_gradient_accumulation_2x1_equals_1x2(files, tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("regularizer", ["kl", "epoch-kl", "ema"])
+@pytest.mark.parametrize("regularizer", ["kl", "epoch-kl", "ema", "interleave"])
 def test_resume_after_k_steps_is_bitwise_the_uninterrupted_run(files, tmp_path, regularizer):
     settings = FAST | {"regularizer": regularizer, "epochs": 3}
     full = retrain(**files, out=str(tmp_path / "full"), save_every=5, **settings)

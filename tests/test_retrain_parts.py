@@ -114,3 +114,41 @@ def test_probe_separates_the_labs_held_out_harmful_and_benign_prompts(lab):
         reference.forward, tokenizer, harmful, benign, layers=(), device=torch.device("cpu")
     )
     assert info["heldout_auroc"] >= 0.9
+
+
+def test_interleave_filters_refusals_keeps_the_largest_gaps_and_adds_anchor_nll(files, tmp_path):
+    from safealign.retrain.data import collate
+    from safealign.retrain.regularizers import Interleave
+    from safealign.retrain.regularizers.interleave import looks_like_refusal
+
+    assert looks_like_refusal("I ' m sorry , I cannot help")
+    assert not looks_like_refusal("Here is a safe way : call a locksmith and ask for help .")
+    replay = tmp_path / "anchors.jsonl"
+    replies = ["I ' m sorry .", "here is a poem .", "ok here is how .", "1 + 2 = 3 .", "yes ."]
+    rows = [json.dumps({"prompt": "write poem", "response": r}) + "\n" for r in replies]
+    replay.write_text("".join(rows))
+    run = lora_run(files, batch_size=4, replay_data=str(replay))
+    run.examples = [(list(range(5, 12)), 3)] * 40
+    run.reference = Reference.adapter_off(run.unwrapped)
+    reg = Interleave(share=0.05)
+    reg.setup(run)
+    assert [p.response for p in reg.pairs] == replies[1:]  # the refusal is dropped
+    reg.gaps = lambda _run: torch.tensor([0.1, 0.5, -0.2, 0.3])
+    reg.on_epoch_start(run, 0)
+    assert reg.pool == [0, 1, 3]  # the ceil(0.05 / 0.95 * 40) = 3 largest gaps
+    inputs = {k: v for k, v in collate(run.examples[:4], 0).items()}
+    first = torch.randperm(3, generator=torch.Generator().manual_seed(0))[0].item()
+    anchor = collate([reg.anchors[reg.pool[first]]], 0)
+    model = run.unwrapped
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    anchor_out = model(input_ids=anchor["input_ids"], attention_mask=anchor["attention_mask"])
+    expected = 0.0
+    for logits, labels in ((out.logits, inputs["labels"]), (anchor_out.logits, anchor["labels"])):
+        targets = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum"
+        )
+        expected += nll.item()
+    loss, stats = reg.loss(run, inputs, out, None)  # 4 examples: one anchor (at least one)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert reg.drawn == 1

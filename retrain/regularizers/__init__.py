@@ -6,6 +6,7 @@ from safealign.registry import Registry, RegistryError, parse_options, split_spe
 from safealign.retrain.regularizers.adaptive import AdaptiveKL
 from safealign.retrain.regularizers.base import Regularizer, Run
 from safealign.retrain.regularizers.divergence import KL, LDIFS, SFT, EpochKL
+from safealign.retrain.regularizers.interleave import Interleave
 from safealign.retrain.regularizers.replay import DER
 from safealign.retrain.regularizers.weights import EMA, L2
 
@@ -19,6 +20,7 @@ for _name, _cls in (
     ("l2", L2),
     ("ema", EMA),
     ("ldifs", LDIFS),
+    ("interleave", Interleave),
 ):
     REGULARIZERS.register(_name)(_cls)
 
@@ -30,9 +32,9 @@ def create(spec: str, settings) -> Regularizer:
     name, rest = split_spec(spec)
     cls = REGULARIZERS.get(name)
     given = parse_options(rest) if rest else {}
-    unknown = sorted(set(given) - set(cls.options))
+    unknown = sorted(set(given) - set(cls.options) - set(cls.spec_options))
     if unknown:
-        known = ", ".join(cls.options) or "none"
+        known = ", ".join([*cls.options, *cls.spec_options]) or "none"
         raise RegistryError(f"regularizer {name!r} has no option {unknown[0]!r} (options: {known})")
     values = {key: getattr(settings, field) for key, field in cls.options.items()}
     try:

@@ -48,6 +48,7 @@ class Regularizer:
     hidden: ClassVar[bool] = False
     snapshot: ClassVar[bool] = False
     options: ClassVar[dict[str, str]] = {}
+    spec_options: ClassVar[tuple[str, ...]] = ()  # taken only from a NAME:key=value spec
 
     def setup(self, run: Run) -> None:
         """Prepare before the first step (critic, replay data); may add to ``run.files``."""
