@@ -89,3 +89,16 @@ def test_default_regularizer_trains_from_the_command_line(files, tmp_path):
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "critic.json").read_text())["critic"] == "probe"  # adaptive-kl
+
+
+def test_example_configs_are_valid_settings():
+    from pathlib import Path
+
+    import yaml
+
+    from safealign.retrain import RetrainSettings
+
+    examples = sorted((Path(__file__).parents[1] / "examples").glob("retrain_*.yaml"))
+    assert len(examples) >= 3
+    for path in examples:
+        RetrainSettings.from_dict(yaml.safe_load(path.read_text()), where=str(path))
