@@ -133,6 +133,16 @@ def test_interleave_filters_refusals_keeps_the_largest_gaps_and_adds_anchor_nll(
     reg = Interleave(share=0.05)
     reg.setup(run)
     assert [p.response for p in reg.pairs] == replies[1:]  # the refusal is dropped
+    assert reg.gaps(run).abs().max().item() > 0  # B != 0: the model has drifted
+    with torch.no_grad():
+        saved = {n: p.clone() for n, p in run.unwrapped.named_parameters() if "lora_B" in n}
+        for name, param in run.unwrapped.named_parameters():
+            if "lora_B" in name:
+                param.zero_()
+        assert reg.gaps(run).tolist() == [0.0] * 4  # no drift, no gap
+        for name, param in run.unwrapped.named_parameters():
+            if name in saved:
+                param.copy_(saved[name])
     reg.gaps = lambda _run: torch.tensor([0.1, 0.5, -0.2, 0.3])
     reg.on_epoch_start(run, 0)
     assert reg.pool == [0, 1, 3]  # the ceil(0.05 / 0.95 * 40) = 3 largest gaps

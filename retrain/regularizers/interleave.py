@@ -22,6 +22,19 @@ def looks_like_refusal(reply: str) -> bool:
     return any(word.strip(".,!?") in REFUSAL_WORDS for word in words)
 
 
+def _inputs(batch: dict) -> dict:
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def mean_nll(out, labels: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of each example's trained tokens (``[B]``)."""
+    rows, targets = shift(out.logits, labels)
+    nll = token_nll(rows, targets)
+    index = torch.nonzero(labels[:, 1:] != -100)[:, 0]
+    total = torch.zeros(labels.shape[0], device=nll.device).index_add_(0, index, nll)
+    return total / torch.bincount(index, minlength=labels.shape[0]).clamp(min=1)
+
+
 class Interleave(Anchored):
     """Plain NLL on task batches with anchors mixed in: ``share`` of the training examples
     are anchors (each micro-batch gets round(batch * share / (1 - share)), at least one).
@@ -55,19 +68,15 @@ class Interleave(Anchored):
     @torch.no_grad()
     def gaps(self, run: Run) -> torch.Tensor:
         """s per anchor: the relative NLL gap between the current model and the reference."""
-        batch = collate(self.anchors, run.tokenizer.pad_token_id)
-        batch = {k: v.to(run.device) for k, v in batch.items()}
-        losses = []
-        for forward in (lambda b: run.unwrapped(**b), run.reference.forward):
-            out = forward(
-                {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            )
-            rows, targets = shift(out.logits, batch["labels"])
-            nll = token_nll(rows, targets)
-            index = torch.nonzero(batch["labels"][:, 1:] != -100)[:, 0]
-            total = torch.zeros(len(self.anchors), device=nll.device).index_add_(0, index, nll)
-            losses.append(total / torch.bincount(index, minlength=len(self.anchors)).clamp(min=1))
-        return (losses[0] - losses[1]) / (losses[1] + EPS)
+        size = run.settings.batch_size
+        parts = []
+        for start in range(0, len(self.anchors), size):
+            batch = collate(self.anchors[start : start + size], run.tokenizer.pad_token_id)
+            batch = {k: v.to(run.device) for k, v in batch.items()}
+            model = mean_nll(run.unwrapped(**_inputs(batch)), batch["labels"])
+            ref = mean_nll(run.reference.forward(batch), batch["labels"])
+            parts.append((model - ref) / (ref + EPS))
+        return torch.cat(parts)
 
     def on_epoch_start(self, run: Run, epoch: int) -> None:
         if epoch == self.epoch:
