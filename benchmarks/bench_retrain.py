@@ -38,7 +38,7 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from safealign import __version__
-from safealign.demo import lab_evaluator, score_output
+from safealign.demo import lab_evaluator  # safealign.lab.compare on main since issue 10
 from safealign.lab import Lab, build
 from safealign.registry import parse_options
 from safealign.report import markdown_table, write_json
@@ -98,7 +98,7 @@ def run_one(lab: Lab, name: str, folder: Path, benign: Path, extra: dict) -> dic
         log=lambda _: None,
         **(TRAINING | extra),
     )
-    scores = score_output(lab_evaluator(lab), result.out, lab.aligned)
+    scores = lab_evaluator(lab).score_folder(lab.aligned, adapter=result.out)
     metrics = result.metrics
     return {
         "regularizer": name,
