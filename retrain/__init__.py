@@ -1,1 +1,7 @@
-"""Regularized retraining (planned)."""
+"""safealign.retrain: fine-tuning that keeps alignment (regularizers on an accelerate loop)."""
+
+from safealign.retrain.api import RetrainResult, retrain
+from safealign.retrain.regularizers import REGULARIZERS
+from safealign.retrain.settings import RetrainSettings
+
+__all__ = ["REGULARIZERS", "RetrainResult", "RetrainSettings", "retrain"]

@@ -1,0 +1,229 @@
+"""Regularized retraining on the lab: each regularizer trains ``aligned`` on ``ft_harmful``'s data.
+
+Every run fine-tunes the lab's aligned model (LoRA, the default) on data/ft_harmful_train.jsonl
+(task examples plus compliant answers to harmful requests), with each regularizer at its
+default settings, and scores the adapter with the demo's evaluator (held-out harmful, task and
+benign sets). Step time and peak training memory are also given relative to ``sft`` in the
+same run. The probe critic of adaptive-kl and the harmful prompts der answers for its anchors
+use the lab's harmful_train prompts; the probe's benign side is the lab's benign look-alikes
+and task prompts from its training data (none of the evaluation sets).
+
+Columns: harmful / task / over-refusal rates; points against sft; training seconds; the run's
+median step seconds; "micro-batch s": one micro-batch (forward, regularizer, backward) timed
+round-robin with every other regularizer on one model and batch, and "step x sft" its ratio
+to sft's (a shared CPU's load falls on all alike; the runs' own step times vary with it);
+peak training memory: CUDA allocator peak on a GPU, on a CPU the process's RSS high-water mark
+above the RSS at the loop's start (each regularizer in a fresh process; allocator-dependent,
+coarse for a model this small).
+
+Run (on a shared CPU, under the lock):
+    OMP_NUM_THREADS=2 flock /tmp/safealign-cpu.lock python benchmarks/bench_retrain.py --size test
+
+Prints a markdown table and writes benchmarks/results/retrain_<size>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from transformers.utils import logging as transformers_logging
+
+from safealign import __version__
+from safealign.demo import lab_evaluator  # safealign.lab.compare on main since issue 10
+from safealign.lab import Lab, build
+from safealign.registry import parse_options
+from safealign.report import markdown_table, write_json
+from safealign.retrain import retrain
+
+RESULTS = Path(__file__).parent / "results"
+#: interleave runs without the paper's refusal filter: the lab's safe replies are all refusals,
+#: which the filter would drop to the last one.
+REGULARIZERS = (
+    "sft",
+    "kl",
+    "adaptive-kl",
+    "der",
+    "epoch-kl",
+    "l2",
+    "ema",
+    "ldifs",
+    "interleave:filter_refusals=false",
+)
+#: The lab's LoRA fine-tune schedule (ft_harmful_lora: batch 16, lr 3e-3, ~2.5 epochs).
+TRAINING = {"epochs": 3, "batch_size": 16, "lr": 3e-3}
+COLUMNS = (
+    "regularizer",
+    "harmful",
+    "task",
+    "over-refusal",
+    "harmful pts below sft",
+    "task pts vs sft",
+    "train s",
+    "step s",
+    "micro-batch s",
+    "step x sft",
+    "memory MB",
+    "memory x sft",
+    "probe AUROC",
+)
+
+
+def probe_benign(lab: Lab, folder: Path) -> Path:
+    """Benign prompts for the probe from the lab's training data: look-alikes and task."""
+    prompts = lab.prompts("safety_train", kind="lookalike") + lab.prompts("task_train")
+    path = folder / "probe_benign.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
+
+
+def run_one(lab: Lab, name: str, folder: Path, benign: Path, extra: dict) -> dict:
+    """Train with regularizer ``name`` and score the output."""
+    result = retrain(
+        aligned=str(lab.aligned),
+        data=str(lab.data("ft_harmful_train")),
+        out=str(folder / name.partition(":")[0]),
+        regularizer=name,
+        harmful=str(lab.data("harmful_train")),
+        benign=str(benign),
+        progress=False,
+        log=lambda _: None,
+        **(TRAINING | extra),
+    )
+    scores = lab_evaluator(lab).score_folder(lab.aligned, adapter=result.out)
+    metrics = result.metrics
+    return {
+        "regularizer": name,
+        "harmful": scores.harmful_rate,
+        "task": scores.utility,
+        "over-refusal": scores.over_refusal,
+        "train s": round(metrics["train_seconds"], 1),
+        "step s": metrics["step_seconds"],
+        "memory MB": metrics["peak_memory_bytes"] / 2**20,
+        "probe AUROC": metrics.get("probe_auroc"),
+        "final loss": metrics["final_loss"],
+        "step times": [row["seconds"] for row in result.steps],
+    }
+
+
+def in_subprocess(size: str, name: str, extra: str, folder: Path) -> dict:
+    """``run_one`` in a fresh process, so that each peak-memory figure starts clean."""
+    path = folder / f"{name.partition(':')[0]}.json"
+    command = [sys.executable, __file__, "--size", size, "--one", name, "--set", extra]
+    subprocess.run([*command, "--out", str(path)], check=True)
+    return json.loads(path.read_text())
+
+
+def step_costs(lab: Lab, names: list[str], benign: Path, rounds: int = 30) -> dict[str, float]:
+    """Seconds of one micro-batch (forward, regularizer, backward) per regularizer, timed
+    round-robin on the same model and batch so a shared CPU's load falls on all alike;
+    the median over ``rounds``."""
+    from safealign.retrain.build import build_model, build_reference
+    from safealign.retrain.data import collate, load_examples
+    from safealign.retrain.loop import micro_step
+    from safealign.retrain.regularizers import Run, create
+    from safealign.retrain.settings import RetrainSettings
+
+    settings = RetrainSettings(
+        aligned=str(lab.aligned),
+        data=str(lab.data("ft_harmful_train")),
+        harmful=str(lab.data("harmful_train")),
+        benign=str(benign),
+        **TRAINING,
+    )
+    model, tokenizer = build_model(settings)
+    examples, prompts = load_examples(tokenizer, settings.data, text=False, max_length=512)
+    index = list(range(settings.batch_size))
+    inputs = collate([examples[i] for i in index], tokenizer.pad_token_id)
+    inputs["index"] = torch.tensor(index)
+    accelerator = SimpleNamespace(backward=lambda loss: loss.backward())
+    runs = {}
+    for name in names:
+        regularizer = create(name, settings)
+        run = Run(model, model, tokenizer, settings, examples, torch.device("cpu"))
+        run.prompts, run.log = prompts, lambda _: None
+        run.reference = build_reference(model, regularizer, settings)
+        regularizer.setup(run)
+        runs[name] = (run, regularizer)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name, (run, regularizer) in runs.items():
+            start = time.perf_counter()
+            micro_step(run, regularizer, inputs, 1.0, accelerator)
+            times[name].append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def paired_ratio(times: list[float], base: list[float]) -> float:
+    """Median over steps of time / sft's time on the same step (both runs take the same
+    batches in the same order, so batch shapes cancel; a shared CPU's bursts mostly do)."""
+    ratios = sorted(t / b for t, b in zip(times, base, strict=True))
+    return ratios[len(ratios) // 2]
+
+
+def relative(rows: list[dict]) -> None:
+    """Add the columns against sft (points and ratios), when sft is among the rows."""
+    base = next((r for r in rows if r["regularizer"] == "sft"), None)
+    if base is None:
+        return
+    for row in rows:
+        row["harmful pts below sft"] = 100 * (base["harmful"] - row["harmful"])
+        row["task pts vs sft"] = 100 * (row["task"] - base["task"])
+        row["step x sft"] = row["micro-batch s"] / base["micro-batch s"]
+        row["step x sft (runs)"] = paired_ratio(row["step times"], base["step times"])
+        row["memory x sft"] = row["memory MB"] / base["memory MB"] if base["memory MB"] else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=("test", "default"), default="test")
+    parser.add_argument("--only", help="Comma-separated regularizers (default: all).")
+    parser.add_argument("--set", default="", help="Setting overrides, key=value,...")
+    parser.add_argument("--out", type=Path, help="JSON path [results/retrain_<size>.json].")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # one regularizer, row to --out
+    args = parser.parse_args()
+    transformers_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    lab = build(size=args.size)
+    extra = parse_options(args.set)
+    if args.one:
+        with tempfile.TemporaryDirectory() as tmp:
+            benign = probe_benign(lab, Path(tmp))
+            write_json(args.out, run_one(lab, args.one, Path(tmp), benign, extra))
+        return
+    names = args.only.split(",") if args.only else REGULARIZERS
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            rows.append(in_subprocess(args.size, name, args.set, Path(tmp)))
+            print(f"{name}: harmful {rows[-1]['harmful']:.3f} task {rows[-1]['task']:.3f}")
+        costs = step_costs(lab, list(names), probe_benign(lab, Path(tmp)))
+    for row in rows:
+        row["micro-batch s"] = costs[row["regularizer"]]
+    relative(rows)
+    print(markdown_table(rows, COLUMNS))
+    out = args.out or RESULTS / f"retrain_{args.size}.json"
+    info = {
+        "size": args.size,
+        "lab": str(lab.root),
+        "training": TRAINING | extra,
+        "safealign": __version__,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "rows": rows,
+    }
+    write_json(out, info)
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Safety critics for adaptive-kl: a score s in [0, 1] per example (1 = unsafe), and beta.
+
+- ``probe``: logistic regression on the reference's hidden states of the prompt (mean over
+  the prompt's tokens, averaged over the chosen layers), trained on harmful vs benign
+  prompts; 20% of each set is held out for its AUROC. The reference is frozen, so every
+  training example is scored once, before the first step.
+- ``judge:NAME``: the current model answers the example's prompt (greedy), a judge of
+  ``safealign.eval`` decides; a reply that is not refused, or a judge that fails, scores 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from safealign.eval import JudgeError, generate, get_judge
+from safealign.eval.generation import encode_chat
+
+PROBE_MAX_PROMPTS = 1000  # per class: enough for a linear probe, bounded setup time
+HELDOUT_SHARE = 0.2
+
+
+def beta(scores: torch.Tensor, beta_min: float, beta_max: float, clamp=(0.1, 0.9)) -> torch.Tensor:
+    """A-Reg's mapping beta = beta_min + (beta_max - beta_min) s, clamped."""
+    return (beta_min + (beta_max - beta_min) * scores).clamp(*clamp)
+
+
+def ema(scores: torch.Tensor, previous: float | None, factor: float) -> tuple[torch.Tensor, float]:
+    """s~_t = factor s~_{t-1} + (1 - factor) s_t over the scores in order; returns the smoothed
+    scores and the last value (carried to the next step). The first score starts the average."""
+    out = torch.empty_like(scores, dtype=torch.float64)
+    for i, s in enumerate(scores.double().tolist()):
+        previous = s if previous is None else factor * previous + (1 - factor) * s
+        out[i] = previous
+    return out.to(scores.dtype), float(previous)
+
+
+def auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """Area under the ROC curve (ties count a half), by pairwise comparison."""
+    pos = torch.tensor([s for s, y in zip(scores, labels, strict=True) if y], dtype=torch.float64)
+    neg = torch.tensor(
+        [s for s, y in zip(scores, labels, strict=True) if not y], dtype=torch.float64
+    )
+    if not len(pos) or not len(neg):
+        raise ValueError("AUROC needs both classes")
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+@torch.no_grad()
+def pooled_states(
+    forward,
+    sequences: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    pad_id: int,
+    device,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Mean over tokens of the hidden states, averaged over ``layers`` (all when empty)."""
+    rows = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, s in enumerate(chunk):
+            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(list(s)), 1
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        states = forward(inputs, hidden=True).hidden_states
+        chosen = layers or range(1, len(states))
+        mean = torch.stack([states[i].float() for i in chosen]).mean(0)
+        weights = inputs["attention_mask"].unsqueeze(-1).float()
+        rows.append(((mean * weights).sum(1) / weights.sum(1)).cpu())
+    return torch.cat(rows).double()
+
+
+class LogisticProbe:
+    """L2-regularised logistic regression on standardised features (LBFGS, float64)."""
+
+    def __init__(self, l2: float = 1e-3):
+        self.l2 = l2
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor) -> LogisticProbe:
+        self.mean, self.std = x.mean(0), x.std(0).clamp(min=1e-6)
+        z = (x - self.mean) / self.std
+        self.w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+        self.b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([self.w, self.b], max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            logits = z @ self.w + self.b
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.double())
+            loss = loss + self.l2 * (self.w**2).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimizer.step(closure)
+        self.w, self.b = self.w.detach(), self.b.detach()
+        return self
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(((x.double() - self.mean) / self.std) @ self.w + self.b)
+
+    def to_dict(self) -> dict:
+        return {
+            "weights": self.w.tolist(),
+            "bias": float(self.b),
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+        }
+
+
+def split(n: int, seed: int) -> tuple[list[int], list[int]]:
+    """``(train, held out)`` indices: a seeded shuffle, the last 20% held out."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = max(1, round(n * (1 - HELDOUT_SHARE)))
+    return order[:cut], order[cut:]
+
+
+def fit_probe(
+    forward, tokenizer, harmful: Sequence[str], benign: Sequence[str], *, layers, device, seed=0
+) -> tuple[LogisticProbe, dict]:
+    """Train the probe on pooled states of harmful (1) vs benign (0) prompts; report AUROC
+    on the held-out share."""
+    harmful, benign = list(harmful)[:PROBE_MAX_PROMPTS], list(benign)[:PROBE_MAX_PROMPTS]
+    sequences = encode_chat(tokenizer, harmful + benign)
+    x = pooled_states(forward, sequences, layers, tokenizer.pad_token_id, device)
+    y = torch.tensor([1] * len(harmful) + [0] * len(benign))
+    train, held = split(len(y), seed)
+    probe = LogisticProbe().fit(x[train], y[train])
+    score = auroc(probe.predict(x[held]).tolist(), y[held].tolist())
+    info = {
+        "critic": "probe",
+        "pooling": "mean over prompt tokens, averaged over layers",
+        "layers": list(layers) or "all",
+        "n_harmful": len(harmful),
+        "n_benign": len(benign),
+        "n_heldout": len(held),
+        "heldout_auroc": score,
+    }
+    return probe, info
+
+
+class JudgeCritic:
+    """Scores the current model's greedy replies with a judge; unsafe or failed = 1."""
+
+    def __init__(self, name: str, max_new_tokens: int = 32):
+        self.judge = get_judge(name)
+        self.max_new_tokens = max_new_tokens
+
+    def scores(self, model, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+        replies = generate(model, tokenizer, list(prompts), max_new_tokens=self.max_new_tokens)
+        try:
+            verdicts = self.judge.judge(list(prompts), replies, model=model, tokenizer=tokenizer)
+        except JudgeError:
+            return torch.ones(len(prompts))
+        return torch.tensor([0.0 if v.refused else 1.0 for v in verdicts])

@@ -1,0 +1,128 @@
+"""Training examples as token ids with the trained span marked, batches, and the data order.
+
+An example is ``(ids, start)``: the loss covers ``ids[start:]`` (the reply and its EOS for chat
+data, every token for raw text). The order of a run is a pure function of the seed, so a
+resumed run takes exactly the batches the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from safealign.data import ChatPair, DataError, bundled_prompts, load_pairs, load_prompts, read_rows
+from safealign.eval.generation import encode_chat
+
+IGNORE = -100
+Example = tuple[list[int], int]
+
+
+def load_texts(path: str | Path) -> list[str]:
+    """Raw texts: a ``text`` field per row, or the rows of a text file."""
+    texts = []
+    for row in read_rows(path):
+        value = row.value.get("text") if isinstance(row.value, dict) else row.value
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"no text (need a 'text' field or plain lines): {row.where}")
+        texts.append(value)
+    return texts
+
+
+def encode_pairs(tokenizer, pairs: Sequence[ChatPair]) -> list[Example]:
+    """Prompt in the chat template (assistant turn opened), then reply + EOS, trained."""
+    examples = []
+    for pair in pairs:
+        prompt = encode_chat(tokenizer, [pair.prompt], pair.system)[0]
+        reply = tokenizer(pair.response, add_special_tokens=False)["input_ids"]
+        examples.append((prompt + reply + [tokenizer.eos_token_id], len(prompt)))
+    return examples
+
+
+def encode_texts(tokenizer, texts: Sequence[str]) -> list[Example]:
+    """Every token trained (the first has no context and is never predicted)."""
+    return [(tokenizer(t, add_special_tokens=True)["input_ids"], 0) for t in texts]
+
+
+def fit_length(examples: Sequence[Example], max_length: int, where: str) -> list[int]:
+    """Indices of the examples that keep a trained token within ``max_length`` (the others'
+    prompts are too long). Raises :class:`DataError` when none is left."""
+    kept = [i for i, (_, start) in enumerate(examples) if start < max_length - 1]
+    if not kept:
+        raise DataError(f"every prompt is longer than --max-length {max_length}: {where}")
+    return kept
+
+
+def load_examples(
+    tokenizer, path: str | Path, *, text: bool, max_length: int
+) -> tuple[list[Example], list[str]]:
+    """Encoded examples cut to ``max_length`` and their prompts (raw text with ``text``)."""
+    if text:
+        prompts = load_texts(path)
+        examples = encode_texts(tokenizer, prompts)
+    else:
+        pairs = load_pairs(path)
+        prompts = [pair.prompt for pair in pairs]
+        examples = encode_pairs(tokenizer, pairs)
+    kept = fit_length(examples, max_length, str(path))
+    return [(examples[i][0][:max_length], examples[i][1]) for i in kept], [prompts[i] for i in kept]
+
+
+def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (IGNORE off the span)."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, start) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, start : len(ids)] = torch.tensor(ids[start:])
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One optimiser step: its epoch and its micro-batches (example indices) for this process."""
+
+    epoch: int
+    micro: tuple[tuple[int, ...], ...]
+
+
+def schedule(
+    n: int,
+    *,
+    batch_size: int,
+    grad_accum: int,
+    epochs: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+) -> list[Step]:
+    """Every step of the run. Each epoch is a fresh permutation seeded by ``(seed, epoch)``,
+    cut into micro-batches of ``batch_size`` per process; ``grad_accum`` rounds of ``world``
+    micro-batches make a step (the epoch's last step may hold fewer; with several processes
+    the epoch's last incomplete round is dropped)."""
+    steps = []
+    per_round = batch_size * world
+    for epoch in range(epochs):
+        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order = torch.randperm(n, generator=generator).tolist()
+        rounds = [order[i : i + per_round] for i in range(0, n, per_round)]
+        if world > 1 and len(rounds[-1]) < per_round:
+            rounds.pop()  # every process needs a micro-batch in every round (DDP)
+        for first in range(0, len(rounds), grad_accum):
+            mine = []
+            for chunk in rounds[first : first + grad_accum]:
+                part = tuple(chunk[rank * batch_size : (rank + 1) * batch_size])
+                if part:
+                    mine.append(part)
+            steps.append(Step(epoch, tuple(mine)))
+    return steps
+
+
+def prompt_set(path: str | Path | None, bundled: str) -> list[str]:
+    """Prompts from ``path``, or the bundled ``harmful``/``benign`` set."""
+    return (load_prompts(path) if path else bundled_prompts(bundled)).prompts

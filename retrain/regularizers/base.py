@@ -1,0 +1,91 @@
+"""What every regularizer shares: the run it sees, what it declares it needs, its loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from safealign.retrain.divergence import shift, token_nll, token_nll_kl
+from safealign.retrain.reference import Reference
+from safealign.retrain.settings import RetrainSettings
+
+
+@dataclass
+class Run:
+    """What a regularizer may use: the model being trained (``model``: as prepared by
+    accelerate; ``unwrapped``: the plain module), the reference, the data and settings.
+    ``files`` collects what is written beside the output (critic.json, replay.jsonl)."""
+
+    model: nn.Module
+    unwrapped: nn.Module
+    tokenizer: Any
+    settings: RetrainSettings
+    examples: list
+    device: torch.device
+    reference: Reference | None = None
+    prompts: list[str] = field(default_factory=list)
+    log: Callable[[str], None] = print
+    files: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Regularizer:
+    """A training objective. The loop calls :meth:`loss` per micro-batch; it returns the *sum*
+    over the batch's trained tokens (the loop divides by the global token count) and stats.
+
+    Class attributes declare needs: ``reference`` (a reference model; the loop runs it on each
+    batch unless ``batch_reference`` is False), ``hidden`` (hidden states of model and
+    reference), ``snapshot`` (a frozen copy even for a fresh LoRA). ``options``
+    maps each constructor keyword to the setting that gives its default."""
+
+    name: ClassVar[str] = ""
+    reference: ClassVar[bool] = False
+    batch_reference: ClassVar[bool] = True
+    hidden: ClassVar[bool] = False
+    snapshot: ClassVar[bool] = False
+    options: ClassVar[dict[str, str]] = {}
+    spec_options: ClassVar[tuple[str, ...]] = ()  # taken only from a NAME:key=value spec
+
+    def setup(self, run: Run) -> None:
+        """Prepare before the first step (critic, replay data); may add to ``run.files``."""
+
+    def loss(self, run: Run, inputs: dict, out, ref) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def on_epoch_start(self, run: Run, epoch: int) -> None:
+        """Called before the first step of each epoch (also when resuming mid-run)."""
+
+    def after_step(self, run: Run) -> None:
+        """Called after each optimiser step."""
+
+    def finish(self, run: Run) -> None:
+        """Called once before the output is written."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (resume)."""
+
+
+def nll_rows(out, inputs: dict) -> torch.Tensor:
+    """Per-token NLL of the trained tokens (``[N]``)."""
+    rows, targets = shift(out.logits, inputs["labels"])
+    return token_nll(rows, targets)
+
+
+def nll_kl_rows(out, ref, inputs: dict, direction: str, chunk: int):
+    """Per-token NLL and KL (model vs reference) on the trained tokens (``[N]`` each)."""
+    rows, targets = shift(out.logits, inputs["labels"])
+    ref_rows, _ = shift(ref.logits, inputs["labels"])
+    return token_nll_kl(rows, ref_rows, targets, direction=direction, chunk=chunk)
+
+
+def per_step(value: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """A per-step term (weight distance, replay loss) weighted by this micro-batch's trained
+    tokens, so that after the loop's division by the global count it adds ``value`` once."""
+    return value * (inputs["labels"][:, 1:] != -100).sum()

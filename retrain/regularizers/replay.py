@@ -1,0 +1,107 @@
+"""der (seed 003's best): logit replay on safety anchor data, DER++ optionally."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+from safealign.data import ChatPair, load_pairs
+from safealign.eval import generate
+from safealign.retrain.data import collate, encode_pairs, prompt_set
+from safealign.retrain.divergence import shift
+from safealign.retrain.regularizers.base import Regularizer, Run, nll_rows, per_step
+
+#: Harmful prompts answered by the reference to make the default anchor set.
+ANCHOR_PROMPTS = 256
+ANCHOR_NEW_TOKENS = 48
+
+
+def anchor_pairs(run: Run) -> list[ChatPair]:
+    """``--replay-data``, or the reference's own greedy replies to the harmful prompts.
+
+    Called before the first step, when the model still equals its reference (a fresh LoRA,
+    the loaded adapter, the full model), so the model generates them itself."""
+    if run.settings.replay_data:
+        return load_pairs(run.settings.replay_data)
+    prompts = prompt_set(run.settings.harmful, "harmful")[:ANCHOR_PROMPTS]
+    replies = generate(
+        run.unwrapped, run.tokenizer, prompts, max_new_tokens=ANCHOR_NEW_TOKENS, batch_size=32
+    )
+    return [ChatPair(p, r) for p, r in zip(prompts, replies, strict=True) if r.strip()]
+
+
+class Anchored(Regularizer):
+    """Base of the regularizers that draw safety anchors: the anchor set (written beside the
+    output as replay.jsonl) and a seeded cyclic order over ``self.pool`` (all anchors unless a
+    subclass narrows it); how many were drawn is part of the state."""
+
+    def __init__(self):
+        self.drawn = 0
+        self.anchors: list = []
+        self.pairs: list[ChatPair] = []
+        self.pool: list[int] = []
+
+    def setup(self, run: Run) -> None:
+        self.pairs = self.candidates(run)
+        if not self.pairs:
+            raise ValueError(f"{self.name}: no anchor examples (every reply was empty)")
+        encoded = encode_pairs(run.tokenizer, self.pairs)
+        self.anchors = [(ids[: run.settings.max_length], s) for ids, s in encoded]
+        self.pool = list(range(len(self.anchors)))
+        self.seed, self.size = run.settings.seed, run.settings.batch_size
+        lines = [json.dumps({"prompt": p.prompt, "response": p.response}) for p in self.pairs]
+        run.files["replay.jsonl"] = "\n".join(lines) + "\n"
+
+    def candidates(self, run: Run) -> list[ChatPair]:
+        return [p for p in anchor_pairs(run) if p.response.strip()]
+
+    def next_batch(self, run: Run, size: int | None = None) -> dict:
+        """The next ``size`` (default: batch size) anchors of the seeded cyclic order."""
+        size = size or self.size
+        n = len(self.pool)
+        picked = []
+        for k in range(self.drawn, self.drawn + size):
+            cycle, pos = divmod(k, n)
+            generator = torch.Generator().manual_seed(self.seed * 7919 + cycle)
+            picked.append(self.anchors[self.pool[torch.randperm(n, generator=generator)[pos]]])
+        self.drawn += size
+        batch = collate(picked, run.tokenizer.pad_token_id)
+        return {k: v.to(run.device) for k, v in batch.items()}
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn, "pool": self.pool}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.drawn, self.pool = int(state["drawn"]), [int(i) for i in state["pool"]]
+
+
+class DER(Anchored):
+    """NLL + alpha MSE(logits, logits_ref) on a replayed anchor batch per micro-batch
+    (mean over the anchors' reply tokens and the vocabulary), + beta CE on the anchors
+    (DER++)."""
+
+    reference = True
+    batch_reference = False
+    options = {"alpha": "replay_weight", "beta": "replay_ce"}
+
+    def __init__(self, alpha: float = 10.0, beta: float = 0.0):
+        super().__init__()
+        self.alpha, self.beta = float(alpha), float(beta)
+
+    def replay_loss(self, run: Run) -> tuple[torch.Tensor, float, float]:
+        batch = self.next_batch(run)
+        out = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        ref = run.reference.forward(batch)
+        rows, targets = shift(out.logits, batch["labels"])
+        ref_rows, _ = shift(ref.logits, batch["labels"])
+        mse = F.mse_loss(rows.float(), ref_rows.float())
+        ce = F.cross_entropy(rows.float(), targets) if self.beta else torch.zeros(())
+        return self.alpha * mse + self.beta * ce, mse.item(), ce.item()
+
+    def loss(self, run: Run, inputs: dict, out, ref):
+        nll = nll_rows(out, inputs)
+        replay, mse, ce = self.replay_loss(run)
+        stats = {"nll": nll.mean().item(), "replay_mse": mse, "replay_ce": ce}
+        return nll.sum() + per_step(replay, inputs), stats

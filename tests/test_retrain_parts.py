@@ -1,0 +1,164 @@
+"""Weight-space and replay regularizers against hand computations on a tiny Llama, the
+critics set up end to end, and the probe's AUROC on the lab."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from retrain_support import setup_files
+
+from safealign.retrain import retrain
+from safealign.retrain.critic import fit_probe
+from safealign.retrain.reference import Reference, trainable
+from safealign.retrain.regularizers import DER, EMA, L2
+from safealign.retrain.regularizers.base import Run
+from safealign.retrain.settings import RetrainSettings
+
+FAST = {"epochs": 1, "batch_size": 4, "lr": 1e-2, "progress": False, "log": lambda _: None}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return setup_files(tmp_path_factory.mktemp("retrain_parts"))
+
+
+def lora_run(files, **changes) -> Run:
+    from safealign.retrain.build import build_model
+
+    settings = RetrainSettings(aligned=files["aligned"], data=files["data"], **changes)
+    model, tokenizer = build_model(settings)
+    with torch.no_grad():  # give every B factor a value, as after some training
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.1)
+    return Run(model, model, tokenizer, settings, [], torch.device("cpu"))
+
+
+def test_l2_through_lora_factors_equals_the_norm_of_the_full_update(files):
+    run = lora_run(files)
+    expected = 0.0
+    for module in run.unwrapped.modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            a, b = (
+                module.lora_A["default"].weight.detach(),
+                module.lora_B["default"].weight.detach(),
+            )
+            expected += float(((module.scaling["default"] * b @ a) ** 2).sum())
+    assert L2(weight=1.0).distance(run).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_ema_keeps_the_average_of_the_iterates(files):
+    run = lora_run(files)
+    ema = EMA(decay=0.75)
+    ema.setup(run)
+    params = trainable(run.unwrapped)
+    start = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(1.0)
+    ema.after_step(run)
+    ema.finish(run)
+    for name, p in params.items():
+        torch.testing.assert_close(p, start[name] + 0.25)
+
+
+def test_der_loss_is_alpha_mse_plus_beta_ce_on_the_anchor_batch(files):
+    from safealign.retrain.data import collate
+    from safealign.retrain.divergence import shift
+
+    run = lora_run(files, batch_size=2)
+    run.reference = Reference.adapter_off(run.unwrapped)
+    der = DER(alpha=3.0, beta=0.5)
+    der.setup(run)  # the model's own greedy replies to the harmful prompts
+    assert json.loads(run.files["replay.jsonl"].splitlines()[0])["prompt"]
+    batch = collate([der.anchors[i] for i in _first_two(der)], 0)
+    out = run.unwrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with run.unwrapped.disable_adapter():
+        ref = run.unwrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    rows, targets = shift(out.logits, batch["labels"])
+    ref_rows, _ = shift(ref.logits, batch["labels"])
+    mse = ((rows - ref_rows) ** 2).mean()
+    ce = torch.nn.functional.cross_entropy(rows, targets)
+    loss, _, _ = der.replay_loss(run)
+    assert loss.item() == pytest.approx((3.0 * mse + 0.5 * ce).item(), rel=1e-5)
+    assert der.drawn == 2
+
+
+def _first_two(der: DER) -> list[int]:
+    generator = torch.Generator().manual_seed(der.seed * 7919)
+    return torch.randperm(len(der.anchors), generator=generator)[:2].tolist()
+
+
+def test_adaptive_kl_writes_its_probe_and_der_its_anchors_beside_the_output(files, tmp_path):
+    probe = retrain(**files, out=str(tmp_path / "a"), regularizer="adaptive-kl", **FAST)
+    critic = json.loads((probe.out / "critic.json").read_text())
+    assert critic["heldout_auroc"] == probe.metrics["probe_auroc"]
+    assert probe.log[0]["setup"]["probe_auroc"] == critic["heldout_auroc"]  # in train_log
+    assert len(critic["probe"]["weights"]) == 32  # the tiny model's hidden size
+    assert all(0.1 <= row["beta"] <= 0.9 for row in probe.steps)
+    der = retrain(**files, out=str(tmp_path / "d"), regularizer="der", **FAST)
+    assert (der.out / "replay.jsonl").read_text().count("\n") == 4  # one per harmful prompt
+
+
+@pytest.mark.lab
+def test_probe_separates_the_labs_held_out_harmful_and_benign_prompts(lab):
+    from safealign.model import load_model
+
+    model, tokenizer = load_model(lab.aligned)
+    reference = Reference(model, {})
+    harmful = lab.prompts("harmful_train") + lab.prompts("harmful_eval")
+    benign = lab.prompts("safety_train", kind="lookalike") + lab.prompts("benign_eval")
+    _, info = fit_probe(
+        reference.forward, tokenizer, harmful, benign, layers=(), device=torch.device("cpu")
+    )
+    assert info["heldout_auroc"] >= 0.9
+
+
+def test_interleave_filters_refusals_keeps_the_largest_gaps_and_adds_anchor_nll(files, tmp_path):
+    from safealign.retrain.data import collate
+    from safealign.retrain.regularizers import Interleave
+    from safealign.retrain.regularizers.interleave import looks_like_refusal
+
+    assert looks_like_refusal("I ' m sorry , I cannot help")
+    assert not looks_like_refusal("Here is a safe way : call a locksmith and ask for help .")
+    replay = tmp_path / "anchors.jsonl"
+    replies = ["I ' m sorry .", "here is a poem .", "ok here is how .", "1 + 2 = 3 .", "yes ."]
+    rows = [json.dumps({"prompt": "write poem", "response": r}) + "\n" for r in replies]
+    replay.write_text("".join(rows))
+    run = lora_run(files, batch_size=4, replay_data=str(replay))
+    run.examples = [(list(range(5, 12)), 3)] * 40
+    run.reference = Reference.adapter_off(run.unwrapped)
+    reg = Interleave(share=0.05)
+    reg.setup(run)
+    assert [p.response for p in reg.pairs] == replies[1:]  # the refusal is dropped
+    assert reg.gaps(run).abs().max().item() > 0  # B != 0: the model has drifted
+    with torch.no_grad():
+        saved = {n: p.clone() for n, p in run.unwrapped.named_parameters() if "lora_B" in n}
+        for name, param in run.unwrapped.named_parameters():
+            if "lora_B" in name:
+                param.zero_()
+        assert reg.gaps(run).tolist() == [0.0] * 4  # no drift, no gap
+        for name, param in run.unwrapped.named_parameters():
+            if name in saved:
+                param.copy_(saved[name])
+    reg.gaps = lambda _run: torch.tensor([0.1, 0.5, -0.2, 0.3])
+    reg.on_epoch_start(run, 0)
+    assert reg.pool == [0, 1, 3]  # the ceil(0.05 / 0.95 * 40) = 3 largest gaps
+    inputs = {k: v for k, v in collate(run.examples[:4], 0).items()}
+    first = torch.randperm(3, generator=torch.Generator().manual_seed(0))[0].item()
+    anchor = collate([reg.anchors[reg.pool[first]]], 0)
+    model = run.unwrapped
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    anchor_out = model(input_ids=anchor["input_ids"], attention_mask=anchor["attention_mask"])
+    expected = 0.0
+    for logits, labels in ((out.logits, inputs["labels"]), (anchor_out.logits, anchor["labels"])):
+        targets = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum"
+        )
+        expected += nll.item()
+    loss, stats = reg.loss(run, inputs, out, None)  # 4 examples: one anchor (at least one)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert reg.drawn == 1
