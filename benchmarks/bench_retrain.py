@@ -38,8 +38,8 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from safealign import __version__
-from safealign.demo import lab_evaluator  # safealign.lab.compare on main since issue 10
 from safealign.lab import Lab, build
+from safealign.lab.compare import RETRAIN_OPTIONS, lab_evaluator
 from safealign.registry import parse_options
 from safealign.report import markdown_table, write_json
 from safealign.retrain import retrain
@@ -58,8 +58,8 @@ REGULARIZERS = (
     "ldifs",
     "interleave:filter_refusals=false",
 )
-#: The lab's LoRA fine-tune schedule (ft_harmful_lora: batch 16, lr 3e-3, ~2.5 epochs).
-TRAINING = {"epochs": 3, "batch_size": 16, "lr": 3e-3}
+#: The lab's LoRA fine-tune schedule (how ft_harmful_lora was trained).
+TRAINING = parse_options(RETRAIN_OPTIONS)
 COLUMNS = (
     "regularizer",
     "harmful",

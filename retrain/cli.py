@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import click
@@ -12,16 +11,7 @@ from safealign.data import DataError
 from safealign.registry import RegistryError
 from safealign.retrain.api import retrain
 from safealign.retrain.settings import RetrainSettings
-from safealign.settings import SettingsError, click_options, flag_name, from_cli
-
-#: Off-by-default switches. safealign.settings.click_options makes them options that take a
-#: value under click 8.5 (``--resume`` then swallows the next argument): they are declared
-#: here as flags until that is fixed there.
-SWITCHES = tuple(
-    f
-    for f in dataclasses.fields(RetrainSettings)
-    if f.default is False and f.metadata.get("cli", True)
-)
+from safealign.settings import SettingsError, click_options, from_cli
 
 #: Errors that mean "bad input": printed as one line, exit status 1, nothing trained.
 INPUT_ERRORS = (SettingsError, RegistryError, DataError, FileExistsError, ValueError)
@@ -45,24 +35,13 @@ def load_config(path: str | None) -> dict | None:
     return data
 
 
-def switches(command):
-    """Add :data:`SWITCHES` as click flags."""
-    for field in reversed(SWITCHES):
-        decorate = click.option(
-            flag_name(field), field.name, is_flag=True, help=field.metadata["help"]
-        )
-        command = decorate(command)
-    return command
-
-
 @click.command("retrain")
 @click.option(
     "--config",
     type=click.Path(exists=True, dir_okay=False),
     help="YAML file of settings (keys as the flags, with _ or -); typed flags override it.",
 )
-@click_options(RetrainSettings, exclude=[f.name for f in SWITCHES])
-@switches
+@click_options(RetrainSettings)
 def retrain_command(config: str | None, **values) -> None:
     """Fine-tune an aligned model on your data with a regularizer that keeps it aligned.
 

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from safealign.chat import encode_chat
 from safealign.eval import JudgeError, generate, get_judge
-from safealign.eval.generation import encode_chat
 
 PROBE_MAX_PROMPTS = 1000  # per class: enough for a linear probe, bounded setup time
 HELDOUT_SHARE = 0.2

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from safealign.data import ChatPair, DataError, bundled_prompts, load_pairs, load_prompts, read_rows
-from safealign.eval.generation import encode_chat
+from safealign.chat import encode_chat
+from safealign.data import ChatPair, DataError, load_pairs, load_prompts, read_rows
+from safealign.eval.smoke import SMOKE_BENIGN, SMOKE_HARMFUL
 
 IGNORE = -100
 Example = tuple[list[int], int]
@@ -124,5 +125,5 @@ def schedule(
 
 
 def prompt_set(path: str | Path | None, bundled: str) -> list[str]:
-    """Prompts from ``path``, or the bundled ``harmful``/``benign`` set."""
-    return (load_prompts(path) if path else bundled_prompts(bundled)).prompts
+    """Prompts from ``path``, or the bundled ``harmful``/``benign`` smoke set."""
+    return load_prompts(path or {"harmful": SMOKE_HARMFUL, "benign": SMOKE_BENIGN}[bundled]).prompts

@@ -10,6 +10,7 @@ from safealign.eval.cli import eval_command
 from safealign.lab.cli import lab_command
 from safealign.merge.cli import merge_command
 from safealign.recover.cli import recover_command
+from safealign.retrain.cli import retrain_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,4 +52,5 @@ main.add_command(lab_command)
 main.add_command(eval_command)
 main.add_command(recover_command)
 main.add_command(merge_command)
+main.add_command(retrain_command)
 main.add_command(compare_command)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safealign.compare import CompareResult, CompareSettings, compare
 from safealign.lab import build
-from safealign.lab.compare import BATCH_SIZE, lab_inputs
+from safealign.lab.compare import BATCH_SIZE, RETRAIN_OPTIONS, lab_inputs
 from safealign.lab.phenomenon import format_table
 
 #: The methods the demo compares: each at its defaults, and the safety merges also at the
@@ -39,5 +39,7 @@ def run_demo(
     harmful LoRA fine-tune; the report lands in ``out`` (report.md, report.json, tradeoff.png)."""
     lab = build(size=size, seed=seed, log=log)
     log(format_table(lab.info["table"], lab.info["checks"]))
-    settings = CompareSettings(methods=methods, batch_size=BATCH_SIZE, overwrite=True)
+    settings = CompareSettings(
+        methods=methods, batch_size=BATCH_SIZE, retrain_options=RETRAIN_OPTIONS, overwrite=True
+    )
     return compare(lab_inputs(lab), out, settings, log=log)

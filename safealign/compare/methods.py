@@ -8,6 +8,7 @@ output is what its own command gives for the same inputs and settings.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from safealign.compare.settings import CompareInputs
-from safealign.registry import Registry, RegistryError, parse_value, split_items, split_spec
+from safealign.registry import (
+    Registry,
+    RegistryError,
+    parse_options,
+    parse_value,
+    split_items,
+    split_spec,
+)
 
 #: What ``compare`` runs when no method is named (each is skipped if its inputs are missing).
 DEFAULT_METHODS = (
@@ -93,6 +101,13 @@ def join_specs(items: tuple[str, ...] | list[str]) -> list[str]:
         else:
             specs.append(item)
     return specs
+
+
+def with_options(spec: MethodSpec, family: str, options: str) -> MethodSpec:
+    """``spec`` with a family's shared ``options`` (``k=v,...``) under its own."""
+    if spec.family != family or not options:
+        return spec
+    return dataclasses.replace(spec, options={**parse_options(options), **spec.options})
 
 
 def _first(*values: Any) -> Any:
@@ -188,18 +203,24 @@ def _retrain_missing(spec: MethodSpec, inputs: CompareInputs) -> str | None:
     return None
 
 
+def _path(value: Any) -> Any:
+    """A data set given as a file (retrain reads files; in-memory sets are left out)."""
+    return value if isinstance(value, str | Path) else None
+
+
 def _retrain_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
     from safealign.retrain import retrain
 
     result = retrain(
-        inputs.aligned,
-        inputs.train_data,
-        out,
+        aligned=str(inputs.aligned),
+        data=str(inputs.train_data),
+        out=str(out),
         regularizer=spec.method,
-        harmful=_first(inputs.harmful_train, inputs.harmful),
-        benign=inputs.benign_train,
+        harmful=_path(inputs.harmful_train) or _path(inputs.harmful),
+        benign=_path(inputs.benign_train) or _path(inputs.benign),
         overwrite=True,
         progress=False,
+        log=lambda _line: None,
         **spec.options,
     )
     return Path(result.out)

@@ -21,6 +21,7 @@ from safealign.compare.methods import (
     MethodSpec,
     join_specs,
     parse_method,
+    with_options,
 )
 from safealign.compare.settings import CompareInputs, CompareSettings, check_inputs
 from safealign.eval import Evaluator, Scores
@@ -125,6 +126,7 @@ def compare(
     settings = (settings or CompareSettings()).replace(**overrides)
     check_inputs(inputs)
     specs = [parse_method(s) for s in join_specs(settings.methods or DEFAULT_METHODS)]
+    specs = [with_options(spec, "retrain", settings.retrain_options) for spec in specs]
     evaluator = Evaluator(
         inputs.harmful,
         inputs.task,

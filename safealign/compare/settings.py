@@ -64,6 +64,10 @@ class CompareSettings(Settings):
     budget_minutes: float | None = setting(
         None, help="Start no method once this many minutes are spent.", min=0, min_open=True
     )
+    retrain_options: str = setting(
+        "",
+        help="Options every retrain:REG method takes (its own win), e.g. epochs=3,lr=0.003.",
+    )
     judge: str = setting("keyword", help="Harmful-response judge, shared by every score.")
     metric: str = setting("exact_match", help="Task metric, shared by every score.")
     batch_size: int = setting(32, help="Generation batch size.", min=1)
