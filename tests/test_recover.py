@@ -129,15 +129,16 @@ def _self_task(aligned, finetuned, tokens: int) -> list[dict]:
 
 def _count_rollback_rule(monkeypatch, finetuned) -> list[int]:
     """Spy on the rollback choice: for each call, the count the rule gives, computed here
-    independently: ceil(share x restored), or every qualifying element if fewer qualify
-    (qualifying: w != w_B and sign(g) == sign(w - w_B))."""
+    independently (qualifying: w != w_B and sign(g) == sign(w - w_B)): guarded,
+    ceil(share x restored), or every qualifying element if fewer qualify; paper
+    (``of_agreeing``), ceil(share x qualifying)."""
     import safealign.recover.working as working
 
     b = Checkpoint.open(finetuned)
     expected: list[int] = []
     real = working.choose_rollback
 
-    def spy(model, ckpt, picked, grads, share):
+    def spy(model, ckpt, picked, grads, share, of_agreeing=False):
         qualifying = 0
         for name, index in picked.items():
             w = model.get_parameter(name).detach().reshape(-1)[index].float()
@@ -145,8 +146,11 @@ def _count_rollback_rule(monkeypatch, finetuned) -> list[int]:
             g = grads[name]
             qualifying += int(((w != fine) & (torch.sign(g) == torch.sign(w - fine))).sum())
         total = sum(index.numel() for index in picked.values())
-        expected.append(min(math.ceil(share * total), qualifying))
-        return real(model, ckpt, picked, grads, share)
+        if of_agreeing:
+            expected.append(math.ceil(share * qualifying))
+        else:
+            expected.append(min(math.ceil(share * total), qualifying))
+        return real(model, ckpt, picked, grads, share, of_agreeing)
 
     monkeypatch.setattr(working, "choose_rollback", spy)
     return expected
