@@ -13,11 +13,10 @@ from typing import Any
 from safealign.checkpoint import Checkpoint, CheckpointError, CheckpointWriter, validate_checkpoints
 from safealign.model import resolve_dtype
 from safealign.recover.guard import StepGuard
-from safealign.recover.loop import run as run_guarded
-from safealign.recover.paper import run_paper
 from safealign.recover.plan import Plan, count_candidates, working_dtype
 from safealign.recover.report import model_card, write_report
 from safealign.recover.result import RecoveryResult
+from safealign.recover.schedule import run
 from safealign.recover.sets import Sets
 from safealign.recover.settings import RecoverSettings
 from safealign.recover.weights import (
@@ -28,9 +27,6 @@ from safealign.recover.weights import (
     layout,
 )
 from safealign.recover.working import WorkingModel
-
-#: The loop of each ``schedule``: same signature, same result.
-RUNS = {"guarded": run_guarded, "paper": run_paper}
 
 
 def recover(
@@ -120,7 +116,6 @@ def _run_rates(
 ) -> None:
     """The sweep's extra rates (each undone after), then the main rate, kept in the model."""
     settings = result.settings
-    run = RUNS[settings.schedule]
     result.scores = dict(guard.references)
     for extra in sorted(set(settings.sweep) - {settings.rate}):
         outcome, ledger = run(

@@ -1,4 +1,4 @@
-"""The ``guarded`` schedule: the recovery loop at one rate, every step checked.
+"""The ``guarded`` schedule: every step checked.
 
 Per step: add the gradient of -cos(harmful-prompt centroid, A's harmful direction) over the
 restorable tensors, restore the top ``rate`` share of sign-agreeing elements to their aligned
@@ -33,41 +33,34 @@ from dataclasses import replace
 
 from tqdm.auto import tqdm
 
-from safealign.recover.guard import Check, StepGuard
+from safealign.recover.guard import StepGuard
 from safealign.recover.ledger import Ledger
-from safealign.recover.result import RunOutcome, StepRecord
+from safealign.recover.record import postfix, step_record
+from safealign.recover.result import StepRecord
 from safealign.recover.sets import Sets
 from safealign.recover.settings import RecoverSettings
-from safealign.recover.working import Indices, WorkingModel
+from safealign.recover.working import WorkingModel
 
 
-def run(
+def guarded_steps(
     work: WorkingModel,
     guard: StepGuard,
     sets: Sets,
     settings: RecoverSettings,
-    rate: float,
-    *,
-    label: str,
-    progress: bool = True,
-) -> tuple[RunOutcome, Ledger]:
-    """Run all steps at ``rate``; the model is left in the kept state."""
-    start, k = time.perf_counter(), work.layout.per_step(rate)
+    k: int,
+    bar: tqdm,
+) -> tuple[list[StepRecord], int, Ledger]:
+    """All steps, each checked from the warm-up's end: (records, kept step, ledger)."""
     first_checked = min(max(settings.warmup, 1), settings.steps)
     ledger, records, kept = Ledger(), [], 0
-    bar = tqdm(range(1, settings.steps + 1), desc=label, disable=not progress)
-    with work.accumulating():
-        try:
-            for step in bar:
-                checked = guard.checks and step >= first_checked
-                record = _step(work, guard, ledger, sets, settings, step, k, checked)
-                records.append(record)
-                kept = step if record.holds or not guard.checks else kept
-                bar.set_postfix(postfix(record))
-        finally:
-            bar.close()
-    work.reset(ledger.take(range(kept + 1, len(records) + 1)))
-    return outcome(rate, records, kept, ledger, start), ledger
+    for step in range(1, settings.steps + 1):
+        checked = guard.checks and step >= first_checked
+        record = _step(work, guard, ledger, sets, settings, step, k, checked)
+        records.append(record)
+        kept = step if record.holds or not guard.checks else kept
+        bar.update()
+        bar.set_postfix(postfix(record))
+    return records, kept, ledger
 
 
 def _step(
@@ -98,69 +91,3 @@ def _step(
     )
     # every step is scored: its harmful rate is recorded even before the warm-up ends
     return replace(record, harmful_rate=check.harmful_rate, utility_before_rollback=before)
-
-
-def step_record(
-    work: WorkingModel,
-    ledger: Ledger,
-    step: int,
-    offered: int,
-    restored: Indices,
-    rolled: Indices,
-    loss: float,
-    check: Check | None,
-    start: float,
-    phase: str = "steps",
-) -> StepRecord:
-    """What step ``step`` did (``check``: its guard check, None when unchecked)."""
-    net = {n: i.numel() for n, i in restored.items()}
-    for n, i in rolled.items():
-        net[n] -= i.numel()
-    return StepRecord(
-        step=step,
-        candidates=offered,
-        restored=sum(i.numel() for i in restored.values()),
-        rolled_back=sum(i.numel() for i in rolled.values()),
-        restored_total=ledger.net_total(step),
-        per_layer=work.layout.layer_counts(net),
-        loss=loss,
-        harmful_rate=None if check is None else check.harmful_rate,
-        utility=None if check is None else check.utility,
-        utility_before_rollback=None,
-        over_refusal=None if check is None else check.over_refusal,
-        holds=None if check is None else check.holds,
-        seconds=round(time.perf_counter() - start, 3),
-        phase=phase,
-    )
-
-
-def outcome(
-    rate: float, records: list[StepRecord], kept: int, ledger: Ledger, start: float
-) -> RunOutcome:
-    """The run's outcome: its steps and the scores of the kept step (the last record of that
-    number: a restarted run numbers its steps from 1 again)."""
-    last = next((r for r in reversed(records) if r.step == kept), None) if kept else None
-    return RunOutcome(
-        rate=rate,
-        steps=records,
-        kept_step=kept,
-        restored=ledger.net_total(kept),
-        harmful_rate=last.harmful_rate if last else None,
-        utility=last.utility if last else None,
-        over_refusal=last.over_refusal if last else None,
-        seconds=time.perf_counter() - start,
-    )
-
-
-def postfix(record: StepRecord) -> dict[str, str]:
-    """The progress bar's figures for ``record``."""
-
-    def show(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}"
-
-    return {
-        "harmful": show(record.harmful_rate),
-        "utility": show(record.utility),
-        "refusal": show(record.over_refusal),
-        "cos": f"{-record.loss:.3f}",
-    }

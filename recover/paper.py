@@ -34,54 +34,44 @@ from tqdm.auto import tqdm
 
 from safealign.recover.guard import Check, StepGuard
 from safealign.recover.ledger import Ledger
-from safealign.recover.loop import outcome, postfix, step_record
-from safealign.recover.result import RunOutcome, StepRecord
+from safealign.recover.record import postfix, step_record
+from safealign.recover.result import StepRecord
 from safealign.recover.sets import Sets
 from safealign.recover.settings import RecoverSettings
 from safealign.recover.working import WorkingModel
 
 
-def run_paper(
+def paper_steps(
     work: WorkingModel,
     guard: StepGuard,
     sets: Sets,
     settings: RecoverSettings,
-    rate: float,
-    *,
-    label: str,
-    progress: bool = True,
-) -> tuple[RunOutcome, Ledger]:
-    """Run the authors' schedule at ``rate``; the model is left in the kept state."""
-    start, k = time.perf_counter(), work.layout.per_step(rate)
+    k: int,
+    bar: tqdm,
+) -> tuple[list[StepRecord], int, Ledger]:
+    """The warm-up, its check, then the steps (restarted with rollback if it failed) up to
+    the first failing checkpoint: (records, kept step, ledger of the last pass)."""
     warmup = min(settings.warmup, settings.steps)
     ledger, records = Ledger(), []
-    bar = tqdm(desc=label, disable=not progress)
-    with work.accumulating():
-        try:
-            for step in range(1, warmup + 1):
-                records.append(
-                    _step(work, guard, ledger, sets, settings, step, k, False, "warm-up")
-                )
-                bar.update()
-            restart, kept, stop = _warmup_check(work, guard, settings, records, warmup)
-            if restart:
-                work.reset(ledger.take(range(1, warmup + 1)))
-                ledger = Ledger()
-            first = 1 if restart else warmup + 1
-            last = 0 if stop else _last_checkpoint(settings, 0 if restart else warmup)
-            for step in range(first, last + 1):
-                record = _step(work, guard, ledger, sets, settings, step, k, restart)
-                records.append(record)
-                bar.update()
-                bar.set_postfix(postfix(record))
-                if record.holds is False:
-                    break
-                if step % settings.check_every == 0:
-                    kept = step
-        finally:
-            bar.close()
-    work.reset(ledger.take([s for s in list(ledger.restored) if s > kept]))
-    return outcome(rate, records, kept, ledger, start), ledger
+    for step in range(1, warmup + 1):
+        records.append(_step(work, guard, ledger, sets, settings, step, k, False, "warm-up"))
+        bar.update()
+    restart, kept, stop = _warmup_check(work, guard, settings, records, warmup)
+    if restart:
+        work.reset(ledger.take(range(1, warmup + 1)))
+        ledger = Ledger()
+    first = 1 if restart else warmup + 1
+    last = 0 if stop else _last_checkpoint(settings, 0 if restart else warmup)
+    for step in range(first, last + 1):
+        record = _step(work, guard, ledger, sets, settings, step, k, restart)
+        records.append(record)
+        bar.update()
+        bar.set_postfix(postfix(record))
+        if record.holds is False:
+            break
+        if step % settings.check_every == 0:
+            kept = step
+    return records, kept, ledger
 
 
 def _warmup_check(

@@ -92,19 +92,42 @@ def top(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], count: 
     return out
 
 
+def setup(aligned_dir, finetuned_dir):
+    """(tokenizer, A's parameters, the working model (B), eligible names, k, A's harmful
+    direction): every decoder parameter below the layer but norms; k over all of them."""
+    layer = RUN["layer"]
+    tokenizer = AutoTokenizer.from_pretrained(finetuned_dir)
+    model_a = LlamaForCausalLM.from_pretrained(aligned_dir)
+    work = LlamaForCausalLM.from_pretrained(finetuned_dir)
+    decoder = [n for n, _ in work.named_parameters() if n.startswith("model.layers.")]
+    eligible = [n for n in decoder if int(n.split(".")[2]) < layer and "norm" not in n]
+    k = math.ceil(RUN["rate"] * sum(work.get_parameter(n).numel() for n in decoder))
+    direction = centroid(model_a, tokenizer, HARMFUL, layer)
+    return tokenizer, dict(model_a.named_parameters()), work, eligible, k, direction
+
+
+def run_recover(aligned, finetuned, out, **overrides):
+    """``recover`` under ``paper`` with the test's settings (``overrides`` on top)."""
+    return recover(
+        aligned,
+        finetuned,
+        out,
+        harmful=HARMFUL,
+        task=CHECK,
+        task_train=TRAIN,
+        schedule="paper",
+        progress=False,
+        **{**RUN, **overrides},
+    )
+
+
 def dense_paper(aligned_dir, finetuned_dir, script):
     """The authors' loop; returns (per-step (restored, rolled back), kept step, kept state)."""
     layer, batch = RUN["layer"], RUN["batch_size"]
-    tokenizer = AutoTokenizer.from_pretrained(finetuned_dir)
-    a = dict(LlamaForCausalLM.from_pretrained(aligned_dir).named_parameters())
+    tokenizer, a, work, eligible, k, direction = setup(aligned_dir, finetuned_dir)
+    params = dict(work.named_parameters())
     model_b = LlamaForCausalLM.from_pretrained(finetuned_dir)
     b = {n: p.detach().clone() for n, p in model_b.named_parameters()}
-    work = LlamaForCausalLM.from_pretrained(finetuned_dir)
-    params = dict(work.named_parameters())
-    decoder = [n for n in params if n.startswith("model.layers.")]
-    eligible = [n for n in decoder if int(n.split(".")[2]) < layer and "norm" not in n]
-    k = math.ceil(RUN["rate"] * sum(params[n].numel() for n in decoder))
-    direction = centroid(LlamaForCausalLM.from_pretrained(aligned_dir), tokenizer, HARMFUL, layer)
     train = [e["prompt"] for e in TRAIN]
     task_centroid = centroid(model_b, tokenizer, train, layer)
     checks = iter(script)
@@ -180,17 +203,7 @@ def scripted_checks(monkeypatch, script):
 def test_paper_schedule_matches_dense_reference(tmp_path, monkeypatch, script):
     aligned, finetuned = make_pair(tmp_path, noise=0.05, attention_bias=True)
     scripted_checks(monkeypatch, script)
-    result = recover(
-        aligned,
-        finetuned,
-        tmp_path / "out",
-        harmful=HARMFUL,
-        task=CHECK,
-        task_train=TRAIN,
-        schedule="paper",
-        progress=False,
-        **RUN,
-    )
+    result = run_recover(aligned, finetuned, tmp_path / "out")
     counts, kept, state = dense_paper(aligned, finetuned, script)
     run = result.run
     restarted = not script[0]
@@ -229,18 +242,7 @@ def test_rolled_back_elements_can_be_restored_again(tmp_path, monkeypatch):
 
     monkeypatch.setattr(working.WorkingModel, "restore", logged_restore)
     monkeypatch.setattr(working.WorkingModel, "roll_back", logged_roll_back)
-    run = {**RUN, "rate": 0.02, "rollback_rate": 0.5}
-    recover(
-        aligned,
-        finetuned,
-        tmp_path / "out",
-        harmful=HARMFUL,
-        task=CHECK,
-        task_train=TRAIN,
-        schedule="paper",
-        progress=False,
-        **run,
-    )
+    run_recover(aligned, finetuned, tmp_path / "out", rate=0.02, rollback_rate=0.5)
     again = 0
     for i, (kind, rolled) in enumerate(log):
         if kind != "rollback":
@@ -254,14 +256,8 @@ def dense_accumulated(aligned_dir, finetuned_dir, steps: int, sum_dtype: torch.d
     """Restore-only steps on the bf16 model, its gradients summed in ``sum_dtype``; the
     eligible tensors after the last step."""
     layer = RUN["layer"]
-    tokenizer = AutoTokenizer.from_pretrained(finetuned_dir)
-    a = dict(LlamaForCausalLM.from_pretrained(aligned_dir).named_parameters())
-    work = LlamaForCausalLM.from_pretrained(finetuned_dir)
+    tokenizer, a, work, eligible, k, direction = setup(aligned_dir, finetuned_dir)
     params = dict(work.named_parameters())
-    decoder = [n for n in params if n.startswith("model.layers.")]
-    eligible = [n for n in decoder if int(n.split(".")[2]) < layer and "norm" not in n]
-    k = math.ceil(RUN["rate"] * sum(params[n].numel() for n in decoder))
-    direction = centroid(LlamaForCausalLM.from_pretrained(aligned_dir), tokenizer, HARMFUL, layer)
     total = {n: torch.zeros(params[n].shape, dtype=sum_dtype) for n in eligible}
     for _ in range(steps):
         for start in range(len(HARMFUL)):  # batches of one: one gradient per prompt
