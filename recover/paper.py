@@ -15,7 +15,8 @@
 4. **Checkpoints** every ``check_every`` steps (and the warm-up's, when it held) are checked
    in order; the kept state is the last checkpoint before the first one that fails (B itself
    when the first fails, the last checkpoint when none does). Steps after the first failing
-   checkpoint, or after the last checkpoint, change nothing kept and are not run.
+   checkpoint, or after the last checkpoint, change nothing kept and are not run. Without
+   task data or benign prompts nothing is checked and all ``steps`` are kept.
 
 Deliberate differences from the reference, none of which changes the method: exact top-k
 counts (the reference takes |g| strictly above the k-th value: k-1 elements, fewer on ties);
@@ -61,7 +62,9 @@ def paper_steps(
         work.reset(ledger.take(range(1, warmup + 1)))
         ledger = Ledger()
     first = 1 if restart else warmup + 1
-    last = 0 if stop else _last_checkpoint(settings, 0 if restart else warmup)
+    last = settings.steps
+    if guard.checks:
+        last = 0 if stop else _last_checkpoint(settings, 0 if restart else warmup)
     for step in range(first, last + 1):
         record = _step(work, guard, ledger, sets, settings, step, k, restart)
         records.append(record)
@@ -69,8 +72,10 @@ def paper_steps(
         bar.set_postfix(postfix(record))
         if record.holds is False:
             break
-        if step % settings.check_every == 0:
-            kept = step
+        if step % settings.check_every == 0 or not guard.checks:
+            kept = step  # a checkpoint that held (without checks, every step holds)
+    if not guard.checks and records:
+        records[-1] = _checked(records[-1], guard.check(work))  # the kept state's scores
     return records, kept, ledger
 
 

@@ -21,7 +21,7 @@ class RecoverSettings(Settings):
         None, help="Direction layer L.", min=1, default_text="floor(4n/6); n under 12 layers"
     )
     schedule: str = setting(
-        "guarded",
+        "paper",
         help="Rollback schedule: paper (the authors' loop: one check after the warm-up, "
         "then a restart with rollback every step) or guarded (every step checked).",
         choices=("paper", "guarded"),

@@ -48,7 +48,8 @@ def default_layer(n_layers: int) -> int:
 
 
 def default_warmup(n_layers: int) -> int:
-    """The first step checked: the paper's 5, or 1 (check every step) for small models.
+    """The first step checked under ``guarded``: the paper's 5, or 1 (check every step) for
+    small models. (``paper`` keeps the paper's 5 whatever the size.)
 
     Rollback only gives back the failing step's elements, so whatever the unchecked warm-up
     overshoots stays. On the default lab's 6-layer LoRA fine-tune with the over-refusal guard,
