@@ -1,14 +1,16 @@
 """The ``paper`` schedule: the recovery loop as the authors' code runs it
 (kangyangWHU/LLMAlignment, ``sgdg_rollback_final.py``), read from their repository.
 
-1. **Warm-up**: ``warmup`` steps (5), each adding the harmful-direction gradient to a running
-   sum and restoring the top ``rate`` share of sign-agreeing elements by |summed gradient|.
+1. **Warm-up**: ``warmup`` steps (5, whatever the model's size), each adding the
+   harmful-direction gradient to a running sum and restoring the top ``rate`` share of
+   sign-agreeing elements by |summed gradient|.
 2. **One check** of utility (and over-refusal, with benign prompts; the reference has no
    such guard) after the warm-up.
 3. If it holds, the steps go on from there, gradients still accumulating. If it fails, the
    run **restarts from B** and every step, from step 1, is followed by a rollback: the
    summed gradients are zeroed (so each step's harmful gradient is its own), a fresh gradient
-   of -cos(centroid, B's centroid) on the task *training* prompts is taken, and
+   of -cos(centroid, B's centroid) on the task *training* prompts (and on the benign
+   prompts, with the over-refusal guard) is taken, and
    ceil(``rollback_rate`` x the step's restored elements that this gradient moves toward B)
    of those, the largest |gradient| first, get B's values back. Rolled-back elements are not
    blocked: a later step may restore them again.
