@@ -11,13 +11,19 @@ from typing import Any
 from safealign.checkpoint import Checkpoint, CheckpointError, CheckpointWriter, validate_checkpoints
 from safealign.model import resolve_dtype
 from safealign.recover.guard import StepGuard
-from safealign.recover.loop import run
 from safealign.recover.plan import Plan, count_candidates, working_dtype
 from safealign.recover.report import model_card, write_report
 from safealign.recover.result import RecoveryResult
+from safealign.recover.schedule import run
 from safealign.recover.sets import Sets
 from safealign.recover.settings import RecoverSettings
-from safealign.recover.weights import Layout, checkpoint_dtype, default_warmup, layout
+from safealign.recover.weights import (
+    PAPER_WARMUP,
+    Layout,
+    checkpoint_dtype,
+    default_warmup,
+    layout,
+)
 from safealign.recover.working import WorkingModel
 from safealign.runtime import peak_rss_bytes
 
@@ -31,6 +37,7 @@ def recover(
     harmful=None,
     eval_harmful=None,
     task=None,
+    task_train=None,
     benign=None,
     dry_run: bool = False,
     overwrite: bool = False,
@@ -46,8 +53,10 @@ def recover(
     checkpoint is opened. ``harmful``: prompts for the harmful direction and its gradient
     (path, PromptSet or list; default: the bundled smoke set), the first ``max_prompts`` of
     them. ``eval_harmful``: prompts the harmful rate is measured on (default: ``harmful``).
-    ``task``: held-out task examples with answers (path, TaskSet or list) that drive
-    rollback; without them there is no rollback. ``benign``: benign prompts whose
+    ``task``: held-out task examples with answers (path, TaskSet or list) whose utility is
+    checked; without them (and ``benign``) there is no check and no rollback.
+    ``task_train``: task examples whose prompts steer the rollback gradient (default: the
+    first half of ``task``, the second half being checked). ``benign``: benign prompts whose
     over-refusal is checked with utility. ``dry_run``: return the plan only; nothing is
     loaded or written. ``max_shard_size``: output shard size (writing a shard briefly needs
     its bytes again in memory).
@@ -57,7 +66,7 @@ def recover(
     a, b = open_pair(aligned, finetuned)
     lay = layout(b, settings.layer)
     settings = _resolved(settings, lay, b)
-    sets = Sets.load(harmful, eval_harmful, task, benign, settings.max_prompts)
+    sets = Sets.load(harmful, eval_harmful, task, benign, settings.max_prompts, task_train)
     checked = sets.task is not None or sets.benign is not None
     plan = Plan.build(a, b, lay, settings, rollback=checked)
     result = RecoveryResult(None, plan, sets=sets.describe(), warnings=_input_notes(sets))
@@ -148,10 +157,18 @@ def _resolved(settings: RecoverSettings, lay: Layout, finetuned: Checkpoint) -> 
         dtype = checkpoint_dtype(finetuned)
     return settings.replace(
         layer=lay.layer,
-        warmup=default_warmup(lay.n_layers) if settings.warmup is None else settings.warmup,
+        warmup=_default_warmup(settings.schedule, lay.n_layers)
+        if settings.warmup is None
+        else settings.warmup,
         dtype=str(dtype).removeprefix("torch."),
         device=settings.device or "cpu",
     )
+
+
+def _default_warmup(schedule: str, n_layers: int) -> int:
+    """The paper's 5 under ``paper``; under ``guarded``, 1 for small models (see
+    :func:`~safealign.recover.weights.default_warmup`)."""
+    return PAPER_WARMUP if schedule == "paper" else default_warmup(n_layers)
 
 
 def open_pair(aligned, finetuned) -> tuple[Checkpoint, Checkpoint]:

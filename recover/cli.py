@@ -30,7 +30,15 @@ from safealign.settings import click_options, from_cli
 @click.option(
     "--eval-harmful", type=click.Path(), help="Harmful prompts scored per step [--harmful]."
 )
-@click.option("--task", type=click.Path(), help="Held-out task data with answers; drives rollback.")
+@click.option(
+    "--task", type=click.Path(), help="Held-out task data with answers; utility is checked on it."
+)
+@click.option(
+    "--task-train",
+    type=click.Path(),
+    help="Task data whose prompts steer the rollback gradient [first half of --task; "
+    "the check then uses the second half].",
+)
 @click.option(
     "--benign", type=click.Path(), help="Benign prompts; over-refusal is checked with utility."
 )

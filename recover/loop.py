@@ -1,65 +1,66 @@
-"""The recovery loop at one rate.
+"""The ``guarded`` schedule: every step checked.
 
 Per step: add the gradient of -cos(harmful-prompt centroid, A's harmful direction) over the
-blocks below the direction layer (gradients accumulate across steps), restore the top
-``rate`` share of sign-agreeing elements to their aligned values, and score the step with the
-guard. From the end of the warm-up on, a step the guard refuses is partly rolled back
-(``rollback_rate`` of its restores, elements then blocked for good) and scored again. The kept
-state is the last step that held; later steps are undone when the loop ends.
+restorable tensors, restore the top ``rate`` share of sign-agreeing elements to their aligned
+values, and score the step with the guard. Its rules, and why each differs from the authors'
+schedule (``paper``, :mod:`safealign.recover.paper`):
+
+- **Every step is checked from the end of the warm-up** (1 step under 12 layers, else 5), and
+  a step that fails is rolled back where it happens. Rollback only gives back the failing
+  step's elements, so whatever an unchecked stretch overshoots would stay; checking each step
+  catches a drop at the step that caused it instead of restarting the whole run.
+- **Rollback gives back ``rollback_rate`` of all the step's restores** (the largest
+  |gradient| toward B's centroids on the task training prompts, and benign prompts when
+  given, among those a descent step moves toward B), then the step is scored again. A share
+  of the whole step, not of the elements the rollback gradient happens to favour, makes each
+  rollback a known fraction of what the step did.
+- **Rolled-back elements are blocked for good.** The harmful-direction gradient keeps
+  accumulating, so an element given back would rank as high the next step and be restored
+  again, undoing the rollback; blocking it makes every rollback final.
+- **Harmful gradients accumulate across all steps** (the rollback's gradient is gathered
+  apart and never enters the sum): summing steps averages out batch noise, as the reference
+  does before its restart.
+- **The kept state is the last step that held** (after its rollback, if any); later steps
+  are undone when the loop ends. A step that still fails after its rollback is not kept, but
+  a later step that holds is, with what the failed step left in place: every kept state is
+  one the guard scored.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from tqdm.auto import tqdm
 
 from safealign.recover.guard import StepGuard
 from safealign.recover.ledger import Ledger
-from safealign.recover.result import RunOutcome, StepRecord
+from safealign.recover.record import postfix, step_record
+from safealign.recover.result import StepRecord
 from safealign.recover.sets import Sets
 from safealign.recover.settings import RecoverSettings
 from safealign.recover.working import WorkingModel
 
 
-def run(
+def guarded_steps(
     work: WorkingModel,
     guard: StepGuard,
     sets: Sets,
     settings: RecoverSettings,
-    rate: float,
-    *,
-    label: str,
-    progress: bool = True,
-) -> tuple[RunOutcome, Ledger]:
-    """Run all steps at ``rate``; the model is left in the kept state."""
-    start, k = time.perf_counter(), work.layout.per_step(rate)
+    k: int,
+    bar: tqdm,
+) -> tuple[list[StepRecord], int, Ledger]:
+    """All steps, each checked from the warm-up's end: (records, kept step, ledger)."""
     first_checked = min(max(settings.warmup, 1), settings.steps)
     ledger, records, kept = Ledger(), [], 0
-    bar = tqdm(range(1, settings.steps + 1), desc=label, disable=not progress)
-    with work.accumulating():
-        try:
-            for step in bar:
-                checked = guard.checks and step >= first_checked
-                record = _step(work, guard, ledger, sets, settings, step, k, checked)
-                records.append(record)
-                kept = step if record.holds or not guard.checks else kept
-                bar.set_postfix(_postfix(record))
-        finally:
-            bar.close()
-    work.reset(ledger.take(range(kept + 1, len(records) + 1)))
-    last = records[kept - 1] if kept else None
-    outcome = RunOutcome(
-        rate=rate,
-        steps=records,
-        kept_step=kept,
-        restored=ledger.net_total(kept),
-        harmful_rate=last.harmful_rate if last else None,
-        utility=last.utility if last else None,
-        over_refusal=last.over_refusal if last else None,
-        seconds=time.perf_counter() - start,
-    )
-    return outcome, ledger
+    for step in range(1, settings.steps + 1):
+        checked = guard.checks and step >= first_checked
+        record = _step(work, guard, ledger, sets, settings, step, k, checked)
+        records.append(record)
+        kept = step if record.holds or not guard.checks else kept
+        bar.update()
+        bar.set_postfix(postfix(record))
+    return records, kept, ledger
 
 
 def _step(
@@ -85,33 +86,8 @@ def _step(
         )
         ledger.record_rollback(step, rolled)
         before, check = check.utility, guard.check(work)
-    net = {n: i.numel() for n, i in restored.items()}
-    for n, i in rolled.items():
-        net[n] -= i.numel()
-    return StepRecord(
-        step=step,
-        candidates=offered,
-        restored=sum(i.numel() for i in restored.values()),
-        rolled_back=sum(i.numel() for i in rolled.values()),
-        restored_total=ledger.net_total(step),
-        per_layer=work.layout.layer_counts(net),
-        loss=loss,
-        harmful_rate=check.harmful_rate,
-        utility=check.utility if checked else None,
-        utility_before_rollback=before,
-        over_refusal=check.over_refusal if checked else None,
-        holds=check.holds if checked else None,
-        seconds=round(time.perf_counter() - start, 3),
+    record = step_record(
+        work, ledger, step, offered, restored, rolled, loss, check if checked else None, start
     )
-
-
-def _postfix(record: StepRecord) -> dict[str, str]:
-    def show(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}"
-
-    return {
-        "harmful": f"{record.harmful_rate:.2f}",
-        "utility": show(record.utility),
-        "refusal": show(record.over_refusal),
-        "cos": f"{-record.loss:.3f}",
-    }
+    # every step is scored: its harmful rate is recorded even before the warm-up ends
+    return replace(record, harmful_rate=check.harmful_rate, utility_before_rollback=before)

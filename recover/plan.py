@@ -92,12 +92,12 @@ class Plan:
                 f"aligned:      {self.aligned}",
                 f"fine-tuned:   {self.finetuned} ({kind})",
                 f"layer:        {s.layer} of {self.n_layers} (restorable: blocks 0..{s.layer - 1})",
-                f"restorable:   {self.restorable_tensors} matrices, "
+                f"restorable:   {self.restorable_tensors} tensors (norms excluded), "
                 f"{self.restorable_params:,} elements",
                 f"candidates:   {cand}{share} differ from aligned",
                 f"per step:     {self.per_step:,} elements (rate {s.rate} x "
-                f"{self.decoder_params:,} decoder matrix elements), {s.steps} steps, "
-                f"warm-up {s.warmup}",
+                f"{self.decoder_params:,} decoder-layer elements), {s.steps} steps, "
+                f"warm-up {s.warmup}, schedule {s.schedule}",
                 f"at most:      {most:,} elements restored",
                 f"rollback:     {rollback}",
                 f"dtype:        {s.dtype}",
@@ -112,8 +112,8 @@ def memory_estimate(
     """Peak memory of a run, by part (bytes)."""
     item = dtype.itemsize
     model = sum(math.prod(finetuned.shape(n)) for n in finetuned.names()) * item
-    grads = layout.target_params * item
     largest = max((t.numel for t in layout.targets), default=0)
+    grads = layout.target_params * 4 + largest * item  # fp32 sums, one tensor's .grad
     selection = largest * item + 8 * min(CHUNK, largest) * 4 + 2 * per_step * 20
     ledger = steps * per_step * 4
     parts = {

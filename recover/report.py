@@ -33,6 +33,7 @@ def steps_table(result) -> str:
         return ""
     rows = [
         {
+            "phase": s.phase,
             "step": s.step,
             "restored": s.restored,
             "rolled_back": s.rolled_back,
@@ -79,8 +80,8 @@ def model_card(result) -> ModelCard:
         f"The fine-tuned model {plan.finetuned} with {run.restored:,} decoder weights "
         f"(blocks 0..{settings.layer - 1}) reset to their values in the aligned model "
         f"{plan.aligned}, chosen by the gradient of the harmful direction at layer "
-        f"{settings.layer} (harmful-direction restoration with rollback, Yang et al. 2025). "
-        f"Kept step {run.kept_step} of {settings.steps}."
+        f"{settings.layer} (harmful-direction restoration with rollback, Yang et al. 2025; "
+        f"schedule {settings.schedule}). Kept step {run.kept_step} of {settings.steps}."
     )
     results = {label: result.scores[key] for key, label in SCORE_ROWS if key in result.scores}
     return ModelCard(

@@ -26,6 +26,7 @@ class StepRecord:
     over_refusal: float | None  # after rollback, if one happened (with benign prompts)
     holds: bool | None  # utility (and over-refusal) within bounds
     seconds: float
+    phase: str = "steps"  # paper: "warm-up", then "steps" (check held) or "restart" (failed)
 
 
 @dataclass

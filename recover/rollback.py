@@ -67,15 +67,15 @@ def choose_rollback(
     picked: dict[str, torch.Tensor],
     grads: dict[str, torch.Tensor],
     share: float,
+    of_agreeing: bool = False,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Pick ceil(share x restored) elements to roll back; returns name -> (index, B values).
+    """Pick elements to roll back, the largest |g| first; returns name -> (index, B values).
 
     Only elements where sign(g) == sign(w - w_finetuned) qualify (a descent step moves them
-    toward the fine-tuned value); if fewer qualify, all of them are taken.
+    toward the fine-tuned value). ``of_agreeing``: ceil(share x qualifying) are taken (the
+    authors' rule); otherwise ceil(share x all of ``picked``), or all qualifying if fewer.
     """
     names = list(picked)
-    total = sum(picked[n].numel() for n in names)
-    count = math.ceil(share * total)
     scores, finetuned_values = [], []
     for name in names:
         param = model.get_parameter(name)
@@ -87,7 +87,9 @@ def choose_rollback(
         scores.append(torch.where(agree, g.abs(), torch.full_like(g, -1.0)))
         finetuned_values.append(b)
     flat = torch.cat(scores) if scores else torch.empty(0)
-    count = min(count, int((flat >= 0).sum()))
+    agreeing = int((flat >= 0).sum())
+    base = agreeing if of_agreeing else flat.numel()
+    count = min(math.ceil(share * base), agreeing)
     chosen = stable_top(flat, count)
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     offset = 0

@@ -10,36 +10,50 @@ from safealign.data import PromptSet, TaskExample, TaskSet, load_prompts, load_t
 
 @dataclass(frozen=True)
 class Sets:
-    """``harmful`` steers the direction and its gradient, ``eval_harmful`` is scored each step,
-    ``task`` (utility) and ``benign`` (over-refusal) are checked and steer the rollback."""
+    """``harmful`` steers the direction and its gradient, ``eval_harmful`` is scored, ``task``
+    (utility) and ``benign`` (over-refusal) are checked, ``task_train`` (and ``benign``) steer
+    the rollback gradient."""
 
     harmful: PromptSet
     eval_harmful: PromptSet
     task: TaskSet | None
     benign: PromptSet | None
+    task_train: TaskSet | None = None
 
     @classmethod
-    def load(cls, harmful, eval_harmful, task, benign, max_prompts: int | None) -> Sets:
+    def load(
+        cls, harmful, eval_harmful, task, benign, max_prompts: int | None, task_train=None
+    ) -> Sets:
         """From paths, loaded sets or lists; ``harmful`` cut to its first ``max_prompts``
-        (None: the bundled harmful set), ``eval_harmful`` defaulting to it."""
+        (None: the bundled harmful set), ``eval_harmful`` defaulting to it. Without
+        ``task_train``, ``task`` is split: see :func:`split_task`."""
         harmful_set = prompt_set(harmful, "harmful")
         if max_prompts is not None and len(harmful_set) > max_prompts:
             harmful_set = PromptSet(
                 harmful_set.prompts[:max_prompts], harmful_set.name, harmful_set.path
             )
+        check = None if task is None else task_examples(task)
+        if task_train is not None:
+            train = task_examples(task_train)
+        elif check is not None:
+            train, check = split_task(check)
+        else:
+            train = None
         return cls(
             harmful=harmful_set,
             eval_harmful=harmful_set
             if eval_harmful is None
             else prompt_set(eval_harmful, "eval_harmful"),
-            task=None if task is None else task_examples(task),
+            task=check,
             benign=None if benign is None else prompt_set(benign, "benign"),
+            task_train=train,
         )
 
     @property
     def keep_prompts(self) -> list[list[str]]:
         """The prompt lists whose fine-tuned centroids the rollback steers back toward."""
-        task = [e.prompt for e in self.task.examples] if self.task is not None else None
+        train = self.task_train
+        task = [e.prompt for e in train.examples] if train is not None else None
         benign = self.benign.prompts if self.benign is not None else None
         return [prompts for prompts in (task, benign) if prompts]
 
@@ -51,6 +65,7 @@ class Sets:
                 ("harmful", self.harmful),
                 ("eval_harmful", self.eval_harmful),
                 ("task", self.task),
+                ("task_train", self.task_train),
                 ("benign", self.benign),
             )
         }
@@ -86,3 +101,17 @@ def task_examples(source) -> TaskSet:
     if not source.examples:
         raise ValueError("task: the task set is empty")
     return source
+
+
+def split_task(task: TaskSet) -> tuple[TaskSet, TaskSet]:
+    """(train, check): the first floor(n/2) examples steer the rollback gradient, the other
+    ceil(n/2) are checked for utility, so the guard never scores the examples that steer it.
+    A single example is both (there is nothing to split)."""
+    examples = task.examples
+    if len(examples) < 2:
+        return task, task
+    half = len(examples) // 2
+    return (
+        TaskSet(examples[:half], f"{task.name}[:{half}]", task.path),
+        TaskSet(examples[half:], f"{task.name}[{half}:]", task.path),
+    )

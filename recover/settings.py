@@ -20,17 +20,35 @@ class RecoverSettings(Settings):
     layer: int | None = setting(
         None, help="Direction layer L.", min=1, default_text="floor(4n/6); n under 12 layers"
     )
+    schedule: str = setting(
+        "paper",
+        help="Rollback schedule: paper (the authors' loop: one check after the warm-up, "
+        "then a restart with rollback every step) or guarded (every step checked).",
+        choices=("paper", "guarded"),
+    )
     rate: float = setting(
         0.002, help="Share restored per step.", min=0, max=1, min_open=True, max_open=True
     )
     steps: int = setting(20, help="Steps.", min=1)
     warmup: int | None = setting(
-        None, help="First step checked.", min=0, default_text="5; 1 under 12 layers"
+        None,
+        help="Warm-up steps: the first step checked.",
+        min=0,
+        default_text="5; guarded: 1 under 12 layers",
+    )
+    check_every: int = setting(
+        5, help="paper: steps between checkpoints, each checked for utility.", min=1
     )
     metric_drop: float = setting(
         0.05, help="Allowed relative utility drop.", min=0, max=1, max_open=True
     )
-    rollback_rate: float = setting(0.2, help="Share of a step rolled back.", min=0, max=1)
+    rollback_rate: float = setting(
+        0.2,
+        help="Share of a step rolled back (paper: of its elements a fresh task gradient "
+        "moves toward the fine-tuned values; guarded: of all its restores).",
+        min=0,
+        max=1,
+    )
     refusal_rise: float = setting(
         0.05,
         help="Allowed over-refusal rise above max(A, B), with --benign.",

@@ -48,7 +48,8 @@ def default_layer(n_layers: int) -> int:
 
 
 def default_warmup(n_layers: int) -> int:
-    """The first step checked: the paper's 5, or 1 (check every step) for small models.
+    """The first step checked under ``guarded``: the paper's 5, or 1 (check every step) for
+    small models. (``paper`` keeps the paper's 5 whatever the size.)
 
     Rollback only gives back the failing step's elements, so whatever the unchecked warm-up
     overshoots stays. On the default lab's 6-layer LoRA fine-tune with the over-refusal guard,
@@ -60,7 +61,7 @@ def default_warmup(n_layers: int) -> int:
 
 @dataclass(frozen=True)
 class Target:
-    """One decoder-layer weight matrix that recovery may restore."""
+    """One decoder-layer tensor (weight matrix or bias) that recovery may restore."""
 
     name: str
     layer: int
@@ -77,15 +78,15 @@ class Layout:
 
     n_layers: int
     layer: int
-    targets: list[Target]  # decoder matrices in layers < layer, in checkpoint order
-    decoder_params: int  # elements of all decoder-layer matrices (the base of ``rate``)
+    targets: list[Target]  # decoder tensors but norms in layers < layer, checkpoint order
+    decoder_params: int  # elements of all decoder-layer tensors, norms too (base of ``rate``)
 
     @property
     def target_params(self) -> int:
         return sum(t.numel for t in self.targets)
 
     def per_step(self, rate: float) -> int:
-        """Elements restored per step: ceil(rate x decoder matrix elements)."""
+        """Elements restored per step: ceil(rate x decoder-layer elements)."""
         return max(1, math.ceil(rate * self.decoder_params))
 
     def layer_counts(self, counts: dict[str, int]) -> dict[int, int]:
@@ -97,11 +98,18 @@ class Layout:
         return dict(sorted(out.items()))
 
 
-def layout(ckpt: Checkpoint, layer: int | None) -> Layout:
-    """Restorable weights: matrices (ndim >= 2) of decoder layers below ``layer``.
+def is_norm(name: str) -> bool:
+    """Whether ``name`` belongs to a normalization module (``*norm*``, or GPT-2's ``ln_*``)."""
+    module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
+    return "norm" in module.lower() or module.startswith("ln_")
 
-    Norms and biases (1-d), embeddings and the LM head (outside the decoder blocks) are
-    never restored.
+
+def layout(ckpt: Checkpoint, layer: int | None) -> Layout:
+    """Restorable tensors: every parameter of decoder layers below ``layer`` but norms.
+
+    Weight matrices and biases (e.g. Qwen's q/k/v biases) are restorable, as in the authors'
+    code; norms, embeddings and the LM head (outside the decoder blocks) never are. The rate's
+    base, as the reference's, is every decoder-layer element, norms included.
     """
     n_layers = num_layers(ckpt)
     layer = default_layer(n_layers) if layer is None else layer
@@ -111,12 +119,12 @@ def layout(ckpt: Checkpoint, layer: int | None) -> Layout:
     prefix = layer_prefix(names, n_layers)
     targets, decoder_params = [], 0
     for name in names:
-        if not name.startswith(prefix) or len(ckpt.shape(name)) < 2:
+        if not name.startswith(prefix) or not ckpt.dtype(name).is_floating_point:
             continue
         index = int(name[len(prefix) :].split(".", 1)[0])
         shape = ckpt.shape(name)
         decoder_params += math.prod(shape)
-        if index < layer:
+        if index < layer and not is_norm(name):
             targets.append(Target(name, index, shape))
     targets.sort(key=lambda t: t.layer)  # stable: checkpoint order within a layer
     return Layout(n_layers, layer, targets, decoder_params)

@@ -38,6 +38,8 @@ class WorkingModel:
         self.aligned, self.finetuned, self.layout = aligned, finetuned, layout
         self.model, self.tokenizer = load_working_model(aligned, finetuned, dtype, device)
         self.params = {t.name: self.model.get_parameter(t.name) for t in layout.targets}
+        self.grads: dict[str, torch.Tensor] = {}  # fp32 sums while accumulating
+        self._paused = False  # rollback gradients must not reach ``grads``
 
     @contextmanager
     def holding_aligned(self) -> Iterator[None]:
@@ -53,35 +55,63 @@ class WorkingModel:
 
     @contextmanager
     def accumulating(self) -> Iterator[None]:
-        """Gradients on the restorable parameters for the duration, from zero; off after."""
-        for param in self.params.values():
+        """Gradients of the restorable parameters summed in fp32 for the duration, from zero.
+
+        Each backward's gradient leaves ``.grad`` as soon as it is complete and is added to an
+        fp32 buffer (:attr:`grads`), so a bf16 model's gradients are summed at fp32 precision
+        and ``.grad`` holds at most one backward's gradient at a time.
+        """
+        self.grads, handles = {}, []
+        for name, param in self.params.items():
             param.requires_grad_(True)
             param.grad = None
+            handles.append(param.register_post_accumulate_grad_hook(self._accumulate(name)))
         try:
             yield
         finally:
+            for handle in handles:
+                handle.remove()
+            self.grads = {}
             for param in self.params.values():
                 param.grad = None
                 param.requires_grad_(False)
 
+    def _accumulate(self, name: str):
+        def hook(param: torch.Tensor) -> None:
+            grad, param.grad = param.grad, None
+            if self._paused:
+                return
+            total = self.grads.get(name)
+            if total is None:
+                self.grads[name] = grad.float()
+            else:
+                total.add_(grad)
+
+        return hook
+
+    def zero_grad(self) -> None:
+        """Forget the summed gradients (the next :meth:`pull` starts from zero)."""
+        self.grads = {}
+
     def pull(self, prompts: Sequence[str], target: torch.Tensor, batch_size: int) -> float:
-        """Add the gradient of -cos(harmful centroid, ``target``) to ``.grad``; the mean loss."""
+        """Add the gradient of -cos(harmful centroid, ``target``) to :attr:`grads`; the mean
+        loss."""
         return cosine_backward(
             self.model, self.tokenizer, prompts, self.layout.layer, target, batch_size
         )
 
-    def candidates(self, k: int, ledger: Ledger) -> tuple[dict[str, Picked], int]:
-        """The top-``k`` sign-agreeing elements by |gradient|, not blocked by ``ledger``, and
-        how many elements were offered."""
+    def candidates(self, k: int, ledger: Ledger | None) -> tuple[dict[str, Picked], int]:
+        """The top-``k`` sign-agreeing elements by |gradient| (blocked by ``ledger`` if
+        given), and how many elements were offered."""
         names = [t.name for t in self.layout.targets]
         pool, offered = TopKPool(k), 0
         for tensor_id, name in enumerate(names):
-            param = self.params[name]
-            if param.grad is None:
+            param, grad = self.params[name], self.grads.get(name)
+            if grad is None:
                 continue
             aligned = read(self.aligned, name, param.dtype).to(param.device)
-            blocked = ledger.blocked(name)
-            for index, scores, values in restore_candidates(param, param.grad, aligned, blocked):
+            blocked = None if ledger is None else ledger.blocked(name)
+            for index, scores, values in restore_candidates(param, grad, aligned, blocked):
                 offered += index.numel()
                 pool.offer(tensor_id, index, scores, values)
             del aligned
@@ -98,9 +128,22 @@ class WorkingModel:
         keep_sets: Sequence[tuple[Sequence[str], torch.Tensor]],
         share: float,
         batch_size: int,
+        of_agreeing: bool = False,
     ) -> Indices:
-        """Give ``share`` of ``restored`` back to B's values, chosen by the gradient toward B's
-        centroids on the kept sets (task prompts, and benign prompts when given)."""
+        """Give ``share`` of ``restored`` back to B's values, chosen by a fresh gradient toward
+        B's centroids on the kept sets (task training prompts, and benign prompts when given);
+        see :func:`choose_rollback` for ``of_agreeing``. :attr:`grads` is left as it was."""
+        self._paused = True
+        try:
+            grads = self._keep_gradients(restored, keep_sets, batch_size)
+        finally:
+            self._paused = False
+        chosen = choose_rollback(self.model, self.finetuned, restored, grads, share, of_agreeing)
+        self._write(chosen)
+        return {name: index for name, (index, _) in chosen.items()}
+
+    def _keep_gradients(self, restored: Indices, keep_sets, batch_size: int) -> Indices:
+        """fp32 gradients toward the kept sets' centroids, at ``restored`` only."""
         grads: Indices = {}
         for prompts, centroid in keep_sets:
             part = gathered_gradients(
@@ -113,9 +156,7 @@ class WorkingModel:
                 batch_size,
             )
             grads = {n: grads[n] + g if n in grads else g for n, g in part.items()}
-        chosen = choose_rollback(self.model, self.finetuned, restored, grads, share)
-        self._write(chosen)
-        return {name: index for name, (index, _) in chosen.items()}
+        return grads
 
     @torch.no_grad()
     def reset(self, indices: Indices) -> None:

@@ -127,17 +127,18 @@ def _self_task(aligned, finetuned, tokens: int) -> list[dict]:
     return [{"prompt": p, "answer": r} for p, r in zip(TASK_PROMPTS, replies, strict=True)]
 
 
-def _count_rollback_rule(monkeypatch, finetuned) -> list[int]:
-    """Spy on the rollback choice: for each call, the count the rule gives, computed here
-    independently: ceil(share x restored), or every qualifying element if fewer qualify
-    (qualifying: w != w_B and sign(g) == sign(w - w_B))."""
+def _count_rollback_rule(monkeypatch, finetuned, of_agreeing: bool) -> list[int]:
+    """Spy on the rollback choice: for each call, the count the schedule's rule gives,
+    computed here independently (qualifying: w != w_B and sign(g) == sign(w - w_B)):
+    guarded, ceil(share x restored), or every qualifying element if fewer qualify; paper
+    (``of_agreeing``), ceil(share x qualifying)."""
     import safealign.recover.working as working
 
     b = Checkpoint.open(finetuned)
     expected: list[int] = []
     real = working.choose_rollback
 
-    def spy(model, ckpt, picked, grads, share):
+    def spy(model, ckpt, picked, grads, share, *flag):
         qualifying = 0
         for name, index in picked.items():
             w = model.get_parameter(name).detach().reshape(-1)[index].float()
@@ -145,8 +146,11 @@ def _count_rollback_rule(monkeypatch, finetuned) -> list[int]:
             g = grads[name]
             qualifying += int(((w != fine) & (torch.sign(g) == torch.sign(w - fine))).sum())
         total = sum(index.numel() for index in picked.values())
-        expected.append(min(math.ceil(share * total), qualifying))
-        return real(model, ckpt, picked, grads, share)
+        if of_agreeing:
+            expected.append(math.ceil(share * qualifying))
+        else:
+            expected.append(min(math.ceil(share * total), qualifying))
+        return real(model, ckpt, picked, grads, share, *flag)
 
     monkeypatch.setattr(working, "choose_rollback", spy)
     return expected
@@ -155,7 +159,7 @@ def _count_rollback_rule(monkeypatch, finetuned) -> list[int]:
 def test_rollback_fires_and_kept_step_holds(tmp_path, monkeypatch):
     aligned, finetuned = make_pair(tmp_path, noise=0.05)
     task = _self_task(aligned, finetuned, FAST["max_new_tokens"])
-    expected = _count_rollback_rule(monkeypatch, finetuned)
+    expected = _count_rollback_rule(monkeypatch, finetuned, of_agreeing=False)
     result = recover(
         aligned,
         finetuned,
@@ -167,6 +171,7 @@ def test_rollback_fires_and_kept_step_holds(tmp_path, monkeypatch):
         warmup=1,
         metric_drop=0.0,
         rollback_rate=0.5,
+        schedule="guarded",
         **FAST,
     )
     steps = result.run.steps
@@ -292,7 +297,10 @@ def test_settings_object_equals_keywords_and_is_recorded_resolved(pair, tmp_path
     by_object = recover(aligned, finetuned, None, given, harmful=HARMFUL, dry_run=True)
     by_keywords = recover(aligned, finetuned, harmful=HARMFUL, rate=0.01, steps=2, dry_run=True)
     assert by_object.settings == by_keywords.settings
-    assert by_object.settings == given.replace(layer=4, warmup=1, dtype="float32", device="cpu")
+    # the paper's warm-up under the default schedule, 1 under guarded on a small model
+    assert by_object.settings == given.replace(layer=4, warmup=5, dtype="float32", device="cpu")
+    guarded = recover(aligned, finetuned, None, given.replace(schedule="guarded"), dry_run=True)
+    assert guarded.settings.warmup == 1
     over = recover(aligned, finetuned, None, given, harmful=HARMFUL, steps=3, dry_run=True)
     assert (over.settings.rate, over.settings.steps) == (0.01, 3)  # keywords win over the object
     result = recover(aligned, finetuned, tmp_path / "c", given, harmful=HARMFUL, **FAST)
@@ -388,3 +396,29 @@ def test_default_layer_paper_for_deep_models_last_for_small():
     assert default_layer(32) == 21 and default_layer(18) == 12  # floor(4n/6), the paper's
     assert default_warmup(32) == 5
     assert default_layer(4) == 4 and default_layer(6) == 6 and default_warmup(6) == 1
+
+
+def test_paper_rolls_back_share_of_agreeing(tmp_path, monkeypatch):
+    """Under paper a failed warm-up check restarts from B, and every step then rolls back
+    ceil(rollback_rate x its restored elements that the task gradient moves toward B)."""
+    aligned, finetuned = make_pair(tmp_path, noise=0.05)
+    task = _self_task(aligned, finetuned, FAST["max_new_tokens"])
+    expected = _count_rollback_rule(monkeypatch, finetuned, of_agreeing=True)
+    result = recover(
+        aligned,
+        finetuned,
+        tmp_path / "out",
+        harmful=HARMFUL,
+        task=task,
+        rate=0.03,
+        steps=4,
+        warmup=1,
+        check_every=2,
+        metric_drop=0.0,
+        schedule="paper",
+        **FAST,
+    )
+    restart = [s for s in result.run.steps if s.phase == "restart"]
+    assert restart, "the warm-up check held with metric_drop=0"
+    assert [s.rolled_back for s in restart] == expected
+    assert all(s.rolled_back > 0 for s in restart)

@@ -47,11 +47,15 @@ def test_recovers_lora_fine_tune(lab, tmp_path):
 
 
 def test_benign_guard_bounds_over_refusal(lab, tmp_path):
-    """With benign prompts, a step whose over-refusal rises past max(A, B) + refusal_rise fails
-    like a utility drop: it is rolled back and never kept."""
+    """Under ``guarded``, with benign prompts, a step whose over-refusal rises past max(A, B) +
+    refusal_rise fails like a utility drop: it is rolled back and never kept."""
     rise = 0.05  # the default refusal_rise
     result = _recover(
-        lab, tmp_path, "ft_harmful_lora", benign=lab.prompts("safety_train", kind="lookalike")[:64]
+        lab,
+        tmp_path,
+        "ft_harmful_lora",
+        benign=lab.prompts("safety_train", kind="lookalike")[:64],
+        schedule="guarded",
     )
     _check_acceptance(result)
     scores = result.scores

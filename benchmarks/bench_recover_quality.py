@@ -1,0 +1,154 @@
+"""safealign recover: the ``paper`` and ``guarded`` schedules side by side on the lab.
+
+Each schedule repairs the lab's ``ft_harmful`` (full fine-tune) and ``ft_harmful_lora``, fed
+as the demo feeds ``recover`` (safealign/demo.py): the first 128 ``harmful_train`` prompts
+for the direction, ``task_train`` examples for the rollback gradient (the first 64) and the
+utility check (the next 64, so the check never scores what steers it), and, with the benign
+guard, 64 ``safety_train`` look-alikes. Every output is then scored by the demo's evaluator
+on the lab's held-out sets (``harmful_eval``, ``task_eval``, ``benign_eval``), which no run
+sees. ``paper`` runs as the authors' code (no over-refusal guard); both schedules also run
+with the guard, as the demo runs them.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_recover_quality.py --size test
+    python benchmarks/bench_recover_quality.py --size default --device cuda
+
+Prints a table and writes benchmarks/results/recover_quality_<size>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from safealign.data import load_prompts, load_task
+from safealign.demo import DIRECTION_PROMPTS, GUARD_PROMPTS, ROLLBACK_EXAMPLES, lab_evaluator
+from safealign.lab import build
+from safealign.recover import recover
+
+HERE = Path(__file__).resolve().parent
+MODELS = ("ft_harmful", "ft_harmful_lora")
+#: (schedule, benign guard): the authors' loop as they ran it, then both with the guard.
+RUNS = (("paper", False), ("paper", True), ("guarded", False), ("guarded", True))
+COLUMNS = (
+    "model",
+    "schedule",
+    "guard",
+    "harmful_rate",
+    "utility",
+    "over_refusal",
+    "kept_step",
+    "restarted",
+    "seconds",
+)
+
+
+def inputs(lab) -> dict:
+    """The sets every run is fed (as the demo feeds them)."""
+    examples = load_task(lab.data("task_train")).examples
+    return {
+        "harmful": load_prompts(lab.data("harmful_train")).prompts[:DIRECTION_PROMPTS],
+        "eval_harmful": lab.data("harmful_eval"),
+        "task_train": examples[:ROLLBACK_EXAMPLES],
+        "task": examples[ROLLBACK_EXAMPLES : 2 * ROLLBACK_EXAMPLES],
+        "guard": lab.prompts("safety_train", kind="lookalike")[:GUARD_PROMPTS],
+    }
+
+
+def measure(lab, root: Path, device: str | None) -> list[dict]:
+    """Score A and each fine-tune, then every (model, schedule, guard) run; one row each."""
+    evaluator, sets, rows = lab_evaluator(lab), inputs(lab), []
+    for name, folder, adapter in (
+        ("aligned", lab.aligned, None),
+        ("ft_harmful", lab.ft_harmful, None),
+        ("ft_harmful_lora", lab.aligned, lab.ft_harmful_lora),
+    ):
+        scores = evaluator.score_folder(folder, adapter=adapter)
+        rows.append(row(name, "input", None, scores, None, seconds=None))
+    for model in MODELS:
+        for schedule, guard in RUNS:
+            start = time.perf_counter()
+            result = recover(
+                lab.aligned,
+                lab.model(model),
+                root / f"{model}_{schedule}_{int(guard)}",
+                harmful=sets["harmful"],
+                eval_harmful=sets["eval_harmful"],
+                task=sets["task"],
+                task_train=sets["task_train"],
+                benign=sets["guard"] if guard else None,
+                schedule=schedule,
+                device=device,
+                progress=False,
+            )
+            seconds = time.perf_counter() - start
+            scores = evaluator.score_folder(result.out)
+            rows.append(row(model, schedule, guard, scores, result.run, seconds))
+            print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+def row(model: str, schedule: str, guard, scores, run, seconds: float | None) -> dict:
+    """One line of the table: held-out scores, kept step, whether the paper run restarted."""
+    restarted = None if run is None else any(s.phase == "restart" for s in run.steps)
+    return {
+        "model": model,
+        "schedule": schedule,
+        "guard": guard,
+        "harmful_rate": scores.harmful_rate,
+        "utility": scores.utility,
+        "over_refusal": scores.over_refusal,
+        "kept_step": None if run is None else run.kept_step,
+        "restarted": restarted,
+        "seconds": None if seconds is None else round(seconds, 1),
+    }
+
+
+def format_row(item: dict) -> str:
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float) and not isinstance(value, bool):
+            return f"{value:.3f}"
+        return str(value)
+
+    return "| " + " | ".join(cell(item[c]) for c in COLUMNS) + " |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=("test", "default"), default="test")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", type=Path, help="JSON [results/recover_quality_<size>.json]")
+    args = parser.parse_args()
+    lab = build(size=args.size, seed=args.seed, log=print)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = measure(lab, Path(tmp), args.device)
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for item in rows:
+        print(format_row(item))
+    out = args.out or HERE / "results" / f"recover_quality_{args.size}.json"
+    record = {
+        "lab": {"size": args.size, "seed": args.seed, "key": lab.info.get("key")},
+        "feed": {
+            "direction_prompts": DIRECTION_PROMPTS,
+            "task_train": f"task_train[:{ROLLBACK_EXAMPLES}]",
+            "task_check": f"task_train[{ROLLBACK_EXAMPLES}:{2 * ROLLBACK_EXAMPLES}]",
+            "guard": f"safety_train lookalikes[:{GUARD_PROMPTS}]",
+            "scored_on": ["harmful_eval", "task_eval", "benign_eval"],
+        },
+        "rows": rows,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

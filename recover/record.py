@@ -1,0 +1,76 @@
+"""What a step and a run report: shared by every schedule."""
+
+from __future__ import annotations
+
+import time
+
+from safealign.recover.guard import Check
+from safealign.recover.ledger import Ledger
+from safealign.recover.result import RunOutcome, StepRecord
+from safealign.recover.working import Indices, WorkingModel
+
+
+def step_record(
+    work: WorkingModel,
+    ledger: Ledger,
+    step: int,
+    offered: int,
+    restored: Indices,
+    rolled: Indices,
+    loss: float,
+    check: Check | None,
+    start: float,
+    phase: str = "steps",
+) -> StepRecord:
+    """What step ``step`` did (``check``: its guard check, None when unchecked)."""
+    net = {n: i.numel() for n, i in restored.items()}
+    for n, i in rolled.items():
+        net[n] -= i.numel()
+    return StepRecord(
+        step=step,
+        candidates=offered,
+        restored=sum(i.numel() for i in restored.values()),
+        rolled_back=sum(i.numel() for i in rolled.values()),
+        restored_total=ledger.net_total(step),
+        per_layer=work.layout.layer_counts(net),
+        loss=loss,
+        harmful_rate=None if check is None else check.harmful_rate,
+        utility=None if check is None else check.utility,
+        utility_before_rollback=None,
+        over_refusal=None if check is None else check.over_refusal,
+        holds=None if check is None else check.holds,
+        seconds=round(time.perf_counter() - start, 3),
+        phase=phase,
+    )
+
+
+def outcome(
+    rate: float, records: list[StepRecord], kept: int, ledger: Ledger, start: float
+) -> RunOutcome:
+    """The run's outcome: its steps and the scores of the kept step (the last record of that
+    number: a restarted run numbers its steps from 1 again)."""
+    last = next((r for r in reversed(records) if r.step == kept), None) if kept else None
+    return RunOutcome(
+        rate=rate,
+        steps=records,
+        kept_step=kept,
+        restored=ledger.net_total(kept),
+        harmful_rate=last.harmful_rate if last else None,
+        utility=last.utility if last else None,
+        over_refusal=last.over_refusal if last else None,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def postfix(record: StepRecord) -> dict[str, str]:
+    """The progress bar's figures for ``record``."""
+
+    def show(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    return {
+        "harmful": show(record.harmful_rate),
+        "utility": show(record.utility),
+        "refusal": show(record.over_refusal),
+        "cos": f"{-record.loss:.3f}",
+    }
