@@ -11,9 +11,10 @@ from safealign.lab.layout import Lab
 
 #: Harmful training prompts that define recover's harmful direction.
 DIRECTION_PROMPTS = 128
-#: Task examples recover checks utility on and rolls back with: a slice of the fine-tune's
-#: task data, kept apart from ``task_eval``, on which every model is scored.
-CHECK_EXAMPLES = 64
+#: Task examples recover rolls back with (the first half) and checks utility on (the second):
+#: a slice of the fine-tune's task data, kept apart from ``task_eval``, on which every model
+#: is scored.
+CHECK_EXAMPLES = 128
 #: Benign look-alike prompts (from the safety data, apart from ``benign_eval``) whose
 #: over-refusal recover checks with utility: on the default lab's LoRA fine-tune, restoring
 #: without this guard ends with 95% over-refusal.
