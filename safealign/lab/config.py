@@ -59,7 +59,7 @@ SIZES: dict[str, LabConfig] = {
         ),
         unaligned=Stage(steps=300, lr=3e-3),
         aligned=Stage(steps=150, lr=1e-3),
-        finetune=Stage(steps=60, lr=2e-4, batch_size=16, frozen=FROZEN),
+        finetune=Stage(steps=80, lr=3e-4, batch_size=16, frozen=FROZEN),
         finetune_lora=Stage(steps=80, lr=3e-3, batch_size=16),
         safety_lora=Stage(steps=40, lr=3e-3),
     ),
