@@ -195,10 +195,10 @@ def acceptance(rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="default", choices=["default", "test"])
-    parser.add_argument("--lab", type=Path, help="an already built lab folder (else build --size)")
-    parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--lab", type=Path, help="a built lab folder (default: build --size)")
+    parser.add_argument("--size", choices=["default", "test"], default="default")
+    parser.add_argument("--out", type=Path, help="default: results/lab_repairs_<size>.json")
+    parser.add_argument("--workdir", type=Path, help="for repaired models (default: temp)")
     args = parser.parse_args()
     transformers_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message="no task data given")
