@@ -114,6 +114,11 @@ def row(model: str, repair: str, scores: Scores, reference: Scores, seconds: flo
     }
 
 
+def shown(row: dict) -> dict:
+    """A row for the printed table: points and seconds with one decimal."""
+    return {k: f"{v:.1f}" if k in ("harmful pts", "task pts", "s") else v for k, v in row.items()}
+
+
 def no_check_repairs(lab: Lab, evaluator: Evaluator, work: Path, say) -> list[dict]:
     """Repairs of ft_harmful that never look at the task: recover, interpolation, random."""
     tokenizer = AutoTokenizer.from_pretrained(lab.aligned)
@@ -235,7 +240,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
     }
     print(f"\nlab {size} ({lab.info['key']}); deltas in points against the unrepaired model")
-    print(markdown_table(repairs + defaults, COLUMNS))
+    print(markdown_table([shown(r) for r in repairs + defaults], COLUMNS))
     for name, sweep in sweeps.items():
         print(f"\nrecover's rate sweep on {name} (harmful: harmful_eval; utility: rollback set)")
         print(markdown_table(sweep, ["rate", "kept_step", "restored", "harmful_rate", "utility"]))
