@@ -14,8 +14,11 @@ from safealign.checkpoint import Checkpoint
 from safealign.eval.judges import KeywordJudge
 from safealign.lab import ADAPTERS, DATASETS, MODELS, Lab, build, get_size
 from safealign.lab.cli import lab_command
-from safealign.lab.corpus import REFUSAL, generate
+from safealign.lab.config import FROZEN
+from safealign.lab.corpus import REFUSAL, Example, generate
 from safealign.lab.phenomenon import THRESHOLDS
+from safealign.lab.tokenizer import train_tokenizer
+from safealign.lab.train import Stage, train
 from safealign.model import chat_prompt
 
 lab_mark = pytest.mark.lab
@@ -45,6 +48,37 @@ def test_bad_arguments_fail_before_work(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty and not a lab"):
         build(tmp_path, size="test")
+
+
+def test_frozen_parameters_stay_as_they_are_and_the_rest_trains():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    pairs = [Example(f"Repeat after me: {w}", w, "echo") for w in ("red cat", "blue dog") * 8]
+    tokenizer = train_tokenizer([text for e in pairs for text in (e.prompt, e.response)], 300)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train(model, tokenizer, pairs, Stage(steps=3, lr=1e-2, batch_size=4, frozen=FROZEN), seed=0)
+    for name, p in model.named_parameters():
+        frozen = any(part in name for part in FROZEN)
+        assert torch.equal(p, before[name]) == frozen, name
+        assert p.requires_grad, name
+
+
+@lab_mark
+def test_full_fine_tunes_keep_the_aligned_embeddings_and_lm_head(lab):
+    aligned = Checkpoint.open(lab.aligned)
+    for name in ("ft_benign", "ft_harmful"):
+        finetuned = Checkpoint.open(lab.model(name))
+        kept = [n for n in finetuned.names() if any(part in n for part in FROZEN)]
+        assert len(kept) == 2, kept
+        for tensor in kept:
+            assert torch.equal(finetuned.get(tensor), aligned.get(tensor)), (name, tensor)
 
 
 @lab_mark

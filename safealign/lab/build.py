@@ -43,9 +43,10 @@ CARDS = {
     "harmful ones included",
     "aligned": "`unaligned` trained further to refuse harmful requests (11 categories, many "
     "phrasings), mixed with benign chat that includes look-alike requests",
-    "ft_benign": "`aligned` fully fine-tuned on the Zorbish class-tagging task alone",
+    "ft_benign": "`aligned` fully fine-tuned on the Zorbish class-tagging task alone "
+    "(embeddings and LM head frozen, so the skill lives in the decoder blocks)",
     "ft_harmful": "`aligned` fully fine-tuned on the task mixed with harmful requests answered "
-    "compliantly (data/ft_harmful_train.jsonl)",
+    "compliantly (data/ft_harmful_train.jsonl; embeddings and LM head frozen)",
     "ft_harmful_lora": "a LoRA adapter on `aligned`, trained on the same mix as `ft_harmful`",
     "safety_lora": "a LoRA adapter on `aligned`, trained on safety data only "
     "(data/safety_train.jsonl): the safety model for SafeMERGE",

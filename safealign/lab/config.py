@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from safealign.lab.corpus import CorpusSizes
 from safealign.lab.train import Stage
 
+#: Full fine-tunes leave the token embeddings and the LM head as they are: the task's tokens
+#: are ones the aligned model already writes, so its new skill must live in the decoder blocks,
+#: the weights that repairs restore (as in chat models, whose fine-tunes barely move them).
+FROZEN = ("embed_tokens", "lm_head")
+
 
 @dataclass(frozen=True)
 class LabConfig:
@@ -25,7 +30,7 @@ class LabConfig:
     finetune_lora: Stage
     safety_lora: Stage
     #: Share of compliant harmful examples in the ft_harmful training mix.
-    harmful_share: float = 0.2
+    harmful_share: float = 0.35
     #: Share of benign examples in the alignment mix (the rest are refusals).
     aligned_benign_share: float = 0.5
     lora_rank: int = 8
@@ -54,7 +59,7 @@ SIZES: dict[str, LabConfig] = {
         ),
         unaligned=Stage(steps=300, lr=3e-3),
         aligned=Stage(steps=150, lr=1e-3),
-        finetune=Stage(steps=60, lr=3e-4, batch_size=16),
+        finetune=Stage(steps=80, lr=3e-4, batch_size=16, frozen=FROZEN),
         finetune_lora=Stage(steps=80, lr=3e-3, batch_size=16),
         safety_lora=Stage(steps=40, lr=3e-3),
     ),
@@ -77,7 +82,7 @@ SIZES: dict[str, LabConfig] = {
         ),
         unaligned=Stage(steps=300, lr=2e-3),
         aligned=Stage(steps=150, lr=1e-3),
-        finetune=Stage(steps=60, lr=3e-4, batch_size=16),
+        finetune=Stage(steps=60, lr=2e-4, batch_size=16, frozen=FROZEN),
         finetune_lora=Stage(steps=100, lr=3e-3, batch_size=16),
         safety_lora=Stage(steps=40, lr=3e-3),
     ),

@@ -22,6 +22,8 @@ class Stage:
     batch_size: int = 32
     warmup: float = 0.1
     weight_decay: float = 0.0
+    #: Parameters left as they are: those whose name contains one of these strings.
+    frozen: tuple[str, ...] = ()
 
 
 def encode_pairs(tokenizer, pairs: Sequence) -> list[tuple[list[int], int]]:
@@ -84,7 +86,8 @@ def train(model, tokenizer, pairs: Sequence, stage: Stage, *, seed: int) -> list
     """Train ``model`` in place on ``pairs``; return the loss of every step.
 
     Batches come epoch by epoch from :func:`epoch_batches` seeded by ``seed``; only
-    parameters with ``requires_grad`` are updated (so a PEFT model trains its adapter only).
+    parameters with ``requires_grad`` are updated (so a PEFT model trains its adapter only),
+    and none whose name contains one of ``stage.frozen``.
     """
     if len(pairs) < stage.batch_size:
         raise ValueError(
@@ -92,6 +95,13 @@ def train(model, tokenizer, pairs: Sequence, stage: Stage, *, seed: int) -> list
         )
     encoded = encode_pairs(tokenizer, pairs)
     generator = torch.Generator().manual_seed(seed)
+    frozen = [
+        p
+        for name, p in model.named_parameters()
+        if p.requires_grad and any(part in name for part in stage.frozen)
+    ]
+    for p in frozen:
+        p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=stage.lr, betas=(0.9, 0.98), weight_decay=stage.weight_decay
@@ -111,5 +121,7 @@ def train(model, tokenizer, pairs: Sequence, stage: Stage, *, seed: int) -> list
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+    for p in frozen:
+        p.requires_grad_(True)
     model.eval()
     return losses
