@@ -36,9 +36,9 @@ from transformers.utils import logging as transformers_logging
 from safealign import __version__
 from safealign.checkpoint import Checkpoint
 from safealign.data import load_prompts, load_task
-from safealign.demo import lab_evaluator
 from safealign.eval import Evaluator, Scores
 from safealign.lab import Lab, build
+from safealign.lab.compare import lab_evaluator
 from safealign.lab.phenomenon import format_table
 from safealign.report import markdown_table, write_json
 

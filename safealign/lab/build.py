@@ -31,6 +31,7 @@ from safealign.lab.layout import ADAPTERS, LAB_JSON, Lab
 from safealign.lab.phenomenon import check, format_table, lab_evaluator, measure
 from safealign.lab.tokenizer import train_tokenizer
 from safealign.lab.train import train
+from safealign.paths import cache_dir
 
 Log = Callable[[str], None]
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -55,9 +56,7 @@ CARDS = {
 
 def cache_root() -> Path:
     """``$SAFEALIGN_CACHE``, else ``$XDG_CACHE_HOME/safealign``, else ``~/.cache/safealign``."""
-    from safealign.eval.cache import default_cache_dir
-
-    return default_cache_dir()
+    return cache_dir()
 
 
 def build_key(config: LabConfig, seed: int) -> str:
