@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from safealign import paths
+
 
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -34,7 +36,7 @@ def file_digest(path: Path, memo: dict) -> str:
 
 def folder_fingerprint(*folders: str | Path | None, cache_dir: str | Path | None = None) -> str:
     """Fingerprint of model folders (e.g. a base model and an adapter); README files ignored."""
-    memo_path = Path(cache_dir or cache_dir()) / "file_digests.json"
+    memo_path = Path(cache_dir or paths.cache_dir()) / "file_digests.json"
     try:
         memo = json.loads(memo_path.read_text())
     except (OSError, ValueError):
@@ -64,7 +66,7 @@ class ResponseCache:
     """SQLite store of responses keyed on (fingerprint, prompt, decoding settings)."""
 
     def __init__(self, cache_dir: str | Path | None = None):
-        self.path = Path(cache_dir or cache_dir()) / "responses.sqlite"
+        self.path = Path(cache_dir or paths.cache_dir()) / "responses.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, response TEXT)")

@@ -9,6 +9,7 @@ output is what its own command gives for the same inputs and settings.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from safealign.compare.settings import CompareInputs
+from safealign.data import load_prompts
 from safealign.registry import (
     Registry,
     RegistryError,
@@ -203,21 +205,37 @@ def _retrain_missing(spec: MethodSpec, inputs: CompareInputs) -> str | None:
     return None
 
 
-def _path(value: Any) -> Any:
-    """A data set given as a file (retrain reads files; in-memory sets are left out)."""
-    return value if isinstance(value, str | Path) else None
+def _prompts(value: Any) -> list[str]:
+    """The prompts of a set given as a file, a list of prompts or a list of task examples."""
+    if value is None:
+        return []
+    if isinstance(value, str | Path):
+        return load_prompts(value).prompts
+    return [getattr(item, "prompt", item) for item in value]
+
+
+def _prompt_file(prompts: list[str], path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return str(path)
 
 
 def _retrain_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
+    """retrain on the fine-tuning data. Its critic and anchors learn from the training sets:
+    harmful prompts, and as benign the benign prompts plus the task's training prompts (a
+    critic must learn that task requests are safe); they are written beside the output."""
     from safealign.retrain import retrain
 
+    sets = out.parent / f"{out.name}.inputs"
+    harmful = _prompts(_first(inputs.harmful_train, inputs.harmful))
+    benign = _prompts(_first(inputs.benign_train, inputs.benign)) + _prompts(inputs.task_train)
     result = retrain(
         aligned=str(inputs.aligned),
         data=str(inputs.train_data),
         out=str(out),
         regularizer=spec.method,
-        harmful=_path(inputs.harmful_train) or _path(inputs.harmful),
-        benign=_path(inputs.benign_train) or _path(inputs.benign),
+        harmful=_prompt_file(harmful, sets / "harmful.jsonl"),
+        benign=_prompt_file(benign, sets / "benign.jsonl"),
         overwrite=True,
         progress=False,
         log=lambda _line: None,
