@@ -168,7 +168,7 @@ def plot_tradeoff(report: dict, path: str | Path) -> Path | None:
             refusal = (scores.get("over_refusal") or {}).get("value")
             points.append((row["name"], row["kind"], 100 * harmful, 100 * utility, refusal))
     fig, ax = plt.subplots(figsize=(9.5, 5))
-    cmap = plt.get_cmap("viridis_r")
+    cmap = plt.get_cmap("viridis")  # 0% over-refusal dark, so markers stand out on white
     markers = "osD^v<>PX*hH8p"
     for i, (name, kind, x, y, refusal) in enumerate(points):
         colour = cmap(refusal if refusal is not None else 0.0)
