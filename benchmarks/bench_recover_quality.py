@@ -1,7 +1,7 @@
 """safealign recover: the ``paper`` and ``guarded`` schedules side by side on the lab.
 
 Each schedule repairs the lab's ``ft_harmful`` (full fine-tune) and ``ft_harmful_lora``, fed
-as the demo feeds ``recover`` (safealign/demo.py): the first 128 ``harmful_train`` prompts
+as the demo feeds ``recover`` (safealign/lab/compare.py): the first 128 ``harmful_train`` prompts
 for the direction, ``task_train`` examples for the rollback gradient (the first 64) and the
 utility check (the next 64, so the check never scores what steers it), and, with the benign
 guard, 64 ``safety_train`` look-alikes. Every output is then scored by the demo's evaluator
@@ -24,11 +24,14 @@ import time
 from pathlib import Path
 
 from safealign.data import load_prompts, load_task
-from safealign.demo import DIRECTION_PROMPTS, GUARD_PROMPTS, ROLLBACK_EXAMPLES, lab_evaluator
+from safealign.lab.compare import CHECK_EXAMPLES, DIRECTION_PROMPTS, GUARD_PROMPTS, lab_evaluator
+
 from safealign.lab import build
 from safealign.recover import recover
 
 HERE = Path(__file__).resolve().parent
+#: recover's rollback steers on the first half of the lab's check examples, checks the second.
+ROLLBACK_EXAMPLES = CHECK_EXAMPLES // 2
 MODELS = ("ft_harmful", "ft_harmful_lora")
 #: (schedule, benign guard): the authors' loop as they ran it, then both with the guard.
 RUNS = (("paper", False), ("paper", True), ("guarded", False), ("guarded", True))
