@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 
 from safealign.data import load_prompts, load_task
-from safealign.lab.compare import CHECK_EXAMPLES, DIRECTION_PROMPTS, GUARD_PROMPTS, lab_evaluator
-
 from safealign.lab import build
+from safealign.lab.compare import CHECK_EXAMPLES, DIRECTION_PROMPTS, GUARD_PROMPTS, lab_evaluator
 from safealign.recover import recover
 
 HERE = Path(__file__).resolve().parent
