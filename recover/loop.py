@@ -33,29 +33,19 @@ from dataclasses import replace
 
 from tqdm.auto import tqdm
 
-from safealign.recover.guard import StepGuard
 from safealign.recover.ledger import Ledger
-from safealign.recover.record import postfix, step_record
+from safealign.recover.record import StepContext, postfix, step_record
 from safealign.recover.result import StepRecord
-from safealign.recover.sets import Sets
-from safealign.recover.settings import RecoverSettings
-from safealign.recover.working import WorkingModel
 
 
-def guarded_steps(
-    work: WorkingModel,
-    guard: StepGuard,
-    sets: Sets,
-    settings: RecoverSettings,
-    k: int,
-    bar: tqdm,
-) -> tuple[list[StepRecord], int, Ledger]:
+def guarded_steps(ctx: StepContext, bar: tqdm) -> tuple[list[StepRecord], int, Ledger]:
     """All steps, each checked from the warm-up's end: (records, kept step, ledger)."""
+    work, guard, _sets, settings, _k = ctx
     first_checked = min(max(settings.warmup, 1), settings.steps)
     ledger, records, kept = Ledger(), [], 0
     for step in range(1, settings.steps + 1):
         checked = guard.checks and step >= first_checked
-        record = _step(work, guard, ledger, sets, settings, step, k, checked)
+        record = _step(ctx, ledger, step, checked)
         records.append(record)
         kept = step if record.holds or not guard.checks else kept
         bar.update()
@@ -63,17 +53,9 @@ def guarded_steps(
     return records, kept, ledger
 
 
-def _step(
-    work: WorkingModel,
-    guard: StepGuard,
-    ledger: Ledger,
-    sets: Sets,
-    settings: RecoverSettings,
-    step: int,
-    k: int,
-    checked: bool,
-) -> StepRecord:
+def _step(ctx: StepContext, ledger: Ledger, step: int, checked: bool) -> StepRecord:
     """One step: gradient, restore, score; a checked step that fails is partly rolled back."""
+    work, guard, sets, settings, k = ctx
     start = time.perf_counter()
     loss = work.pull(sets.harmful.prompts, guard.direction, settings.batch_size)
     picked, offered = work.candidates(k, ledger)

@@ -37,27 +37,20 @@ from tqdm.auto import tqdm
 
 from safealign.recover.guard import Check, StepGuard
 from safealign.recover.ledger import Ledger
-from safealign.recover.record import postfix, step_record
+from safealign.recover.record import StepContext, postfix, step_record
 from safealign.recover.result import StepRecord
-from safealign.recover.sets import Sets
 from safealign.recover.settings import RecoverSettings
 from safealign.recover.working import WorkingModel
 
 
-def paper_steps(
-    work: WorkingModel,
-    guard: StepGuard,
-    sets: Sets,
-    settings: RecoverSettings,
-    k: int,
-    bar: tqdm,
-) -> tuple[list[StepRecord], int, Ledger]:
+def paper_steps(ctx: StepContext, bar: tqdm) -> tuple[list[StepRecord], int, Ledger]:
     """The warm-up, its check, then the steps (restarted with rollback if it failed) up to
     the first failing checkpoint: (records, kept step, ledger of the last pass)."""
+    work, guard, _sets, settings, _k = ctx
     warmup = min(settings.warmup, settings.steps)
     ledger, records = Ledger(), []
     for step in range(1, warmup + 1):
-        records.append(_step(work, guard, ledger, sets, settings, step, k, False, "warm-up"))
+        records.append(_step(ctx, ledger, step, False, "warm-up"))
         bar.update()
     restart, kept, stop = _warmup_check(work, guard, settings, records, warmup)
     if restart:
@@ -68,7 +61,7 @@ def paper_steps(
     if guard.checks:
         last = 0 if stop else _last_checkpoint(settings, 0 if restart else warmup)
     for step in range(first, last + 1):
-        record = _step(work, guard, ledger, sets, settings, step, k, restart)
+        record = _step(ctx, ledger, step, restart)
         records.append(record)
         bar.update()
         bar.set_postfix(postfix(record))
@@ -108,18 +101,11 @@ def _last_checkpoint(settings: RecoverSettings, warmup: int) -> int:
 
 
 def _step(
-    work: WorkingModel,
-    guard: StepGuard,
-    ledger: Ledger,
-    sets: Sets,
-    settings: RecoverSettings,
-    step: int,
-    k: int,
-    rollback: bool,
-    phase: str | None = None,
+    ctx: StepContext, ledger: Ledger, step: int, rollback: bool, phase: str | None = None
 ) -> StepRecord:
     """One step: restore (from a fresh gradient when rolling back), roll back, and check at a
     checkpoint (``phase`` "warm-up": never checked here)."""
+    work, guard, sets, settings, k = ctx
     phase = phase or ("restart" if rollback else "steps")
     start = time.perf_counter()
     if rollback:

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
-from safealign.recover.guard import Check
+from safealign.recover.guard import Check, StepGuard
 from safealign.recover.ledger import Ledger
 from safealign.recover.result import RunOutcome, StepRecord
+from safealign.recover.sets import Sets
+from safealign.recover.settings import RecoverSettings
 from safealign.recover.working import Indices, WorkingModel
+
+
+class StepContext(NamedTuple):
+    """What every step of a schedule works with: the model, the guard, the prompt sets, the
+    settings, and ``k``, the elements restored per step."""
+
+    work: WorkingModel
+    guard: StepGuard
+    sets: Sets
+    settings: RecoverSettings
+    k: int
 
 
 def step_record(

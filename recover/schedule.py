@@ -16,7 +16,7 @@ from safealign.recover.guard import StepGuard
 from safealign.recover.ledger import Ledger
 from safealign.recover.loop import guarded_steps
 from safealign.recover.paper import paper_steps
-from safealign.recover.record import outcome
+from safealign.recover.record import StepContext, outcome
 from safealign.recover.result import RunOutcome
 from safealign.recover.sets import Sets
 from safealign.recover.settings import RecoverSettings
@@ -41,9 +41,8 @@ def run(
     bar = tqdm(total=settings.steps, desc=label, disable=not progress)
     with work.accumulating():
         try:
-            records, kept, ledger = SCHEDULES[settings.schedule](
-                work, guard, sets, settings, k, bar
-            )
+            context = StepContext(work, guard, sets, settings, k)
+            records, kept, ledger = SCHEDULES[settings.schedule](context, bar)
         finally:
             bar.close()
     work.reset(ledger.take([s for s in list(ledger.restored) if s > kept]))

@@ -175,8 +175,8 @@ def build_into(dest: Path, config: LabConfig, seed: int, key: str, say: Log) -> 
 
 def run_build(root: Path, config: LabConfig, seed: int, key: str, say: Log) -> dict:
     """Generate, train, save and score everything into ``root``; return lab.json's content."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    # One function on purpose (about 80 lines): the stages run in this order, each seeded from
+    # ``seed``, each continuing the model the one before left; read top to bottom, it is the lab.
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -195,25 +195,7 @@ def run_build(root: Path, config: LabConfig, seed: int, key: str, say: Log) -> d
     now = stage("data and tokenizer", started)
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=config.hidden,
-            intermediate_size=config.intermediate,
-            num_hidden_layers=config.layers,
-            num_attention_heads=config.heads,
-            num_key_value_heads=config.heads,
-            max_position_embeddings=256,
-            tie_word_embeddings=False,
-            bos_token_id=None,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = None
-
+    model = new_model(config, tokenizer)
     evaluator = lab_evaluator(
         data.harmful_eval,
         data.benign_eval,
@@ -274,6 +256,31 @@ def run_build(root: Path, config: LabConfig, seed: int, key: str, say: Log) -> d
         "build_seconds": round(time.perf_counter() - started, 2),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def new_model(config: LabConfig, tokenizer):
+    """A randomly initialised tiny Llama for ``tokenizer`` (seed torch first)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden,
+            intermediate_size=config.intermediate,
+            num_hidden_layers=config.layers,
+            num_attention_heads=config.heads,
+            num_key_value_heads=config.heads,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    return model
 
 
 def alignment_mix(data: corpus.Corpus, benign_share: float, seed: int) -> list:
