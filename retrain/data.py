@@ -17,7 +17,6 @@ from safealign.chat import encode_chat
 from safealign.data import ChatPair, DataError, load_pairs, load_prompts, read_rows
 from safealign.eval.smoke import SMOKE_BENIGN, SMOKE_HARMFUL
 
-IGNORE = -100
 Example = tuple[list[int], int]
 
 
@@ -69,19 +68,6 @@ def load_examples(
         examples = encode_pairs(tokenizer, pairs)
     kept = fit_length(examples, max_length, str(path))
     return [(examples[i][0][:max_length], examples[i][1]) for i in kept], [prompts[i] for i in kept]
-
-
-def collate(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (IGNORE off the span)."""
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (ids, start) in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, start : len(ids)] = torch.tensor(ids[start:])
-        mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from safealign.retrain.data import IGNORE, Step, collate
+from safealign.chat import IGNORE, collate
+from safealign.retrain.data import Step
 from safealign.retrain.regularizers import Regularizer, Run
 
 CHECKPOINT_PREFIX = "step-"

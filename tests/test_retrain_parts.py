@@ -65,7 +65,7 @@ def test_ema_keeps_the_average_of_the_iterates(files):
 
 
 def test_der_loss_is_alpha_mse_plus_beta_ce_on_the_anchor_batch(files):
-    from safealign.retrain.data import collate
+    from safealign.chat import collate
     from safealign.retrain.divergence import shift
 
     run = lora_run(files, batch_size=2)
@@ -117,7 +117,7 @@ def test_probe_separates_the_labs_held_out_harmful_and_benign_prompts(lab):
 
 
 def test_interleave_filters_refusals_keeps_the_largest_gaps_and_adds_anchor_nll(files, tmp_path):
-    from safealign.retrain.data import collate
+    from safealign.chat import collate
     from safealign.retrain.regularizers import Interleave
     from safealign.retrain.regularizers.interleave import looks_like_refusal
 

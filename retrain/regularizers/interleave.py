@@ -6,8 +6,8 @@ import math
 
 import torch
 
+from safealign.chat import collate
 from safealign.data import ChatPair
-from safealign.retrain.data import collate
 from safealign.retrain.divergence import shift, token_nll
 from safealign.retrain.regularizers.base import Run, nll_rows
 from safealign.retrain.regularizers.replay import Anchored

@@ -8,9 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from safealign.model import chat_prompt
-
-IGNORE = -100
+from safealign.chat import IGNORE, chat_prompt, collate
 
 
 @dataclass(frozen=True)
@@ -36,19 +34,6 @@ def encode_pairs(tokenizer, pairs: Sequence) -> list[tuple[list[int], int]]:
         (p + r + [tokenizer.eos_token_id], len(p))
         for p, r in zip(prompt_ids, reply_ids, strict=True)
     ]
-
-
-def collate(batch: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input ids, attention mask, and labels masked on prompt and padding."""
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (ids, n_prompt) in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-        mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 def example_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
