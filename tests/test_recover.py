@@ -156,10 +156,12 @@ def _count_rollback_rule(monkeypatch, finetuned, of_agreeing: bool) -> list[int]
     return expected
 
 
-def test_rollback_fires_and_kept_step_holds(tmp_path, monkeypatch):
+def _failing_run(tmp_path, monkeypatch, schedule: str, **settings):
+    """recover on a pair whose every check fails (metric_drop 0, noisy B): the pair, the task,
+    the rollback counts the rule gives (recomputed by a spy) and the result."""
     aligned, finetuned = make_pair(tmp_path, noise=0.05)
     task = _self_task(aligned, finetuned, FAST["max_new_tokens"])
-    expected = _count_rollback_rule(monkeypatch, finetuned, of_agreeing=False)
+    expected = _count_rollback_rule(monkeypatch, finetuned, of_agreeing=schedule == "paper")
     result = recover(
         aligned,
         finetuned,
@@ -170,9 +172,16 @@ def test_rollback_fires_and_kept_step_holds(tmp_path, monkeypatch):
         steps=4,
         warmup=1,
         metric_drop=0.0,
-        rollback_rate=0.5,
-        schedule="guarded",
+        schedule=schedule,
+        **settings,
         **FAST,
+    )
+    return aligned, finetuned, task, expected, result
+
+
+def test_rollback_fires_and_kept_step_holds(tmp_path, monkeypatch):
+    aligned, finetuned, task, expected, result = _failing_run(
+        tmp_path, monkeypatch, "guarded", rollback_rate=0.5
     )
     steps = result.run.steps
     assert result.scores["finetuned"]["utility"] == 1.0
@@ -401,23 +410,7 @@ def test_default_layer_paper_for_deep_models_last_for_small():
 def test_paper_rolls_back_share_of_agreeing(tmp_path, monkeypatch):
     """Under paper a failed warm-up check restarts from B, and every step then rolls back
     ceil(rollback_rate x its restored elements that the task gradient moves toward B)."""
-    aligned, finetuned = make_pair(tmp_path, noise=0.05)
-    task = _self_task(aligned, finetuned, FAST["max_new_tokens"])
-    expected = _count_rollback_rule(monkeypatch, finetuned, of_agreeing=True)
-    result = recover(
-        aligned,
-        finetuned,
-        tmp_path / "out",
-        harmful=HARMFUL,
-        task=task,
-        rate=0.03,
-        steps=4,
-        warmup=1,
-        check_every=2,
-        metric_drop=0.0,
-        schedule="paper",
-        **FAST,
-    )
+    *_, expected, result = _failing_run(tmp_path, monkeypatch, "paper", check_every=2)
     restart = [s for s in result.run.steps if s.phase == "restart"]
     assert restart, "the warm-up check held with metric_drop=0"
     assert [s.rolled_back for s in restart] == expected
