@@ -126,8 +126,9 @@ def step_costs(lab: Lab, names: list[str], benign: Path, rounds: int = 30) -> di
     """Seconds of one micro-batch (forward, regularizer, backward) per regularizer, timed
     round-robin on the same model and batch so a shared CPU's load falls on all alike;
     the median over ``rounds``."""
+    from safealign.chat import collate
     from safealign.retrain.build import build_model, build_reference
-    from safealign.retrain.data import collate, load_examples
+    from safealign.retrain.data import load_examples
     from safealign.retrain.loop import micro_step
     from safealign.retrain.regularizers import Run, create
     from safealign.retrain.settings import RetrainSettings
