@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from checkpoint_support import tiny_llama
 from safetensors.torch import load_file
 
 
@@ -17,23 +18,6 @@ class TinyModels:
     other: Path
     lora: Path
     safety_lora: Path
-
-
-def _tiny_llama(seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
 
 
 def _perturbed(base_folder: Path, out: Path, scale: float, seed: int) -> Path:
@@ -67,7 +51,13 @@ def _lora(base_folder: Path, out: Path, seed: int, targets: list[str], r: int) -
 
 def build_tiny_models(root: Path) -> TinyModels:
     aligned = root / "aligned"
-    _tiny_llama(0).save_pretrained(aligned)
+    tiny_llama(
+        0,
+        vocab_size=96,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        max_position_embeddings=64,
+    ).save_pretrained(aligned)
     return TinyModels(
         aligned=aligned,
         unaligned=_perturbed(aligned, root / "unaligned", 0.05, 1),
