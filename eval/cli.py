@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from safealign.command import handles_bad_input
 from safealign.eval.evaluator import Evaluator
 from safealign.eval.results import gate_failures, write_results
 from safealign.eval.settings import EvalSettings
@@ -31,6 +32,7 @@ OUT_FOLDER = click.Path(file_okay=False, path_type=Path)
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
 @click.option("--device", help="torch device, e.g. cpu or cuda (default: cpu).")
 @click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16, ...")
+@handles_bad_input
 def eval_command(
     model_path: Path,
     adapter: Path | None,

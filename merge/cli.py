@@ -13,8 +13,8 @@ from typing import Any
 import click
 import yaml
 
-from safealign.checkpoint import CheckpointError
-from safealign.merge.config import MergeConfig, MergeConfigError, load_config
+from safealign.command import handles_bad_input
+from safealign.merge.config import MergeConfig, load_config
 from safealign.merge.engine import MergeResult, return_freed_tensors_to_os, run_merge
 from safealign.merge.methods import ALIGNED, ROLES
 from safealign.merge.report import REPORT_NAME, layer_table
@@ -88,6 +88,7 @@ def _print(result: MergeResult) -> None:
 @click_options(MergeSettings)
 @click.option("--score", is_flag=True, help="Print the layer table only.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@handles_bad_input
 def merge_command(config, out, sets, score, quiet, **values):
     """Merge checkpoints from a mergekit-style CONFIG.yaml, or a safety method by shortcut.
 
@@ -97,16 +98,13 @@ def merge_command(config, out, sets, score, quiet, **values):
     safealign merge --method safe_lora:select=lowest,k=8 --aligned A --unaligned U \\
         --finetuned B --score
     """
-    try:
-        settings, roles = from_cli(MergeSettings, values)
-        cfg = _config(config, settings, roles, sets)
-        settings = settings.replace(method=None, dtype=None, dry_run=settings.dry_run or score)
-        if not settings.dry_run and out is None:
-            raise click.UsageError("--out is required (or use --dry-run / --score)")
-        # Process-wide and permanent, so the CLI (a process that only merges) opts in and the
-        # API does not: see return_freed_tensors_to_os.
-        return_freed_tensors_to_os()
-        result = run_merge(cfg, out, settings, progress=not quiet)
-    except (MergeConfigError, CheckpointError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+    settings, roles = from_cli(MergeSettings, values)
+    cfg = _config(config, settings, roles, sets)
+    settings = settings.replace(method=None, dtype=None, dry_run=settings.dry_run or score)
+    if not settings.dry_run and out is None:
+        raise click.UsageError("--out is required (or use --dry-run / --score)")
+    # Process-wide and permanent, so the CLI (a process that only merges) opts in and the
+    # API does not: see return_freed_tensors_to_os.
+    return_freed_tensors_to_os()
+    result = run_merge(cfg, out, settings, progress=not quiet)
     _print(result)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from safealign.checkpoint import CheckpointError
+from safealign.command import handles_bad_input
 from safealign.recover.api import recover
 from safealign.recover.report import summary
 from safealign.recover.settings import RecoverSettings
@@ -45,15 +45,13 @@ from safealign.settings import click_options, from_cli
 @click_options(RecoverSettings)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; load and write nothing.")
+@handles_bad_input
 def recover_command(**values) -> None:
     """Restore a fine-tuned model's safety by resetting a few weights to aligned values."""
-    try:
-        settings, inputs = from_cli(RecoverSettings, values)
-        if inputs["out"] is None and not inputs["dry_run"]:
-            raise click.UsageError("--out is required (or use --dry-run)")
-        result = recover(settings=settings, **inputs)
-    except (CheckpointError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+    settings, inputs = from_cli(RecoverSettings, values)
+    if inputs["out"] is None and not inputs["dry_run"]:
+        raise click.UsageError("--out is required (or use --dry-run)")
+    result = recover(settings=settings, **inputs)
     if inputs["dry_run"]:
         click.echo(result.plan.describe())
         for note in result.warnings:

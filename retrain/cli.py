@@ -7,14 +7,10 @@ from pathlib import Path
 import click
 import yaml
 
-from safealign.data import DataError
-from safealign.registry import RegistryError
+from safealign.command import handles_bad_input
 from safealign.retrain.api import retrain
 from safealign.retrain.settings import RetrainSettings
 from safealign.settings import SettingsError, click_options, from_cli
-
-#: Errors that mean "bad input": printed as one line, exit status 1, nothing trained.
-INPUT_ERRORS = (SettingsError, RegistryError, DataError, FileExistsError, ValueError)
 
 
 def load_config(path: str | None) -> dict | None:
@@ -24,14 +20,11 @@ def load_config(path: str | None) -> dict | None:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as error:
-        raise click.ClickException(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None
+        raise SettingsError(f"{path}: not valid YAML ({error})") from None
     if not isinstance(data, dict):
-        raise click.ClickException(f"{path}: a retrain config is a mapping of settings")
+        raise SettingsError(f"{path}: a retrain config is a mapping of settings")
     data = {str(key).replace("-", "_"): value for key, value in data.items()}
-    try:
-        RetrainSettings.from_dict(data, where=str(path))
-    except SettingsError as error:
-        raise click.ClickException(str(error)) from None
+    RetrainSettings.from_dict(data, where=str(path))
     return data
 
 
@@ -42,6 +35,7 @@ def load_config(path: str | None) -> dict | None:
     help="YAML file of settings (keys as the flags, with _ or -); typed flags override it.",
 )
 @click_options(RetrainSettings)
+@handles_bad_input
 def retrain_command(config: str | None, **values) -> None:
     """Fine-tune an aligned model on your data with a regularizer that keeps it aligned.
 
@@ -50,11 +44,8 @@ def retrain_command(config: str | None, **values) -> None:
     examples/accelerate_ddp.yaml "$(which safealign)" retrain ...`.
     """
     base = load_config(config)
-    try:
-        settings, _ = from_cli(RetrainSettings, values, base)
-        result = retrain(settings, log=click.echo)
-    except INPUT_ERRORS as error:
-        raise click.ClickException(str(error).splitlines()[0]) from None
+    settings, _ = from_cli(RetrainSettings, values, base)
+    result = retrain(settings, log=click.echo)
     if result.out is not None:
         loss = result.metrics.get("final_loss")
         click.echo(f"steps {result.plan['steps']}, final loss {loss:.4f}: {result.out}")

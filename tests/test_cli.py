@@ -20,3 +20,21 @@ def test_help_lists_the_implemented_commands():
 def test_version():
     result = CliRunner().invoke(main, ["--version"])
     assert result.exit_code == 0 and "safealign" in result.output
+
+
+def test_bad_input_is_one_line_with_exit_2_and_debug_shows_the_error(tmp_path):
+    missing = str(tmp_path / "missing")
+    args = ["recover", "--aligned", missing, "--finetuned", missing, "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(main, args)
+    assert (result.exit_code, result.output) == (2, f"Error: checkpoint not found: {missing}\n")
+    debug = CliRunner().invoke(main, [*args, "--debug"])
+    assert isinstance(debug.exception, ValueError) and "checkpoint not found" in str(debug.exception)
+    assert not (tmp_path / "o").exists()
+
+
+def test_several_problems_are_joined_on_one_line(tmp_path):
+    missing = str(tmp_path / "missing")
+    args = ["merge", "--method", "interpolate", "--aligned", missing, "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(main, [*args, "--finetuned", missing])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and "; model folder not found" in result.output

@@ -45,7 +45,7 @@ def test_flags_keep_their_names_and_flags_take_no_value(tiny, tmp_path):
     out = tmp_path / "o"
     assert shortcut(tiny, "resta", "--out", out).exit_code == 0
     again = shortcut(tiny, "resta", "--out", out, "--seed", 3)
-    assert again.exit_code == 1 and "not empty" in again.output
+    assert again.exit_code == 2 and "not empty" in again.output
     result = shortcut(tiny, "resta", "--out", out, "--overwrite", "--seed", 3)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "merge_report.json").read_text())["seed"] == 3
@@ -53,7 +53,7 @@ def test_flags_keep_their_names_and_flags_take_no_value(tiny, tmp_path):
 
 def test_unknown_method_lists_the_shortcut_methods(tiny):
     result = shortcut(tiny, "safemerg", "--dry-run")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert error_lines(result) == [
         "Error: --method must be one of interpolate, resta, safe_lora, safemerge, got 'safemerg'"
     ]
@@ -148,6 +148,6 @@ def test_cli_config_merge_and_clear_errors(tiny, tmp_path):
     a, b, out = (read_weights(p) for p in (tiny.aligned, tiny.finetuned, tmp_path / "o"))
     torch.testing.assert_close(out[Q0], (a[Q0] + 3 * b[Q0]) / 4)
     again = runner.invoke(merge_command, [str(config), "--out", str(tmp_path / "o"), "--quiet"])
-    assert again.exit_code != 0 and "not empty" in again.output
+    assert again.exit_code == 2 and "not empty" in again.output
     bad = runner.invoke(merge_command, [str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "x")])
-    assert bad.exit_code != 0 and "merge config not found" in bad.output
+    assert bad.exit_code == 2 and "merge config not found" in bad.output

@@ -343,7 +343,7 @@ def test_cli_dry_run_and_bad_pair(pair, tmp_path):
             str(prompts),
         ],
     )
-    assert bad.exit_code == 1 and "shapes differ" in bad.output
+    assert bad.exit_code == 2 and "shapes differ" in bad.output
     assert not (tmp_path / "o").exists()
     usage = runner.invoke(recover_command, args)
     assert usage.exit_code == 2 and "--out is required" in usage.output
@@ -359,7 +359,7 @@ def test_cli_refuses_out_of_range_before_opening_anything(tmp_path):
         (["--sweep", "0.1,2"], "Error: --sweep must be in (0, 1), got 2.0\n"),
     ]:
         bad = runner.invoke(recover_command, [*args, *flags])
-        assert (bad.exit_code, bad.output) == (1, message)
+        assert (bad.exit_code, bad.output) == (2, message)
     assert not (tmp_path / "o").exists()
 
 

@@ -76,7 +76,7 @@ def test_bad_input_is_refused_in_one_line_before_training(files, tmp_path, case,
         (tmp_path / "cfg.yaml").write_text("epoch: 2\n")
         args += ["--config", str(tmp_path / "cfg.yaml")]
     result = invoke(*args, "--data", data)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.output.startswith("Error: ") and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not out.exists()

@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 import yaml
 
+from safealign.command import handles_bad_input
 from safealign.compare.run import compare
 from safealign.compare.settings import CompareInputs, CompareSettings
-from safealign.registry import RegistryError
 from safealign.settings import SettingsError, click_options, from_cli
 
 _INPUTS = [f.name for f in fields(CompareInputs)]
@@ -45,6 +45,7 @@ def _load_config(path: str | None) -> tuple[dict, dict]:
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML with any of these options.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Report folder.")
 @click_options(CompareSettings)
+@handles_bad_input
 def compare_command(config, out, **values) -> None:
     """Run recover, the safety merges and retrain side by side on your models.
 
@@ -54,18 +55,14 @@ def compare_command(config, out, **values) -> None:
           --task t.jsonl --benign b.jsonl --out runs/cmp
       safealign compare --config compare.yaml --methods recover,safe_lora:tau=0.35 --out runs/c
     """
-    try:
-        base_inputs, base_settings = _load_config(config)
-        settings, rest = from_cli(CompareSettings, values, base_settings)
-        given = {k: v for k, v in rest.items() if v is not None}
-        inputs = {**base_inputs, **given}
-        for name in ("aligned", "finetuned"):
-            if not inputs.get(name):
-                raise SettingsError(f"--{name} is required (here or in --config)")
-        result = compare(CompareInputs(**inputs), out, settings, log=_log)
-    except (SettingsError, RegistryError, OSError, yaml.YAMLError) as error:
-        click.echo(f"Error: {error}".splitlines()[0], err=True)
-        raise SystemExit(2) from None
+    base_inputs, base_settings = _load_config(config)
+    settings, rest = from_cli(CompareSettings, values, base_settings)
+    given = {k: v for k, v in rest.items() if v is not None}
+    inputs = {**base_inputs, **given}
+    for name in ("aligned", "finetuned"):
+        if not inputs.get(name):
+            raise SettingsError(f"--{name} is required (here or in --config)")
+    result = compare(CompareInputs(**inputs), out, settings, log=_log)
     click.echo((Path(result.out) / "report.md").read_text())
 
 

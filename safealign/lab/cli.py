@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from safealign.command import handles_bad_input
 from safealign.lab.build import build
 from safealign.lab.config import SIZES
 from safealign.lab.phenomenon import format_table
@@ -31,6 +32,7 @@ def lab_command() -> None:
 )
 @click.option("--force", is_flag=True, help="Rebuild even when a cached build exists.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
+@handles_bad_input
 def build_command(
     out: Path | None, size: str, seed: int, harmful_share: float | None, force: bool, quiet: bool
 ) -> None:
