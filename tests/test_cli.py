@@ -28,13 +28,16 @@ def test_bad_input_is_one_line_with_exit_2_and_debug_shows_the_error(tmp_path):
     result = CliRunner().invoke(main, args)
     assert (result.exit_code, result.output) == (2, f"Error: checkpoint not found: {missing}\n")
     debug = CliRunner().invoke(main, [*args, "--debug"])
-    assert isinstance(debug.exception, ValueError) and "checkpoint not found" in str(debug.exception)
+    assert isinstance(debug.exception, ValueError)
+    assert "checkpoint not found" in str(debug.exception)
     assert not (tmp_path / "o").exists()
 
 
 def test_several_problems_are_joined_on_one_line(tmp_path):
-    missing = str(tmp_path / "missing")
-    args = ["merge", "--method", "interpolate", "--aligned", missing, "--out", str(tmp_path / "o")]
-    result = CliRunner().invoke(main, [*args, "--finetuned", missing])
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = ["merge", "--method", "interpolate", "--aligned", one, "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(main, [*args, "--finetuned", two])
     assert result.exit_code == 2
-    assert result.output.count("\n") == 1 and "; model folder not found" in result.output
+    assert result.output.count("\n") == 1
+    assert f"model folder not found: {one}" in result.output
+    assert f"; model folder not found: {two}" in result.output
