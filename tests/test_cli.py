@@ -39,5 +39,5 @@ def test_several_problems_are_joined_on_one_line(tmp_path):
     result = CliRunner().invoke(main, [*args, "--finetuned", two])
     assert result.exit_code == 2
     assert result.output.count("\n") == 1
-    assert f"model folder not found: {one}" in result.output
-    assert f"; model folder not found: {two}" in result.output
+    problems = result.output.removeprefix("Error: ").rstrip("\n").split("; ")
+    assert sorted(problems) == [f"model folder not found: {p} ({p})" for p in (one, two)]
