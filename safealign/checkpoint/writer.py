@@ -27,6 +27,8 @@ from safealign.checkpoint.files import (
     resolve,
 )
 from safealign.checkpoint.reader import Checkpoint
+from safealign.checkpoint.store import check_finite
+from safealign.resources import ResourceError, check_disk, tensor_bytes
 
 SIZE_UNITS = {
     "": 1,
@@ -153,6 +155,13 @@ class FolderWriter:
         """The temporary folder being written (extra files such as report.json go here)."""
         return self._atomic.folder
 
+    def _check_space(self, needed: int) -> None:
+        """Refuse (a :class:`CheckpointError`) when the output's disk lacks ``needed`` bytes."""
+        try:
+            check_disk(self.out, needed, "the output")
+        except ResourceError as err:
+            raise CheckpointError(str(err)) from None
+
     def _check_open(self) -> None:
         if self._atomic.done:
             raise CheckpointError(f"writer already finished or discarded: {self.out}")
@@ -197,6 +206,8 @@ class CheckpointWriter(FolderWriter):
         self.source = Checkpoint.open(source)
         self.max_shard_size = parse_size(max_shard_size)
         super().__init__(out, [self.source, *inputs], overwrite)
+        # The source's bytes as stored: a lower bound of what the output takes.
+        self._check_space(tensor_bytes(self.source))
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
@@ -209,11 +220,13 @@ class CheckpointWriter(FolderWriter):
         """Queue one tensor; a shard is written when the next tensor would overflow it.
 
         The writer keeps the tensor until its shard is written: do not modify it in place
-        afterwards. Views and tensors sharing storage with a queued one are cloned.
+        afterwards. Views and tensors sharing storage with a queued one are cloned. A tensor
+        holding NaN or Inf is refused: a broken model is never written.
         """
         self._check_open()
         if name in self._names:
             raise CheckpointError(f"tensor {name} added twice: {self.out}")
+        check_finite(tensor, name, f"output {self.out}")
         tensor = owned(tensor, self._pending.values())
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_size:
@@ -229,6 +242,7 @@ class CheckpointWriter(FolderWriter):
     def _flush(self) -> None:
         if not self._pending:
             return
+        self._check_space(self._pending_bytes)
         file = self.folder / f"shard-{len(self._shards) + 1:05d}.safetensors.part"
         save_file(self._pending, str(file), metadata={"format": "pt"})
         self._shards.append((file, list(self._pending)))
