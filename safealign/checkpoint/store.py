@@ -84,11 +84,14 @@ class TensorStore:
             else:
                 handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
         tensor = handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
-        check_finite(tensor, name, info.file)
-        # Tensors from one handle share a private mapping: hand out an independent copy.
+        # Tensors from one handle share a private mapping: hand out an independent copy, and
+        # check that copy (its pages are in memory now; the check is one sum over it).
         if dtype is not None and dtype != tensor.dtype:
-            return tensor.to(dtype)
-        return tensor.clone()
+            tensor = tensor.to(dtype)
+        else:
+            tensor = tensor.clone()
+        check_finite(tensor, name, info.file)
+        return tensor
 
     def close(self) -> None:
         self._handles.clear()
