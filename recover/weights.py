@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from safealign.checkpoint import Checkpoint, CheckpointError, check_finite
+from safealign.checkpoint import Checkpoint, CheckpointError, check_finite_model
 from safealign.layers import LayerError, layer_prefix, num_decoder_layers
 from safealign.model import ensure_pad_token
 from safealign.paths import has_tokenizer
@@ -189,8 +189,7 @@ def load_working_model(
     )
     if finetuned.is_adapter:
         copy_into(model, finetuned, finetuned.lora_targets() + finetuned.replaced_names())
-    for name, tensor in model.state_dict().items():  # NaN or Inf: refused before any step
-        check_finite(tensor, name, finetuned.path)
+    check_finite_model(model, finetuned.path)  # NaN or Inf: refused before any step
     if device is not None:
         model.to(device)
     model.eval().requires_grad_(False)

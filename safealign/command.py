@@ -53,3 +53,14 @@ def handles_bad_input(command: Callable) -> Callable:
             raise BadInput(one_line(error)) from None
 
     return wrapper
+
+
+class OneLineGroup(click.Group):
+    """A command group whose subcommands' usage errors (a bad or missing option, caught by
+    click while parsing) follow the bad-input rule too: one line, exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:
+            raise BadInput(error.format_message()) from None

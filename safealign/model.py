@@ -46,10 +46,19 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safealign.checkpoint import Checkpoint, CheckpointError, check_finite_model
+
+    if Path(path).is_dir():  # headers (truncated, lying, pickle-only, adapter's base) first
+        Checkpoint.open(adapter, base=path) if adapter is not None else Checkpoint.open(path)
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=resolve_dtype(dtype), use_safetensors=True
     )
+    check_finite_model(model, path)
     tok_source = adapter if adapter is not None and has_tokenizer(adapter) else path
+    if Path(tok_source).is_dir() and not has_tokenizer(tok_source):
+        raise CheckpointError(
+            f"no tokenizer (tokenizer.json or tokenizer_config.json): {tok_source}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
     if adapter is not None:
         from peft import PeftModel

@@ -17,9 +17,9 @@ from safealign.checkpoint.card import ModelCard
 from safealign.checkpoint.files import CheckpointError, allow_pickle, pickle_allowed
 from safealign.checkpoint.lora import LowRank
 from safealign.checkpoint.reader import Checkpoint
-from safealign.checkpoint.store import check_finite
+from safealign.checkpoint.store import check_finite, check_finite_model
 from safealign.checkpoint.validate import validate_checkpoints
-from safealign.checkpoint.writer import CheckpointWriter, parse_size
+from safealign.checkpoint.writer import CheckpointWriter, check_output, parse_size
 
 __all__ = [
     "AdapterWriter",
@@ -30,6 +30,8 @@ __all__ = [
     "ModelCard",
     "allow_pickle",
     "check_finite",
+    "check_finite_model",
+    "check_output",
     "pickle_allowed",
     "parse_size",
     "validate_checkpoints",

@@ -39,6 +39,12 @@ def check_finite(tensor: torch.Tensor, name: str, where: Path | str) -> None:
     )
 
 
+def check_finite_model(model: torch.nn.Module, where: Path | str) -> None:
+    """:func:`check_finite` on every parameter and buffer of a loaded model."""
+    for name, tensor in model.state_dict().items():
+        check_finite(tensor, name, where)
+
+
 def _pickle_state(file: Path) -> Mapping[str, torch.Tensor]:
     """A pickle weights file's tensors, memory-mapped (``weights_only``: no code runs)."""
     try:

@@ -71,22 +71,36 @@ def _input_folders(item: Checkpoint | str | Path) -> list[Path]:
     return [resolve(item)]
 
 
+def check_output(
+    out: str | Path, inputs: Iterable[Checkpoint | str | Path | None], overwrite: bool
+) -> Path:
+    """The resolved output folder, refused when it is an input or inside one, when (with
+    ``overwrite``) it contains an input, or when it is a file or, without ``overwrite``, a
+    non-empty folder."""
+    out = resolve(out)
+    for item in inputs:
+        for folder in _input_folders(item) if item is not None else []:
+            if _is_within(out, folder):
+                raise CheckpointError(
+                    f"output would overwrite an input checkpoint ({folder}): {out}"
+                )
+            if overwrite and _is_within(folder, out):
+                raise CheckpointError(
+                    f"output folder contains an input checkpoint ({folder}): {out}"
+                )
+    if out.exists():
+        if not out.is_dir():
+            raise CheckpointError(f"output exists and is not a folder: {out}")
+        if any(out.iterdir()) and not overwrite:
+            raise CheckpointError(f"output folder not empty (use overwrite): {out}")
+    return out
+
+
 class AtomicFolder:
     """A temporary folder beside ``out`` that replaces ``out`` only on commit."""
 
     def __init__(self, out: str | Path, inputs: Iterable[Checkpoint | str | Path], overwrite: bool):
-        self.out = resolve(out)
-        for item in inputs:
-            for folder in _input_folders(item):
-                if _is_within(self.out, folder):
-                    raise CheckpointError(f"output would overwrite an input checkpoint: {self.out}")
-                if overwrite and _is_within(folder, self.out):
-                    raise CheckpointError(f"output folder contains an input checkpoint: {self.out}")
-        if self.out.exists():
-            if not self.out.is_dir():
-                raise CheckpointError(f"output exists and is not a folder: {self.out}")
-            if any(self.out.iterdir()) and not overwrite:
-                raise CheckpointError(f"output folder not empty (use overwrite): {self.out}")
+        self.out = check_output(out, inputs, overwrite)
         self._folder = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
         self.done = False
 
