@@ -20,6 +20,8 @@ import torch
 
 #: Slack for what the estimate leaves out (activations, the interpreter, libraries).
 MEMORY_MARGIN = 1.2
+#: Where Linux tells the memory available without swapping.
+MEMINFO = Path("/proc/meminfo")
 
 
 class ResourceError(ValueError):
@@ -70,7 +72,7 @@ def available_memory() -> int | None:
     except ImportError:
         pass
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in MEMINFO.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):

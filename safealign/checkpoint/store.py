@@ -8,6 +8,7 @@ mmap=True)`` (no code runs, no tensor is read until asked for).
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def _pickle_state(file: Path) -> Mapping[str, torch.Tensor]:
     """A pickle weights file's tensors, memory-mapped (``weights_only``: no code runs)."""
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"cannot read pickle weights (they hold code or objects other than tensors): {file}"
+        ) from None
     except (RuntimeError, OSError, ValueError, EOFError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"cannot read pickle weights ({first}): {file}") from None
