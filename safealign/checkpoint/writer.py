@@ -7,6 +7,7 @@ place only when the write finished; an exception leaves the destination untouche
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import uuid
@@ -52,7 +53,10 @@ def parse_size(size: int | str) -> int:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
         if match is None or match[2] not in SIZE_UNITS:
             raise ValueError(f"bad size {size!r}: use bytes or e.g. 500MB, 5GB, 2GiB")
-        value = int(float(match[1]) * SIZE_UNITS[match[2]])
+        number = float(match[1]) * SIZE_UNITS[match[2]]
+        if not math.isfinite(number):
+            raise ValueError(f"bad size {size!r}: too large")
+        value = int(number)
     if value <= 0:
         raise ValueError(f"bad size {size!r}: must be positive")
     return value
