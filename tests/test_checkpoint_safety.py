@@ -4,6 +4,7 @@ allowed, then read with weights_only), and the writers' disk check (CPU, tiny mo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -217,3 +218,26 @@ def test_available_memory_reads_meminfo_without_psutil(monkeypatch, tmp_path):
 
 def test_free_disk_looks_at_the_nearest_existing_folder(tmp_path):
     assert resources.free_disk(tmp_path / "a" / "b") == shutil.disk_usage(tmp_path).free
+
+
+def test_leftovers_of_killed_writers_are_cleaned_by_the_next_run(model, tmp_path):
+    out = tmp_path / "out"
+    dead = 2**22 + 7  # above Linux's largest process id: no such process
+    stale_tmp = tmp_path / f".out.tmp-{dead}-0a1b2c3d"
+    live_tmp = tmp_path / f".out.tmp-{os.getpid()}-0a1b2c3d"
+    for folder in (stale_tmp, live_tmp):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("partial")
+    copy_all(Checkpoint.open(model), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live_tmp.name, "m", "out"]
+
+
+def test_an_output_a_kill_took_away_mid_commit_is_put_back(model, tmp_path):
+    out = tmp_path / "out"
+    copy_all(Checkpoint.open(model), out)
+    old = tmp_path / f".out.old-{2**22 + 7}-0a1b2c3d"
+    out.rename(old)  # killed between "out -> old" and "tmp -> out"
+    with pytest.raises(CheckpointError, match="not empty"):
+        CheckpointWriter(out, source=model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
+    assert Checkpoint.open(out).names() == Checkpoint.open(model).names()

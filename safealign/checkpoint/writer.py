@@ -6,8 +6,10 @@ place only when the write finished; an exception leaves the destination untouche
 
 from __future__ import annotations
 
+import glob
 import json
 import math
+import os
 import re
 import shutil
 import uuid
@@ -100,12 +102,47 @@ def check_output(
     return out
 
 
+def _side_name(out: Path, kind: str) -> Path:
+    """``.NAME.KIND-PID-RANDOM`` beside ``out``: the writing process's id tells whether a
+    leftover (from a process killed with SIGKILL) is stale."""
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove the temporary folders beside ``out`` left by dead processes (a SIGKILL leaves
+    no chance to clean up); return them. Folders of running writers are left alone."""
+    removed = []
+    for kind in ("tmp", "old"):
+        for folder in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*-*"):
+            pid = folder.name.removeprefix(f".{out.name}.{kind}-").split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                if kind == "old" and not out.exists():
+                    folder.rename(out)  # killed between the two renames of a commit
+                else:
+                    shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    return removed
+
+
 class AtomicFolder:
-    """A temporary folder beside ``out`` that replaces ``out`` only on commit."""
+    """A temporary folder beside ``out`` that replaces ``out`` only on commit. Leftovers of
+    writers killed before they could clean up are removed first (:func:`remove_stale`)."""
 
     def __init__(self, out: str | Path, inputs: Iterable[Checkpoint | str | Path], overwrite: bool):
+        if resolve(out).parent.is_dir():
+            remove_stale(resolve(out))  # first: it may put back an output a kill took away
         self.out = check_output(out, inputs, overwrite)
-        self._folder = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self._folder = _side_name(self.out, "tmp")
         self.done = False
 
     @property
@@ -119,7 +156,7 @@ class AtomicFolder:
         """Move the temporary folder to ``out``; an existing ``out`` is replaced only now."""
         old = None
         if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+            old = _side_name(self.out, "old")
             self.out.rename(old)
         try:
             self.folder.rename(self.out)
