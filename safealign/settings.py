@@ -280,6 +280,8 @@ def from_cli(
             click.core.ParameterSource.DEFAULT,
             click.core.ParameterSource.DEFAULT_MAP,
         )
+        if not typed and value is None:
+            continue  # an untyped flag without a value: the config's, else the field's default
         if typed or key not in merged:
             merged[key] = value
     return cls.from_dict(merged), rest
