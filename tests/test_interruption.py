@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -98,7 +100,7 @@ def zygote():
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inputs")
-    aligned, finetuned = make_pair(root, layers=4, hidden=64)
+    aligned, finetuned = make_pair(root, layers=2, hidden=32)
     harmful = root / "harmful.jsonl"
     harmful.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HARMFUL))
     task = root / "task.jsonl"
@@ -116,7 +118,7 @@ def _argv(command: str, inputs: dict[str, Path], out: Path) -> list[str]:
     models = ["--aligned", str(inputs["aligned"]), "--finetuned", str(inputs["finetuned"])]
     if command == "recover":
         data = ["--harmful", str(inputs["harmful"]), "--task", str(inputs["task"])]
-        return ["recover", *models, *data, "--steps", "6", "--out", str(out), "--overwrite"]
+        return ["recover", *models, *data, "--steps", "3", "--out", str(out), "--overwrite"]
     return ["merge", "--method", "interpolate", *models, "--out", str(out), "--overwrite",
             "--out-shard-size", "40KB", "--quiet"]  # fmt: skip
 
@@ -149,27 +151,32 @@ def _leftovers(parent: Path, out: Path, pid: int | None = None) -> list[str]:
 def test_a_killed_run_leaves_no_destination_or_a_complete_one(zygote, inputs, tmp_path, command):
     hashes = tree_hashes(inputs["root"])
     reference_out = tmp_path / "reference"
-    first = zygote.run(_argv(command, inputs, reference_out), tmp_path / "reference.log")
-    assert first["status"] == 0, (tmp_path / "reference.log").read_text()
+    for _ in range(2):  # the second run is the one timed: caches are warm by then
+        timed = zygote.run(_argv(command, inputs, reference_out), tmp_path / "reference.log")
+        assert timed["status"] == 0, (tmp_path / "reference.log").read_text()
     reference = _weights(reference_out)
-    duration = first["seconds"]
 
     out = tmp_path / "out"
     rng = random.Random(f"{command}-11")
-    outcomes = {"absent": 0, "complete": 0, "killed": 0, "interrupted": 0, "finished": 0}
+    outcomes = Counter()
     for run in range(RUNS):
         sig = signal.SIGKILL if run % 2 == 0 else signal.SIGINT
+        if run % 4 < 2:  # half the runs write a new output, half replace a complete one
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            shutil.copytree(reference_out, out, dirs_exist_ok=True)
         log = tmp_path / f"run{run}.log"
-        result = zygote.run(_argv(command, inputs, out), log, (rng.uniform(0, duration), sig))
+        kill = (rng.uniform(0, timed["seconds"]), sig)
+        result = zygote.run(_argv(command, inputs, out), log, kill)
         killed = os.WIFSIGNALED(result["status"])
-        code = os.WEXITSTATUS(result["status"]) if not killed else None
-        assert killed or code in (0, 1), log.read_text()  # 1: click's "Aborted!" on SIGINT
+        code = None if killed else os.WEXITSTATUS(result["status"])
+        # 1: click's "Aborted!" on SIGINT; 2: torch turns a KeyboardInterrupt that lands while
+        # it converts a Python list into a ValueError ("could not determine the shape ...")
+        assert killed or code in (0, 1) or (code == 2 and sig == signal.SIGINT), log.read_text()
         outcomes["killed" if killed else "interrupted" if code == 1 else "finished"] += 1
+        outcomes["complete" if out.exists() else "absent"] += 1
         if out.exists():
             _check_complete(out, reference)
-            outcomes["complete"] += 1
-        else:
-            outcomes["absent"] += 1
         if sig == signal.SIGINT:
             assert _leftovers(tmp_path, out, result["pid"]) == [], log.read_text()
         assert tree_hashes(inputs["root"]) == hashes

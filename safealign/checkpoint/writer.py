@@ -12,9 +12,11 @@ import math
 import os
 import re
 import shutil
+import signal
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Self
 
@@ -102,6 +104,28 @@ def check_output(
     return out
 
 
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM are held back for the duration and raised again right after (Python
+    handlers, not a thread's signal mask: torch's threads would receive a masked signal)."""
+    received: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    try:
+        previous = [
+            signal.signal(s, lambda number, _frame: received.append(number)) for s in signals
+        ]
+    except ValueError:  # not the main thread: the main thread's handlers stay in charge
+        yield
+        return
+    try:
+        yield
+    finally:
+        for number, handler in zip(signals, previous, strict=True):
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        for number in dict.fromkeys(received):
+            signal.raise_signal(number)
+
+
 def _side_name(out: Path, kind: str) -> Path:
     """``.NAME.KIND-PID-RANDOM`` beside ``out``: the writing process's id tells whether a
     leftover (from a process killed with SIGKILL) is stale."""
@@ -153,26 +177,30 @@ class AtomicFolder:
         return self._folder
 
     def commit(self) -> Path:
-        """Move the temporary folder to ``out``; an existing ``out`` is replaced only now."""
-        old = None
-        if self.out.exists():
-            old = _side_name(self.out, "old")
-            self.out.rename(old)
-        try:
-            self.folder.rename(self.out)
-        except BaseException:
+        """Move the temporary folder to ``out``; an existing ``out`` is replaced only now.
+        Ctrl-C (SIGINT) or SIGTERM arriving meanwhile waits until the renames and the removal
+        of the replaced folder are done, so it cannot leave a half-finished swap behind."""
+        with _signals_deferred():
+            old = None
+            if self.out.exists():
+                old = _side_name(self.out, "old")
+                self.out.rename(old)
+            try:
+                self.folder.rename(self.out)
+            except BaseException:
+                if old is not None:
+                    old.rename(self.out)
+                raise
+            self.done = True
             if old is not None:
-                old.rename(self.out)
-            raise
-        self.done = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)
         return self.out
 
     def discard(self) -> None:
-        if not self.done:
-            shutil.rmtree(self._folder, ignore_errors=True)
-            self.done = True
+        with _signals_deferred():
+            if not self.done:
+                shutil.rmtree(self._folder, ignore_errors=True)
+                self.done = True
 
 
 def copy_files(src: Path, dst: Path, names: Iterable[str]) -> None:
