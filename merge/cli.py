@@ -70,6 +70,7 @@ def _print(result: MergeResult) -> None:
         click.echo(layer_table(report))
         click.echo(f"{report['layers_selected']}/{report['layers_scored']} layers selected")
     if result.out is None:
+        click.echo(f"needs: {report['needs']}")
         click.echo(f"{report['method']}: validated, nothing written ({report['seconds']} s)")
     else:
         click.echo(

@@ -118,6 +118,10 @@ class Estimate:
         free = format_bytes(free_disk(self.out))
         return f"{memory}, disk ~{format_bytes(self.disk)} ({free} free at {self.out.parent})"
 
+    def at(self, out: str | Path) -> Estimate:
+        """The same needs, the output going to ``out`` (its disk is then checked too)."""
+        return Estimate(self.memory, self.disk, Path(out).expanduser().absolute())
+
     def check(self, what: str) -> None:
         """Refuse when the machine plainly lacks the memory or (with ``out``) the disk."""
         check_memory(self.memory, what)
@@ -133,3 +137,23 @@ def estimate(
     written; memory gets a margin for what the count leaves out."""
     memory = int((working + streamed) * MEMORY_MARGIN)
     return Estimate(memory, written, Path(out).expanduser().absolute() if out else None)
+
+
+#: Python, torch and transformers themselves (recover's plan measured ~600 MiB on CPU).
+RUNTIME_BYTES = 600 * 2**20
+
+
+def streaming_estimate(
+    inputs: list[HasTensors], written: int, out: str | Path | None = None
+) -> Estimate:
+    """A run that streams tensor by tensor (a merge): per output tensor, every input's copy in
+    fp32 plus the fp32 result and its stored copy; the output bytes written."""
+    largest = max(
+        (math.prod(ckpt.shape(name)) for ckpt in inputs for name in ckpt.names()), default=0
+    )
+    held = largest * 4 * (len(inputs) + 2)
+    return Estimate(
+        int(held * MEMORY_MARGIN) + RUNTIME_BYTES,
+        written,
+        Path(out).expanduser().absolute() if out else None,
+    )

@@ -16,6 +16,7 @@ import pytest
 from bad_input_support import UP1, build_configs, build_data, build_models, tree_hashes
 from click.testing import CliRunner
 
+from safealign import resources
 from safealign.cli import main
 
 
@@ -240,3 +241,36 @@ def test_compare_refuses_a_nan_model_after_its_progress_line(world, world_hashes
     ]
     assert list(tmp_path.iterdir()) == []
     assert tree_hashes(world["root"]) == world_hashes
+
+
+@pytest.mark.parametrize("argv", [RECOVER, MERGE], ids=["recover", "merge"])
+def test_a_machine_without_the_memory_is_refused_before_loading(
+    world, world_hashes, tmp_path, monkeypatch, argv
+):
+    monkeypatch.setattr(resources, "available_memory", lambda: 10**6)
+    paths = {**world, "out": tmp_path / "out"}
+    result = CliRunner().invoke(main, [a.format(**paths) for a in argv.split()])
+    assert result.exit_code == 2
+    command = argv.split()[0]
+    assert re.fullmatch(
+        rf"Error: not enough memory for {command}: needs ~[\d.]+ MB, 1\.0 MB available "
+        r"\(use a smaller dtype or another machine\)\n",
+        result.stderr,
+    )
+    assert list(tmp_path.iterdir()) == []
+    assert tree_hashes(world["root"]) == world_hashes
+
+
+@pytest.mark.parametrize(
+    ("argv", "prefix"), [(RECOVER, "machine:      "), (MERGE, "needs: ")], ids=["recover", "merge"]
+)
+def test_dry_run_prints_what_the_run_needs(world, tmp_path, monkeypatch, argv, prefix):
+    monkeypatch.setattr(resources, "available_memory", lambda: 8 * 10**9)
+    paths = {**world, "out": tmp_path / "out"}
+    result = CliRunner().invoke(main, [a.format(**paths) for a in argv.split()] + ["--dry-run"])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if line.startswith(prefix))
+    assert re.fullmatch(
+        r"memory ~[\d.]+ MB \(8\.0 GB available\), disk ~[\d.]+ KB.*", line[len(prefix) :]
+    )
+    assert list(tmp_path.iterdir()) == []

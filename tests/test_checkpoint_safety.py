@@ -241,3 +241,14 @@ def test_an_output_a_kill_took_away_mid_commit_is_put_back(model, tmp_path):
         CheckpointWriter(out, source=model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
     assert Checkpoint.open(out).names() == Checkpoint.open(model).names()
+
+
+def test_streaming_estimate_counts_the_largest_tensor_per_input(model, tmp_path):
+    ckpt = Checkpoint.open(model)
+    largest = max(
+        ckpt.shape(n)[0] * (ckpt.shape(n)[1] if len(ckpt.shape(n)) > 1 else 1) for n in ckpt.names()
+    )
+    estimate = resources.streaming_estimate([ckpt, ckpt], written=123, out=tmp_path / "o")
+    held = largest * 4 * 4  # two inputs, the fp32 result and its stored copy
+    assert estimate.memory == int(held * resources.MEMORY_MARGIN) + resources.RUNTIME_BYTES
+    assert (estimate.disk, estimate.out) == (123, tmp_path / "o")
