@@ -25,6 +25,7 @@ from merge_support import read_weights
 from recover_support import HARMFUL, make_adapter, make_pair
 
 from safealign.checkpoint import Checkpoint, CheckpointError
+from safealign.eval import Evaluator
 from safealign.eval.cache import folder_fingerprint
 from safealign.hub import resolve_checkpoint
 from safealign.merge.cli import merge_command
@@ -161,6 +162,17 @@ def test_eval_loads_and_fingerprints_ids_as_the_same_files_on_disk(hub):
         torch.testing.assert_close(model(ids).logits, reference(ids).logits)
 
 
+def test_eval_scores_ids_from_the_cache_of_the_same_files_on_disk(hub, tmp_path):
+    evaluator = Evaluator(harmful=HARMFUL[:2], max_new_tokens=2, cache_dir=tmp_path)
+    local = evaluator.score_folder(hub["aligned"], adapter=hub["lora"])
+    by_id = evaluator.score_folder("org/aligned", adapter="org/lora")
+    assert local.config["responses_generated"] == 2
+    assert by_id.config["responses_generated"] == 0  # same fingerprint: served from the cache
+    assert by_id.config["model"]["path"] == "org/aligned"
+    assert by_id.config["model"]["adapter"] == "org/lora"
+    assert by_id.samples == local.samples
+
+
 def test_recover_cli_takes_ids(hub, tmp_path):
     prompts = tmp_path / "harmful.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HARMFUL))
@@ -208,37 +220,43 @@ def test_merge_config_takes_ids_and_a_tokenizer_source_id(hub, tmp_path):
     assert "org/missing@v1: not a local folder, and not in the hub cache" in bad.output
 
 
-def test_online_fetch_takes_metadata_then_only_the_indexed_safetensors(tmp_path, monkeypatch):
-    """A stand-in hub serves a Mistral-like repo: its index's shards are fetched, never the
-    consolidated copy, the pickles, the card or other sub-folders' files."""
+SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+METADATA = ["config.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja"]
+METADATA += ["additional_chat_templates/tools.jinja"]
+NEVER = ["pytorch_model.bin", "original/consolidated.00.pth", "onnx/config.json", "README.md"]
+NEVER += ["onnx/model.safetensors"]
+INDEX = json.dumps({"weight_map": {"a": SHARDS[0], "b": SHARDS[1]}})
+
+
+@pytest.mark.parametrize(
+    "served, fetched_beyond_metadata",
+    [
+        (  # Mistral-like: the index's shards, not the consolidated copy
+            {"model.safetensors.index.json": INDEX, "consolidated.safetensors": "x"}
+            | dict.fromkeys(SHARDS, "x"),
+            ["model.safetensors.index.json", *SHARDS],
+        ),
+        ({"model.safetensors": "x"}, ["model.safetensors"]),  # no index: top-level safetensors
+        (  # an adapter: its weights, not a training checkpoint's
+            {"adapter_config.json": "{}", "adapter_model.safetensors": "x"}
+            | {"checkpoint-10/adapter_model.safetensors": "x"},
+            ["adapter_config.json", "adapter_model.safetensors"],
+        ),
+    ],
+)
+def test_online_fetch_takes_metadata_then_only_the_weights_it_names(
+    served, fetched_beyond_metadata, tmp_path, monkeypatch
+):
+    """A stand-in hub: what is fetched, and that the weights come from the metadata's commit.
+    Pickles, the card and other sub-folders' files are never fetched."""
     from huggingface_hub.utils import filter_repo_objects
 
-    index = {
-        "weight_map": {
-            "a": "model-00001-of-00002.safetensors",
-            "b": "model-00002-of-00002.safetensors",
-        }
-    }
-    repo = {
-        "config.json": "{}",
-        "model.safetensors.index.json": json.dumps(index),
-        "model-00001-of-00002.safetensors": "1",
-        "model-00002-of-00002.safetensors": "2",
-        "consolidated.safetensors": "both",
-        "pytorch_model.bin": "pickle",
-        "original/consolidated.00.pth": "pickle",
-        "tokenizer.model": "spm",
-        "tokenizer_config.json": "{}",
-        "chat_template.jinja": "{{ messages }}",
-        "additional_chat_templates/tools.jinja": "{{ tools }}",
-        "onnx/config.json": "{}",
-        "README.md": "card",
-    }
-    snapshot = tmp_path / "snapshots" / commit_of("mistral")
+    repo = dict.fromkeys(METADATA + NEVER, "{}") | served
+    snapshot = tmp_path / "snapshots" / commit_of("repo")
     fetched, revisions = [], []
 
     def fake_download(repo_id, *, revision, allow_patterns, ignore_patterns):
-        assert repo_id == "org/mistral"
+        assert repo_id == "org/repo"
         revisions.append(revision)
         for name in filter_repo_objects(
             repo, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
@@ -249,17 +267,6 @@ def test_online_fetch_takes_metadata_then_only_the_indexed_safetensors(tmp_path,
         return str(snapshot)
 
     monkeypatch.setattr("safealign.hub.snapshot_download", fake_download)
-    assert resolve_checkpoint("org/mistral@v1") == snapshot
-    assert revisions == ["v1", snapshot.name]  # the weights come from the metadata's commit
-    assert sorted(fetched) == sorted(
-        [
-            "config.json",
-            "model.safetensors.index.json",
-            "tokenizer.model",
-            "tokenizer_config.json",
-            "chat_template.jinja",
-            "additional_chat_templates/tools.jinja",
-            "model-00001-of-00002.safetensors",
-            "model-00002-of-00002.safetensors",
-        ]
-    )
+    assert resolve_checkpoint("org/repo@v1") == snapshot
+    assert revisions == ["v1", snapshot.name]
+    assert sorted(fetched) == sorted(METADATA + fetched_beyond_metadata)
