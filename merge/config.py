@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from safealign.checkpoint import CheckpointError
-from safealign.hub import is_hub_id, resolve_checkpoint
+from safealign.hub import hub_snapshot, is_hub_id
 from safealign.layers import layer_index
 from safealign.merge.methods import METHODS, ROLES, MergeMethod
 from safealign.model import DTYPES
@@ -324,7 +324,7 @@ def resolve_path(config: MergeConfig, ref: str) -> Path:
         path = config.source_path / path
     if path.exists() or not is_hub_id(ref):
         return path
-    return resolve_checkpoint(ref)
+    return hub_snapshot(ref)
 
 
 def resolve_value(value: Any, tensor_name: str, t: float, listlike: bool = False) -> Any:

@@ -6,7 +6,7 @@ like a hub id is fetched with ``huggingface_hub.snapshot_download`` into the hub
 in ``HF_TOKEN`` (or ``hf auth login``). Only what a checkpoint is read through is fetched: JSON
 (config, index, adapter and tokenizer configs), tokenizer and chat-template files, then the
 safetensors files the index (or the folder) names; never pickles. The revision is a branch, tag
-or commit, after ``@`` as in mergekit, or the ``revision`` argument.
+or commit, after ``@`` as in mergekit, or the ``revision`` argument (a local folder has none).
 """
 
 from __future__ import annotations
@@ -64,20 +64,25 @@ def resolve_checkpoint(ref: str | Path, *, revision: str | None = None) -> Path:
     path = Path(ref).expanduser()
     if path.exists():
         return path
-    match = HUB_ID.match(str(ref))
-    if match is None:
+    if not is_hub_id(ref):
         raise CheckpointError(f"checkpoint not found: {resolve(path)}")
-    pinned = match["rev"]
+    return hub_snapshot(str(ref), revision=revision)
+
+
+def hub_snapshot(ref: str, *, revision: str | None = None) -> Path:
+    """The snapshot folder of hub id ``ref``: the metadata, then the weights it names, fetched
+    at the commit the metadata came from (or found in the cache)."""
+    match = HUB_ID.match(ref)
+    if match is None:
+        raise CheckpointError(f"{ref}: not a hub id (org/name or org/name@revision)")
+    repo_id, pinned = match["repo"], match["rev"]
     if pinned and revision and pinned != revision:
         raise CheckpointError(f"{ref}: revision {pinned} in the id, but revision={revision} given")
-    return _snapshot(str(ref), match["repo"], pinned or revision)
-
-
-def _snapshot(ref: str, repo_id: str, revision: str | None) -> Path:
-    """Fetch the metadata, then the weights it names, at the commit the metadata came from."""
+    revision = pinned or revision
     folder = _download(ref, repo_id, revision, METADATA_PATTERNS, METADATA_IGNORE)
     allow, ignore = _weight_patterns(folder)
-    _download(ref, repo_id, folder.name, allow, ignore)
+    if allow:  # none: an index without shards, which opening the checkpoint reports
+        _download(ref, repo_id, folder.name, allow, ignore)
     return folder
 
 
