@@ -29,6 +29,7 @@ from safealign.eval import Evaluator
 from safealign.eval.cache import folder_fingerprint
 from safealign.hub import resolve_checkpoint
 from safealign.merge.cli import merge_command
+from safealign.merge.config import MergeConfig, resolve_path
 from safealign.model import load_model
 from safealign.recover.cli import recover_command
 
@@ -197,6 +198,17 @@ def test_merge_shortcut_takes_ids_with_a_revision(hub, tmp_path):
     merged, a, b = (read_weights(p) for p in (out, hub["aligned"], hub["finetuned"]))
     torch.testing.assert_close(merged[Q0], (a[Q0] + b[Q0]) / 2)
     assert "org/aligned@v2" in (out / "README.md").read_text()
+
+
+def test_merge_config_refs_are_config_relative_paths_else_ids(hub, tmp_path, monkeypatch):
+    decoy = tmp_path / "cwd" / "org" / "aligned"  # org/aligned in the working directory
+    decoy.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "cwd")
+    beside = tmp_path / "cfg" / "org" / "finetuned"  # org/finetuned beside the config
+    beside.mkdir(parents=True)
+    config = MergeConfig("linear", [], source_path=tmp_path / "cfg")
+    assert resolve_path(config, "org/aligned") == hub["org/aligned"]
+    assert resolve_path(config, "org/finetuned") == beside
 
 
 def test_merge_config_takes_ids_and_a_tokenizer_source_id(hub, tmp_path):
