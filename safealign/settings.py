@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import click
 
+from safealign.command import VOCABULARY, Option, shared_help
 from safealign.registry import split_items
 
 S = TypeVar("S", bound="Settings")
@@ -39,13 +40,14 @@ def setting(
     choices: Sequence[str] | None = None,
     path: bool = False,
     default_text: str | None = None,
-    group: str = "Options",
+    group: str | None = None,
     flag: str | None = None,
     cli: bool = True,
 ) -> Any:
     """A settings field. ``min``/``max`` bound numbers (``*_open``: the bound itself is out),
     ``choices`` bounds text, ``path`` marks a file or folder argument, ``default_text`` is
-    what help shows for a ``None`` default, ``cli=False`` keeps the field off the CLI."""
+    what help shows for a ``None`` default, ``cli=False`` keeps the field off the CLI;
+    ``group`` starts a help section that the fields after it stay in (until the next)."""
     meta = {
         "help": help,
         "min": min,
@@ -192,12 +194,14 @@ def _list_callback(kind: type) -> Callable:
     return convert
 
 
-def _option(field: dataclasses.Field, hint: Any) -> Callable:
+def _option(field: dataclasses.Field, hint: Any, group: str) -> Callable:
     meta = field.metadata
     base, _ = _base_type(hint)
     flag = flag_name(field)
-    help_text = meta["help"]
-    kwargs: dict[str, Any] = {"help": help_text, "show_default": True}
+    help_text = shared_help(flag, meta["help"]) if flag in VOCABULARY else meta["help"]
+    kwargs: dict[str, Any] = {"help": help_text, "show_default": True, "cls": Option}
+    if flag not in VOCABULARY:
+        kwargs["group"] = group
     if field.default is None:
         kwargs["show_default"] = meta.get("default_text") or False
     if base is bool:
@@ -226,9 +230,14 @@ def click_options(cls: type[Settings], exclude: Sequence[str] = ()) -> Callable:
         f for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and f.name not in exclude
     ]
 
+    groups, group = [], "Options"
+    for field in fields:
+        group = field.metadata.get("group") or group
+        groups.append(group)
+
     def decorate(command: Callable) -> Callable:
-        for field in reversed(fields):
-            command = _option(field, hints[field.name])(command)
+        for field, group in reversed(list(zip(fields, groups, strict=True))):
+            command = _option(field, hints[field.name], group)(command)
         return command
 
     return decorate
