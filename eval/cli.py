@@ -93,7 +93,11 @@ def eval_command(
     quiet: bool,
     **values,
 ) -> None:
-    """Score a model's harmful rate, utility and over-refusal; exit 1 when a gate fails."""
+    """Score harmful rate, utility and over-refusal (exit 1 when a gate fails).
+
+    Greedy, batched generation; refusals judged by --judge, utility by --metric. Without
+    --harmful/--benign the bundled smoke sets are used (a warning says so).
+    """
     settings, _ = from_cli(EvalSettings, values)
     settings = settings.replace(progress=not quiet)
     resolve_dtype(dtype)

@@ -86,8 +86,10 @@ class Command(click.Command):
             record = param.get_help_record(ctx)
             if record is None:
                 continue
-            group = getattr(param, "group", None) or (COMMON if param is self.get_help_option(ctx) else None)
-            if group is None:
+            group = getattr(param, "group", None)
+            if param is self.get_help_option(ctx):
+                group = COMMON
+            elif group is None:
                 group = current
             elif group != COMMON:
                 current = group

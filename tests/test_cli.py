@@ -8,9 +8,8 @@ from safealign.cli import main
 def test_help_lists_the_implemented_commands():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    listed = {
-        line.split()[0] for line in result.output.split("Commands:")[1].splitlines() if line.strip()
-    }
+    lines = result.output.split("Commands:")[1].splitlines()
+    listed = {line.split()[0] for line in lines if line.startswith("  ") and line[2] != " "}
     assert listed == set(main.commands)
     for name in main.commands:
         sub = CliRunner().invoke(main, [name, "--help"])
@@ -25,6 +24,9 @@ def test_version():
 def test_bad_input_is_one_line_with_exit_2_and_debug_shows_the_error(tmp_path):
     missing = str(tmp_path / "missing")
     args = ["recover", "--aligned", missing, "--finetuned", missing, "--out", str(tmp_path / "o")]
+    harmful = tmp_path / "h.jsonl"
+    harmful.write_text('{"prompt": "p"}\n')
+    args += ["--no-utility-check", "--quiet", "--harmful", str(harmful)]
     result = CliRunner().invoke(main, args)
     assert (result.exit_code, result.output) == (2, f"Error: checkpoint not found: {missing}\n")
     debug = CliRunner().invoke(main, [*args, "--debug"])
