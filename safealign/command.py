@@ -146,9 +146,10 @@ def deprecated(old: str, new: str, name: str, **kwargs: Any) -> Callable:
         @functools.wraps(function)
         def wrapper(*args: Any, **values: Any) -> Any:
             value = values.pop(alias)
-            if value is not None and value != ():
+            if value is not None and value != () and value is not False:
                 warn(f"{old} is deprecated; use {new}")
-                if values.get(name) in (None, ()):
+                ctx = click.get_current_context()
+                if ctx.get_parameter_source(name) in (None, click.core.ParameterSource.DEFAULT):
                     values[name] = value
             return function(*args, **values)
 
