@@ -61,7 +61,11 @@ def _check_gate(settings: EvalSettings, harmful: Path, benign: Path, task, allow
             )
 
 
-@command("eval", examples=EXAMPLES)
+@command(
+    "eval",
+    examples=EXAMPLES,
+    short_help="Score harmful rate, utility, over-refusal; gate a release.",
+)
 @option("--model", "model_path", required=True, group=INPUTS, help="Model folder or hub id.")
 @option("--adapter", help="PEFT LoRA adapter (folder or hub id) on --model.")
 @option("--harmful", type=FILE, show_default="bundled smoke set", help="Harmful prompts.")

@@ -125,7 +125,11 @@ def _print(result: MergeResult, as_json: bool) -> None:
     )
 
 
-@command("merge", examples=EXAMPLES)
+@command(
+    "merge",
+    examples=EXAMPLES,
+    short_help="Merge checkpoints: a mergekit CONFIG, or a safety method by role.",
+)
 @click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out_folder", metavar="[OUT]", required=False, type=FOLDER)
 @_role_options

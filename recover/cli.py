@@ -33,7 +33,11 @@ EXAMPLES = (
 )
 
 
-@command("recover", examples=EXAMPLES)
+@command(
+    "recover",
+    examples=EXAMPLES,
+    short_help="Restore refusals by resetting a few weights to aligned values.",
+)
 @option("--aligned", required=True, group="Inputs", help="Aligned model A: folder or hub id.")
 @option(
     "--finetuned",

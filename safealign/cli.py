@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from safealign import __version__
+from safealign.command import Command, handles_bad_input, option, shared
 from safealign.compare.cli import compare_command
 from safealign.eval.cli import eval_command
 from safealign.lab.cli import lab_command
@@ -34,17 +35,37 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
 
 
-@main.command("demo")
-@click.option("--out", type=click.Path(), default="runs/demo", show_default=True)
-@click.option("--size", type=click.Choice(["test", "default"]), default="test", show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-def demo_command(out: str, size: str, seed: int) -> None:
+DEMO_EXAMPLES = (
+    "safealign demo --out /tmp/demo",
+    "safealign demo --size default --out runs/demo-default --quiet",
+)
+
+
+@main.command(
+    "demo",
+    cls=Command,
+    examples=DEMO_EXAMPLES,
+    short_help="Build the lab and compare every method on it.",
+)
+@shared("--out", "Holds report.md, report.json, tradeoff.png.", default="runs/demo")
+@option(
+    "--size",
+    type=click.Choice(["test", "default"]),
+    default="test",
+    group="Lab",
+    help="test: the tests' lab (minutes on a CPU); default: the benchmarks' lab.",
+)
+@shared("--seed", type=click.IntRange(min=0), default=0)
+@shared("--quiet")
+@handles_bad_input
+def demo_command(out: str, size: str, seed: int, quiet: bool) -> None:
     """Build the lab and compare every method on its harmful fine-tune (report in --out)."""
     from pathlib import Path
 
     from safealign.demo import run_demo
 
-    result = run_demo(out, size=size, seed=seed, log=lambda line: click.echo(line, err=True))
+    log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    result = run_demo(out, size=size, seed=seed, log=log)
     click.echo((Path(result.out) / "report.md").read_text())
 
 

@@ -25,7 +25,7 @@ def test_yaml_config_is_read_and_typed_flags_override_it(files, tmp_path):
     config = tmp_path / "retrain.yaml"
     config.write_text(
         f"aligned: {files['aligned']}\ndata: {files['data']}\nregularizer: sft\n"
-        "epochs: 2\nbatch-size: 4\nlr: 0.01\n"
+        "epochs: 2\ngrad-batch-size: 4\nlr: 0.01\n"
     )
     out = tmp_path / "out"
     result = invoke("--config", str(config), "--out", str(out), "--epochs", "1")
