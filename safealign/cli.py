@@ -18,21 +18,6 @@ from safealign.retrain.cli import retrain_command
 @click.version_option(__version__, prog_name="safealign")
 def main() -> None:
     """Keep fine-tuned LLMs safe: recover refusals, merge safely, evaluate the trade-off."""
-    quiet_libraries()
-
-
-def quiet_libraries() -> None:
-    """In our commands (not for API users): no transformers loading bars, no known
-    deprecation warnings of the libraries; our own progress lines stay."""
-    import warnings
-
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
-    for module in ("transformers", "peft", "accelerate", "torch"):
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
 
 
 DEMO_EXAMPLES = (

@@ -177,12 +177,28 @@ def one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+def quiet_libraries() -> None:
+    """In our commands (not for API users): no transformers loading bars, no known
+    deprecation warnings of the libraries; our own progress lines stay."""
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    for module in ("transformers", "peft", "accelerate", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+
+
 def handles_bad_input(command: Callable) -> Callable:
-    """Decorate a click command: add ``--debug`` and apply the bad-input rule to its body."""
+    """Decorate a click command: add ``--debug``, quiet the libraries (:func:`quiet_libraries`)
+    and apply the bad-input rule to its body."""
 
     @shared("--debug")
     @functools.wraps(command)
     def wrapper(*args, debug: bool, **kwargs):
+        quiet_libraries()
         try:
             return command(*args, **kwargs)
         except click.ClickException:
