@@ -182,9 +182,11 @@ def _split_list(text: str, kind: type) -> tuple:
         raise SettingsError(f"expected a comma-separated list, got {text!r}") from None
 
 
-def _list_callback(kind: type) -> Callable:
+def _list_callback(kind: type, default: Any) -> Callable:
     def convert(_ctx, param, value):
-        if value is None or isinstance(value, tuple):
+        if value is None:
+            return default  # an empty tuple default shows no default text
+        if isinstance(value, tuple):
             return value
         try:
             return _split_list(value, kind)
@@ -211,7 +213,7 @@ def _option(field: dataclasses.Field, hint: Any, group: str) -> Callable:
     kwargs["default"] = field.default
     if typing.get_origin(base) is tuple:
         kind = typing.get_args(base)[0]
-        kwargs["callback"] = _list_callback(kind)
+        kwargs["callback"] = _list_callback(kind, field.default)
         kwargs["default"] = ",".join(map(str, field.default)) if field.default else None
         kwargs["metavar"] = "X,Y,..."
     elif meta.get("choices"):

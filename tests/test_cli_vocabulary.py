@@ -108,3 +108,14 @@ def test_allow_pickle_runs_the_command_inside_the_checkpoint_opt_in(tmp_path, mo
     assert entered == []
     assert CliRunner().invoke(main, [*args, "--allow-pickle"]).exit_code == 2
     assert entered == [True]
+
+
+def test_a_list_option_left_out_takes_its_empty_default():
+    from safealign.recover.cli import recover_command
+    from safealign.recover.settings import RecoverSettings
+    from safealign.settings import from_cli
+
+    ctx = recover_command.make_context("recover", ["--aligned", "a", "--finetuned", "b"])
+    with ctx:
+        settings, _ = from_cli(RecoverSettings, ctx.params)
+    assert settings.sweep == ()
