@@ -162,7 +162,8 @@ def _allow_pickle() -> contextlib.AbstractContextManager:
     """The checkpoint layer's opt-in to pickled weights (a no-op where it has none)."""
     try:
         from safealign.checkpoint.files import allow_pickle
-    except ImportError:  # the checkpoint layer reads safetensors only
+    except ImportError:  # a checkpoint layer that reads safetensors only
+        warn("--allow-pickle: this version reads safetensors only; the flag changes nothing")
         return contextlib.nullcontext()
     return allow_pickle()
 
