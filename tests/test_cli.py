@@ -43,3 +43,15 @@ def test_several_problems_are_joined_on_one_line(tmp_path):
     assert result.output.count("\n") == 1
     problems = result.output.removeprefix("Error: ").rstrip("\n").split("; ")
     assert sorted(problems) == [f"model folder not found: {p} ({p})" for p in (one, two)]
+
+
+def test_the_lab_table_is_left_out_of_the_progress_lines():
+    from safealign.lab.cli import without_table
+    from safealign.lab.phenomenon import format_table
+
+    table = {"aligned": {"harmful_rate": 0.0, "n_harmful": 1, "n_benign": 1, "n_task": 1}}
+    lines: list[str] = []
+    log = without_table(lines.append)
+    log("lab 1234: unaligned done in 1.0s")
+    log(format_table(table, []))
+    assert lines == ["lab 1234: unaligned done in 1.0s"]

@@ -95,7 +95,9 @@ def test_method_spec_options_are_parameters_and_set_wins(tiny):
     assert result.exit_code == 0, result.output
     assert "2/9 layers selected" in result.output
     result = shortcut(tiny, "safe_lora:select=lowest,k=2", "--set", "k=3", "--score")
-    assert "3/9 layers selected" in result.output
+    assert "3/9 layers selected" in result.output  # the deprecated spellings still work
+    assert "warning: --set is deprecated; use --method NAME:key=value,..." in result.stderr
+    assert "warning: --score is deprecated; use --dry-run" in result.stderr
 
 
 def test_config_and_shortcut_together_are_refused(tiny, tmp_path):
