@@ -132,10 +132,10 @@ def _print(result: MergeResult, as_json: bool) -> None:
 )
 @click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out_folder", metavar="[OUT]", required=False, type=FOLDER)
+@click_options(MergeSettings, group="Merge")
 @_role_options
-@click_options(MergeSettings)
-@shared("--out", "(or the second argument, as mergekit-yaml takes it).", type=FOLDER)
-@shared("--json", "(merge_report.json's content).", name="as_json")
+@shared("--out", "Also the second argument, as mergekit-yaml takes it.", type=FOLDER)
+@shared("--json", "Prints merge_report.json.", name="as_json")
 @shared("--quiet")
 @deprecated("--set", "--method NAME:key=value,...", "sets", multiple=True, metavar="KEY=VALUE")
 @deprecated("--score", "--dry-run", "dry_run", is_flag=True)
@@ -146,8 +146,9 @@ def merge_command(config, out_folder, out, as_json, quiet, sets=(), **values):
     """Merge checkpoints: a mergekit-style CONFIG, or a safety method by role.
 
     CONFIG is mergekit's YAML (linear, task_arithmetic, ties, dare_*, slerp, and the safety
-    methods with a role per model); the shortcut builds one from --method and the role flags.
-    A dry run prints the per-layer table; a merge writes it to merge_report.json.
+    methods with a role per model), OUT the output folder (or --out); the shortcut builds a
+    config from --method and the role flags. A dry run prints the per-layer table; a merge
+    prints a summary and writes the table to merge_report.json.
     """
     if out_folder is not None and out is not None and out_folder != out:
         raise click.UsageError(f"two output folders: {out_folder} and --out {out}")

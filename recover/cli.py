@@ -80,7 +80,7 @@ EXAMPLES = (
 @option(
     "--dry-run", is_flag=True, help="Print the plan from the checkpoints' headers; read no weight."
 )
-@shared("--json", "(report.json's content; with --dry-run, the plan in it).", name="as_json")
+@shared("--json", "Prints report.json (with --dry-run: the plan in it).", name="as_json")
 @shared("--quiet")
 @reads_checkpoints
 @handles_bad_input

@@ -84,8 +84,8 @@ class Command(click.Command):
         current = "Options"  # an option without a group stays in the one before it
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx)
-            if record is None:
-                continue
+            if record is None or not isinstance(param, click.Option):
+                continue  # arguments are described in the help text
             group = getattr(param, "group", None)
             if param is self.get_help_option(ctx):
                 group = COMMON

@@ -225,14 +225,17 @@ def _option(field: dataclasses.Field, hint: Any, group: str) -> Callable:
     return click.option(flag, field.name, **kwargs)
 
 
-def click_options(cls: type[Settings], exclude: Sequence[str] = ()) -> Callable:
-    """Decorator adding one click option per CLI field of ``cls`` (in field order)."""
+def click_options(
+    cls: type[Settings], exclude: Sequence[str] = (), group: str = "Options"
+) -> Callable:
+    """Decorator adding one click option per CLI field of ``cls`` (in field order); fields
+    before the first that names a ``group`` go in help section ``group``."""
     hints = _hints(cls)
     fields = [
         f for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and f.name not in exclude
     ]
 
-    groups, group = [], "Options"
+    groups = []
     for field in fields:
         group = field.metadata.get("group") or group
         groups.append(group)

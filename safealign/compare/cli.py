@@ -75,7 +75,7 @@ def _load_config(path: str | None) -> tuple[dict, dict]:
     type=click.Path(file_okay=False),
     required=True,
 )
-@shared("--json", "(report.json's content).", name="as_json")
+@shared("--json", "Prints report.json.", name="as_json")
 @shared("--quiet")
 @reads_checkpoints
 @handles_bad_input
