@@ -27,6 +27,7 @@ from safealign.recover.weights import (
 )
 from safealign.recover.working import WorkingModel
 from safealign.runtime import peak_rss_bytes
+from safealign.settings import SettingsError
 
 
 def recover(
@@ -68,7 +69,7 @@ def recover(
     settings = _with_overrides(settings or RecoverSettings(), overrides)
     say("opening the checkpoints (headers)")
     a, b = open_pair(aligned, finetuned)
-    lay = layout(b, settings.layer)
+    lay = _layout(b, settings.layer)
     settings = _resolved(settings, lay, b)
     sets = Sets.load(harmful, eval_harmful, task, benign, settings.max_prompts, task_train)
     checked = sets.task is not None or sets.benign is not None
@@ -90,6 +91,16 @@ def recover(
             say(f"writing {out}")
             _write(writer, result, work, start)
     return result
+
+
+def _layout(finetuned: Checkpoint, layer: int | None) -> Layout:
+    """The restorable weights; a layer the model does not have is refused by its flag."""
+    try:
+        return layout(finetuned, layer)
+    except ValueError as error:
+        if str(error).startswith("layer must be"):
+            raise SettingsError(f"--{error}") from None
+        raise
 
 
 def _status(line: str) -> None:

@@ -298,7 +298,7 @@ def test_bad_architecture(pair, tmp_path):
 def test_bad_settings_fail_before_work(pair, tmp_path, monkeypatch):
     _, aligned, finetuned = pair
     _forbid_loading(monkeypatch)
-    with pytest.raises(ValueError, match="layer must be in 1..4"):
+    with pytest.raises(SettingsError, match="^--layer must be in 1..4"):
         recover(aligned, finetuned, tmp_path / "o", harmful=HARMFUL, layer=9, progress=False)
     # range errors come before any checkpoint is opened: these folders do not exist
     missing = tmp_path / "missing"
