@@ -38,7 +38,7 @@ DEMO_EXAMPLES = (
     type=click.Choice(["test", "default"]),
     default="test",
     group="Lab",
-    help="test: the tests' lab (minutes on a CPU); default: the benchmarks' lab.",
+    help="test: the tests' and the demo's lab (4 layers); default: the benchmarks' (6 layers).",
 )
 @shared("--seed", type=click.IntRange(min=0), default=0)
 @shared("--quiet")

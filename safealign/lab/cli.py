@@ -16,8 +16,8 @@ from safealign.lab.phenomenon import format_table
 TABLE_HEADER = format_table({}).splitlines()[0]
 
 EXAMPLES = (
-    "safealign lab build --size test",
-    "safealign lab build --out labs/default --seed 1 --force",
+    "safealign lab build",
+    "safealign lab build --size default --out labs/default --seed 1 --force",
 )
 
 
@@ -55,9 +55,9 @@ def lab_command() -> None:
 @option(
     "--size",
     type=click.Choice(list(SIZES)),
-    default="default",
+    default="test",
     group="Lab",
-    help="test: the tests' lab (~2 min); default: the benchmarks' lab.",
+    help="test: the tests' and the demo's lab (4 layers); default: the benchmarks' (6 layers).",
 )
 @shared("--seed", type=click.IntRange(min=0), default=0)
 @option(
