@@ -46,7 +46,11 @@ class EvalSettings(Settings):
     seed: int = setting(0, help="torch seed set before scoring.")
     system: str | None = setting(None, cli=False, help="System prompt of every chat.")
     cache_dir: Path | None = setting(
-        None, path=True, help="Response cache (default ~/.cache/safealign).", group="Cache"
+        None,
+        path=True,
+        help="Response cache folder.",
+        default_text="~/.cache/safealign",
+        group="Cache",
     )
     use_cache: bool = setting(
         True, flag="--cache", help="Reuse cached responses (--no-cache: generate all afresh)."
