@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from safealign.checkpoint import CheckpointError
 from safealign.command import (
     BadInput,
     command,
@@ -22,6 +23,7 @@ from safealign.eval.evaluator import Evaluator
 from safealign.eval.results import gate_failures, write_results
 from safealign.eval.settings import GATE, EvalSettings
 from safealign.eval.smoke import SMOKE_BENIGN, SMOKE_HARMFUL, is_smoke, smoke_warning
+from safealign.hub import resolve_checkpoint
 from safealign.model import resolve_dtype
 from safealign.settings import click_options, from_cli
 
@@ -107,9 +109,14 @@ def eval_command(
     resolve_dtype(dtype)
     harmful, benign = _sets(harmful, benign)
     _check_gate(settings, harmful, benign, task, allow_smoke)
-    local = Path(model_path).expanduser()
-    if local.is_dir() and not (local / "config.json").is_file():
-        raise click.BadParameter(f"{model_path}: no config.json", param_hint="--model")
+    for hint, ref in (("--model", model_path), ("--adapter", adapter)):
+        if ref is not None:
+            try:
+                folder = resolve_checkpoint(ref)  # a folder or a hub id, fetched before work
+            except CheckpointError as error:
+                raise click.BadParameter(str(error), param_hint=hint) from None
+            if hint == "--model" and not (folder / "config.json").is_file():
+                raise click.BadParameter(f"{model_path}: no config.json", param_hint="--model")
     evaluator = Evaluator(harmful, task, benign, settings=settings)
     scores = evaluator.score_folder(model_path, adapter=adapter, dtype=dtype, device=device)
     if out is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from safealign.checkpoint import Checkpoint, CheckpointError, CheckpointWriter, validate_checkpoints
+from safealign.hub import resolve_checkpoint
 from safealign.model import resolve_dtype
 from safealign.recover.guard import StepGuard
 from safealign.recover.plan import Plan, working_dtype
@@ -201,7 +202,7 @@ def open_pair(aligned, finetuned) -> tuple[Checkpoint, Checkpoint]:
     a = Checkpoint.open(aligned)
     if a.is_adapter:
         raise CheckpointError(f"aligned must be a model folder, not an adapter: {a.path}")
-    path = Path(finetuned).expanduser()
+    path = resolve_checkpoint(finetuned)
     b = (
         Checkpoint.open(path, base=a)
         if (path / "adapter_config.json").exists()

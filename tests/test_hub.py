@@ -175,6 +175,7 @@ def test_recover_cli_takes_ids(hub, tmp_path):
     prompts = tmp_path / "harmful.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HARMFUL))
     args = ["--aligned", "org/aligned", "--finetuned", "org/lora", "--harmful", str(prompts)]
+    args += ["--no-utility-check"]
     result = CliRunner().invoke(recover_command, [*args, "--dry-run", "--layer", "3"])
     assert result.exit_code == 0, result.output
     assert "layer:        3 of 4" in result.output
