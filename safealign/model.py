@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from safealign.chat import chat_prompt as chat_prompt  # re-exported: lab/train.py imports it
+from safealign.hub import resolve_checkpoint
 from safealign.paths import has_tokenizer
 
 DTYPES = {
@@ -40,18 +41,24 @@ def load_model(
     dtype: str | torch.dtype | None = "auto",
     device: str | None = None,
 ):
-    """Load a causal LM and its tokenizer from a local folder, optionally with a PEFT adapter.
+    """Load a causal LM and its tokenizer from a local folder or hub id, optionally with a PEFT
+    adapter (a folder or hub id too; see :mod:`safealign.hub`).
 
-    Weights are read from safetensors only; remote code is never run.
+    Weights are read from safetensors (pickles only inside ``allow_pickle``, and then with
+    ``weights_only``); remote code is never run.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from safealign.checkpoint import Checkpoint, CheckpointError, check_finite_model
+    from safealign.checkpoint import Checkpoint, CheckpointError, check_finite_model, pickle_allowed
 
-    if Path(path).is_dir():  # headers (truncated, lying, pickle-only, adapter's base) first
-        Checkpoint.open(adapter, base=path) if adapter is not None else Checkpoint.open(path)
+    torch_dtype = resolve_dtype(dtype)
+    path = resolve_checkpoint(path)
+    adapter = resolve_checkpoint(adapter) if adapter is not None else None
+    # Headers first (truncated, lying, pickle-only, an adapter on the wrong base), then the
+    # weights, checked finite. use_safetensors=None: safetensors first, else allowed pickles.
+    Checkpoint.open(adapter, base=path) if adapter is not None else Checkpoint.open(path)
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=resolve_dtype(dtype), use_safetensors=True
+        str(path), dtype=torch_dtype, use_safetensors=None if pickle_allowed() else True
     )
     check_finite_model(model, path)
     tok_source = adapter if adapter is not None and has_tokenizer(adapter) else path

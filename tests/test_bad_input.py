@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from bad_input_support import UP1, build_configs, build_data, build_models, tree_hashes
+from bad_input_support import build_configs, build_data, build_models, tree_hashes
 from click.testing import CliRunner
 
 from safealign import resources
@@ -29,12 +29,15 @@ def flag(command: str, *names: str) -> str:
 EVAL_OUT = flag("eval", "--out", "--output")
 GRAD_BATCH = flag("recover", "--grad-batch-size", "--batch-size")
 
-EVAL = "eval --model {aligned} --harmful {harmful} --benign {harmful} --limit 2 --no-cache"
-RECOVER = "recover --aligned {aligned} --finetuned {finetuned} --harmful {harmful} --task {task} --out {out}"  # noqa: E501
+EVAL = "eval --model {aligned} --harmful {harmful} --benign {harmful} --limit 2 --no-cache --quiet"
+RECOVER = "recover --aligned {aligned} --finetuned {finetuned} --harmful {harmful} --task {task} --out {out} --quiet"  # noqa: E501
 MERGE = "merge --method interpolate --aligned {aligned} --finetuned {finetuned} --out {out} --quiet"
-RETRAIN = "retrain --aligned {aligned} --data {pairs} --out {out} --epochs 1 --cpu"
-COMPARE = "compare --aligned {aligned} --finetuned {finetuned} --harmful {harmful} --out {out}"
+RETRAIN = "retrain --aligned {aligned} --data {pairs} --harmful {harmful} --benign {harmful} --out {out} --epochs 1 --cpu --quiet"  # noqa: E501
+COMPARE = (
+    "compare --aligned {aligned} --finetuned {finetuned} --harmful {harmful} --out {out} --quiet"
+)
 RESTA = "merge --method resta --aligned {aligned} --unaligned {unaligned} --finetuned {finetuned}"
+DENSE = RESTA.replace("resta", "resta:density=1.5") + " --out {out} --quiet"
 
 
 def on(template: str, extra: str = "", **swap: str) -> str:
@@ -48,7 +51,7 @@ def on(template: str, extra: str = "", **swap: str) -> str:
 # fmt: off
 CASES = [
     # -- eval
-    ("eval-missing-model", "eval --model {gone}", r"does not exist", "gone"),
+    ("eval-missing-model", on(EVAL, aligned="gone"), r"not found", "gone"),
     ("eval-truncated", on(EVAL, aligned="truncated"), r"outside the file, truncated", "truncated"),
     ("eval-nan", on(EVAL, aligned="nan"), r"non-finite values \(NaN", "nan"),
     ("eval-inf", on(EVAL, aligned="inf"), r"non-finite values \(Inf", "inf"),
@@ -131,8 +134,7 @@ CASES = [
     ("merge-out-inside-input", on(MERGE, out="inside_finetuned"), r"overwrite an input",
      "finetuned"),
     ("merge-out-not-empty", on(MERGE, out="full"), r"not empty", "full"),
-    ("merge-density-above-1", on(RESTA, "--out {out} --quiet --set density=1.5"), r"density",
-     None),
+    ("merge-density-above-1", DENSE, r"density", None),
     ("merge-bad-shard-size", on(MERGE, "--out-shard-size 0"), r"size", None),
     # -- retrain
     ("retrain-empty-data", on(RETRAIN, pairs="empty"), r"empty file", "empty"),
@@ -142,10 +144,10 @@ CASES = [
      "no_answer_csv"),
     ("retrain-bad-messages", on(RETRAIN, pairs="bad_messages"), r"one user turn",
      "bad_messages"),
-    ("retrain-unknown-yaml-key", "retrain --config {retrain_unknown_key} --out {out}",
+    ("retrain-unknown-yaml-key", "retrain --config {retrain_unknown_key} --out {out} --quiet",
      r"unknown key 'learning_rate'", "retrain_unknown_key"),
-    ("retrain-malformed-yaml", "retrain --config {malformed_yaml} --out {out}", r"not valid YAML",
-     "malformed_yaml"),
+    ("retrain-malformed-yaml", "retrain --config {malformed_yaml} --out {out} --quiet",
+     r"not valid YAML", "malformed_yaml"),
     ("retrain-negative-lr", on(RETRAIN, "--lr -0.1"), r"--lr must be", None),
     ("retrain-zero-epochs", on(RETRAIN, "--epochs 0"), r"--epochs must be", None),
     ("retrain-pickle", on(RETRAIN, aligned="pickle"), r"--allow-pickle", "pickle"),
@@ -158,19 +160,20 @@ CASES = [
     ("retrain-adapter-wrong-base", on(RETRAIN, "--adapter {adapter}", aligned="other_base"),
      r"do not fit base weight", "adapter"),
     # -- compare
-    ("compare-unknown-yaml-key", "compare --config {compare_unknown_key} --out {out}",
+    ("compare-unknown-yaml-key", "compare --config {compare_unknown_key} --out {out} --quiet",
      r"unknown key 'finetuned_model'", "compare_unknown_key"),
     ("compare-unknown-method", on(COMPARE, "--methods recovr"), r"recovr", None),
     ("compare-missing-model", on(COMPARE, finetuned="gone"), r"does not exist", "gone"),
+    ("compare-nan", on(COMPARE, finetuned="nan"), r"NaN", "nan"),
     ("compare-vocab", on(COMPARE, finetuned="small_vocab"), r"vocab_size differs", "small_vocab"),
     ("compare-binary-harmful", on(COMPARE, harmful="binary"), r"not UTF-8", "binary"),
     ("compare-truncated", on(COMPARE, finetuned="truncated"), r"truncated", "truncated"),
     ("compare-out-not-empty", on(COMPARE, out="full"), r"not empty", "full"),
     # -- lab build
-    ("lab-share-above-1", "lab build --size test --out {out} --harmful-share 1.5",
+    ("lab-share-above-1", "lab build --size test --out {out} --harmful-share 1.5 --quiet",
      r"--harmful-share", None),
-    ("lab-negative-seed", "lab build --size test --out {out} --seed -1", r"--seed", None),
-    ("lab-out-is-a-file", "lab build --size test --out {harmful}", r"is a file", "harmful"),
+    ("lab-negative-seed", "lab build --size test --out {out} --seed -1 --quiet", r"--seed", None),
+    ("lab-out-is-a-file", "lab build --size test --out {harmful} --quiet", r"is a file", "harmful"),
 ]
 # fmt: on
 
@@ -226,20 +229,6 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_written(
     if where is not None:
         assert str(paths[where]) in lines[0], lines[0]
     assert tree_hashes(outputs) == before
-    assert tree_hashes(world["root"]) == world_hashes
-
-
-def test_compare_refuses_a_nan_model_after_its_progress_line(world, world_hashes, tmp_path):
-    """compare finds NaN while scoring its inputs: one progress line, then the one-line error."""
-    args = COMPARE.replace("{finetuned}", "{nan}").split()
-    paths = {**world, "out": tmp_path / "out"}
-    result = CliRunner().invoke(main, [a.format(**paths) for a in args])
-    assert result.exit_code == 2
-    assert result.stderr.splitlines() == [
-        "scoring the inputs (aligned, finetuned)",
-        f"Error: tensor {UP1} holds 1 non-finite values (NaN at flat index 7): {world['nan']}",
-    ]
-    assert list(tmp_path.iterdir()) == []
     assert tree_hashes(world["root"]) == world_hashes
 
 
