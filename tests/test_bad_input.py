@@ -263,3 +263,19 @@ def test_dry_run_prints_what_the_run_needs(world, tmp_path, monkeypatch, argv, p
         r"memory ~[\d.]+ MB \(8\.0 GB available\), disk ~[\d.]+ KB.*", line[len(prefix) :]
     )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        on(RECOVER, "--steps 1 --allow-pickle", finetuned="pickle"),
+        on(MERGE, "--allow-pickle", finetuned="pickle"),
+        on(EVAL, "--allow-pickle", aligned="pickle"),
+    ],
+    ids=["recover", "merge", "eval"],
+)
+def test_allow_pickle_reads_the_refused_pickle_checkpoint(world, world_hashes, tmp_path, argv):
+    paths = {**world, "out": tmp_path / "out"}
+    result = CliRunner().invoke(main, [a.format(**paths) for a in argv.split()])
+    assert result.exit_code == 0, result.output
+    assert tree_hashes(world["root"]) == world_hashes
