@@ -116,6 +116,7 @@ def _print(result: MergeResult, as_json: bool) -> None:
         if report["layers"]:
             click.echo(layer_table(report))
         click.echo(summary(report))
+        click.echo(f"needs: {report['needs']}")
         click.echo(f"{report['method']}: validated, nothing written ({report['seconds']} s)")
         return
     click.echo(summary(report))

@@ -123,7 +123,7 @@ def parse_config(data: Any, where: str = "config") -> MergeConfig:
     method = data.get("merge_method")
     if method is None:
         problems.append(f"{where}: merge_method is missing (one of {', '.join(METHODS)})")
-    elif method not in METHODS:
+    elif not isinstance(method, str) or method not in METHODS:
         problems.append(f"{where}: unknown merge_method {method!r} (one of {', '.join(METHODS)})")
     models = _parse_models(data.get("models"), where, problems)
     params = data.get("parameters") or {}

@@ -29,6 +29,7 @@ from safealign.merge.plan import MergePlan, TensorWork, plan_merge, tensor_param
 from safealign.merge.report import REPORT_NAME, merge_report, model_card
 from safealign.merge.settings import MergeSettings
 from safealign.report import write_json
+from safealign.resources import streaming_estimate, tensor_bytes
 
 
 @dataclass
@@ -164,11 +165,16 @@ def run_merge(
     settings = plan.settings
     if not settings.dry_run and out is None:
         raise MergeConfigError("an output folder is required (out)")
+    written = tensor_bytes(plan.layout) if plan.output != "adapter" else 0
+    needs = streaming_estimate(list(plan.inputs.values()), written, None if out is None else out)
+    if not settings.dry_run:
+        needs.check("merge")  # before scoring and merging: a clear refusal, not an OOM kill
     scores = score_layers(plan, progress=progress)
     selected = plan.method.select(scores, tensor_params(plan, "")) if scores else set()
     report = merge_report(plan, scores, selected)
     if settings.dry_run:
         report["seconds"] = round(time.perf_counter() - start, 3)
+        report["needs"] = needs.describe()
         return MergeResult(None, report)
     work = tensor_work(plan, selected)
     with _writer(plan, Path(out)) as writer:

@@ -81,6 +81,7 @@ def recover(
     elif out is None:
         raise ValueError("out is required unless dry_run is set")
     else:
+        plan.needs.at(out).check("recover")  # a clear refusal before loading, not an OOM kill
         with CheckpointWriter(
             out, source=b, overwrite=overwrite, inputs=[a], max_shard_size=max_shard_size
         ) as writer:

@@ -15,6 +15,7 @@ from safealign.checkpoint import Checkpoint
 from safealign.recover.select import CHUNK
 from safealign.recover.settings import RecoverSettings
 from safealign.recover.weights import Layout
+from safealign.resources import Estimate
 
 GIB = 2**30
 RUNTIME_BYTES = 600 * 2**20  # Python, torch and transformers themselves, measured on CPU
@@ -72,6 +73,11 @@ class Plan:
         """The sizes (report.json records the settings on their own)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "settings"}
 
+    @property
+    def needs(self) -> Estimate:
+        """Peak memory, and the disk the output takes (the model in the working dtype)."""
+        return Estimate(self.memory["total"], self.memory["model"])
+
     def describe(self) -> str:
         """Human-readable plan, one fact per line."""
         s = self.settings
@@ -93,6 +99,7 @@ class Plan:
                 f"rollback:     {rollback}",
                 f"dtype:        {s.dtype}",
                 f"memory:       ~{self.memory['total'] / GIB:.2f} GiB peak ({mem})",
+                f"machine:      {self.needs.describe()}",
             ]
         )
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from safealign.checkpoint import Checkpoint, CheckpointError
+from safealign.checkpoint import Checkpoint, CheckpointError, check_finite_model, pickle_allowed
 from safealign.layers import LayerError, layer_prefix, num_decoder_layers
 from safealign.model import ensure_pad_token
 from safealign.paths import has_tokenizer
@@ -185,10 +185,11 @@ def load_working_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(finetuned.model_folder), dtype=dtype, use_safetensors=True
+        str(finetuned.model_folder), dtype=dtype, use_safetensors=None if pickle_allowed() else True
     )
     if finetuned.is_adapter:
         copy_into(model, finetuned, finetuned.lora_targets() + finetuned.replaced_names())
+    check_finite_model(model, finetuned.path)  # NaN or Inf: refused before any step
     if device is not None:
         model.to(device)
     model.eval().requires_grad_(False)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safealign.checkpoint import ModelCard
+from safealign.checkpoint import Checkpoint, ModelCard
 from safealign.retrain.build import (
     build_model,
     build_optimizer,
@@ -51,8 +51,11 @@ def check_inputs(settings: RetrainSettings) -> None:
     if settings.out is None and not settings.dry_run:
         raise SettingsError("--out is required unless --dry-run")
     create(settings.regularizer, settings)
+    if settings.adapter is not None:  # an adapter on the wrong base: refused by its shapes
+        Checkpoint.open(settings.adapter, base=settings.aligned)
     if settings.out is not None and not settings.dry_run:
-        check_out(settings.out, settings.overwrite)
+        inputs = [settings.aligned, settings.adapter, settings.data]
+        check_out(settings.out, settings.overwrite, inputs)
     if settings.resume and latest_checkpoint(settings.checkpoints) is None:
         raise SettingsError(f"--resume: no checkpoint in {settings.checkpoints}")
 

@@ -6,17 +6,18 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from safealign.checkpoint import ModelCard
+from safealign.checkpoint import ModelCard, check_output
 
 LOG_NAME = "train_log.jsonl"
 
 
-def check_out(out: str | Path, overwrite: bool) -> Path:
-    """The output path, refused (before any training) when it holds files and not ``overwrite``."""
-    out = Path(out).resolve()
+def check_out(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """The output path, refused (before any training) when it holds files and not ``overwrite``,
+    or when it is, lies inside or (with ``overwrite``) contains one of ``inputs``."""
+    out = check_output(out, inputs, overwrite=True)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise FileExistsError(f"output folder not empty (use --overwrite): {out}")
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from safealign import __version__
-from safealign.command import Command, handles_bad_input, option, shared
+from safealign.command import Command, OneLineGroup, handles_bad_input, option, shared
 from safealign.compare.cli import compare_command
 from safealign.eval.cli import eval_command
 from safealign.lab.cli import lab_command
@@ -14,7 +14,7 @@ from safealign.recover.cli import recover_command
 from safealign.retrain.cli import retrain_command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="safealign")
 def main() -> None:
     """Keep fine-tuned LLMs safe: recover refusals, merge safely, evaluate the trade-off."""

@@ -223,3 +223,14 @@ def reads_checkpoints(command: Callable) -> Callable:
             return command(*args, **kwargs)
 
     return wrapper
+
+
+class OneLineGroup(click.Group):
+    """A command group whose subcommands' usage errors (a bad or missing option, caught by
+    click while parsing) follow the bad-input rule too: one line, exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:
+            raise BadInput(error.format_message()) from None

@@ -44,15 +44,28 @@ def load_model(
     """Load a causal LM and its tokenizer from a local folder or hub id, optionally with a PEFT
     adapter (a folder or hub id too; see :mod:`safealign.hub`).
 
-    Weights are read from safetensors only; remote code is never run.
+    Weights are read from safetensors (pickles only inside ``allow_pickle``, and then with
+    ``weights_only``); remote code is never run.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safealign.checkpoint import Checkpoint, CheckpointError, check_finite_model, pickle_allowed
 
     torch_dtype = resolve_dtype(dtype)
     path = resolve_checkpoint(path)
     adapter = resolve_checkpoint(adapter) if adapter is not None else None
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, use_safetensors=True)
+    # Headers first (truncated, lying, pickle-only, an adapter on the wrong base), then the
+    # weights, checked finite. use_safetensors=None: safetensors first, else allowed pickles.
+    Checkpoint.open(adapter, base=path) if adapter is not None else Checkpoint.open(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch_dtype, use_safetensors=None if pickle_allowed() else True
+    )
+    check_finite_model(model, path)
     tok_source = adapter if adapter is not None and has_tokenizer(adapter) else path
+    if Path(tok_source).is_dir() and not has_tokenizer(tok_source):
+        raise CheckpointError(
+            f"no tokenizer (tokenizer.json or tokenizer_config.json): {tok_source}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
     if adapter is not None:
         from peft import PeftModel

@@ -26,7 +26,7 @@ def parse_value(text: str) -> Any:
     if low.startswith("["):
         try:
             return json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return text.strip()
     for kind in (int, float):
         try:

@@ -75,8 +75,8 @@ def _read_jsonl(text: str, path: Path) -> list[Row]:
             continue
         try:
             value = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"malformed JSON ({err.msg}): {path}:{number}") from None
+        except (ValueError, RecursionError) as err:
+            raise DataError(f"malformed JSON ({_json_problem(err)}): {path}:{number}") from None
         rows.append(_row(value, f"{path}:{number}"))
     return rows
 
@@ -84,8 +84,9 @@ def _read_jsonl(text: str, path: Path) -> list[Row]:
 def _read_json(text: str, path: Path) -> list[Row]:
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"malformed JSON ({err.msg}): {path}:{err.lineno}") from None
+    except (ValueError, RecursionError) as err:
+        line = f":{err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise DataError(f"malformed JSON ({_json_problem(err)}): {path}{line}") from None
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         key = "data" if "data" in lists else lists[0] if len(lists) == 1 else None
@@ -97,6 +98,15 @@ def _read_json(text: str, path: Path) -> list[Row]:
     if not isinstance(data, list):
         raise DataError(f"JSON must be a list of objects or strings, or {{'data': [...]}}: {path}")
     return [_row(value, f"{path} item {i}") for i, value in enumerate(data, start=1)]
+
+
+def _json_problem(error: Exception) -> str:
+    """What the JSON parser refused, briefly (nesting too deep, a number too long, ...)."""
+    if isinstance(error, json.JSONDecodeError):
+        return error.msg
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error).split(";")[0].split(":")[0]
 
 
 def _row(value: Any, where: str) -> Row:

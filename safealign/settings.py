@@ -166,13 +166,39 @@ def _base_type(hint: Any) -> tuple[Any, bool]:
 
 
 def _coerce(value: Any, cls: type, name: str) -> Any:
-    """YAML lists become tuples for tuple-typed fields; other values pass through."""
+    """YAML lists become tuples for tuple-typed fields; a value of the wrong type (a list for
+    a number, text for a flag) is refused naming the key."""
     base, _ = _base_type(_hints(cls)[name])
     if typing.get_origin(base) is tuple and isinstance(value, list | tuple):
-        return tuple(value)
-    if typing.get_origin(base) is tuple and isinstance(value, str):
-        return _split_list(value, typing.get_args(base)[0])
+        value = tuple(value)
+    elif typing.get_origin(base) is tuple and isinstance(value, str):
+        value = _split_list(value, typing.get_args(base)[0])
+    if value is not None and not _has_type(value, base):
+        raise SettingsError(f"{name}: expected {_type_name(base)}, got {value!r}")
     return value
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits ``hint`` (ints fit floats, text fits paths, bools fit neither)."""
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, tuple) and all(
+            _has_type(v, typing.get_args(hint)[0]) for v in value
+        )
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is Path:
+        return isinstance(value, str | Path)
+    return not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint)).replace("str", "text")
 
 
 def _split_list(text: str, kind: type) -> tuple:

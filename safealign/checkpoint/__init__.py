@@ -2,8 +2,9 @@
 
 A :class:`Checkpoint` is a Hugging Face model folder (``config.json`` plus one or more
 safetensors files) or a PEFT LoRA adapter folder on such a base (``reader``; headers in
-``header``, the lazy store in ``store``, LoRA mapping and the :class:`LowRank` type in
-``lora``). :func:`validate_checkpoints` checks a set can be combined (``validate``).
+``header``, the lazy store in ``store``, which refuses NaN and Inf as it reads, LoRA mapping
+and the :class:`LowRank` type in ``lora``). :func:`validate_checkpoints` checks a set can be
+combined (``validate``).
 :class:`CheckpointWriter` and :class:`AdapterWriter` write into a temporary folder beside the
 destination and rename it into place only when the write finished (``writer``,
 ``adapter_writer``), with a :class:`ModelCard` as README.md (``card``).
@@ -13,11 +14,12 @@ The names below are the package's API: import them from ``safealign.checkpoint``
 
 from safealign.checkpoint.adapter_writer import AdapterWriter
 from safealign.checkpoint.card import ModelCard
-from safealign.checkpoint.files import CheckpointError
+from safealign.checkpoint.files import CheckpointError, allow_pickle, pickle_allowed
 from safealign.checkpoint.lora import LowRank
 from safealign.checkpoint.reader import Checkpoint
+from safealign.checkpoint.store import check_finite, check_finite_model
 from safealign.checkpoint.validate import validate_checkpoints
-from safealign.checkpoint.writer import CheckpointWriter, parse_size
+from safealign.checkpoint.writer import CheckpointWriter, check_output, parse_size
 
 __all__ = [
     "AdapterWriter",
@@ -26,6 +28,11 @@ __all__ = [
     "CheckpointWriter",
     "LowRank",
     "ModelCard",
+    "allow_pickle",
+    "check_finite",
+    "check_finite_model",
+    "check_output",
+    "pickle_allowed",
     "parse_size",
     "validate_checkpoints",
 ]

@@ -19,6 +19,7 @@ from safealign.checkpoint.files import (
 )
 from safealign.checkpoint.lora import PEFT_PREFIX, is_embedding, lora_alpha, lora_scale
 from safealign.checkpoint.reader import Checkpoint
+from safealign.checkpoint.store import check_finite
 from safealign.checkpoint.writer import FolderWriter, copy_files, owned
 from safealign.paths import has_tokenizer
 
@@ -80,6 +81,8 @@ class AdapterWriter(FolderWriter):
         """Factors for base weight ``name`` (``scale`` default: the source adapter's for it)."""
         self._check_open()
         self._check_factors(name, A, B)
+        check_finite(A, f"{name} (LoRA A)", f"output {self.out}")
+        check_finite(B, f"{name} (LoRA B)", f"output {self.out}")
         r = A.shape[0]
         entry = self.source.lora_entry(name)
         cfg = self.source.adapter_config
@@ -132,6 +135,7 @@ class AdapterWriter(FolderWriter):
         return self._commit(self._write_files, card)
 
     def _write_files(self, card: ModelCard) -> None:
+        self._check_space(sum(t.numel() * t.element_size() for t in self._tensors.values()))
         save_file(self._tensors, str(self.folder / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         config = self._adapter_config()
         (self.folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")

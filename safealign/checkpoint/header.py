@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,12 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    start: int = 0  # byte range in the data section (0, 0 for a pickle's tensors)
+    end: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _read_raw(file: Path) -> tuple[dict, int]:
@@ -70,23 +77,46 @@ def _entry(name: str, entry: object, data_size: int, file: Path) -> TensorInfo:
         raise CheckpointError(f"corrupt safetensors header (dtype {code!r} of {name}): {file}")
     try:
         dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-        shape = tuple(int(d) for d in entry["shape"])
-        start, end = (int(o) for o in entry["data_offsets"])
+        shape = tuple(_integer(d) for d in entry["shape"])
+        start, end = (_integer(o) for o in entry["data_offsets"])
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"corrupt safetensors header (bad entry {name}): {file}") from None
     if not 0 <= start <= end <= data_size:
         raise CheckpointError(
             f"corrupt safetensors header ({name} lies outside the file, truncated?): {file}"
         )
-    return TensorInfo(file, dtype, shape)
+    if min(shape, default=0) < 0 or math.prod(shape) * dtype.itemsize != end - start:
+        raise CheckpointError(
+            f"corrupt safetensors header ({name}: {entry['dtype']} {list(shape)} does not fill "
+            f"its {end - start} bytes): {file}"
+        )
+    return TensorInfo(file, dtype, shape, start, end)
+
+
+def _integer(value: object) -> int:
+    """A JSON integer (not a bool, float or string)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"not an integer: {value!r}")
+    return value
+
+
+def _check_disjoint(infos: dict[str, TensorInfo], file: Path) -> None:
+    """Tensors' byte ranges must not overlap (two names aliasing the same bytes)."""
+    ranges = sorted((info.start, info.end, name) for name, info in infos.items())
+    for (_, end, before), (start, _, name) in zip(ranges, ranges[1:], strict=False):
+        if start < end:
+            raise CheckpointError(f"corrupt safetensors header ({name} overlaps {before}): {file}")
 
 
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header without reading tensor data; a header whose offsets run
-    past the end of the file (a truncated download) is refused."""
+    """Parse a safetensors header without reading tensor data. A header that lies is refused
+    before any tensor is allocated: offsets past the end of the file (a truncated download),
+    a dtype and shape that do not fill their byte range, overlapping byte ranges."""
     header, data_size = _read_raw(file)
-    return {
+    infos = {
         name: _entry(name, entry, data_size, file)
         for name, entry in header.items()
         if name != "__metadata__"
     }
+    _check_disjoint(infos, file)
+    return infos

@@ -15,9 +15,8 @@ import torch
 from safealign import hub
 from safealign.checkpoint.files import (
     ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
     CheckpointError,
-    no_safetensors,
+    adapter_weights,
     read_json,
     resolve,
     weight_files,
@@ -55,8 +54,7 @@ class Checkpoint:
         self._store = store
         self._adapter = AdapterMap()
         if adapter_config is not None:
-            file = path / ADAPTER_WEIGHTS_NAME
-            self._adapter = map_adapter(adapter_config, store.infos, base, file)
+            self._adapter = map_adapter(adapter_config, store.infos, base, store.files[0])
 
     # -- opening
 
@@ -84,9 +82,7 @@ class Checkpoint:
     def _open_adapter(cls, folder: Path, base: str | Path | Checkpoint | None) -> Checkpoint:
         adapter_config = read_json(folder / ADAPTER_CONFIG_NAME)
         check_adapter_supported(adapter_config, folder / ADAPTER_CONFIG_NAME)
-        weights = folder / ADAPTER_WEIGHTS_NAME
-        if not weights.is_file():
-            no_safetensors(folder, ADAPTER_WEIGHTS_NAME)
+        weights = adapter_weights(folder)
         if base is None:
             base = _adapter_base(adapter_config, folder)
         base_ckpt = base if isinstance(base, Checkpoint) else Checkpoint.open(base)

@@ -6,12 +6,17 @@ place only when the write finished; an exception leaves the destination untouche
 
 from __future__ import annotations
 
+import glob
 import json
+import math
+import os
 import re
 import shutil
+import signal
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Self
 
@@ -27,6 +32,8 @@ from safealign.checkpoint.files import (
     resolve,
 )
 from safealign.checkpoint.reader import Checkpoint
+from safealign.checkpoint.store import check_finite
+from safealign.resources import ResourceError, check_disk, tensor_bytes
 
 SIZE_UNITS = {
     "": 1,
@@ -50,7 +57,10 @@ def parse_size(size: int | str) -> int:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
         if match is None or match[2] not in SIZE_UNITS:
             raise ValueError(f"bad size {size!r}: use bytes or e.g. 500MB, 5GB, 2GiB")
-        value = int(float(match[1]) * SIZE_UNITS[match[2]])
+        number = float(match[1]) * SIZE_UNITS[match[2]]
+        if not math.isfinite(number):
+            raise ValueError(f"bad size {size!r}: too large")
+        value = int(number)
     if value <= 0:
         raise ValueError(f"bad size {size!r}: must be positive")
     return value
@@ -69,23 +79,94 @@ def _input_folders(item: Checkpoint | str | Path) -> list[Path]:
     return [resolve(item)]
 
 
+def check_output(
+    out: str | Path, inputs: Iterable[Checkpoint | str | Path | None], overwrite: bool
+) -> Path:
+    """The resolved output folder, refused when it is an input or inside one, when (with
+    ``overwrite``) it contains an input, or when it is a file or, without ``overwrite``, a
+    non-empty folder."""
+    out = resolve(out)
+    for item in inputs:
+        for folder in _input_folders(item) if item is not None else []:
+            if _is_within(out, folder):
+                raise CheckpointError(
+                    f"output would overwrite an input checkpoint ({folder}): {out}"
+                )
+            if overwrite and _is_within(folder, out):
+                raise CheckpointError(
+                    f"output folder contains an input checkpoint ({folder}): {out}"
+                )
+    if out.exists():
+        if not out.is_dir():
+            raise CheckpointError(f"output exists and is not a folder: {out}")
+        if any(out.iterdir()) and not overwrite:
+            raise CheckpointError(f"output folder not empty (use overwrite): {out}")
+    return out
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM are held back for the duration and raised again right after (Python
+    handlers, not a thread's signal mask: torch's threads would receive a masked signal)."""
+    received: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    try:
+        previous = [
+            signal.signal(s, lambda number, _frame: received.append(number)) for s in signals
+        ]
+    except ValueError:  # not the main thread: the main thread's handlers stay in charge
+        yield
+        return
+    try:
+        yield
+    finally:
+        for number, handler in zip(signals, previous, strict=True):
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        for number in dict.fromkeys(received):
+            signal.raise_signal(number)
+
+
+def _side_name(out: Path, kind: str) -> Path:
+    """``.NAME.KIND-PID-RANDOM`` beside ``out``: the writing process's id tells whether a
+    leftover (from a process killed with SIGKILL) is stale."""
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove the temporary folders beside ``out`` left by dead processes (a SIGKILL leaves
+    no chance to clean up); return them. Folders of running writers are left alone."""
+    removed = []
+    for kind in ("tmp", "old"):
+        for folder in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*-*"):
+            pid = folder.name.removeprefix(f".{out.name}.{kind}-").split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                if kind == "old" and not out.exists():
+                    folder.rename(out)  # killed between the two renames of a commit
+                else:
+                    shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    return removed
+
+
 class AtomicFolder:
-    """A temporary folder beside ``out`` that replaces ``out`` only on commit."""
+    """A temporary folder beside ``out`` that replaces ``out`` only on commit. Leftovers of
+    writers killed before they could clean up are removed first (:func:`remove_stale`)."""
 
     def __init__(self, out: str | Path, inputs: Iterable[Checkpoint | str | Path], overwrite: bool):
-        self.out = resolve(out)
-        for item in inputs:
-            for folder in _input_folders(item):
-                if _is_within(self.out, folder):
-                    raise CheckpointError(f"output would overwrite an input checkpoint: {self.out}")
-                if overwrite and _is_within(folder, self.out):
-                    raise CheckpointError(f"output folder contains an input checkpoint: {self.out}")
-        if self.out.exists():
-            if not self.out.is_dir():
-                raise CheckpointError(f"output exists and is not a folder: {self.out}")
-            if any(self.out.iterdir()) and not overwrite:
-                raise CheckpointError(f"output folder not empty (use overwrite): {self.out}")
-        self._folder = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        if resolve(out).parent.is_dir():
+            remove_stale(resolve(out))  # first: it may put back an output a kill took away
+        self.out = check_output(out, inputs, overwrite)
+        self._folder = _side_name(self.out, "tmp")
         self.done = False
 
     @property
@@ -96,26 +177,30 @@ class AtomicFolder:
         return self._folder
 
     def commit(self) -> Path:
-        """Move the temporary folder to ``out``; an existing ``out`` is replaced only now."""
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            self.out.rename(old)
-        try:
-            self.folder.rename(self.out)
-        except BaseException:
+        """Move the temporary folder to ``out``; an existing ``out`` is replaced only now.
+        Ctrl-C (SIGINT) or SIGTERM arriving meanwhile waits until the renames and the removal
+        of the replaced folder are done, so it cannot leave a half-finished swap behind."""
+        with _signals_deferred():
+            old = None
+            if self.out.exists():
+                old = _side_name(self.out, "old")
+                self.out.rename(old)
+            try:
+                self.folder.rename(self.out)
+            except BaseException:
+                if old is not None:
+                    old.rename(self.out)
+                raise
+            self.done = True
             if old is not None:
-                old.rename(self.out)
-            raise
-        self.done = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)
         return self.out
 
     def discard(self) -> None:
-        if not self.done:
-            shutil.rmtree(self._folder, ignore_errors=True)
-            self.done = True
+        with _signals_deferred():
+            if not self.done:
+                shutil.rmtree(self._folder, ignore_errors=True)
+                self.done = True
 
 
 def copy_files(src: Path, dst: Path, names: Iterable[str]) -> None:
@@ -152,6 +237,13 @@ class FolderWriter:
     def folder(self) -> Path:
         """The temporary folder being written (extra files such as report.json go here)."""
         return self._atomic.folder
+
+    def _check_space(self, needed: int) -> None:
+        """Refuse (a :class:`CheckpointError`) when the output's disk lacks ``needed`` bytes."""
+        try:
+            check_disk(self.out, needed, "the output")
+        except ResourceError as err:
+            raise CheckpointError(str(err)) from None
 
     def _check_open(self) -> None:
         if self._atomic.done:
@@ -197,6 +289,8 @@ class CheckpointWriter(FolderWriter):
         self.source = Checkpoint.open(source)
         self.max_shard_size = parse_size(max_shard_size)
         super().__init__(out, [self.source, *inputs], overwrite)
+        # The source's bytes as stored: a lower bound of what the output takes.
+        self._check_space(tensor_bytes(self.source))
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
@@ -209,11 +303,13 @@ class CheckpointWriter(FolderWriter):
         """Queue one tensor; a shard is written when the next tensor would overflow it.
 
         The writer keeps the tensor until its shard is written: do not modify it in place
-        afterwards. Views and tensors sharing storage with a queued one are cloned.
+        afterwards. Views and tensors sharing storage with a queued one are cloned. A tensor
+        holding NaN or Inf is refused: a broken model is never written.
         """
         self._check_open()
         if name in self._names:
             raise CheckpointError(f"tensor {name} added twice: {self.out}")
+        check_finite(tensor, name, f"output {self.out}")
         tensor = owned(tensor, self._pending.values())
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_size:
@@ -229,6 +325,7 @@ class CheckpointWriter(FolderWriter):
     def _flush(self) -> None:
         if not self._pending:
             return
+        self._check_space(self._pending_bytes)
         file = self.folder / f"shard-{len(self._shards) + 1:05d}.safetensors.part"
         save_file(self._pending, str(file), metadata={"format": "pt"})
         self._shards.append((file, list(self._pending)))

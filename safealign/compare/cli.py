@@ -58,7 +58,9 @@ def _load_config(path: str | None) -> tuple[dict, dict]:
         raise SettingsError(f"{path}: expected a mapping of options")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     inputs = {k: v for k, v in data.items() if k in _INPUTS}
-    return inputs, {k: v for k, v in data.items() if k not in _INPUTS}
+    settings = {k: v for k, v in data.items() if k not in _INPUTS}
+    CompareSettings.from_dict(settings, where=str(path))  # unknown keys, naming the file
+    return inputs, settings
 
 
 @command(

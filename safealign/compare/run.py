@@ -23,7 +23,12 @@ from safealign.compare.methods import (
     parse_method,
     with_options,
 )
-from safealign.compare.settings import CompareInputs, CompareSettings, check_inputs
+from safealign.compare.settings import (
+    CompareInputs,
+    CompareSettings,
+    check_checkpoints,
+    check_inputs,
+)
 from safealign.eval import Evaluator, Scores
 from safealign.settings import SettingsError
 
@@ -71,9 +76,12 @@ def _input_row(name: str, evaluator: Evaluator, folder: Path, aligned: Path) -> 
     return MethodRow(name, "input", "done", out=str(folder), scores=scores.to_dict())
 
 
-def _prepare_out(out: Path, settings: CompareSettings) -> None:
+def _check_out(out: Path, settings: CompareSettings) -> None:
     if out.exists() and any(out.iterdir()) and not (settings.resume or settings.overwrite):
         raise SettingsError(f"--out {out} is not empty: use --resume or --overwrite")
+
+
+def _prepare_out(out: Path) -> None:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "models").mkdir(exist_ok=True)
 
@@ -127,6 +135,7 @@ def compare(
     check_inputs(inputs)
     specs = [parse_method(s) for s in join_specs(settings.methods or DEFAULT_METHODS)]
     specs = [with_options(spec, "retrain", settings.retrain_options) for spec in specs]
+    check_checkpoints(inputs)
     evaluator = Evaluator(
         inputs.harmful,
         inputs.task,
@@ -137,13 +146,14 @@ def compare(
         max_new_tokens=settings.max_new_tokens,
     )
     out = Path(out)
-    _prepare_out(out, settings)
+    _check_out(out, settings)
     aligned = Path(inputs.aligned)
     log("scoring the inputs (aligned, finetuned" + (", unaligned)" if inputs.unaligned else ")"))
     rows = [_input_row("aligned", evaluator, aligned, aligned)]
     rows.append(_input_row("finetuned", evaluator, Path(inputs.finetuned), aligned))
     if inputs.unaligned is not None:
         rows.append(_input_row("unaligned", evaluator, Path(inputs.unaligned), aligned))
+    _prepare_out(out)  # only now: an input refused while scored leaves no folder behind
     start = time.perf_counter()
     for index, spec in enumerate(specs, 1):
         record = out / "runs" / f"{spec.slug}.json"

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from safealign.checkpoint import Checkpoint, validate_checkpoints
 from safealign.settings import Settings, SettingsError, setting
 
 
@@ -86,3 +87,12 @@ def check_inputs(inputs: CompareInputs) -> None:
             raise SettingsError(f"{flag}: {value} does not exist")
     if inputs.harmful is None and inputs.task is None:
         raise SettingsError("give --harmful and --task (the sets every model is scored on)")
+
+
+def check_checkpoints(inputs: CompareInputs) -> None:
+    """Refuse checkpoints that cannot be read or combined (headers only) before any work."""
+    aligned = Checkpoint.open(inputs.aligned)
+    for model in (inputs.finetuned, inputs.unaligned, inputs.safety):
+        if model is not None:
+            adapter = (Path(model) / "adapter_config.json").exists()
+            validate_checkpoints(aligned, Checkpoint.open(model, base=aligned if adapter else None))
