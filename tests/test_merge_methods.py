@@ -237,34 +237,69 @@ def test_safe_lora_projects_selected_layers(layer):
     torch.testing.assert_close(aligned + low.dense(), expected, rtol=1e-4, atol=1e-5)
 
 
+def layer_scores(*rhos):
+    scores = [LayerScore(f"l{i}", rho, 1.0, 1.0, 1.0) for i, rho in enumerate(rhos)]
+    return [*scores, LayerScore("untouched", math.nan, 1.0, 0.0, 0.0)]
+
+
 def test_layer_selection_threshold_and_lowest():
-    scores = [LayerScore(f"l{i}", rho, 1.0, 1.0, 1.0) for i, rho in enumerate([0.9, 0.1, 0.4, 0.3])]
-    scores.append(LayerScore("untouched", math.nan, 1.0, 0.0, 0.0))
+    scores = layer_scores(0.9, 0.1, 0.4, 0.3, 0.5)
     assert METHODS.create("safemerge").select(scores, params("safemerge")) == {"l1", "l3"}
-    assert METHODS.create("safe_lora").select(scores, params("safe_lora")) == {"l1", "l2", "l3"}
+    threshold = params("safe_lora", select="threshold")  # IBM's rule: rho <= tau
+    assert METHODS.create("safe_lora").select(scores, threshold) == {"l1", "l2", "l3", "l4"}
     lowest = params("safe_lora", select="lowest", k=2)
     assert METHODS.create("safe_lora").select(scores, lowest) == {"l1", "l3"}
+
+
+def test_safe_lora_default_is_ibm_number_mode_k_10_with_ties_kept():
+    method = METHODS.create("safe_lora")
+    assert params("safe_lora").global_["select"] == "lowest"
+    rhos = [0.05 * i for i in range(14)]
+    assert method.select(layer_scores(*rhos), params("safe_lora")) == {f"l{i}" for i in range(10)}
+    # three layers tie at the 3rd lowest (0.3): k=3 projects all five layers <= 0.3,
+    # as IBM's `thrs = sort(cos)[:k][-1]; project if cos <= thrs`
+    tied = layer_scores(0.7, 0.3, 0.1, 0.3, 0.3, 0.2)
+    assert method.select(tied, params("safe_lora", k=2)) == {"l2", "l5"}
+    assert method.select(tied, params("safe_lora", k=3)) == {"l1", "l2", "l3", "l4", "l5"}
+    # both references round rho to 5 decimals before comparing
+    near = layer_scores(0.2, 0.2000001, 0.9)
+    assert method.select(near, params("safe_lora", k=1)) == {"l0", "l1"}
+    assert method.select(layer_scores(0.5000001), params("safe_lora", select="threshold"))
+    assert not METHODS.create("safemerge").select(layer_scores(0.3500001), params("safemerge"))
+    assert method.select(layer_scores(0.4, 0.6), params("safe_lora", k=5)) == {"l0", "l1"}
+
+
+def test_resta_equals_b_plus_aligned_minus_harmful_model_with_weight_1(layer):
+    aligned, _, lora, _ = layer
+    finetuned = aligned + lora.dense()
+    harmful = aligned + rand(12, 20, seed=16)  # A fine-tuned on harmful data
+    out = run("resta", {"finetuned": finetuned, "harmful_model": harmful}, aligned)
+    assert params("resta").global_["beta"] == 1.0
+    torch.testing.assert_close(out, finetuned + 1.0 * (aligned - harmful))
+    assert METHODS.get("resta").required_roles == ("finetuned", "harmful_model")
+    factored = run("resta", {"finetuned": lora, "harmful_model": harmful}, aligned)
+    torch.testing.assert_close(factored, out, rtol=1e-5, atol=1e-5)
 
 
 def test_resta_equals_task_arithmetic_with_weights_1_b_minus_b(layer):
     aligned, unaligned, lora, _ = layer
     finetuned = aligned + lora.dense()
     b = 0.7
-    out = run("resta", {"finetuned": finetuned, "unaligned": unaligned}, aligned, beta=b)
+    out = run("resta", {"finetuned": finetuned, "harmful_model": unaligned}, aligned, beta=b)
     torch.testing.assert_close(out, finetuned + b * (aligned - unaligned))
-    weights = {"B": {"weight": 1.0}, "A": {"weight": b}, "U": {"weight": -b}}
-    tensors = {"B": finetuned, "A": aligned, "U": unaligned}
+    weights = {"B": {"weight": 1.0}, "A": {"weight": b}, "H": {"weight": -b}}
+    tensors = {"B": finetuned, "A": aligned, "H": unaligned}
     ta = run("task_arithmetic", tensors, unaligned, per_model=weights)
     torch.testing.assert_close(out, ta, rtol=1e-5, atol=1e-5)
 
 
 def test_resta_dare_reproducible(layer):
-    aligned, unaligned, lora, _ = layer
-    tensors = {"finetuned": aligned + lora.dense(), "unaligned": unaligned}
+    aligned, harmful, lora, _ = layer
+    tensors = {"finetuned": aligned + lora.dense(), "harmful_model": harmful}
     first = run("resta", tensors, aligned, density=0.5, seed=1)
     torch.testing.assert_close(first, run("resta", tensors, aligned, density=0.5, seed=1))
     assert not torch.allclose(first, run("resta", tensors, aligned, density=0.5, seed=2))
-    kept = first - aligned - 0.5 * (aligned - unaligned)
+    kept = first - aligned - (aligned - harmful)
     assert 0.35 < (kept.abs() > 1e-5).float().mean().item() < 0.65
 
 
