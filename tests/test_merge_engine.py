@@ -150,8 +150,15 @@ def test_method_requirements_are_checked(tiny):
         load_config(
             {"merge_method": "slerp", "base_model": str(tiny.aligned), "models": [str(tiny.lora)]}
         )
-    with pytest.raises(MergeConfigError, match="exactly one model needs role: unaligned"):
+    with pytest.raises(MergeConfigError, match="safemerge needs --unaligned"):
         safety_config("safemerge", aligned=tiny.aligned, finetuned=tiny.lora)
+    with pytest.raises(MergeConfigError, match="resta needs --harmful-model"):
+        safety_config("resta", aligned=tiny.aligned, finetuned=tiny.lora)
+    with pytest.raises(MergeConfigError, match="resta does not take --unaligned"):
+        safety_config(
+            "resta", aligned=tiny.aligned, finetuned=tiny.lora, harmful_model=tiny.other,
+            unaligned=tiny.unaligned,
+        )  # fmt: skip
     with pytest.raises(MergeConfigError, match="slices"):
         load_config({"merge_method": "linear", "slices": [], "models": [str(tiny.aligned)]})
 
@@ -259,15 +266,15 @@ def test_resta_on_dense_models(tiny, tmp_path):
     config = safety_config(
         "resta",
         aligned=tiny.aligned,
-        unaligned=tiny.unaligned,
+        harmful_model=tiny.other,
         finetuned=tiny.finetuned,
         parameters={"beta": 0.3},
     )
     result = run_merge(config, tmp_path / "out", progress=False)
-    a, u, b = (read_weights(p) for p in (tiny.aligned, tiny.unaligned, tiny.finetuned))
+    a, h, b = (read_weights(p) for p in (tiny.aligned, tiny.other, tiny.finetuned))
     out = read_weights(result.out)
     for name in a:
-        torch.testing.assert_close(out[name], b[name] + 0.3 * (a[name] - u[name]))
+        torch.testing.assert_close(out[name], b[name] + 0.3 * (a[name] - h[name]))
 
 
 @pytest.mark.parametrize(

@@ -311,3 +311,58 @@ def test_interpolate_closed_form_and_lora(layer):
     p = params("interpolate", alpha=0.25)
     low = METHODS.create("interpolate").merge_lowrank(LAYER, {"finetuned": lora}, aligned, p)
     torch.testing.assert_close(aligned + low.dense(), out, rtol=1e-5, atol=1e-5)
+
+
+def test_safemerge_peft_linear_equals_the_formula_with_cross_terms(layer):
+    aligned, unaligned, lora, _ = layer
+    safety = LowRank(A=rand(3, 20, seed=14), B=rand(12, 3, seed=15), scale=2.0)
+    p = params("safemerge", selected=True, combination="peft-linear", weights=[0.7, -0.3])
+    tensors = {"finetuned": lora, "unaligned": unaligned, "safety": safety}
+    out = METHODS.create("safemerge").merge_lowrank(LAYER, tensors, aligned, p)
+    a = math.sqrt(0.7 * 0.5) * lora.A - math.sqrt(0.3 * 2.0) * safety.A
+    b = math.sqrt(0.7 * 0.5) * lora.B + math.sqrt(0.3 * 2.0) * safety.B
+    assert out.rank == 3 and out.scale == 1.0
+    torch.testing.assert_close(out.dense(), b @ a)
+    exact = METHODS.create("safemerge").merge_lowrank(
+        LAYER, tensors, aligned, params("safemerge", selected=True, weights=[0.7, -0.3])
+    )
+    assert not torch.allclose(out.dense(), exact.dense(), atol=1e-3)  # the cross terms
+    dense = {"finetuned": aligned + lora.dense(), "unaligned": unaligned}
+    with pytest.raises(ValueError, match="LoRA"):
+        METHODS.create("safemerge").merge(LAYER, dense, aligned, p)
+    other_rank = {**tensors, "safety": LowRank(rand(2, 20), rand(12, 2), 1.0)}
+    with pytest.raises(ValueError, match="one rank"):
+        METHODS.create("safemerge").merge_lowrank(LAYER, other_rank, aligned, p)
+
+
+def test_safemerge_peft_linear_equals_peft_add_weighted_adapter():
+    """PEFT's own ``add_weighted_adapter(combination_type="linear")`` on a tiny model."""
+    from checkpoint_support import tiny_llama
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "v_proj", "down_proj"]
+    model = get_peft_model(
+        tiny_llama(0), LoraConfig(r=4, lora_alpha=8, target_modules=targets), adapter_name="ft"
+    )
+    model.add_adapter("safe", LoraConfig(r=4, lora_alpha=16, target_modules=targets))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator))
+    model.add_weighted_adapter(["ft", "safe"], [0.8, 0.2], "merged", combination_type="linear")
+    method = METHODS.create("safemerge")
+    p = params("safemerge", selected=True, combination="peft-linear")
+    checked = 0
+    for name, module in model.named_modules():
+        if not hasattr(module, "lora_A") or "merged" not in module.lora_A:
+            continue
+        roles = {
+            role: LowRank(module.lora_A[a].weight, module.lora_B[a].weight, module.scaling[a])
+            for role, a in (("finetuned", "ft"), ("safety", "safe"))
+        }
+        base = module.base_layer.weight.detach()
+        ours = method.merge_lowrank(f"{name}.weight", roles, base, p)
+        torch.testing.assert_close(ours.dense(), module.get_delta_weight("merged"))
+        checked += 1
+    assert checked == 2 * 3

@@ -7,7 +7,7 @@ from safealign.compare import CompareInputs
 from safealign.compare.methods import safety_merge_config
 from safealign.data import load_prompts, load_task
 from safealign.eval import Evaluator
-from safealign.lab.layout import Lab
+from safealign.lab.layout import ADAPTERS, Lab
 
 #: Harmful training prompts that define recover's harmful direction.
 DIRECTION_PROMPTS = 128
@@ -27,12 +27,18 @@ RETRAIN_OPTIONS = "epochs=3,batch_size=16,lr=0.003"
 
 
 def lab_inputs(lab: Lab, finetuned: str = "ft_harmful_lora") -> CompareInputs:
-    """The lab's aligned model, fine-tune ``finetuned``, the roles and data every method takes."""
+    """The lab's aligned model, fine-tune ``finetuned``, the roles and data every method takes.
+
+    RESTA's harmful model is the one fine-tuned on harmful data alone the way ``finetuned``
+    was (a LoRA for a LoRA fine-tune, full weights for a full one).
+    """
+    lora = finetuned in ADAPTERS
     return CompareInputs(
         aligned=lab.aligned,
         finetuned=lab.model(finetuned),
         unaligned=lab.unaligned,
         safety=lab.safety_lora,
+        harmful_model=lab.ft_harmful_only_lora if lora else lab.ft_harmful_only,
         train_data=lab.data("ft_harmful_train"),
         harmful=lab.data("harmful_eval"),
         task=lab.data("task_eval"),
