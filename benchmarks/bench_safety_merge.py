@@ -5,6 +5,11 @@ origin, writes the result to a temporary folder, scores it with the demo's evalu
 harmful, task and benign sets) and deletes it. Deltas are against ``ft_harmful_lora`` itself, in
 percentage points: harmful points lowered (higher is safer) and task points lost (lower is better).
 
+The grid measures each deliberate difference from the references: SafeMERGE's ``exact`` against
+``peft-linear`` (the reference's combination), Safe LoRA's IBM default (the 10 lowest) against
+the threshold rule, and RESTA's harmful model (``ft_harmful_only``, as the paper) against its LoRA
+twin and against the model before alignment (``unaligned``, what ``resta`` took before).
+
 Run (on a shared CPU, under the lock):
     OMP_NUM_THREADS=2 flock /tmp/safealign-cpu.lock python benchmarks/bench_safety_merge.py
 
@@ -14,6 +19,7 @@ Prints a markdown table and writes benchmarks/results/safety_merge.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import shutil
 import tempfile
@@ -25,27 +31,37 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from safealign import __version__
+from safealign.compare.methods import safety_merge_config
 from safealign.compare.run import score_checkpoint as score_output
 from safealign.eval import Evaluator, Scores
 from safealign.lab import Lab, build
-from safealign.lab.compare import lab_evaluator, lab_safety_config
+from safealign.lab.compare import lab_evaluator, lab_inputs
 from safealign.merge import METHODS, run_merge
 from safealign.report import markdown_table, write_json
 
 OUT = Path(__file__).parent / "results" / "safety_merge.json"
 FINETUNED = "ft_harmful_lora"
 
-#: (method, parameters) in run order; each method's paper default comes first where it is a row.
-GRID: list[tuple[str, dict[str, Any]]] = [
+#: The lab models ``lab_inputs`` gives each role a grid row may swap.
+LAB_ROLES = {"harmful_model": "ft_harmful_only"}
+
+#: (method, parameters, roles) in run order; each method's paper default comes first. ``roles``
+#: replace the lab's inputs (``lab_inputs``) with other lab models, by name.
+GRID: list[tuple[str, dict[str, Any], dict[str, str]]] = [
     *(
-        ("safemerge", {"tau": tau, "weights": weights})
+        ("safemerge", {"tau": tau, "weights": weights, "combination": combination}, {})
         for tau in (0.35, 0.5, 0.7)
         for weights in ([0.8, 0.2], [0.5, 0.5], [0.2, 0.8])
+        for combination in ("exact", "peft-linear")
     ),
-    *(("safe_lora", {"select": "threshold", "tau": tau}) for tau in (0.5, 0.35, 0.7)),
-    *(("safe_lora", {"select": "lowest", "k": k}) for k in (6, 12, 24)),
-    *(("resta", {"beta": beta}) for beta in (0.5, 1.0)),
-    *(("interpolate", {"alpha": alpha}) for alpha in (0.2, 0.5, 0.8)),
+    *(("safe_lora", {"select": "lowest", "k": k}, {}) for k in (10, 6, 12, 24)),
+    *(("safe_lora", {"select": "threshold", "tau": tau}, {}) for tau in (0.5, 0.35, 0.7)),
+    *(
+        ("resta", {"beta": beta}, {"harmful_model": harmful})
+        for harmful in ("ft_harmful_only", "ft_harmful_only_lora", "unaligned")
+        for beta in (1.0, 0.5)
+    ),
+    *(("interpolate", {"alpha": alpha}, {}) for alpha in (0.2, 0.5, 0.8)),
 ]
 
 COLUMNS = (
@@ -67,8 +83,16 @@ def is_default(method: str, parameters: dict[str, Any]) -> bool:
     return all(parameters.get(p.name) == p.default for p in METHODS.get(method).parameters)
 
 
-def describe(parameters: dict[str, Any]) -> str:
-    return ", ".join(f"{key}={value}" for key, value in parameters.items())
+def describe(parameters: dict[str, Any], roles: dict[str, str] | None = None) -> str:
+    items = {**parameters, **(roles or {})}
+    return ", ".join(f"{key}={value}" for key, value in items.items())
+
+
+def grid_config(lab: Lab, method: str, parameters: dict[str, Any], roles: dict[str, str]):
+    """The merge config of one grid row: the lab's inputs, ``roles`` swapped for lab models."""
+    swapped = {role: lab.model(name) for role, name in roles.items()}
+    inputs = dataclasses.replace(lab_inputs(lab, FINETUNED), **swapped)
+    return safety_merge_config(method, inputs, parameters)
 
 
 def points(before: float | None, after: float | None) -> float | None:
@@ -92,8 +116,8 @@ def scored_row(name: str, scores: Scores, reference: Scores) -> dict[str, Any]:
 def run_grid(lab: Lab, evaluator: Evaluator, reference: Scores, work: Path) -> list[dict[str, Any]]:
     """Merge, score and delete each grid setting; one result row each."""
     rows = []
-    for i, (method, parameters) in enumerate(GRID):
-        config = lab_safety_config(lab, method, parameters)
+    for i, (method, parameters, roles) in enumerate(GRID):
+        config = grid_config(lab, method, parameters, roles)
         result = run_merge(config, work / f"{i:02d}-{method}", progress=False)
         scores = score_output(evaluator, result.out, lab.aligned)
         report = result.report
@@ -102,8 +126,10 @@ def run_grid(lab: Lab, evaluator: Evaluator, reference: Scores, work: Path) -> l
         row = {
             **scored_row(method, scores, reference),
             "parameters": parameters,
+            "roles": roles,
             "resolved_parameters": resolved,
-            "default": is_default(method, resolved),
+            "default": is_default(method, resolved)
+            and all(LAB_ROLES.get(role) == name for role, name in roles.items()),
             "output": report["output"],
             "layers_selected": report["layers_selected"] if layerwise else None,
             "layers_scored": report["layers_scored"] if layerwise else None,
@@ -112,7 +138,7 @@ def run_grid(lab: Lab, evaluator: Evaluator, reference: Scores, work: Path) -> l
         rows.append(row)
         shutil.rmtree(result.out)
         print(
-            f"  {method} {describe(parameters)}: harmful {scores.harmful_rate:.3f} "
+            f"  {method} {describe(parameters, roles)}: harmful {scores.harmful_rate:.3f} "
             f"task {scores.utility:.3f} ({report['seconds']:.1f} s)",
             flush=True,
         )
@@ -131,7 +157,9 @@ def table_rows(inputs: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list
         out.append(
             {
                 "method": row["method"],
-                "parameters": describe(row["parameters"]) if "parameters" in row else "input",
+                "parameters": describe(row["parameters"], row.get("roles"))
+                if "parameters" in row
+                else "input",
                 "default": "yes" if row.get("default") else "",
                 "layers selected": None
                 if selected is None
