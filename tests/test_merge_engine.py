@@ -206,6 +206,11 @@ def dense_rho(a, u, update):
     return torch.nn.functional.cosine_similarity(c_update.flatten(), update.flatten(), 0).item()
 
 
+def test_safemerge_peft_linear_refuses_loras_of_two_ranks_in_one_line(tiny, tmp_path):
+    with pytest.raises(ValueError, match="one rank .* got ranks \\[2, 4\\]: use combination=exact"):
+        run_merge(safemerge_of_loras(tiny, tau=2.0), tmp_path / "out", progress=False)
+
+
 def test_safemerge_lora_in_lora_out_equals_dense_merge(tiny, tmp_path):
     rhos = {}
     a, u = read_weights(tiny.aligned), read_weights(tiny.unaligned)
@@ -215,7 +220,7 @@ def test_safemerge_lora_in_lora_out_equals_dense_merge(tiny, tmp_path):
     ordered = sorted(rhos.values())
     half = len(ordered) // 2
     tau = (ordered[half - 1] + ordered[half]) / 2  # selects half the layers
-    config = safemerge_of_loras(tiny, tau=tau)
+    config = safemerge_of_loras(tiny, tau=tau, combination="exact")  # LoRAs of ranks 4 and 2
     adapter = run_merge(config, tmp_path / "adapter", progress=False)
     dense = run_merge(config, tmp_path / "dense", progress=False, output="model")
     assert adapter.report["output"] == "adapter" and dense.report["output"] == "model"

@@ -1,10 +1,11 @@
 """On the lab: safety-aware merges of the harmful LoRA fine-tune, measured against it.
 
 Measured on the test-size lab: the harmful LoRA answers every harmful prompt, and at the paper
-defaults SafeMERGE (τ 0.35, weights [0.8, 0.2]) brings no refusal back; it only nudges the
-first-token refusal log-odds up (by 0.04 to 0.3 across lab builds). Safe LoRA (τ 0.5) moves them
-up by about 5 and lowers the first-token harmful rate, at a large task cost. The tests assert
-that direction, so a merge that moves the model away from refusal fails.
+defaults SafeMERGE (τ 0.35, weights [0.8, 0.2], PEFT's linear combination) brings no refusal back;
+it only nudges the first-token refusal log-odds up (by 0.04 to 0.3 across lab builds). Safe LoRA
+(IBM's default, the 10 lowest-similarity layers) moves them up and lowers the first-token harmful
+rate, at a large task cost. The tests assert that direction, so a merge that moves the model away
+from refusal fails.
 """
 
 from __future__ import annotations

@@ -210,7 +210,7 @@ def test_safemerge_selected_and_kept_layers(layer):
 def test_safemerge_lora_path_equals_dense(layer):
     aligned, unaligned, lora, safety = layer
     method = METHODS.create("safemerge")
-    p = params("safemerge", selected=True, weights=[0.7, 0.3])
+    p = params("safemerge", selected=True, weights=[0.7, 0.3], combination="exact")
     factored = {"finetuned": lora, "unaligned": unaligned, "safety": safety}
     dense = {k: aligned + v.dense() if isinstance(v, LowRank) else v for k, v in factored.items()}
     expected = method.merge(LAYER, dense, aligned, p)
@@ -323,13 +323,14 @@ def test_safemerge_peft_linear_equals_the_formula_with_cross_terms(layer):
     b = math.sqrt(0.7 * 0.5) * lora.B + math.sqrt(0.3 * 2.0) * safety.B
     assert out.rank == 3 and out.scale == 1.0
     torch.testing.assert_close(out.dense(), b @ a)
-    exact = METHODS.create("safemerge").merge_lowrank(
-        LAYER, tensors, aligned, params("safemerge", selected=True, weights=[0.7, -0.3])
-    )
+    exact_params = params("safemerge", selected=True, weights=[0.7, -0.3], combination="exact")
+    exact = METHODS.create("safemerge").merge_lowrank(LAYER, tensors, aligned, exact_params)
     assert not torch.allclose(out.dense(), exact.dense(), atol=1e-3)  # the cross terms
-    dense = {"finetuned": aligned + lora.dense(), "unaligned": unaligned}
-    with pytest.raises(ValueError, match="LoRA"):
-        METHODS.create("safemerge").merge(LAYER, dense, aligned, p)
+    # a full-weight input has no factors: the exact sum, whatever the combination
+    dense = {**tensors, "safety": aligned + safety.dense()}
+    merged = METHODS.create("safemerge").merge(LAYER, dense, aligned, p)
+    expected = aligned + 0.7 * lora.dense() - 0.3 * safety.dense()
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
     other_rank = {**tensors, "safety": LowRank(rand(2, 20), rand(12, 2), 1.0)}
     with pytest.raises(ValueError, match="one rank"):
         METHODS.create("safemerge").merge_lowrank(LAYER, other_rank, aligned, p)

@@ -35,7 +35,7 @@ from safealign.merge.methods.lowrank import LowRank, Update, cosine, norm, proje
 from safealign.merge.methods.sparsify import dare_drop, tensor_generator
 
 #: How SafeMERGE combines the fine-tuned and safety updates of a selected layer.
-COMBINATIONS = ("exact", "peft-linear")
+COMBINATIONS = ("peft-linear", "exact")
 
 
 def is_layer_weight(name: str, ndim: int) -> bool:
@@ -144,10 +144,11 @@ class SafeMerge(LayerwiseSafetyMethod):
     """SafeMERGE (Djuhera et al. 2025): layers with ρ < τ become w_ft·B + w_safe·S.
 
     Weights are [fine-tuned, safety] as in the paper's code (default [0.8, 0.2]), on updates
-    over A (ΔW_S = 0 when the safety model is A). ``combination``: ``exact`` merges the updates,
-    w_ft·ΔW_B + w_safe·ΔW_S (LoRA out: the two LoRAs side by side); ``peft-linear`` combines two
-    LoRAs' factors as the reference does (PEFT's ``linear``, :func:`peft_linear`: cross terms
-    included), and needs LoRA inputs of one rank.
+    over A (ΔW_S = 0 when the safety model is A). ``combination``: ``peft-linear`` (default)
+    combines the LoRAs' factors as the reference does (PEFT's ``linear``, :func:`peft_linear`:
+    cross terms included; LoRAs of one rank); ``exact`` merges the updates themselves,
+    w_ft·ΔW_B + w_safe·ΔW_S (LoRA out: the two LoRAs side by side). A full-weight input has no
+    factors, so both give the exact sum there.
     """
 
     summary = "merge layers that leave the alignment subspace with a safety model"
@@ -157,9 +158,9 @@ class SafeMerge(LayerwiseSafetyMethod):
         Param("weights", [0.8, 0.2], check=weight_pair, help="[fine-tuned, safety]", listlike=True),
         Param(
             "combination",
-            "exact",
+            "peft-linear",
             check=one_of(*COMBINATIONS),
-            help="exact: weighted sum of updates; peft-linear: the reference's LoRA factors",
+            help="peft-linear: LoRA factors combined as the reference; exact: sum of updates",
         ),
     )
 
@@ -169,12 +170,7 @@ class SafeMerge(LayerwiseSafetyMethod):
         if tensors.get("safety") is not None:
             parts.append((update_of(tensors["safety"], base), w_safe))
         low_rank = all(isinstance(update, LowRank) for update, _ in parts)
-        if params.global_["combination"] == "peft-linear":
-            if not low_rank:
-                raise ValueError(
-                    f"{self.name}: combination peft-linear combines LoRA factors; the "
-                    "fine-tuned and safety models must be LoRAs on the aligned model"
-                )
+        if low_rank and params.global_["combination"] == "peft-linear":
             return peft_linear(parts)
         if low_rank:
             return LowRank.concat([update.scaled(weight) for update, weight in parts])
