@@ -61,7 +61,7 @@ GRID: list[tuple[str, dict[str, Any], dict[str, str]]] = [
         for weights in ([0.8, 0.2], [0.5, 0.5], [0.2, 0.8])
         for combination in ("exact", "peft-linear")
     ),
-    *(("safe_lora", {"select": "lowest", "k": k}, {}) for k in (10, 6, 12, 24)),
+    *(("safe_lora", {"k": k}, {}) for k in (10, 6, 12, 24)),
     *(("safe_lora", {"select": "threshold", "tau": tau}, {}) for tau in (0.5, 0.35, 0.7)),
     *(
         ("resta", {"beta": beta}, {"harmful_model": harmful})

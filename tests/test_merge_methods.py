@@ -253,7 +253,6 @@ def test_layer_selection_threshold_and_lowest():
 
 def test_safe_lora_default_is_ibm_number_mode_k_10_with_ties_kept():
     method = METHODS.create("safe_lora")
-    assert params("safe_lora").global_["select"] == "lowest"
     rhos = [0.05 * i for i in range(14)]
     assert method.select(layer_scores(*rhos), params("safe_lora")) == {f"l{i}" for i in range(10)}
     # three layers tie at the 3rd lowest (0.3): k=3 projects all five layers <= 0.3,
@@ -267,6 +266,8 @@ def test_safe_lora_default_is_ibm_number_mode_k_10_with_ties_kept():
     assert method.select(layer_scores(0.5000001), params("safe_lora", select="threshold"))
     assert not METHODS.create("safemerge").select(layer_scores(0.3500001), params("safemerge"))
     assert method.select(layer_scores(0.4, 0.6), params("safe_lora", k=5)) == {"l0", "l1"}
+    # a tau given without select means the threshold rule, as `safe_lora:tau=0.35` always did
+    assert method.select(layer_scores(*rhos), params("safe_lora", tau=0.12)) == {"l0", "l1", "l2"}
 
 
 def test_resta_equals_b_plus_aligned_minus_harmful_model_with_weight_1(layer):

@@ -34,6 +34,8 @@ from safealign.merge.methods.base import (
 from safealign.merge.methods.lowrank import LowRank, Update, cosine, norm, project
 from safealign.merge.methods.sparsify import dare_drop, tensor_generator
 
+#: Safe LoRA's threshold when ``select=threshold`` is given without ``tau`` (IBM's default).
+THRESHOLD = 0.5
 #: How SafeMERGE combines the fine-tuned and safety updates of a selected layer.
 COMBINATIONS = ("peft-linear", "exact")
 
@@ -186,14 +188,20 @@ class SafeLora(LayerwiseSafetyMethod):
 
     Selection as IBM's code: the k lowest ρ (``lowest``, IBM's ``number`` mode, default k 10:
     every layer whose rounded ρ is ≤ the k-th lowest, so ties at the k-th are all kept), or a
-    threshold (rounded ρ ≤ τ, default 0.5). A LoRA stays a LoRA: B ← V (Vᵀ B)/‖V‖_F with A
-    and the scale kept.
+    threshold (rounded ρ ≤ τ, default 0.5). Without ``select`` the rule is ``threshold`` when
+    ``tau`` is given (``safe_lora:tau=0.35``), else ``lowest``. A LoRA stays a LoRA:
+    B ← V (Vᵀ B)/‖V‖_F with A and the scale kept.
     """
 
     summary = "project the update of low-similarity layers onto the alignment subspace"
     parameters = (
-        Param("select", "lowest", check=one_of("lowest", "threshold"), help="selection rule"),
-        Param("tau", 0.5, check=number, help="threshold: layers with rho <= tau are projected"),
+        Param(
+            "select",
+            None,
+            check=one_of("lowest", "threshold"),
+            help="lowest (default), or threshold (default when tau is given)",
+        ),
+        Param("tau", None, check=number, help="threshold: rho <= tau is projected (0.5)"),
         Param("k", 10, check=positive_int, help="lowest: the k lowest rho (ties kept)"),
     )
 
@@ -201,8 +209,10 @@ class SafeLora(LayerwiseSafetyMethod):
         scored = rounded_scores(scores)
         if not scored:
             return set()
-        if params.global_["select"] == "threshold":
-            bound = float(params.global_["tau"])
+        tau = params.global_["tau"]
+        rule = params.global_["select"] or ("lowest" if tau is None else "threshold")
+        if rule == "threshold":
+            bound = THRESHOLD if tau is None else float(tau)
         else:
             bound = sorted(rho for rho, _ in scored)[: int(params.global_["k"])][-1]
         return {name for rho, name in scored if rho <= bound}
