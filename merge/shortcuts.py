@@ -58,12 +58,12 @@ def _check_roles(name: str, given: set[str]) -> None:
     cls = METHODS.get(name)
     takes = set(cls.required_roles) | set(cls.optional_roles)
     problems = [
-        f"{name} needs {flag(role)} ({ROLES[role].help})"
+        f"{name} needs {flag(role)}: {ROLES[role].help}"
         for role in cls.required_roles
         if role != "finetuned" and role not in given
     ]
     problems += [
-        f"{name} does not take {flag(role)} ({ROLES[role].help})" for role in sorted(given - takes)
+        f"{name} does not take {flag(role)}: {ROLES[role].help}" for role in sorted(given - takes)
     ]
     if problems:
         raise MergeConfigError("\n".join(problems))
