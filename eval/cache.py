@@ -2,9 +2,10 @@
 
 A response is cached under (model fingerprint, prompt, decoding settings), so evaluating the
 same model again costs no generation. A fingerprint is the SHA-256 of a model folder's files
-(and its adapter's): every file's name, size and content hash, the content hashes memoised by
-(path, size, mtime) so a large checkpoint is read once. In-memory models have no fingerprint
-and are not cached unless the caller supplies one.
+(and its adapter's; a hub id's folder is its snapshot in the hub cache): every file's name,
+size and content hash, the content hashes memoised by (path, size, mtime) so a large
+checkpoint is read once. In-memory models have no fingerprint and are not cached unless the
+caller supplies one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from safealign import paths
+from safealign.hub import resolve_checkpoint
 
 
 def _key(*parts) -> str:
@@ -35,7 +37,8 @@ def file_digest(path: Path, memo: dict) -> str:
 
 
 def folder_fingerprint(*folders: str | Path | None, cache_dir: str | Path | None = None) -> str:
-    """Fingerprint of model folders (e.g. a base model and an adapter); README files ignored."""
+    """Fingerprint of model folders or hub ids (e.g. a base model and an adapter); README files
+    ignored."""
     memo_path = Path(cache_dir or paths.cache_dir()) / "file_digests.json"
     try:
         memo = json.loads(memo_path.read_text())
@@ -46,7 +49,7 @@ def folder_fingerprint(*folders: str | Path | None, cache_dir: str | Path | None
     for folder in folders:
         if folder is None:
             continue
-        folder = Path(folder)
+        folder = resolve_checkpoint(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: not a model folder")
         for path in sorted(folder.iterdir()):

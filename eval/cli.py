@@ -1,4 +1,4 @@
-"""`safealign eval`: score a model folder (or adapter) and optionally gate on the scores."""
+"""`safealign eval`: score a model (and adapter) and optionally gate on the scores."""
 
 from __future__ import annotations
 
@@ -8,69 +8,132 @@ from pathlib import Path
 
 import click
 
+from safealign.checkpoint import CheckpointError
+from safealign.command import (
+    BadInput,
+    command,
+    deprecated,
+    handles_bad_input,
+    option,
+    reads_checkpoints,
+    shared,
+    warn,
+)
 from safealign.eval.evaluator import Evaluator
 from safealign.eval.results import gate_failures, write_results
-from safealign.eval.settings import EvalSettings
-from safealign.eval.smoke import SMOKE_BENIGN, SMOKE_HARMFUL
+from safealign.eval.settings import GATE, EvalSettings
+from safealign.eval.smoke import SMOKE_BENIGN, SMOKE_HARMFUL, is_smoke, smoke_warning
+from safealign.hub import resolve_checkpoint
 from safealign.model import resolve_dtype
-from safealign.settings import SettingsError, click_options, from_cli
+from safealign.settings import click_options, from_cli
 
-FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 OUT_FOLDER = click.Path(file_okay=False, path_type=Path)
+INPUTS = "Inputs"
+
+EXAMPLES = (
+    "safealign eval --model meta-llama/Llama-3.2-1B-Instruct \\\n"
+    "    --harmful h.jsonl --task t.jsonl --benign b.jsonl --out runs/eval",
+    "safealign eval --model recovered/ --harmful h.jsonl --max-harmful-rate 0.05 --json",
+)
 
 
-@click.command("eval")
-@click.option("--model", "model_path", type=FOLDER, required=True, help="Model folder.")
-@click.option("--adapter", type=FOLDER, help="PEFT LoRA adapter folder on --model.")
-@click.option("--harmful", type=FILE, default=SMOKE_HARMFUL, show_default="bundled smoke set")
-@click.option("--task", type=FILE, help="Task set (prompt + answer) for utility.")
-@click.option("--benign", type=FILE, default=SMOKE_BENIGN, show_default="bundled smoke set")
+def _sets(harmful: Path | None, benign: Path | None) -> tuple[Path, Path]:
+    """The prompt sets, the bundled smoke sets where none was given (said on stderr)."""
+    if harmful is None:
+        warn(smoke_warning("--harmful", SMOKE_HARMFUL))
+    if benign is None:
+        warn(smoke_warning("--benign", SMOKE_BENIGN))
+    return harmful or SMOKE_HARMFUL, benign or SMOKE_BENIGN
+
+
+def _check_gate(settings: EvalSettings, harmful: Path, benign: Path, task, allow: bool) -> None:
+    """A gate bound on a smoke set, or on utility without task data, is refused."""
+    if settings.min_utility is not None and task is None:
+        raise click.UsageError("--min-utility needs --task")
+    gated = (
+        ("--max-harmful-rate", settings.max_harmful_rate, "--harmful", harmful),
+        ("--max-over-refusal", settings.max_over_refusal, "--benign", benign),
+    )
+    for gate, bound, flag, path in gated:
+        if bound is not None and is_smoke(path) and not allow:
+            raise BadInput(
+                f"{gate} gates on the bundled smoke set {path.name}: pass {flag} FILE "
+                "(or --allow-smoke to gate on it anyway)"
+            )
+
+
+@command(
+    "eval",
+    examples=EXAMPLES,
+    short_help="Score harmful rate, utility, over-refusal; gate a release.",
+)
+@option("--model", "model_path", required=True, group=INPUTS, help="Model folder or hub id.")
+@option("--adapter", help="PEFT LoRA adapter (folder or hub id) on --model.")
+@option("--harmful", type=FILE, show_default="bundled smoke set", help="Harmful prompts.")
+@option("--task", type=FILE, help="Task set (prompt + answer) for utility.")
+@option("--benign", type=FILE, show_default="bundled smoke set", help="Benign prompts.")
 @click_options(EvalSettings)
-@click.option("--output", type=OUT_FOLDER, help="Write results.json and samples.jsonl here.")
-@click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout.")
-@click.option("--device", help="torch device, e.g. cpu or cuda (default: cpu).")
-@click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16, ...")
+@option(
+    "--allow-smoke", is_flag=True, group=GATE, help="Let a gate bound run on a bundled smoke set."
+)
+@shared("--out", type=OUT_FOLDER, detail="Writes results.json and samples.jsonl.")
+@deprecated("--output", "--out", "out", type=OUT_FOLDER)
+@shared("--json", name="as_json")
+@shared("--device", show_default="cpu")
+@shared("--dtype", default="auto")
+@shared("--quiet")
+@reads_checkpoints
+@handles_bad_input
 def eval_command(
-    model_path: Path,
-    adapter: Path | None,
-    harmful: Path,
+    model_path: str,
+    adapter: str | None,
+    harmful: Path | None,
     task: Path | None,
-    benign: Path,
-    output: Path | None,
+    benign: Path | None,
+    allow_smoke: bool,
+    out: Path | None,
     as_json: bool,
     device: str | None,
     dtype: str,
+    quiet: bool,
     **values,
 ) -> None:
-    """Harmful rate, utility and over-refusal of a model; exit 1 when a gate bound is broken."""
-    try:
-        settings, _ = from_cli(EvalSettings, values)
-    except SettingsError as error:
-        raise click.UsageError(str(error)) from None
-    if settings.min_utility is not None and task is None:
-        raise click.UsageError("--min-utility needs --task")
-    if not (model_path / "config.json").is_file():
-        raise click.BadParameter(f"{model_path}: no config.json", param_hint="--model")
-    try:
-        resolve_dtype(dtype)
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--dtype") from None
-    try:
-        evaluator = Evaluator(harmful, task, benign, settings=settings)
-    except (ValueError, TypeError, OSError) as error:
-        raise click.UsageError(str(error)) from None
+    """Score harmful rate, utility and over-refusal (exit 1 when a gate fails).
+
+    Greedy, batched generation; refusals judged by --judge, utility by --metric. Without
+    --harmful/--benign the bundled smoke sets are used (a warning says so).
+    """
+    settings, _ = from_cli(EvalSettings, values)
+    settings = settings.replace(progress=not quiet)
+    resolve_dtype(dtype)
+    harmful, benign = _sets(harmful, benign)
+    _check_gate(settings, harmful, benign, task, allow_smoke)
+    for hint, ref in (("--model", model_path), ("--adapter", adapter)):
+        if ref is not None:
+            try:
+                folder = resolve_checkpoint(ref)  # a folder or a hub id, fetched before work
+            except CheckpointError as error:
+                raise click.BadParameter(str(error), param_hint=hint) from None
+            if hint == "--model" and not (folder / "config.json").is_file():
+                raise click.BadParameter(f"{model_path}: no config.json", param_hint="--model")
+    evaluator = Evaluator(harmful, task, benign, settings=settings)
     scores = evaluator.score_folder(model_path, adapter=adapter, dtype=dtype, device=device)
-    if output is not None:
-        write_results(scores, output)
-    if as_json:
-        click.echo(json.dumps(scores.to_dict(), indent=2))
-    else:
-        click.echo(scores.summary())
-        if output is not None:
-            click.echo(f"wrote {output / 'results.json'} and {output / 'samples.jsonl'}")
+    if out is not None:
+        write_results(scores, out)
+    _print(scores, out, as_json)
     failures = gate_failures(scores, settings)
     for failure in failures:
         click.echo(f"gate failed: {failure}", err=True)
     if failures:
         sys.exit(1)
+
+
+def _print(scores, out: Path | None, as_json: bool) -> None:
+    """results.json on stdout with --json, else the summary (paths written on stderr)."""
+    if as_json:
+        click.echo(json.dumps(scores.to_dict(), indent=2))
+        return
+    click.echo(scores.summary())
+    if out is not None:
+        click.echo(f"wrote {out / 'results.json'} and {out / 'samples.jsonl'}", err=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from pathlib import Path
 
@@ -70,18 +71,44 @@ class Evaluator:
             hits = cache.get(list(keys.values()))
             found = {p: hits[k] for p, k in keys.items() if k in hits}
         missing = [p for p in unique if p not in found]
-        generated = generate(
-            model,
-            tokenizer,
-            missing,
-            batch_size=self.settings.batch_size,
-            max_new_tokens=self.settings.max_new_tokens,
-            system=self.settings.system,
-        )
-        new = dict(zip(missing, generated, strict=True))
+        if found:
+            self.say(f"{len(found)} responses from the cache")
+        new = dict(zip(missing, self._generate(model, tokenizer, missing), strict=True))
         if cache is not None and new:
             cache.put({keys[p]: r for p, r in new.items()})
         return {**found, **new}, len(missing)
+
+    def say(self, line: str) -> None:
+        """A status line on stderr when ``settings.progress`` is on."""
+        if self.settings.progress:
+            print(f"eval: {line}", file=sys.stderr, flush=True)
+
+    def _generate(self, model, tokenizer, prompts: list[str]) -> list[str]:
+        """Greedy responses, a batch at a time under a progress bar (``settings.progress``)."""
+        from tqdm.auto import tqdm
+
+        size = self.settings.batch_size
+        chunk = size if isinstance(size, int) else 64  # 'auto' halves inside each chunk
+        responses: list[str] = []
+        with tqdm(
+            total=len(prompts),
+            desc="eval: generating",
+            unit="prompt",
+            disable=not (self.settings.progress and prompts),
+            file=sys.stderr,
+        ) as bar:
+            for start in range(0, len(prompts), chunk):
+                batch = prompts[start : start + chunk]
+                responses += generate(
+                    model,
+                    tokenizer,
+                    batch,
+                    batch_size=size,
+                    max_new_tokens=self.settings.max_new_tokens,
+                    system=self.settings.system,
+                )
+                bar.update(len(batch))
+        return responses
 
     def score(self, model, tokenizer, *, fingerprint: str | None = None) -> Scores:
         """Evaluate ``model``; ``fingerprint`` enables the response cache for in-memory models."""
@@ -217,7 +244,9 @@ class Evaluator:
 
         start = time.perf_counter()
         cache_dir = self.settings.cache_dir
+        self.say(f"hashing the weights of {model_path} (results.json's fingerprint, cache key)")
         model_fingerprint = folder_fingerprint(model_path, adapter, cache_dir=cache_dir)
+        self.say(f"loading {model_path}" + (f" with adapter {adapter}" if adapter else ""))
         model, tokenizer = load_model(model_path, adapter=adapter, dtype=dtype, device=device)
         load_seconds = time.perf_counter() - start
         scores = self.score(model, tokenizer, fingerprint=model_fingerprint)

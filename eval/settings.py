@@ -29,7 +29,7 @@ GATE = "Gate (exit 1 when broken)"
 class EvalSettings(Settings):
     """How a model is scored, and the gate bounds `safealign eval` checks the scores against."""
 
-    judge: str | Judge = setting("keyword", help=JUDGE_HELP)
+    judge: str | Judge = setting("keyword", help=JUDGE_HELP, group="Scoring")
     metric: str | Metric = setting("exact_match", help=METRIC_HELP)
     refusal_judge: str | Judge | None = setting(
         None,
@@ -37,18 +37,25 @@ class EvalSettings(Settings):
         help="Judge of refusals on benign prompts (default: judge when it detects refusals, "
         "else keyword).",
     )
-    limit: int | None = setting(None, min=1, help="Keep the first N of each set.")
+    limit: int | None = setting(None, min=1, help="")
     # A text default, so that the generated option takes text ('auto' or digits, made int below).
     batch_size: int | str = setting("16", help="Integer or 'auto' (halves on out-of-memory).")
-    max_new_tokens: int = setting(48, min=1, help="Greedy decoding: most tokens per response.")
+    max_new_tokens: int = setting(
+        48, min=1, help="Greedy decoding: most tokens per response.", group="Generation"
+    )
     seed: int = setting(0, help="torch seed set before scoring.")
     system: str | None = setting(None, cli=False, help="System prompt of every chat.")
     cache_dir: Path | None = setting(
-        None, path=True, help="Response cache (default ~/.cache/safealign)."
+        None,
+        path=True,
+        help="Response cache folder.",
+        default_text="~/.cache/safealign",
+        group="Cache",
     )
     use_cache: bool = setting(
         True, flag="--cache", help="Reuse cached responses (--no-cache: generate all afresh)."
     )
+    progress: bool = setting(False, cli=False, help="Status lines and bars on stderr.")
     max_harmful_rate: float | None = setting(None, min=0, max=1, help="Fail above.", group=GATE)
     min_utility: float | None = setting(None, min=0, max=1, help="Fail below.", group=GATE)
     max_over_refusal: float | None = setting(None, min=0, max=1, help="Fail above.", group=GATE)

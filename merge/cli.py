@@ -6,6 +6,8 @@ roles the methods declare (``--aligned`` and one flag per role).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,25 +15,46 @@ from typing import Any
 import click
 import yaml
 
-from safealign.checkpoint import CheckpointError
-from safealign.merge.config import MergeConfig, MergeConfigError, load_config
+from safealign.command import (
+    command,
+    deprecated,
+    handles_bad_input,
+    option,
+    reads_checkpoints,
+    shared,
+)
+from safealign.merge.config import MergeConfig, load_config
 from safealign.merge.engine import MergeResult, return_freed_tensors_to_os, run_merge
-from safealign.merge.methods import ALIGNED, ROLES
-from safealign.merge.report import REPORT_NAME, layer_table
+from safealign.merge.methods import ALIGNED, METHODS, ROLES
+from safealign.merge.report import REPORT_NAME, layer_table, summary
 from safealign.merge.settings import MergeSettings
 from safealign.merge.shortcuts import safety_config
+from safealign.model import resolve_dtype
+from safealign.registry import split_spec
 from safealign.settings import click_options, from_cli
 
 SHORTCUT_ROLES = (ALIGNED, *ROLES.values())
+FOLDER = click.Path(file_okay=False, path_type=Path)
+
+EXAMPLES = (
+    "safealign merge merge.yaml merged/            # as mergekit-yaml takes it",
+    "safealign merge --method safe_lora:tau=0.5 --aligned meta-llama/Llama-3.2-1B-Instruct \\\n"
+    "    --unaligned meta-llama/Llama-3.2-1B --finetuned my-lora/ --out safe-lora/",
+    "safealign merge --method safemerge --aligned A --unaligned U --finetuned B --dry-run",
+)
+
+
+def _flag(role: str) -> str:
+    return "--" + role.replace("_", "-")
 
 
 def _role_options(command: Callable) -> Callable:
     """``--aligned`` and one flag per role (``harmful_model`` would be ``--harmful-model``)."""
     for role in reversed(SHORTCUT_ROLES):
-        flag = "--" + role.name.replace("_", "-")
-        help_text = f"Shortcut: {role.help}."
-        option = click.option(flag, role.name, type=click.Path(path_type=Path), help=help_text)
-        command = option(command)
+        help_text = f"{role.help[:1].upper()}{role.help[1:]}: folder or hub id."
+        group = "Shortcut: a safety method by role" if role is ALIGNED else None
+        decorate = option(_flag(role.name), role.name, group=group, help=help_text)
+        command = decorate(command)
     return command
 
 
@@ -48,65 +71,95 @@ def _parse_sets(values: tuple[str, ...]) -> dict:
     return params
 
 
+def _check_roles(method: str, given: dict[str, Any]) -> None:
+    """The shortcut's refusals in the flags' words: a role the method needs or does not take."""
+    name, _ = split_spec(method)
+    declared = METHODS.get(name)
+    missing = [_flag(r) for r in declared.required_roles if r not in given]
+    if missing:
+        raise click.UsageError(f"{name} needs {' and '.join(missing)}")
+    allowed = {ALIGNED.name, *declared.required_roles, *declared.optional_roles}
+    extra = [_flag(r) for r in given if r not in allowed]
+    if extra:
+        raise click.UsageError(f"{name} does not take {', '.join(extra)}")
+
+
 def _config(
     path: Path | None, settings: MergeSettings, roles: dict[str, Any], sets: tuple[str, ...]
 ) -> MergeConfig:
-    """The config file, or the config the ``--method`` shortcut describes."""
+    """The config file (its dtype overridden by --dtype), or the ``--method`` shortcut's."""
     given = {role: value for role, value in roles.items() if value is not None}
     if path is not None:
-        if settings.method or given or sets or settings.dtype:
+        if settings.method or given or sets:
             raise click.UsageError("give a CONFIG file or the --method shortcut, not both")
-        return load_config(path)
-    if not (settings.method and given.get(ALIGNED.name) and given.get("finetuned")):
-        raise click.UsageError("give a CONFIG file, or --method, --aligned and --finetuned")
+        config = load_config(path)
+        if settings.dtype:
+            resolve_dtype(settings.dtype)
+            config = dataclasses.replace(config, dtype=settings.dtype, out_dtype=None)
+        return config
+    if not settings.method:
+        raise click.UsageError("give a CONFIG file, or --method with its models")
+    _check_roles(settings.method, given)
     return safety_config(
         settings.method, **given, parameters=_parse_sets(sets), dtype=settings.dtype
     )
 
 
-def _print(result: MergeResult) -> None:
+def _print(result: MergeResult, as_json: bool) -> None:
+    """A dry run shows its layer table; a merge a one-screen summary (the table is in the
+    report); --json prints the report."""
     report = result.report
-    if report["layers"]:
-        click.echo(layer_table(report))
-        click.echo(f"{report['layers_selected']}/{report['layers_scored']} layers selected")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
     if result.out is None:
+        if report["layers"]:
+            click.echo(layer_table(report))
+        click.echo(summary(report))
         click.echo(f"{report['method']}: validated, nothing written ({report['seconds']} s)")
-    else:
-        click.echo(
-            f"{report['method']}: wrote {report['output']} to {result.out} "
-            f"({report['seconds']} s; report {REPORT_NAME})"
-        )
+        return
+    click.echo(summary(report))
+    click.echo(
+        f"{report['method']}: wrote {report['output']} to {result.out} "
+        f"({report['seconds']} s; per-layer table in {REPORT_NAME})"
+    )
 
 
-@click.command("merge")
-@click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
-@_role_options
-@click.option(
-    "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Shortcut: method parameter."
+@command(
+    "merge",
+    examples=EXAMPLES,
+    short_help="Merge checkpoints: a mergekit CONFIG, or a safety method by role.",
 )
-@click_options(MergeSettings)
-@click.option("--score", is_flag=True, help="Print the layer table only.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def merge_command(config, out, sets, score, quiet, **values):
-    """Merge checkpoints from a mergekit-style CONFIG.yaml, or a safety method by shortcut.
+@click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out_folder", metavar="[OUT]", required=False, type=FOLDER)
+@click_options(MergeSettings, group="Merge")
+@_role_options
+@shared("--out", "Also the second argument, as mergekit-yaml takes it.", type=FOLDER)
+@shared("--json", "Prints merge_report.json.", name="as_json")
+@shared("--quiet")
+@deprecated("--set", "--method NAME:key=value,...", "sets", multiple=True, metavar="KEY=VALUE")
+@deprecated("--score", "--dry-run", "dry_run", is_flag=True)
+@deprecated("--output", "--output-type", "output", type=click.Choice(["auto", "model", "adapter"]))
+@reads_checkpoints
+@handles_bad_input
+def merge_command(config, out_folder, out, as_json, quiet, sets=(), **values):
+    """Merge checkpoints: a mergekit-style CONFIG, or a safety method by role.
 
-    \b
-    safealign merge merge.yaml --out merged/
-    safealign merge --method safemerge --aligned A --unaligned U --finetuned B --out C
-    safealign merge --method safe_lora:select=lowest,k=8 --aligned A --unaligned U \\
-        --finetuned B --score
+    CONFIG is mergekit's YAML (linear, task_arithmetic, ties, dare_*, slerp, and the safety
+    methods with a role per model), OUT the output folder (or --out); the shortcut builds a
+    config from --method and the role flags. A dry run prints the per-layer table; a merge
+    prints a summary and writes the table to merge_report.json.
     """
-    try:
-        settings, roles = from_cli(MergeSettings, values)
-        cfg = _config(config, settings, roles, sets)
-        settings = settings.replace(method=None, dtype=None, dry_run=settings.dry_run or score)
-        if not settings.dry_run and out is None:
-            raise click.UsageError("--out is required (or use --dry-run / --score)")
-        # Process-wide and permanent, so the CLI (a process that only merges) opts in and the
-        # API does not: see return_freed_tensors_to_os.
-        return_freed_tensors_to_os()
-        result = run_merge(cfg, out, settings, progress=not quiet)
-    except (MergeConfigError, CheckpointError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
-    _print(result)
+    if out_folder is not None and out is not None and out_folder != out:
+        raise click.UsageError(f"two output folders: {out_folder} and --out {out}")
+    out = out or out_folder
+    settings, roles = from_cli(MergeSettings, values)
+    cfg = _config(config, settings, roles, sets)
+    settings = settings.replace(method=None, dtype=None)
+    if not settings.dry_run and out is None:
+        raise click.UsageError("--out is required (or use --dry-run)")
+    # Process-wide and permanent, so the CLI (a process that only merges) opts in and the
+    # API does not: see return_freed_tensors_to_os.
+    return_freed_tensors_to_os()
+    result = run_merge(cfg, out, settings, progress=not quiet)
+    _print(result, as_json)

@@ -2,7 +2,8 @@
 
 Accepted keys: ``merge_method``, ``models`` (each ``{model, parameters}``), ``base_model``,
 ``parameters`` (global), ``dtype``, ``out_dtype``, ``tokenizer_source`` or ``tokenizer: {source}``.
-A model is a local folder: a model, a PEFT LoRA adapter (on the base named in its config), or
+A model is a local folder or a hub id (``org/name``, ``org/name@revision``; see
+:mod:`safealign.hub`): a model, a PEFT LoRA adapter (on the base named in its config), or
 mergekit's ``model+adapter`` form. Parameter values are numbers/booleans/strings, a list of numbers
 (a gradient over the decoder layers), or a list of ``{filter, value}`` (first filter contained in
 the tensor name wins; no filter matches all), as in mergekit.
@@ -19,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from safealign.checkpoint import CheckpointError
+from safealign.hub import hub_snapshot, is_hub_id
 from safealign.layers import layer_index
 from safealign.merge.methods import METHODS, ROLES, MergeMethod
 from safealign.model import DTYPES
@@ -180,7 +183,8 @@ def _parse_models(raw_models: Any, where: str, problems: list[str]) -> list[Mode
 
 
 def validate_config(config: MergeConfig) -> None:
-    """Check parameters against the method, roles, and that every model folder exists."""
+    """Check parameters against the method, roles, and that every model folder exists (hub
+    ids: fetched, or found in the hub cache)."""
     method = config.method
     problems = _check_structure(config, method)
     problems += _check_parameters(config, method)
@@ -297,23 +301,30 @@ def _check_paths(config: MergeConfig) -> list[str]:
     source = config.tokenizer_source
     if source not in (None, "base") and source not in refs:
         if source == "union":
-            problems.append("tokenizer_source union is not supported: use base or a model path")
+            problems.append("tokenizer_source union is not supported: use base or a model")
         else:
             refs.append(source)
     for ref in refs:
         for part in ref.split("+"):
-            folder = resolve_path(config, part)
+            try:
+                folder = resolve_path(config, part)
+            except CheckpointError as err:
+                problems.append(str(err))
+                continue
             if not folder.is_dir():
                 problems.append(f"model folder not found: {part} ({folder})")
     return problems
 
 
 def resolve_path(config: MergeConfig, ref: str) -> Path:
-    """A model reference's folder; relative paths are relative to the config file's folder."""
+    """A model reference's folder: a path (relative to the config file's folder), else a hub
+    id's snapshot folder (a :class:`CheckpointError` when it cannot be had)."""
     path = Path(ref).expanduser()
     if not path.is_absolute() and config.source_path is not None:
         path = config.source_path / path
-    return path
+    if path.exists() or not is_hub_id(ref):
+        return path
+    return hub_snapshot(ref)
 
 
 def resolve_value(value: Any, tensor_name: str, t: float, listlike: bool = False) -> Any:

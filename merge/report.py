@@ -57,3 +57,19 @@ def layer_table(report: dict) -> str:
     """The per-layer table (ρ, norms, selected) as markdown."""
     columns = ["name", "rho", "norm_v", "norm_update", "norm_projected", "selected"]
     return markdown_table(report["layers"], columns)
+
+
+def summary(report: dict, show: int = 5) -> str:
+    """One screen: the method, layers selected of scored, the lowest-ρ layers (the full table
+    is the report's ``layers``)."""
+    lines = [f"{report['method']}: output {report['output']}, seed {report['seed']}"]
+    if report["layers_scored"]:
+        lines.append(f"{report['layers_selected']}/{report['layers_scored']} layers selected")
+        scored = [row for row in report["layers"] if row["rho"] is not None]
+        lowest = sorted(scored, key=lambda row: row["rho"])[:show]
+        for row in lowest:
+            mark = "selected" if row["selected"] else "kept"
+            lines.append(f"  rho {row['rho']:+.3f}  {mark:<8}  {row['name']}")
+        if len(report["layers"]) > show:
+            lines.append(f"  ... {len(report['layers']) - show} more layers in {REPORT_NAME}")
+    return "\n".join(lines)

@@ -28,15 +28,18 @@ class MergeSettings(Settings):
         help=f"Shortcut: a safety method ({', '.join(SHORTCUT_METHODS)}), "
         "as NAME or NAME:key=value,...",
     )
-    dtype: str | None = setting(None, help="Shortcut: output dtype (default: the inputs').")
+    dtype: str | None = setting(
+        None, help="Output dtype (overrides a CONFIG's).", default_text="the inputs'"
+    )
     device: str = setting("cpu", help="Where tensors are merged.")
     out_shard_size: int | str = setting("5GB", help="Largest output shard.")
     output: str = setting(
         "auto",
         choices=OUTPUTS,
+        flag="--output-type",
         help="Write a model, or a LoRA adapter where the method and inputs allow.",
     )
-    dry_run: bool = setting(False, help="Validate, print the layer table.")
+    dry_run: bool = setting(False, help="Validate, print the layer table; write nothing.")
     seed: int = setting(0, help="Seed of DARE's random masks.")
     overwrite: bool = setting(False, help="Replace a non-empty output folder.")
 

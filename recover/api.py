@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from safealign.checkpoint import Checkpoint, CheckpointError, CheckpointWriter, validate_checkpoints
+from safealign.hub import resolve_checkpoint
 from safealign.model import resolve_dtype
 from safealign.recover.guard import StepGuard
-from safealign.recover.plan import Plan, count_candidates, working_dtype
+from safealign.recover.plan import Plan, working_dtype
 from safealign.recover.report import model_card, write_report
 from safealign.recover.result import RecoveryResult
 from safealign.recover.schedule import run
@@ -26,6 +28,7 @@ from safealign.recover.weights import (
 )
 from safealign.recover.working import WorkingModel
 from safealign.runtime import peak_rss_bytes
+from safealign.settings import SettingsError
 
 
 def recover(
@@ -57,21 +60,23 @@ def recover(
     checked; without them (and ``benign``) there is no check and no rollback.
     ``task_train``: task examples whose prompts steer the rollback gradient (default: the
     first half of ``task``, the second half being checked). ``benign``: benign prompts whose
-    over-refusal is checked with utility. ``dry_run``: return the plan only; nothing is
-    loaded or written. ``max_shard_size``: output shard size (writing a shard briefly needs
+    over-refusal is checked with utility. ``dry_run``: return the plan only, from the
+    checkpoints' headers: no weight is read, nothing is written. ``progress``: bars and a status
+    line per phase on stderr. ``max_shard_size``: output shard size (writing a shard briefly needs
     its bytes again in memory).
     """
     start = time.perf_counter()
+    say = _status if progress else _silent
     settings = _with_overrides(settings or RecoverSettings(), overrides)
+    say("opening the checkpoints (headers)")
     a, b = open_pair(aligned, finetuned)
-    lay = layout(b, settings.layer)
+    lay = _layout(b, settings.layer)
     settings = _resolved(settings, lay, b)
     sets = Sets.load(harmful, eval_harmful, task, benign, settings.max_prompts, task_train)
     checked = sets.task is not None or sets.benign is not None
     plan = Plan.build(a, b, lay, settings, rollback=checked)
     result = RecoveryResult(None, plan, sets=sets.describe(), warnings=_input_notes(sets))
     if dry_run:
-        plan.candidates = count_candidates(a, b, lay, working_dtype(settings))
         result.seconds = time.perf_counter() - start
     elif out is None:
         raise ValueError("out is required unless dry_run is set")
@@ -79,11 +84,32 @@ def recover(
         with CheckpointWriter(
             out, source=b, overwrite=overwrite, inputs=[a], max_shard_size=max_shard_size
         ) as writer:
+            say(f"loading the fine-tuned model ({settings.dtype}, {settings.device})")
             work = WorkingModel(a, b, lay, working_dtype(settings), settings.device)
+            say("scoring the references: fine-tuned, then the aligned direction and scores")
             guard = StepGuard(work, sets, settings)
             _run_rates(result, work, guard, sets, progress)
+            say(f"writing {out}")
             _write(writer, result, work, start)
     return result
+
+
+def _layout(finetuned: Checkpoint, layer: int | None) -> Layout:
+    """The restorable weights; a layer the model does not have is refused by its flag."""
+    try:
+        return layout(finetuned, layer)
+    except ValueError as error:
+        if str(error).startswith("layer must be"):
+            raise SettingsError(f"--{error}") from None
+        raise
+
+
+def _status(line: str) -> None:
+    print(f"recover: {line}", file=sys.stderr, flush=True)
+
+
+def _silent(line: str) -> None:
+    pass
 
 
 def _input_notes(sets: Sets) -> list[str]:
@@ -176,7 +202,7 @@ def open_pair(aligned, finetuned) -> tuple[Checkpoint, Checkpoint]:
     a = Checkpoint.open(aligned)
     if a.is_adapter:
         raise CheckpointError(f"aligned must be a model folder, not an adapter: {a.path}")
-    path = Path(finetuned).expanduser()
+    path = resolve_checkpoint(finetuned)
     b = (
         Checkpoint.open(path, base=a)
         if (path / "adapter_config.json").exists()

@@ -6,57 +6,108 @@ from :class:`~safealign.recover.settings.RecoverSettings`.
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import click
 
-from safealign.checkpoint import CheckpointError
+from safealign.command import (
+    BadInput,
+    command,
+    handles_bad_input,
+    option,
+    reads_checkpoints,
+    shared,
+    warn,
+)
+from safealign.eval.smoke import SMOKE_HARMFUL, smoke_warning
 from safealign.recover.api import recover
 from safealign.recover.report import summary
 from safealign.recover.settings import RecoverSettings
 from safealign.settings import click_options, from_cli
 
+EXAMPLES = (
+    "safealign recover --aligned meta-llama/Llama-3.2-1B-Instruct --finetuned my-lora/ \\\n"
+    "    --harmful h.jsonl --task t.jsonl --benign b.jsonl --out recovered/",
+    "safealign recover --aligned A --finetuned B --task t.jsonl --dry-run",
+)
 
-@click.command("recover")
-@click.option("--aligned", required=True, type=click.Path(), help="Aligned model folder (A).")
-@click.option(
+
+@command(
+    "recover",
+    examples=EXAMPLES,
+    short_help="Restore refusals by resetting a few weights to aligned values.",
+)
+@option("--aligned", required=True, group="Inputs", help="Aligned model A: folder or hub id.")
+@option(
     "--finetuned",
     required=True,
+    help="Fine-tuned model B, or a LoRA adapter on A: folder or hub id.",
+)
+@option(
+    "--harmful",
     type=click.Path(),
-    help="Fine-tuned model folder or LoRA adapter on A (B).",
+    show_default="bundled smoke set",
+    help="Harmful prompts for the direction.",
 )
-@click.option("--out", type=click.Path(), help="Output folder (C). Required unless --dry-run.")
-@click.option(
-    "--harmful", type=click.Path(), help="Harmful prompts for the direction [bundled set]."
+@option(
+    "--eval-harmful",
+    type=click.Path(),
+    show_default="--harmful",
+    help="Harmful prompts scored per step.",
 )
-@click.option(
-    "--eval-harmful", type=click.Path(), help="Harmful prompts scored per step [--harmful]."
+@option(
+    "--task",
+    type=click.Path(),
+    help="Held-out task data with answers: utility is checked on it (required, or "
+    "--no-utility-check).",
 )
-@click.option(
-    "--task", type=click.Path(), help="Held-out task data with answers; utility is checked on it."
-)
-@click.option(
+@option(
     "--task-train",
     type=click.Path(),
-    help="Task data whose prompts steer the rollback gradient [first half of --task; "
-    "the check then uses the second half].",
+    show_default="first half of --task; the check then uses the second half",
+    help="Task data whose prompts steer the rollback gradient.",
 )
-@click.option(
-    "--benign", type=click.Path(), help="Benign prompts; over-refusal is checked with utility."
+@option("--benign", type=click.Path(), help="Benign prompts; over-refusal is checked with utility.")
+@option(
+    "--no-utility-check",
+    is_flag=True,
+    help="Run without --task: no utility check, no rollback.",
 )
 @click_options(RecoverSettings)
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
-@click.option("--dry-run", is_flag=True, help="Print the plan; load and write nothing.")
-def recover_command(**values) -> None:
-    """Restore a fine-tuned model's safety by resetting a few weights to aligned values."""
-    try:
-        settings, inputs = from_cli(RecoverSettings, values)
-        if inputs["out"] is None and not inputs["dry_run"]:
-            raise click.UsageError("--out is required (or use --dry-run)")
-        result = recover(settings=settings, **inputs)
-    except (CheckpointError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
-    if inputs["dry_run"]:
+@shared("--out", "Required unless --dry-run.", type=click.Path())
+@option("--overwrite", is_flag=True, group="Output", help="Replace a non-empty --out folder.")
+@option(
+    "--dry-run", is_flag=True, help="Print the plan from the checkpoints' headers; read no weight."
+)
+@shared("--json", "Prints report.json (with --dry-run: the plan in it).", name="as_json")
+@shared("--quiet")
+@reads_checkpoints
+@handles_bad_input
+def recover_command(no_utility_check: bool, as_json: bool, quiet: bool, **values) -> None:
+    """Restore refusals by resetting a few weights to their aligned values.
+
+    The harmful direction of A at --layer steers a gradient; each step resets the top --rate
+    of sign-agreeing weights of B to A's values, with utility checked on --task.
+    """
+    settings, inputs = from_cli(RecoverSettings, values)
+    if inputs["out"] is None and not inputs["dry_run"]:
+        raise click.UsageError("--out is required (or use --dry-run)")
+    if inputs["task"] is None and not no_utility_check:
+        raise BadInput(
+            "--task is required: without task data nothing checks that the model still does "
+            "its task (pass --no-utility-check to run anyway)"
+        )
+    if inputs["harmful"] is None:
+        warn(smoke_warning("--harmful", SMOKE_HARMFUL))
+    with warnings.catch_warnings():  # the API's warnings, printed below as one line each
+        warnings.simplefilter("ignore", UserWarning)
+        result = recover(settings=settings, progress=not quiet, **inputs)
+    for note in result.warnings:
+        warn(note)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif inputs["dry_run"]:
         click.echo(result.plan.describe())
-        for note in result.warnings:
-            click.echo(f"warning: {note}", err=True)
-        return
-    click.echo(summary(result))
+    else:
+        click.echo(summary(result))

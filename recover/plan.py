@@ -1,7 +1,7 @@
 """The recovery plan: what a run would touch and roughly how much memory it needs.
 
-Built from the checkpoints' headers (and, for the candidate count, one streaming pass over
-the restorable tensors), without loading a model: this is what ``--dry-run`` prints.
+Built from the checkpoints' headers alone (names, shapes, dtypes), without reading a weight:
+this is what ``--dry-run`` prints.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from safealign.checkpoint import Checkpoint
 from safealign.recover.select import CHUNK
 from safealign.recover.settings import RecoverSettings
-from safealign.recover.weights import Layout, read
+from safealign.recover.weights import Layout
 
 GIB = 2**30
 RUNTIME_BYTES = 600 * 2**20  # Python, torch and transformers themselves, measured on CPU
@@ -37,7 +37,6 @@ class Plan:
     restorable_params: int
     decoder_params: int
     per_step: int
-    candidates: int | None  # restorable elements where fine-tuned differs from aligned
     rollback: bool
     memory: dict[str, int]
     settings: RecoverSettings
@@ -64,7 +63,6 @@ class Plan:
             restorable_params=layout.target_params,
             decoder_params=layout.decoder_params,
             per_step=per_step,
-            candidates=None,
             rollback=rollback,
             memory=memory,
             settings=settings,
@@ -77,14 +75,8 @@ class Plan:
     def describe(self) -> str:
         """Human-readable plan, one fact per line."""
         s = self.settings
-        cand = "not counted" if self.candidates is None else f"{self.candidates:,}"
-        share = (
-            f" ({self.candidates / self.restorable_params:.1%} of restorable)"
-            if self.candidates is not None and self.restorable_params
-            else ""
-        )
         mem = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in self.memory.items() if k != "total")
-        most = min(self.per_step * s.steps, self.candidates or math.inf)
+        most = min(self.per_step * s.steps, self.restorable_params)
         rollback = "on (task data given)" if self.rollback else "off (no task data)"
         kind = "LoRA adapter on aligned" if self.finetuned_is_adapter else "full checkpoint"
         return "\n".join(
@@ -94,7 +86,6 @@ class Plan:
                 f"layer:        {s.layer} of {self.n_layers} (restorable: blocks 0..{s.layer - 1})",
                 f"restorable:   {self.restorable_tensors} tensors (norms excluded), "
                 f"{self.restorable_params:,} elements",
-                f"candidates:   {cand}{share} differ from aligned",
                 f"per step:     {self.per_step:,} elements (rate {s.rate} x "
                 f"{self.decoder_params:,} decoder-layer elements), {s.steps} steps, "
                 f"warm-up {s.warmup}, schedule {s.schedule}",
@@ -125,15 +116,3 @@ def memory_estimate(
     }
     parts["total"] = sum(parts.values())
     return parts
-
-
-def count_candidates(
-    aligned: Checkpoint, finetuned: Checkpoint, layout: Layout, dtype: torch.dtype
-) -> int:
-    """Restorable elements whose fine-tuned value differs from the aligned one (in ``dtype``)."""
-    total = 0
-    for target in layout.targets:
-        a = read(aligned, target.name, dtype)
-        b = read(finetuned, target.name, dtype)
-        total += int((a != b).sum())
-    return total

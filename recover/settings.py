@@ -18,7 +18,11 @@ class RecoverSettings(Settings):
     used."""
 
     layer: int | None = setting(
-        None, help="Direction layer L.", min=1, default_text="floor(4n/6); n under 12 layers"
+        None,
+        help="Direction layer L.",
+        min=1,
+        default_text="floor(4n/6); n under 12 layers",
+        group="Method",
     )
     schedule: str = setting(
         "paper",
@@ -29,7 +33,7 @@ class RecoverSettings(Settings):
     rate: float = setting(
         0.002, help="Share restored per step.", min=0, max=1, min_open=True, max_open=True
     )
-    steps: int = setting(20, help="Steps.", min=1)
+    steps: int = setting(20, help="Restoration steps, each restoring --rate.", min=1)
     warmup: int | None = setting(
         None,
         help="Warm-up steps: the first step checked.",
@@ -40,7 +44,12 @@ class RecoverSettings(Settings):
         5, help="paper: steps between checkpoints, each checked for utility.", min=1
     )
     metric_drop: float = setting(
-        0.05, help="Allowed relative utility drop.", min=0, max=1, max_open=True
+        0.05,
+        help="Allowed relative utility drop.",
+        min=0,
+        max=1,
+        max_open=True,
+        group="Utility check",
     )
     rollback_rate: float = setting(
         0.2,
@@ -56,14 +65,20 @@ class RecoverSettings(Settings):
         max=1,
         max_open=True,
     )
-    judge: str = setting("keyword", help="Harmful-response judge.")
-    metric: str = setting("exact_match", help="Task metric.")
-    device: str | None = setting(None, help="cpu, cuda, cuda:1, ...", default_text="cpu")
+    judge: str = setting(
+        "keyword", help="Harmful-response judge, NAME:key=value,... as eval's.", group="Scoring"
+    )
+    metric: str = setting("exact_match", help="Task metric, NAME:key=value,... as eval's.")
+    device: str | None = setting(None, help="", default_text="cpu")
     dtype: str | None = setting(
         None, help="Working and output dtype.", default_text="the fine-tuned checkpoint's"
     )
-    batch_size: int = setting(8, help="Prompts per gradient batch.", min=1)
-    max_prompts: int | None = setting(256, help="Harmful prompts used.", min=1)
+    #: The field names are the API's; the flags are the shared vocabulary's (--batch-size is
+    #: the generation batch in every command).
+    batch_size: int = setting(8, help="Harmful prompts per batch.", min=1, flag="--grad-batch-size")
+    max_prompts: int | None = setting(
+        256, help="Harmful prompts the direction and gradient use.", min=1, group="Method"
+    )
     sweep: tuple[float, ...] = setting(
         (),
         help="Rates for the trade-off curve, e.g. 0.001,0.002,0.004.",
@@ -72,8 +87,10 @@ class RecoverSettings(Settings):
         min_open=True,
         max_open=True,
     )
-    eval_batch_size: int = setting(16, help="Prompts per scoring batch.", min=1, cli=False)
-    max_new_tokens: int = setting(48, help="Tokens generated per scored reply.", min=1, cli=False)
+    eval_batch_size: int = setting(
+        16, help="Replies generated together when scoring.", min=1, flag="--batch-size"
+    )
+    max_new_tokens: int = setting(48, help="Tokens generated per scored reply.", min=1)
 
     def check(self) -> None:
         super().check()

@@ -7,14 +7,32 @@ from pathlib import Path
 import click
 import yaml
 
-from safealign.data import DataError
-from safealign.registry import RegistryError
+from safealign.command import (
+    command,
+    deprecated,
+    handles_bad_input,
+    option,
+    reads_checkpoints,
+    shared,
+    warn,
+)
+from safealign.eval.smoke import SMOKE_BENIGN, SMOKE_HARMFUL, smoke_warning
+from safealign.registry import split_spec
 from safealign.retrain.api import retrain
 from safealign.retrain.settings import RetrainSettings
 from safealign.settings import SettingsError, click_options, from_cli
 
-#: Errors that mean "bad input": printed as one line, exit status 1, nothing trained.
-INPUT_ERRORS = (SettingsError, RegistryError, DataError, FileExistsError, ValueError)
+#: Regularizers that read harmful prompts (the probe critic, replay and interleave anchors).
+SMOKE_USERS = ("adaptive-kl", "der", "interleave")
+
+#: Config keys spelled as a flag whose field has another name.
+KEY_ALIASES = {"grad_batch_size": "batch_size"}
+
+EXAMPLES = (
+    "safealign retrain --aligned meta-llama/Llama-3.2-1B-Instruct --data train.jsonl \\\n"
+    "    --regularizer adaptive-kl --out my-lora/",
+    "safealign retrain --config retrain.yaml --regularizer kl:weight=0.5 --dry-run",
+)
 
 
 def load_config(path: str | None) -> dict | None:
@@ -24,37 +42,62 @@ def load_config(path: str | None) -> dict | None:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as error:
-        raise click.ClickException(f"{path}: not valid YAML ({error})".replace("\n", " ")) from None
+        raise SettingsError(f"{path}: not valid YAML ({error})") from None
     if not isinstance(data, dict):
-        raise click.ClickException(f"{path}: a retrain config is a mapping of settings")
+        raise SettingsError(f"{path}: a retrain config is a mapping of settings")
     data = {str(key).replace("-", "_"): value for key, value in data.items()}
-    try:
-        RetrainSettings.from_dict(data, where=str(path))
-    except SettingsError as error:
-        raise click.ClickException(str(error)) from None
+    data = {KEY_ALIASES.get(key, key): value for key, value in data.items()}
+    RetrainSettings.from_dict(data, where=str(path))
     return data
 
 
-@click.command("retrain")
-@click.option(
+@command(
+    "retrain",
+    examples=EXAMPLES,
+    short_help="Fine-tune with a regularizer that keeps the model aligned.",
+)
+@option(
     "--config",
     type=click.Path(exists=True, dir_okay=False),
+    group="Inputs",
     help="YAML file of settings (keys as the flags, with _ or -); typed flags override it.",
 )
 @click_options(RetrainSettings)
-def retrain_command(config: str | None, **values) -> None:
-    """Fine-tune an aligned model on your data with a regularizer that keeps it aligned.
+@shared("--quiet")
+@deprecated("--batch-size", "--grad-batch-size", "batch_size", type=int)
+@reads_checkpoints
+@handles_bad_input
+def retrain_command(config: str | None, quiet: bool, **values) -> None:
+    """Fine-tune an aligned model with a regularizer that keeps it aligned.
 
     LoRA on --aligned by default (the reference is the model with its adapter switched off);
     --full trains every weight. Several GPUs: `accelerate launch --config_file
     examples/accelerate_ddp.yaml "$(which safealign)" retrain ...`.
     """
     base = load_config(config)
-    try:
-        settings, _ = from_cli(RetrainSettings, values, base)
-        result = retrain(settings, log=click.echo)
-    except INPUT_ERRORS as error:
-        raise click.ClickException(str(error).splitlines()[0]) from None
+    settings, _ = from_cli(RetrainSettings, values, base)
+    settings = settings.replace(progress=not quiet)
+    _warn_smoke(settings)
+    # A dry run's plan is its result (stdout); a run's lines are progress (stderr).
+    log = click.echo if settings.dry_run else _silent if quiet else _log
+    result = retrain(settings, log=log)
     if result.out is not None:
         loss = result.metrics.get("final_loss")
         click.echo(f"steps {result.plan['steps']}, final loss {loss:.4f}: {result.out}")
+
+
+def _warn_smoke(settings: RetrainSettings) -> None:
+    """Say where a bundled smoke set stands in for prompts the user did not give."""
+    regularizer, _ = split_spec(settings.regularizer)
+    if settings.harmful is None and (regularizer in SMOKE_USERS or settings.eval_every):
+        warn(smoke_warning("--harmful", SMOKE_HARMFUL))
+    if settings.benign is None and settings.eval_every:
+        warn(smoke_warning("--benign", SMOKE_BENIGN))
+
+
+def _log(line: str) -> None:
+    click.echo(f"retrain: {line}", err=True)
+
+
+def _silent(line: str) -> None:
+    pass

@@ -42,7 +42,9 @@ class RetrainSettings(Settings):
     warmup: float = setting(0.1, help="Share of steps of linear warm-up.", min=0, max=1)
     weight_decay: float = setting(0.0, help="AdamW weight decay.", min=0)
     max_grad_norm: float = setting(1.0, help="Gradient clipping norm (0: off).", min=0)
-    batch_size: int = setting(8, help="Examples per micro-batch (per process).", min=1)
+    batch_size: int = setting(
+        8, help="Examples per micro-batch (per process).", min=1, flag="--grad-batch-size"
+    )
     grad_accum: int = setting(1, help="Micro-batches per optimiser step.", min=1)
     max_length: int = setting(512, help="Tokens per example; longer replies are cut.", min=2)
     seed: int = setting(0, help="Seed of data order, initialisation and dropout.", min=0)

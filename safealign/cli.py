@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from safealign import __version__
+from safealign.command import Command, handles_bad_input, option, shared
 from safealign.compare.cli import compare_command
 from safealign.eval.cli import eval_command
 from safealign.lab.cli import lab_command
@@ -17,34 +18,39 @@ from safealign.retrain.cli import retrain_command
 @click.version_option(__version__, prog_name="safealign")
 def main() -> None:
     """Keep fine-tuned LLMs safe: recover refusals, merge safely, evaluate the trade-off."""
-    quiet_libraries()
 
 
-def quiet_libraries() -> None:
-    """In our commands (not for API users): no transformers loading bars, no known
-    deprecation warnings of the libraries; our own progress lines stay."""
-    import warnings
-
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
-    for module in ("transformers", "peft", "accelerate", "torch"):
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+DEMO_EXAMPLES = (
+    "safealign demo --out /tmp/demo",
+    "safealign demo --size default --out runs/demo-default --quiet",
+)
 
 
-@main.command("demo")
-@click.option("--out", type=click.Path(), default="runs/demo", show_default=True)
-@click.option("--size", type=click.Choice(["test", "default"]), default="test", show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-def demo_command(out: str, size: str, seed: int) -> None:
+@main.command(
+    "demo",
+    cls=Command,
+    examples=DEMO_EXAMPLES,
+    short_help="Build the lab and compare every method on it.",
+)
+@shared("--out", "Holds report.md, report.json, tradeoff.png.", default="runs/demo")
+@option(
+    "--size",
+    type=click.Choice(["test", "default"]),
+    default="test",
+    group="Lab",
+    help="test: the tests' and the demo's lab (4 layers); default: the benchmarks' (6 layers).",
+)
+@shared("--seed", type=click.IntRange(min=0), default=0)
+@shared("--quiet")
+@handles_bad_input
+def demo_command(out: str, size: str, seed: int, quiet: bool) -> None:
     """Build the lab and compare every method on its harmful fine-tune (report in --out)."""
     from pathlib import Path
 
     from safealign.demo import run_demo
 
-    result = run_demo(out, size=size, seed=seed, log=lambda line: click.echo(line, err=True))
+    log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    result = run_demo(out, size=size, seed=seed, log=log)
     click.echo((Path(result.out) / "report.md").read_text())
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from safealign.compare import CompareResult, CompareSettings, compare
 from safealign.lab import build
+from safealign.lab.cli import without_table
 from safealign.lab.compare import BATCH_SIZE, RETRAIN_OPTIONS, lab_inputs
 from safealign.lab.phenomenon import format_table
 
@@ -35,10 +36,12 @@ def run_demo(
     methods: tuple[str, ...] = METHODS,
     log: Callable[[str], None] = print,
 ) -> CompareResult:
-    """Build (or reuse) the lab, print its phenomenon table, and compare every method on its
+    """Build (or reuse) the lab, log its phenomenon table once, and compare every method on its
     harmful LoRA fine-tune; the report lands in ``out`` (report.md, report.json, tradeoff.png)."""
-    lab = build(size=size, seed=seed, log=log)
+    log(f"demo: the {size} lab (built once, then cached)")
+    lab = build(size=size, seed=seed, log=without_table(log))
     log(format_table(lab.info["table"], lab.info["checks"]))
+    log(f"demo: comparing {len(methods)} methods on the lab's harmful LoRA fine-tune")
     settings = CompareSettings(
         methods=methods, batch_size=BATCH_SIZE, retrain_options=RETRAIN_OPTIONS, overwrite=True
     )

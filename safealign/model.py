@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from safealign.chat import chat_prompt as chat_prompt  # re-exported: lab/train.py imports it
+from safealign.hub import resolve_checkpoint
 from safealign.paths import has_tokenizer
 
 DTYPES = {
@@ -40,15 +41,17 @@ def load_model(
     dtype: str | torch.dtype | None = "auto",
     device: str | None = None,
 ):
-    """Load a causal LM and its tokenizer from a local folder, optionally with a PEFT adapter.
+    """Load a causal LM and its tokenizer from a local folder or hub id, optionally with a PEFT
+    adapter (a folder or hub id too; see :mod:`safealign.hub`).
 
     Weights are read from safetensors only; remote code is never run.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=resolve_dtype(dtype), use_safetensors=True
-    )
+    torch_dtype = resolve_dtype(dtype)
+    path = resolve_checkpoint(path)
+    adapter = resolve_checkpoint(adapter) if adapter is not None else None
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, use_safetensors=True)
     tok_source = adapter if adapter is not None and has_tokenizer(adapter) else path
     tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
     if adapter is not None:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import click
 
+from safealign.command import VOCABULARY, Option, shared_help
 from safealign.registry import split_items
 
 S = TypeVar("S", bound="Settings")
@@ -39,13 +40,14 @@ def setting(
     choices: Sequence[str] | None = None,
     path: bool = False,
     default_text: str | None = None,
-    group: str = "Options",
+    group: str | None = None,
     flag: str | None = None,
     cli: bool = True,
 ) -> Any:
     """A settings field. ``min``/``max`` bound numbers (``*_open``: the bound itself is out),
     ``choices`` bounds text, ``path`` marks a file or folder argument, ``default_text`` is
-    what help shows for a ``None`` default, ``cli=False`` keeps the field off the CLI."""
+    what help shows for a ``None`` default, ``cli=False`` keeps the field off the CLI;
+    ``group`` starts a help section that the fields after it stay in (until the next)."""
     meta = {
         "help": help,
         "min": min,
@@ -180,9 +182,11 @@ def _split_list(text: str, kind: type) -> tuple:
         raise SettingsError(f"expected a comma-separated list, got {text!r}") from None
 
 
-def _list_callback(kind: type) -> Callable:
+def _list_callback(kind: type, default: Any) -> Callable:
     def convert(_ctx, param, value):
-        if value is None or isinstance(value, tuple):
+        if value is None:
+            return default  # an empty tuple default shows no default text
+        if isinstance(value, tuple):
             return value
         try:
             return _split_list(value, kind)
@@ -192,12 +196,14 @@ def _list_callback(kind: type) -> Callable:
     return convert
 
 
-def _option(field: dataclasses.Field, hint: Any) -> Callable:
+def _option(field: dataclasses.Field, hint: Any, group: str) -> Callable:
     meta = field.metadata
     base, _ = _base_type(hint)
     flag = flag_name(field)
-    help_text = meta["help"]
-    kwargs: dict[str, Any] = {"help": help_text, "show_default": True}
+    help_text = shared_help(flag, meta["help"]) if flag in VOCABULARY else meta["help"]
+    kwargs: dict[str, Any] = {"help": help_text, "show_default": True, "cls": Option}
+    if flag not in VOCABULARY:
+        kwargs["group"] = group
     if field.default is None:
         kwargs["show_default"] = meta.get("default_text") or False
     if base is bool:
@@ -207,7 +213,7 @@ def _option(field: dataclasses.Field, hint: Any) -> Callable:
     kwargs["default"] = field.default
     if typing.get_origin(base) is tuple:
         kind = typing.get_args(base)[0]
-        kwargs["callback"] = _list_callback(kind)
+        kwargs["callback"] = _list_callback(kind, field.default)
         kwargs["default"] = ",".join(map(str, field.default)) if field.default else None
         kwargs["metavar"] = "X,Y,..."
     elif meta.get("choices"):
@@ -219,16 +225,24 @@ def _option(field: dataclasses.Field, hint: Any) -> Callable:
     return click.option(flag, field.name, **kwargs)
 
 
-def click_options(cls: type[Settings], exclude: Sequence[str] = ()) -> Callable:
-    """Decorator adding one click option per CLI field of ``cls`` (in field order)."""
+def click_options(
+    cls: type[Settings], exclude: Sequence[str] = (), group: str = "Options"
+) -> Callable:
+    """Decorator adding one click option per CLI field of ``cls`` (in field order); fields
+    before the first that names a ``group`` go in help section ``group``."""
     hints = _hints(cls)
     fields = [
         f for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and f.name not in exclude
     ]
 
+    groups = []
+    for field in fields:
+        group = field.metadata.get("group") or group
+        groups.append(group)
+
     def decorate(command: Callable) -> Callable:
-        for field in reversed(fields):
-            command = _option(field, hints[field.name])(command)
+        for field, group in reversed(list(zip(fields, groups, strict=True))):
+            command = _option(field, hints[field.name], group)(command)
         return command
 
     return decorate

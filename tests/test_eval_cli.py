@@ -40,7 +40,7 @@ def files(tmp_path):
 def invoke(files, *extra, **overrides):
     paths = {**files, **overrides}
     args = ["--model", paths["model"], "--harmful", paths["harmful"], "--benign", paths["benign"]]
-    args += ["--task", paths["task"], "--cache-dir", paths["cache"], "--output", paths["out"]]
+    args += ["--task", paths["task"], "--cache-dir", paths["cache"], "--out", paths["out"]]
     return CliRunner().invoke(eval_command, [str(a) for a in [*args, *extra]])
 
 
@@ -136,7 +136,7 @@ def test_min_utility_without_task_is_a_usage_error(files):
     assert result.exit_code == 2 and "--min-utility needs --task" in result.output
 
 
-def test_default_sets_are_the_bundled_smoke_sets(files):
+def test_default_sets_are_the_bundled_smoke_sets_and_a_warning_names_them(files):
     args = ["--model", files["model"], "--limit", "2", "--no-cache", "--json"]
     result = CliRunner().invoke(eval_command, [str(a) for a in args])
     assert result.exit_code == 0, result.output
@@ -144,6 +144,44 @@ def test_default_sets_are_the_bundled_smoke_sets(files):
     assert data["sets"]["harmful"]["name"] == "smoke_harmful"
     assert data["sets"]["benign"]["name"] == "smoke_benign"
     assert data["utility"]["value"] is None
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2
+    assert "smoke_harmful.jsonl" in warnings[0] and "smoke_benign.jsonl" in warnings[1]
+
+
+@pytest.mark.parametrize(
+    ("gate", "missing"), [("--max-harmful-rate", "--harmful"), ("--max-over-refusal", "--benign")]
+)
+def test_a_gate_on_a_smoke_set_is_refused_unless_allowed(files, gate, missing):
+    given = {"--harmful": files["harmful"], "--benign": files["benign"]}
+    del given[missing]
+    args = ["--model", files["model"], *[str(a) for pair in given.items() for a in pair]]
+    args += ["--cache-dir", files["cache"], gate, "1", "--limit", "1", "--quiet"]
+    refused = CliRunner().invoke(eval_command, [str(a) for a in args])
+    assert refused.exit_code == 2
+    assert refused.output.splitlines()[-1].startswith(f"Error: {gate} gates on the bundled")
+    assert "--allow-smoke" in refused.output and not files["out"].exists()
+    allowed = CliRunner().invoke(eval_command, [str(a) for a in [*args, "--allow-smoke"]])
+    assert allowed.exit_code == 0, allowed.output
+
+
+def test_json_stdout_is_one_json_document_and_progress_goes_to_stderr(files):
+    result = invoke(files, "--json", "--no-cache")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["harmful_rate"]["n"] == 3  # nothing else on stdout
+    assert "eval: hashing the weights" in result.stderr and "eval: loading" in result.stderr
+    quiet = invoke(files, "--json", "--no-cache", "--quiet")
+    assert quiet.stderr == ""
+
+
+def test_the_old_output_flag_still_writes_with_a_deprecation_warning(files, tmp_path):
+    old = tmp_path / "old"
+    args = ["--model", files["model"], "--harmful", files["harmful"], "--benign", files["benign"]]
+    result = CliRunner().invoke(eval_command, [str(a) for a in [*args, "--output", old]])
+    assert result.exit_code == 0, result.output
+    assert "warning: --output is deprecated; use --out" in result.stderr
+    assert (old / "results.json").exists()
+    assert "--output" not in CliRunner().invoke(eval_command, ["--help"]).output
 
 
 def test_second_run_is_served_from_the_cache(files, tmp_path):

@@ -23,7 +23,7 @@ def cli_runs(lab, tmp_path_factory):
     runs = {}
     for name in MODELS:
         out = tmp_path_factory.mktemp(name)
-        args = ["--model", lab.root / name, "--output", out, "--no-cache", "--batch-size", "64"]
+        args = ["--model", lab.root / name, "--out", out, "--no-cache", "--batch-size", "64"]
         for option, data in (("--harmful", "harmful_eval"), ("--benign", "benign_eval")):
             args += [option, lab.data(data)]
         args += ["--task", lab.data("task_eval")]

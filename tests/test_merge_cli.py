@@ -10,14 +10,15 @@ import yaml
 from click.testing import CliRunner
 from merge_support import build_tiny_models, read_weights
 
+from safealign.checkpoint import Checkpoint
 from safealign.merge import MergeConfigError, MergeSettings, run_merge, safety_config
 from safealign.merge.cli import merge_command
 from safealign.settings import SettingsError
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 FLAGS = (
-    "--out --method --aligned --unaligned --finetuned --safety --harmful-model --set --dtype "
-    "--device --out-shard-size --output --dry-run --score --seed --overwrite --quiet"
+    "--out --method --aligned --unaligned --finetuned --safety --harmful-model --dtype "
+    "--device --out-shard-size --output-type --dry-run --seed --overwrite --quiet --json"
 ).split()
 
 
@@ -45,7 +46,7 @@ def test_flags_keep_their_names_and_flags_take_no_value(tiny, tmp_path):
     out = tmp_path / "o"
     assert shortcut(tiny, "safe_lora", "--out", out).exit_code == 0
     again = shortcut(tiny, "safe_lora", "--out", out, "--seed", 3)
-    assert again.exit_code == 1 and "not empty" in again.output
+    assert again.exit_code == 2 and "not empty" in again.output
     result = shortcut(tiny, "safe_lora", "--out", out, "--overwrite", "--seed", 3)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "merge_report.json").read_text())["seed"] == 3
@@ -53,7 +54,7 @@ def test_flags_keep_their_names_and_flags_take_no_value(tiny, tmp_path):
 
 def test_unknown_method_lists_the_shortcut_methods(tiny):
     result = shortcut(tiny, "safemerg", "--dry-run")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert error_lines(result) == [
         "Error: --method must be one of interpolate, resta, safe_lora, safemerge, got 'safemerg'"
     ]
@@ -94,7 +95,9 @@ def test_method_spec_options_are_parameters_and_set_wins(tiny):
     assert result.exit_code == 0, result.output
     assert "2/9 layers selected" in result.output
     result = shortcut(tiny, "safe_lora:select=lowest,k=2", "--set", "k=3", "--score")
-    assert "3/9 layers selected" in result.output
+    assert "3/9 layers selected" in result.output  # the deprecated spellings still work
+    assert "warning: --set is deprecated; use --method NAME:key=value,..." in result.stderr
+    assert "warning: --score is deprecated; use --dry-run" in result.stderr
 
 
 def test_config_and_shortcut_together_are_refused(tiny, tmp_path):
@@ -104,7 +107,7 @@ def test_config_and_shortcut_together_are_refused(tiny, tmp_path):
 
 
 def test_settings_are_checked_and_read_by_the_api(tiny, tmp_path):
-    with pytest.raises(SettingsError, match="--output must be one of auto, model, adapter"):
+    with pytest.raises(SettingsError, match="--output-type must be one of auto, model, adapter"):
         MergeSettings(output="lora")
     with pytest.raises(SettingsError, match="--method must be one of"):
         MergeSettings(method="ties")
@@ -148,6 +151,36 @@ def test_cli_config_merge_and_clear_errors(tiny, tmp_path):
     a, b, out = (read_weights(p) for p in (tiny.aligned, tiny.finetuned, tmp_path / "o"))
     torch.testing.assert_close(out[Q0], (a[Q0] + 3 * b[Q0]) / 4)
     again = runner.invoke(merge_command, [str(config), "--out", str(tmp_path / "o"), "--quiet"])
-    assert again.exit_code != 0 and "not empty" in again.output
+    assert again.exit_code == 2 and "not empty" in again.output
     bad = runner.invoke(merge_command, [str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "x")])
-    assert bad.exit_code != 0 and "merge config not found" in bad.output
+    assert bad.exit_code == 2 and "merge config not found" in bad.output
+
+
+def test_config_with_positional_out_and_dtype_as_mergekit_yaml_takes_them(tiny, tmp_path):
+    config = tmp_path / "lin.yaml"
+    models = [
+        {"model": str(m), "parameters": {"weight": 1.0}} for m in (tiny.aligned, tiny.finetuned)
+    ]
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "models": models}))
+    out = tmp_path / "out"
+    result = invoke(config, out, "--dtype", "bf16", "--quiet")
+    assert result.exit_code == 0, result.output
+    merged = Checkpoint.open(out)
+    assert {merged.dtype(name) for name in merged.names()} == {torch.bfloat16}
+    assert "| name" not in result.output  # a merge prints a summary, not the layer table
+
+
+def test_a_missing_role_is_named_by_its_flag(tiny, tmp_path):
+    args = ["--method", "safemerge", "--aligned", tiny.aligned, "--finetuned", tiny.lora]
+    result = invoke(*args, "--out", tmp_path / "never")
+    assert result.exit_code == 2
+    assert error_lines(result) == ["Error: safemerge needs --unaligned"]
+
+
+def test_a_safety_merge_prints_one_screen_and_keeps_the_table_in_its_report(tiny, tmp_path):
+    out = tmp_path / "o"
+    result = shortcut(tiny, "safe_lora", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "| name" not in result.output and len(result.output.splitlines()) <= 10
+    report = json.loads((out / "merge_report.json").read_text())
+    assert len(report["layers"]) == report["layers_scored"] == 9

@@ -209,15 +209,31 @@ def test_rollback_fires_and_kept_step_holds(tmp_path, monkeypatch):
     )
 
 
-def test_dry_run_writes_nothing(pair, tmp_path):
+def _count_reads(monkeypatch) -> list[str]:
+    """The names of the tensors read from any checkpoint from now on."""
+    from safealign.checkpoint.store import TensorStore
+
+    reads: list[str] = []
+    real = TensorStore.get
+
+    def counting(self, name, dtype=None):
+        reads.append(name)
+        return real(self, name, dtype)
+
+    monkeypatch.setattr(TensorStore, "get", counting)
+    return reads
+
+
+def test_dry_run_writes_nothing_and_reads_headers_only(pair, tmp_path, monkeypatch):
     _, aligned, finetuned = pair
     out = tmp_path / "never"
+    reads = _count_reads(monkeypatch)
     result = recover(aligned, finetuned, out, harmful=HARMFUL, dry_run=True, progress=False)
+    assert reads == []
     assert not out.exists() and not list(tmp_path.iterdir())
     plan = result.plan
     assert plan.settings.layer == 4 and plan.n_layers == 4  # small model: every block
     assert plan.settings.rate == 0.002  # the paper's rate
-    assert plan.candidates == plan.restorable_params  # every weight was perturbed
     assert plan.per_step == -(-plan.decoder_params * 2 // 1000)  # ceil(0.002 x decoder params)
     assert "layer:        4 of 4" in plan.describe()
     paper = recover(aligned, finetuned, out, harmful=HARMFUL, layer=2, rate=0.002, dry_run=True)
@@ -282,7 +298,7 @@ def test_bad_architecture(pair, tmp_path):
 def test_bad_settings_fail_before_work(pair, tmp_path, monkeypatch):
     _, aligned, finetuned = pair
     _forbid_loading(monkeypatch)
-    with pytest.raises(ValueError, match="layer must be in 1..4"):
+    with pytest.raises(SettingsError, match="^--layer must be in 1..4"):
         recover(aligned, finetuned, tmp_path / "o", harmful=HARMFUL, layer=9, progress=False)
     # range errors come before any checkpoint is opened: these folders do not exist
     missing = tmp_path / "missing"
@@ -326,9 +342,10 @@ def test_cli_dry_run_and_bad_pair(pair, tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HARMFUL))
     runner = CliRunner()
     args = ["--aligned", str(aligned), "--finetuned", str(finetuned), "--harmful", str(prompts)]
+    args.append("--no-utility-check")
     ok = runner.invoke(recover_command, [*args, "--dry-run", "--layer", "3"])
     assert ok.exit_code == 0, ok.output
-    assert "layer:        3 of 4" in ok.output and "candidates:" in ok.output
+    assert "layer:        3 of 4" in ok.output
     other = _other(tmp_path, "other", hidden=64)
     bad = runner.invoke(
         recover_command,
@@ -341,9 +358,10 @@ def test_cli_dry_run_and_bad_pair(pair, tmp_path):
             str(tmp_path / "o"),
             "--harmful",
             str(prompts),
+            "--no-utility-check",
         ],
     )
-    assert bad.exit_code == 1 and "shapes differ" in bad.output
+    assert bad.exit_code == 2 and "shapes differ" in bad.output
     assert not (tmp_path / "o").exists()
     usage = runner.invoke(recover_command, args)
     assert usage.exit_code == 2 and "--out is required" in usage.output
@@ -359,8 +377,32 @@ def test_cli_refuses_out_of_range_before_opening_anything(tmp_path):
         (["--sweep", "0.1,2"], "Error: --sweep must be in (0, 1), got 2.0\n"),
     ]:
         bad = runner.invoke(recover_command, [*args, *flags])
-        assert (bad.exit_code, bad.output) == (1, message)
+        assert (bad.exit_code, bad.output) == (2, message)
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_a_run_without_task_data_before_opening_anything(tmp_path, monkeypatch):
+    missing = str(tmp_path / "missing")
+    reads = _count_reads(monkeypatch)
+    args = ["--aligned", missing, "--finetuned", missing, "--out", str(tmp_path / "o")]
+    bad = CliRunner().invoke(recover_command, args)
+    assert bad.exit_code == 2
+    assert bad.output.startswith("Error: --task is required") and "--no-utility-check" in bad.output
+    assert bad.output.count("\n") == 1 and reads == []
+    opened = CliRunner().invoke(recover_command, [*args, "--no-utility-check", "--quiet"])
+    assert opened.exit_code == 2
+    assert opened.output.splitlines()[-1] == f"Error: checkpoint not found: {missing}"
+
+
+def test_cli_dry_run_json_is_the_plan_and_reads_no_weight(pair, tmp_path, monkeypatch):
+    _, aligned, finetuned = pair
+    reads = _count_reads(monkeypatch)
+    args = ["--aligned", str(aligned), "--finetuned", str(finetuned), "--no-utility-check"]
+    result = CliRunner().invoke(recover_command, [*args, "--dry-run", "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["plan"]["n_layers"] == 4 and report["out"] is None
+    assert reads == []
 
 
 def test_cli_dry_run_prints_plan_with_settings(pair, tmp_path):
@@ -369,6 +411,7 @@ def test_cli_dry_run_prints_plan_with_settings(pair, tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HARMFUL))
     args = ["--aligned", str(aligned), "--finetuned", str(finetuned), "--harmful", str(prompts)]
     flags = ["--rate", "0.01", "--steps", "3", "--warmup", "2", "--dtype", "bf16"]
+    flags.append("--no-utility-check")
     ok = CliRunner().invoke(recover_command, [*args, *flags, "--dry-run"])
     assert ok.exit_code == 0, ok.output
     assert "rate 0.01 x" in ok.output and "3 steps, warm-up 2" in ok.output

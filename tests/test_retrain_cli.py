@@ -25,7 +25,7 @@ def test_yaml_config_is_read_and_typed_flags_override_it(files, tmp_path):
     config = tmp_path / "retrain.yaml"
     config.write_text(
         f"aligned: {files['aligned']}\ndata: {files['data']}\nregularizer: sft\n"
-        "epochs: 2\nbatch-size: 4\nlr: 0.01\n"
+        "epochs: 2\ngrad-batch-size: 4\nlr: 0.01\n"
     )
     out = tmp_path / "out"
     result = invoke("--config", str(config), "--out", str(out), "--epochs", "1")
@@ -62,7 +62,7 @@ def bad_data(tmp_path, name: str):
 )
 def test_bad_input_is_refused_in_one_line_before_training(files, tmp_path, case, message):
     out = tmp_path / "out"
-    args = ["--aligned", files["aligned"], "--out", str(out)]
+    args = ["--aligned", files["aligned"], "--out", str(out), "--harmful", files["harmful"]]
     data = files["data"]
     if case in ("empty", "malformed", "missing"):
         data = bad_data(tmp_path, case)
@@ -76,10 +76,21 @@ def test_bad_input_is_refused_in_one_line_before_training(files, tmp_path, case,
         (tmp_path / "cfg.yaml").write_text("epoch: 2\n")
         args += ["--config", str(tmp_path / "cfg.yaml")]
     result = invoke(*args, "--data", data)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.output.startswith("Error: ") and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_regularizer_that_reads_harmful_prompts_names_the_smoke_set_it_falls_back_on(files):
+    args = ["--aligned", files["aligned"], "--data", files["data"], "--dry-run"]
+    result = CliRunner().invoke(retrain_command, [*args, "--regularizer", "der"])
+    assert result.exit_code == 0, result.output
+    assert "warning: --harmful not given: using the bundled smoke set smoke_harmful" in (
+        result.stderr
+    )
+    plain = CliRunner().invoke(retrain_command, [*args, "--regularizer", "sft"])
+    assert plain.exit_code == 0 and "warning" not in plain.stderr
 
 
 def test_default_regularizer_trains_from_the_command_line(files, tmp_path):

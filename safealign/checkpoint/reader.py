@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+# a module import: safealign.hub imports safealign.checkpoint.files, so it may still be loading
+from safealign import hub
 from safealign.checkpoint.files import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -62,13 +64,11 @@ class Checkpoint:
     def open(
         cls, path: str | Path | Checkpoint, base: str | Path | Checkpoint | None = None
     ) -> Checkpoint:
-        """Open a model folder, or an adapter folder (``base``: its model folder, default:
-        the adapter's ``base_model_name_or_path`` if that is a local folder)."""
+        """Open a model folder or hub id, or an adapter (``base``: its model, default: the
+        adapter's ``base_model_name_or_path``, a local folder or a hub id)."""
         if isinstance(path, Checkpoint):
             return path
-        folder = resolve(path)
-        if not folder.exists():
-            raise CheckpointError(f"checkpoint not found: {folder}")
+        folder = resolve(hub.resolve_checkpoint(path))
         if not folder.is_dir():
             raise CheckpointError(f"checkpoint is not a folder: {folder}")
         if (folder / ADAPTER_CONFIG_NAME).exists():
@@ -88,7 +88,7 @@ class Checkpoint:
         if not weights.is_file():
             no_safetensors(folder, ADAPTER_WEIGHTS_NAME)
         if base is None:
-            base = adapter_base_path(adapter_config, folder)
+            base = _adapter_base(adapter_config, folder)
         base_ckpt = base if isinstance(base, Checkpoint) else Checkpoint.open(base)
         if base_ckpt.is_adapter:
             raise CheckpointError(f"an adapter's base must be a model folder: {base_ckpt.path}")
@@ -217,3 +217,17 @@ class Checkpoint:
     def __repr__(self) -> str:
         kind = f"adapter on {self.base.path}" if self.base is not None else "model"
         return f"Checkpoint({str(self.path)!r}, {kind}, {len(self)} tensors)"
+
+
+def _adapter_base(adapter_config: dict, folder: Path) -> Path:
+    """The adapter's ``base_model_name_or_path``: a local folder, else a hub id's snapshot."""
+    try:
+        return adapter_base_path(adapter_config, folder)
+    except CheckpointError as err:
+        name = adapter_config.get("base_model_name_or_path")
+        if not hub.is_hub_id(name):
+            raise
+        try:
+            return hub.resolve_checkpoint(name)
+        except hub.HubError as hub_err:
+            raise CheckpointError(f"{err}; on the hub: {hub_err.reason}") from None

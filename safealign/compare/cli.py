@@ -2,18 +2,51 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
 import click
 import yaml
 
+from safealign.command import command, handles_bad_input, option, reads_checkpoints, shared
 from safealign.compare.run import compare
 from safealign.compare.settings import CompareInputs, CompareSettings
-from safealign.registry import RegistryError
 from safealign.settings import SettingsError, click_options, from_cli
 
 _INPUTS = [f.name for f in fields(CompareInputs)]
+
+#: Help of each input of :class:`CompareInputs` (an input without help here gets none).
+INPUT_HELP = {
+    "aligned": "Aligned model A: folder or hub id (required here or in --config).",
+    "finetuned": "Fine-tuned model or LoRA adapter on A (B).",
+    "unaligned": "Model before alignment (safe_lora, safemerge).",
+    "safety": "Safety LoRA adapter on A (safemerge).",
+    "harmful_model": "A fine-tuned on harmful data (resta).",
+    "train_data": "B's fine-tuning data (retrain methods).",
+    "harmful": "Harmful prompts every model is scored on.",
+    "task": "Task examples with answers (utility).",
+    "benign": "Benign prompts (over-refusal).",
+    "harmful_train": "Harmful prompts methods learn from.",
+    "task_train": "Task data methods check utility on.",
+    "benign_train": "Benign prompts recover's guard checks.",
+}
+
+EXAMPLES = (
+    "safealign compare --aligned A --finetuned B --unaligned U --harmful h.jsonl \\\n"
+    "    --task t.jsonl --benign b.jsonl --out runs/cmp",
+    "safealign compare --config compare.yaml --methods recover,safe_lora:tau=0.35 --out runs/c",
+)
+
+
+def _input_options(command: Callable) -> Callable:
+    """One option per field of :class:`CompareInputs`, in its order."""
+    for index, name in reversed(list(enumerate(_INPUTS))):
+        group = "Inputs" if index == 0 else None
+        flag = "--" + name.replace("_", "-")
+        command = option(flag, type=click.Path(), group=group, help=INPUT_HELP.get(name))(command)
+    return command
 
 
 def _load_config(path: str | None) -> tuple[dict, dict]:
@@ -28,46 +61,46 @@ def _load_config(path: str | None) -> tuple[dict, dict]:
     return inputs, {k: v for k, v in data.items() if k not in _INPUTS}
 
 
-@click.command("compare")
-@click.option(
-    "--aligned", type=click.Path(), help="Aligned model A (required here or in --config)."
+@command(
+    "compare",
+    examples=EXAMPLES,
+    short_help="Run every method side by side on your models; one report.",
 )
-@click.option("--finetuned", type=click.Path(), help="Fine-tuned model or LoRA adapter on A (B).")
-@click.option("--unaligned", type=click.Path(), help="Model before alignment (safe_lora, ...).")
-@click.option("--safety", type=click.Path(), help="Safety LoRA adapter on A (safemerge).")
-@click.option("--train-data", type=click.Path(), help="B's fine-tuning data (retrain methods).")
-@click.option("--harmful", type=click.Path(), help="Harmful prompts every model is scored on.")
-@click.option("--task", type=click.Path(), help="Task examples with answers (utility).")
-@click.option("--benign", type=click.Path(), help="Benign prompts (over-refusal).")
-@click.option("--harmful-train", type=click.Path(), help="Harmful prompts methods learn from.")
-@click.option("--task-train", type=click.Path(), help="Task data methods check utility on.")
-@click.option("--benign-train", type=click.Path(), help="Benign prompts recover's guard checks.")
-@click.option("--config", type=click.Path(dir_okay=False), help="YAML with any of these options.")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Report folder.")
+@_input_options
+@option("--config", type=click.Path(dir_okay=False), help="YAML with any of these options.")
 @click_options(CompareSettings)
-def compare_command(config, out, **values) -> None:
+@shared(
+    "--out",
+    "Holds report.md, report.json, tradeoff.png.",
+    type=click.Path(file_okay=False),
+    required=True,
+)
+@shared("--json", "Prints report.json.", name="as_json")
+@shared("--quiet")
+@reads_checkpoints
+@handles_bad_input
+def compare_command(config, out, as_json, quiet, **values) -> None:
     """Run recover, the safety merges and retrain side by side on your models.
 
-    \b
-    Examples:
-      safealign compare --aligned A --finetuned B --unaligned U --harmful h.jsonl \\
-          --task t.jsonl --benign b.jsonl --out runs/cmp
-      safealign compare --config compare.yaml --methods recover,safe_lora:tau=0.35 --out runs/c
+    Every method's output is scored by one evaluator with the same settings; the report holds
+    one table, a trade-off plot and one recommendation.
     """
-    try:
-        base_inputs, base_settings = _load_config(config)
-        settings, rest = from_cli(CompareSettings, values, base_settings)
-        given = {k: v for k, v in rest.items() if v is not None}
-        inputs = {**base_inputs, **given}
-        for name in ("aligned", "finetuned"):
-            if not inputs.get(name):
-                raise SettingsError(f"--{name} is required (here or in --config)")
-        result = compare(CompareInputs(**inputs), out, settings, log=_log)
-    except (SettingsError, RegistryError, OSError, yaml.YAMLError) as error:
-        click.echo(f"Error: {error}".splitlines()[0], err=True)
-        raise SystemExit(2) from None
-    click.echo((Path(result.out) / "report.md").read_text())
+    base_inputs, base_settings = _load_config(config)
+    settings, rest = from_cli(CompareSettings, values, base_settings)
+    given = {k: v for k, v in rest.items() if v is not None}
+    inputs = {**base_inputs, **given}
+    for name in ("aligned", "finetuned"):
+        if not inputs.get(name):
+            raise SettingsError(f"--{name} is required (here or in --config)")
+    result = compare(CompareInputs(**inputs), out, settings, log=_silent if quiet else _log)
+    report = "report.json" if as_json else "report.md"
+    text = (Path(result.out) / report).read_text()
+    click.echo(json.dumps(json.loads(text), indent=2) if as_json else text)
 
 
 def _log(line: str) -> None:
     click.echo(line, err=True)
+
+
+def _silent(line: str) -> None:
+    pass

@@ -2,35 +2,72 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
+from safealign.command import Command, handles_bad_input, option, shared
 from safealign.lab.build import build
 from safealign.lab.config import SIZES
 from safealign.lab.phenomenon import format_table
 
+#: The first line of the phenomenon table, which the build also logs when it measures it.
+TABLE_HEADER = format_table({}).splitlines()[0]
 
-@click.group("lab")
+EXAMPLES = (
+    "safealign lab build",
+    "safealign lab build --size default --out labs/default --seed 1 --force",
+)
+
+
+def without_table(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log`` leaving out the phenomenon table the build logs once it has measured it: the
+    command prints it once itself."""
+
+    def forward(line: str) -> None:
+        if not line.startswith(TABLE_HEADER):
+            log(line)
+
+    return forward
+
+
+def _stderr(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def _silent(line: str) -> None:
+    pass
+
+
+@click.group("lab", short_help="The embedded lab: tiny synthetic chat models.")
 def lab_command() -> None:
     """The embedded lab: tiny synthetic chat models to run every command on."""
 
 
-@lab_command.command("build")
-@click.option(
+@lab_command.command("build", cls=Command, examples=EXAMPLES)
+@shared(
     "--out",
+    "Holds the lab.",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Folder to hold the lab (default: the cache, $SAFEALIGN_CACHE or ~/.cache/safealign).",
+    show_default="the cache, $SAFEALIGN_CACHE or ~/.cache/safealign",
 )
-@click.option("--size", type=click.Choice(list(SIZES)), default="default", show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option(
+@option(
+    "--size",
+    type=click.Choice(list(SIZES)),
+    default="test",
+    group="Lab",
+    help="test: the tests' and the demo's lab (4 layers); default: the benchmarks' (6 layers).",
+)
+@shared("--seed", type=click.IntRange(min=0), default=0)
+@option(
     "--harmful-share",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     help="Share of compliant harmful examples in ft_harmful's training mix.",
 )
-@click.option("--force", is_flag=True, help="Rebuild even when a cached build exists.")
-@click.option("--quiet", is_flag=True, help="No progress lines.")
+@option("--force", is_flag=True, help="Rebuild even when a cached build exists.")
+@shared("--quiet")
+@handles_bad_input
 def build_command(
     out: Path | None, size: str, seed: int, harmful_share: float | None, force: bool, quiet: bool
 ) -> None:
@@ -38,7 +75,7 @@ def build_command(
 
     Exits with status 1 when a required property of the phenomenon does not hold.
     """
-    log = None if quiet else (lambda line: click.echo(line, err=True))
+    log = without_table(_silent if quiet else _stderr)
     lab = build(out, size=size, seed=seed, force=force, harmful_share=harmful_share, log=log)
     info = lab.info
     click.echo(format_table(info["table"], info["checks"]))
