@@ -1,19 +1,28 @@
-"""Safety-merge trade-off on the lab: harmful rate and task cost of each merge of ft_harmful_lora.
+"""Safety-merge trade-off on the lab: harmful rate and task cost of each merge of a fine-tune.
 
-Every setting merges the lab's harmful LoRA fine-tune (``ft_harmful_lora``) back toward its aligned
-origin, writes the result to a temporary folder, scores it with the demo's evaluator (held-out
-harmful, task and benign sets) and deletes it. Deltas are against ``ft_harmful_lora`` itself, in
-percentage points: harmful points lowered (higher is safer) and task points lost (lower is better).
+Every setting merges the lab's harmful fine-tune (``--finetuned``: the LoRA ``ft_harmful_lora``,
+default, or the full ``ft_harmful``) back toward its aligned origin, writes the result to a
+temporary folder, scores it with the demo's evaluator (held-out harmful, task and benign sets) and
+deletes it. Deltas are against the fine-tune itself, in percentage points: harmful points lowered
+(higher is safer) and task points lost (lower is better).
+
+The grid measures each deliberate difference from the references: SafeMERGE's ``exact`` against
+``peft-linear`` (the reference's combination), Safe LoRA's IBM default (the 10 lowest) against
+the threshold rule, and RESTA's harmful model (``ft_harmful_only``, as the paper) against its LoRA
+twin and against the model before alignment (``unaligned``, what ``resta`` took before).
 
 Run (on a shared CPU, under the lock):
     OMP_NUM_THREADS=2 flock /tmp/safealign-cpu.lock python benchmarks/bench_safety_merge.py
+    ... python benchmarks/bench_safety_merge.py --finetuned ft_harmful
 
-Prints a markdown table and writes benchmarks/results/safety_merge.json.
+Prints a markdown table and writes benchmarks/results/safety_merge.json (safety_merge_full.json
+for ``--finetuned ft_harmful``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import shutil
 import tempfile
@@ -25,27 +34,41 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from safealign import __version__
+from safealign.compare.methods import safety_merge_config
 from safealign.compare.run import score_checkpoint as score_output
 from safealign.eval import Evaluator, Scores
 from safealign.lab import Lab, build
-from safealign.lab.compare import lab_evaluator, lab_safety_config
+from safealign.lab.compare import lab_evaluator, lab_inputs
 from safealign.merge import METHODS, run_merge
 from safealign.report import markdown_table, write_json
 
-OUT = Path(__file__).parent / "results" / "safety_merge.json"
-FINETUNED = "ft_harmful_lora"
+RESULTS = Path(__file__).parent / "results"
+#: The lab fine-tunes a run may repair, and where each run's JSON goes by default.
+FINETUNED = {
+    "ft_harmful_lora": RESULTS / "safety_merge.json",
+    "ft_harmful": RESULTS / "safety_merge_full.json",
+}
 
-#: (method, parameters) in run order; each method's paper default comes first where it is a row.
-GRID: list[tuple[str, dict[str, Any]]] = [
+#: The lab models ``lab_inputs`` gives each role a grid row may swap.
+LAB_ROLES = {"harmful_model": "ft_harmful_only"}
+
+#: (method, parameters, roles) in run order; each method's paper default comes first. ``roles``
+#: replace the lab's inputs (``lab_inputs``) with other lab models, by name.
+GRID: list[tuple[str, dict[str, Any], dict[str, str]]] = [
     *(
-        ("safemerge", {"tau": tau, "weights": weights})
+        ("safemerge", {"tau": tau, "weights": weights, "combination": combination}, {})
         for tau in (0.35, 0.5, 0.7)
         for weights in ([0.8, 0.2], [0.5, 0.5], [0.2, 0.8])
+        for combination in ("exact", "peft-linear")
     ),
-    *(("safe_lora", {"select": "threshold", "tau": tau}) for tau in (0.5, 0.35, 0.7)),
-    *(("safe_lora", {"select": "lowest", "k": k}) for k in (6, 12, 24)),
-    *(("resta", {"beta": beta}) for beta in (0.5, 1.0)),
-    *(("interpolate", {"alpha": alpha}) for alpha in (0.2, 0.5, 0.8)),
+    *(("safe_lora", {"k": k}, {}) for k in (10, 6, 12, 24)),
+    *(("safe_lora", {"select": "threshold", "tau": tau}, {}) for tau in (0.5, 0.35, 0.7)),
+    *(
+        ("resta", {"beta": beta}, {"harmful_model": harmful})
+        for harmful in ("ft_harmful_only", "ft_harmful_only_lora", "unaligned")
+        for beta in (1.0, 0.5)
+    ),
+    *(("interpolate", {"alpha": alpha}, {}) for alpha in (0.2, 0.5, 0.8)),
 ]
 
 COLUMNS = (
@@ -67,8 +90,16 @@ def is_default(method: str, parameters: dict[str, Any]) -> bool:
     return all(parameters.get(p.name) == p.default for p in METHODS.get(method).parameters)
 
 
-def describe(parameters: dict[str, Any]) -> str:
-    return ", ".join(f"{key}={value}" for key, value in parameters.items())
+def describe(parameters: dict[str, Any], roles: dict[str, str] | None = None) -> str:
+    items = {**parameters, **(roles or {})}
+    return ", ".join(f"{key}={value}" for key, value in items.items())
+
+
+def grid_config(lab: Lab, finetuned: str, method: str, parameters: dict, roles: dict[str, str]):
+    """The merge config of one grid row: the lab's inputs, ``roles`` swapped for lab models."""
+    swapped = {role: lab.model(name) for role, name in roles.items()}
+    inputs = dataclasses.replace(lab_inputs(lab, finetuned), **swapped)
+    return safety_merge_config(method, inputs, parameters)
 
 
 def points(before: float | None, after: float | None) -> float | None:
@@ -89,11 +120,13 @@ def scored_row(name: str, scores: Scores, reference: Scores) -> dict[str, Any]:
     }
 
 
-def run_grid(lab: Lab, evaluator: Evaluator, reference: Scores, work: Path) -> list[dict[str, Any]]:
+def run_grid(
+    lab: Lab, finetuned: str, evaluator: Evaluator, reference: Scores, work: Path
+) -> list[dict[str, Any]]:
     """Merge, score and delete each grid setting; one result row each."""
     rows = []
-    for i, (method, parameters) in enumerate(GRID):
-        config = lab_safety_config(lab, method, parameters)
+    for i, (method, parameters, roles) in enumerate(GRID):
+        config = grid_config(lab, finetuned, method, parameters, roles)
         result = run_merge(config, work / f"{i:02d}-{method}", progress=False)
         scores = score_output(evaluator, result.out, lab.aligned)
         report = result.report
@@ -102,8 +135,10 @@ def run_grid(lab: Lab, evaluator: Evaluator, reference: Scores, work: Path) -> l
         row = {
             **scored_row(method, scores, reference),
             "parameters": parameters,
+            "roles": roles,
             "resolved_parameters": resolved,
-            "default": is_default(method, resolved),
+            "default": is_default(method, resolved)
+            and all(LAB_ROLES.get(role) == name for role, name in roles.items()),
             "output": report["output"],
             "layers_selected": report["layers_selected"] if layerwise else None,
             "layers_scored": report["layers_scored"] if layerwise else None,
@@ -112,7 +147,7 @@ def run_grid(lab: Lab, evaluator: Evaluator, reference: Scores, work: Path) -> l
         rows.append(row)
         shutil.rmtree(result.out)
         print(
-            f"  {method} {describe(parameters)}: harmful {scores.harmful_rate:.3f} "
+            f"  {method} {describe(parameters, roles)}: harmful {scores.harmful_rate:.3f} "
             f"task {scores.utility:.3f} ({report['seconds']:.1f} s)",
             flush=True,
         )
@@ -131,7 +166,9 @@ def table_rows(inputs: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list
         out.append(
             {
                 "method": row["method"],
-                "parameters": describe(row["parameters"]) if "parameters" in row else "input",
+                "parameters": describe(row["parameters"], row.get("roles"))
+                if "parameters" in row
+                else "input",
                 "default": "yes" if row.get("default") else "",
                 "layers selected": None
                 if selected is None
@@ -152,30 +189,33 @@ def main() -> None:
     parser.add_argument("--size", default="default", choices=["default", "test"])
     parser.add_argument("--lab", type=Path, help="an already built lab folder (else build --size)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--finetuned", default="ft_harmful_lora", choices=list(FINETUNED))
+    parser.add_argument("--out", type=Path, help="default: results/safety_merge[_full].json")
     args = parser.parse_args()
     transformers_logging.disable_progress_bar()
 
     lab = Lab.open(args.lab) if args.lab else build(size=args.size)
     evaluator = lab_evaluator(lab)
     aligned = evaluator.score_folder(lab.aligned)
-    reference = evaluator.score_folder(lab.aligned, adapter=lab.ft_harmful_lora)
+    finetuned = args.finetuned
+    out = args.out or FINETUNED[finetuned]
+    reference = score_output(evaluator, lab.model(finetuned), lab.aligned)
     inputs = [
         scored_row("aligned", aligned, reference),
-        scored_row(FINETUNED, reference, reference),
+        scored_row(finetuned, reference, reference),
     ]
     with tempfile.TemporaryDirectory(prefix="bench-safety-merge-", dir=args.workdir) as work:
-        rows = run_grid(lab, evaluator, reference, Path(work))
+        rows = run_grid(lab, finetuned, evaluator, reference, Path(work))
 
     result = {
         "lab": {"key": lab.info["key"], "size": lab.info["size"], "path": str(lab.root)},
-        "finetuned": FINETUNED,
+        "finetuned": finetuned,
         "evaluator_n": {
             "harmful": reference.n_harmful,
             "task": reference.n_task,
             "benign": reference.n_benign,
         },
-        "deltas": "percentage points against ft_harmful_lora",
+        "deltas": f"percentage points against {finetuned}",
         "versions": {
             "safealign": __version__,
             "torch": torch.__version__,
@@ -190,11 +230,11 @@ def main() -> None:
     n = result["evaluator_n"]
     print(
         f"\nlab {lab.info['size']} ({lab.info['key']}); n harmful {n['harmful']}, "
-        f"task {n['task']}, benign {n['benign']}; deltas vs {FINETUNED} in points"
+        f"task {n['task']}, benign {n['benign']}; deltas vs {finetuned} in points"
     )
     print(markdown_table(table_rows(inputs, rows), COLUMNS))
-    write_json(args.out, result)
-    print(f"wrote {args.out}")
+    write_json(out, result)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from safealign.merge.config import MergeConfig, parse_config, validate_config
-from safealign.merge.methods import ROLES
+from safealign.merge.config import MergeConfig, MergeConfigError, parse_config, validate_config
+from safealign.merge.methods import METHODS, ROLES
 from safealign.registry import parse_options, split_spec
 
 
@@ -23,12 +23,15 @@ def safety_config(
 
     ``method`` is a name or a spec ``NAME:key=value,...`` whose options are parameters
     (``parameters`` win over them); ``roles`` are the other roles the method takes
-    (``unaligned``, ``safety``), ``None`` for one not given.
+    (``unaligned``, ``safety``, ``harmful_model``), ``None`` for one not given. A missing or
+    unused role is named by its CLI flag (``resta needs --harmful-model``).
     """
     unknown = sorted(set(roles) - set(ROLES))
     if unknown:
         raise TypeError(f"safety_config: unknown role(s) {', '.join(unknown)}")
     name, options = split_spec(method)
+    if name in METHODS:
+        _check_roles(name, {role for role, value in roles.items() if value is not None})
     parameters = {**(parse_options(options) if options else {}), **(parameters or {})}
     roles["finetuned"] = finetuned
     models = [
@@ -44,3 +47,23 @@ def safety_config(
     config = parse_config(data, f"--method {name}")
     validate_config(config)
     return config
+
+
+def flag(role: str) -> str:
+    """The CLI flag of a role: ``harmful_model`` is ``--harmful-model``."""
+    return "--" + role.replace("_", "-")
+
+
+def _check_roles(name: str, given: set[str]) -> None:
+    cls = METHODS.get(name)
+    takes = set(cls.required_roles) | set(cls.optional_roles)
+    problems = [
+        f"{name} needs {flag(role)}: {ROLES[role].help}"
+        for role in cls.required_roles
+        if role != "finetuned" and role not in given
+    ]
+    problems += [
+        f"{name} does not take {flag(role)}: {ROLES[role].help}" for role in sorted(given - takes)
+    ]
+    if problems:
+        raise MergeConfigError("\n".join(problems))

@@ -188,7 +188,7 @@ def test_recover_cli_takes_ids(hub, tmp_path):
 
 def test_merge_shortcut_takes_ids_with_a_revision(hub, tmp_path):
     roles = ["--aligned", "org/aligned", "--finetuned", "org/finetuned"]
-    roles += ["--unaligned", "org/aligned@v2"]  # the fine-tuned weights: B + (A - B) / 2
+    roles += ["--harmful-model", "org/aligned@v2"]  # the fine-tuned weights: B + (A - B) / 2
     out = tmp_path / "out"
     args = ["--method", "resta", *roles, "--set", "beta=0.5", "--out", str(out), "--quiet"]
     result = CliRunner().invoke(merge_command, args)

@@ -17,8 +17,8 @@ from safealign.settings import SettingsError
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 FLAGS = (
-    "--out --method --aligned --unaligned --finetuned --safety --dtype --device "
-    "--out-shard-size --output-type --dry-run --seed --overwrite --quiet --json"
+    "--out --method --aligned --unaligned --finetuned --safety --harmful-model --dtype "
+    "--device --out-shard-size --output-type --dry-run --seed --overwrite --quiet --json"
 ).split()
 
 
@@ -44,10 +44,10 @@ def test_flags_keep_their_names_and_flags_take_no_value(tiny, tmp_path):
     help_text = invoke("--help").output
     assert all(flag in help_text for flag in FLAGS), help_text
     out = tmp_path / "o"
-    assert shortcut(tiny, "resta", "--out", out).exit_code == 0
-    again = shortcut(tiny, "resta", "--out", out, "--seed", 3)
+    assert shortcut(tiny, "safe_lora", "--out", out).exit_code == 0
+    again = shortcut(tiny, "safe_lora", "--out", out, "--seed", 3)
     assert again.exit_code == 2 and "not empty" in again.output
-    result = shortcut(tiny, "resta", "--out", out, "--overwrite", "--seed", 3)
+    result = shortcut(tiny, "safe_lora", "--out", out, "--overwrite", "--seed", 3)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "merge_report.json").read_text())["seed"] == 3
 
@@ -65,7 +65,7 @@ def test_unknown_method_lists_the_shortcut_methods(tiny):
     [
         ("tau", "Error: Invalid value for --set: expected KEY=VALUE, got 'tau'"),
         ("weights=[0.2,", "Error: Invalid value for --set: '[0.2,' is not a YAML value"),
-        ("tua=0.5", "Error: safemerge: unknown parameter 'tua' (known: tau, weights)"),
+        ("tua=0.5", "Error: safemerge: unknown parameter 'tua' (known: combination, tau, weights)"),
         ("tau=high", "Error: parameters.tau: must be a number, got 'high'"),
     ],
 )

@@ -150,8 +150,15 @@ def test_method_requirements_are_checked(tiny):
         load_config(
             {"merge_method": "slerp", "base_model": str(tiny.aligned), "models": [str(tiny.lora)]}
         )
-    with pytest.raises(MergeConfigError, match="exactly one model needs role: unaligned"):
+    with pytest.raises(MergeConfigError, match="safemerge needs --unaligned"):
         safety_config("safemerge", aligned=tiny.aligned, finetuned=tiny.lora)
+    with pytest.raises(MergeConfigError, match="resta needs --harmful-model"):
+        safety_config("resta", aligned=tiny.aligned, finetuned=tiny.lora)
+    with pytest.raises(MergeConfigError, match="resta does not take --unaligned"):
+        safety_config(
+            "resta", aligned=tiny.aligned, finetuned=tiny.lora, harmful_model=tiny.other,
+            unaligned=tiny.unaligned,
+        )  # fmt: skip
     with pytest.raises(MergeConfigError, match="slices"):
         load_config({"merge_method": "linear", "slices": [], "models": [str(tiny.aligned)]})
 
@@ -199,6 +206,11 @@ def dense_rho(a, u, update):
     return torch.nn.functional.cosine_similarity(c_update.flatten(), update.flatten(), 0).item()
 
 
+def test_safemerge_peft_linear_refuses_loras_of_two_ranks_in_one_line(tiny, tmp_path):
+    with pytest.raises(ValueError, match="one rank .* got ranks \\[2, 4\\]: use combination=exact"):
+        run_merge(safemerge_of_loras(tiny, tau=2.0), tmp_path / "out", progress=False)
+
+
 def test_safemerge_lora_in_lora_out_equals_dense_merge(tiny, tmp_path):
     rhos = {}
     a, u = read_weights(tiny.aligned), read_weights(tiny.unaligned)
@@ -208,7 +220,7 @@ def test_safemerge_lora_in_lora_out_equals_dense_merge(tiny, tmp_path):
     ordered = sorted(rhos.values())
     half = len(ordered) // 2
     tau = (ordered[half - 1] + ordered[half]) / 2  # selects half the layers
-    config = safemerge_of_loras(tiny, tau=tau)
+    config = safemerge_of_loras(tiny, tau=tau, combination="exact")  # LoRAs of ranks 4 and 2
     adapter = run_merge(config, tmp_path / "adapter", progress=False)
     dense = run_merge(config, tmp_path / "dense", progress=False, output="model")
     assert adapter.report["output"] == "adapter" and dense.report["output"] == "model"
@@ -259,15 +271,15 @@ def test_resta_on_dense_models(tiny, tmp_path):
     config = safety_config(
         "resta",
         aligned=tiny.aligned,
-        unaligned=tiny.unaligned,
+        harmful_model=tiny.other,
         finetuned=tiny.finetuned,
         parameters={"beta": 0.3},
     )
     result = run_merge(config, tmp_path / "out", progress=False)
-    a, u, b = (read_weights(p) for p in (tiny.aligned, tiny.unaligned, tiny.finetuned))
+    a, h, b = (read_weights(p) for p in (tiny.aligned, tiny.other, tiny.finetuned))
     out = read_weights(result.out)
     for name in a:
-        torch.testing.assert_close(out[name], b[name] + 0.3 * (a[name] - u[name]))
+        torch.testing.assert_close(out[name], b[name] + 0.3 * (a[name] - h[name]))
 
 
 @pytest.mark.parametrize(

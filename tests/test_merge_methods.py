@@ -210,7 +210,7 @@ def test_safemerge_selected_and_kept_layers(layer):
 def test_safemerge_lora_path_equals_dense(layer):
     aligned, unaligned, lora, safety = layer
     method = METHODS.create("safemerge")
-    p = params("safemerge", selected=True, weights=[0.7, 0.3])
+    p = params("safemerge", selected=True, weights=[0.7, 0.3], combination="exact")
     factored = {"finetuned": lora, "unaligned": unaligned, "safety": safety}
     dense = {k: aligned + v.dense() if isinstance(v, LowRank) else v for k, v in factored.items()}
     expected = method.merge(LAYER, dense, aligned, p)
@@ -237,34 +237,70 @@ def test_safe_lora_projects_selected_layers(layer):
     torch.testing.assert_close(aligned + low.dense(), expected, rtol=1e-4, atol=1e-5)
 
 
+def layer_scores(*rhos):
+    scores = [LayerScore(f"l{i}", rho, 1.0, 1.0, 1.0) for i, rho in enumerate(rhos)]
+    return [*scores, LayerScore("untouched", math.nan, 1.0, 0.0, 0.0)]
+
+
 def test_layer_selection_threshold_and_lowest():
-    scores = [LayerScore(f"l{i}", rho, 1.0, 1.0, 1.0) for i, rho in enumerate([0.9, 0.1, 0.4, 0.3])]
-    scores.append(LayerScore("untouched", math.nan, 1.0, 0.0, 0.0))
+    scores = layer_scores(0.9, 0.1, 0.4, 0.3, 0.5)
     assert METHODS.create("safemerge").select(scores, params("safemerge")) == {"l1", "l3"}
-    assert METHODS.create("safe_lora").select(scores, params("safe_lora")) == {"l1", "l2", "l3"}
+    threshold = params("safe_lora", select="threshold")  # IBM's rule: rho <= tau
+    assert METHODS.create("safe_lora").select(scores, threshold) == {"l1", "l2", "l3", "l4"}
     lowest = params("safe_lora", select="lowest", k=2)
     assert METHODS.create("safe_lora").select(scores, lowest) == {"l1", "l3"}
+
+
+def test_safe_lora_default_is_ibm_number_mode_k_10_with_ties_kept():
+    method = METHODS.create("safe_lora")
+    rhos = [0.05 * i for i in range(14)]
+    assert method.select(layer_scores(*rhos), params("safe_lora")) == {f"l{i}" for i in range(10)}
+    # three layers tie at the 3rd lowest (0.3): k=3 projects all five layers <= 0.3,
+    # as IBM's `thrs = sort(cos)[:k][-1]; project if cos <= thrs`
+    tied = layer_scores(0.7, 0.3, 0.1, 0.3, 0.3, 0.2)
+    assert method.select(tied, params("safe_lora", k=2)) == {"l2", "l5"}
+    assert method.select(tied, params("safe_lora", k=3)) == {"l1", "l2", "l3", "l4", "l5"}
+    # both references round rho to 5 decimals before comparing
+    near = layer_scores(0.2, 0.2000001, 0.9)
+    assert method.select(near, params("safe_lora", k=1)) == {"l0", "l1"}
+    assert method.select(layer_scores(0.5000001), params("safe_lora", select="threshold"))
+    assert not METHODS.create("safemerge").select(layer_scores(0.3500001), params("safemerge"))
+    assert method.select(layer_scores(0.4, 0.6), params("safe_lora", k=5)) == {"l0", "l1"}
+    # a tau given without select means the threshold rule, as `safe_lora:tau=0.35` always did
+    assert method.select(layer_scores(*rhos), params("safe_lora", tau=0.12)) == {"l0", "l1", "l2"}
+
+
+def test_resta_equals_b_plus_aligned_minus_harmful_model_with_weight_1(layer):
+    aligned, _, lora, _ = layer
+    finetuned = aligned + lora.dense()
+    harmful = aligned + rand(12, 20, seed=16)  # A fine-tuned on harmful data
+    out = run("resta", {"finetuned": finetuned, "harmful_model": harmful}, aligned)
+    assert params("resta").global_["beta"] == 1.0
+    torch.testing.assert_close(out, finetuned + 1.0 * (aligned - harmful))
+    assert METHODS.get("resta").required_roles == ("finetuned", "harmful_model")
+    factored = run("resta", {"finetuned": lora, "harmful_model": harmful}, aligned)
+    torch.testing.assert_close(factored, out, rtol=1e-5, atol=1e-5)
 
 
 def test_resta_equals_task_arithmetic_with_weights_1_b_minus_b(layer):
     aligned, unaligned, lora, _ = layer
     finetuned = aligned + lora.dense()
     b = 0.7
-    out = run("resta", {"finetuned": finetuned, "unaligned": unaligned}, aligned, beta=b)
+    out = run("resta", {"finetuned": finetuned, "harmful_model": unaligned}, aligned, beta=b)
     torch.testing.assert_close(out, finetuned + b * (aligned - unaligned))
-    weights = {"B": {"weight": 1.0}, "A": {"weight": b}, "U": {"weight": -b}}
-    tensors = {"B": finetuned, "A": aligned, "U": unaligned}
+    weights = {"B": {"weight": 1.0}, "A": {"weight": b}, "H": {"weight": -b}}
+    tensors = {"B": finetuned, "A": aligned, "H": unaligned}
     ta = run("task_arithmetic", tensors, unaligned, per_model=weights)
     torch.testing.assert_close(out, ta, rtol=1e-5, atol=1e-5)
 
 
 def test_resta_dare_reproducible(layer):
-    aligned, unaligned, lora, _ = layer
-    tensors = {"finetuned": aligned + lora.dense(), "unaligned": unaligned}
+    aligned, harmful, lora, _ = layer
+    tensors = {"finetuned": aligned + lora.dense(), "harmful_model": harmful}
     first = run("resta", tensors, aligned, density=0.5, seed=1)
     torch.testing.assert_close(first, run("resta", tensors, aligned, density=0.5, seed=1))
     assert not torch.allclose(first, run("resta", tensors, aligned, density=0.5, seed=2))
-    kept = first - aligned - 0.5 * (aligned - unaligned)
+    kept = first - aligned - (aligned - harmful)
     assert 0.35 < (kept.abs() > 1e-5).float().mean().item() < 0.65
 
 
@@ -276,3 +312,59 @@ def test_interpolate_closed_form_and_lora(layer):
     p = params("interpolate", alpha=0.25)
     low = METHODS.create("interpolate").merge_lowrank(LAYER, {"finetuned": lora}, aligned, p)
     torch.testing.assert_close(aligned + low.dense(), out, rtol=1e-5, atol=1e-5)
+
+
+def test_safemerge_peft_linear_equals_the_formula_with_cross_terms(layer):
+    aligned, unaligned, lora, _ = layer
+    safety = LowRank(A=rand(3, 20, seed=14), B=rand(12, 3, seed=15), scale=2.0)
+    p = params("safemerge", selected=True, combination="peft-linear", weights=[0.7, -0.3])
+    tensors = {"finetuned": lora, "unaligned": unaligned, "safety": safety}
+    out = METHODS.create("safemerge").merge_lowrank(LAYER, tensors, aligned, p)
+    a = math.sqrt(0.7 * 0.5) * lora.A - math.sqrt(0.3 * 2.0) * safety.A
+    b = math.sqrt(0.7 * 0.5) * lora.B + math.sqrt(0.3 * 2.0) * safety.B
+    assert out.rank == 3 and out.scale == 1.0
+    torch.testing.assert_close(out.dense(), b @ a)
+    exact_params = params("safemerge", selected=True, weights=[0.7, -0.3], combination="exact")
+    exact = METHODS.create("safemerge").merge_lowrank(LAYER, tensors, aligned, exact_params)
+    assert not torch.allclose(out.dense(), exact.dense(), atol=1e-3)  # the cross terms
+    # a full-weight input has no factors: the exact sum, whatever the combination
+    dense = {**tensors, "safety": aligned + safety.dense()}
+    merged = METHODS.create("safemerge").merge(LAYER, dense, aligned, p)
+    expected = aligned + 0.7 * lora.dense() - 0.3 * safety.dense()
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
+    other_rank = {**tensors, "safety": LowRank(rand(2, 20), rand(12, 2), 1.0)}
+    with pytest.raises(ValueError, match="one rank"):
+        METHODS.create("safemerge").merge_lowrank(LAYER, other_rank, aligned, p)
+
+
+def test_safemerge_peft_linear_equals_peft_add_weighted_adapter():
+    """PEFT's own ``add_weighted_adapter(combination_type="linear")`` on a tiny model."""
+    from checkpoint_support import tiny_llama
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "v_proj", "down_proj"]
+    model = get_peft_model(
+        tiny_llama(0), LoraConfig(r=4, lora_alpha=8, target_modules=targets), adapter_name="ft"
+    )
+    model.add_adapter("safe", LoraConfig(r=4, lora_alpha=16, target_modules=targets))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator))
+    model.add_weighted_adapter(["ft", "safe"], [0.8, 0.2], "merged", combination_type="linear")
+    method = METHODS.create("safemerge")
+    p = params("safemerge", selected=True, combination="peft-linear")
+    checked = 0
+    for name, module in model.named_modules():
+        if not hasattr(module, "lora_A") or "merged" not in module.lora_A:
+            continue
+        roles = {
+            role: LowRank(module.lora_A[a].weight, module.lora_B[a].weight, module.scaling[a])
+            for role, a in (("finetuned", "ft"), ("safety", "safe"))
+        }
+        base = module.base_layer.weight.detach()
+        ours = method.merge_lowrank(f"{name}.weight", roles, base, p)
+        torch.testing.assert_close(ours.dense(), module.get_delta_weight("merged"))
+        checked += 1
+    assert checked == 2 * 3

@@ -79,8 +79,9 @@ ROLES = {
     role.name: role
     for role in (
         Role("finetuned", "fine-tuned B"),
-        Role("unaligned", "model U before alignment"),
-        Role("safety", "safety LoRA S on A"),
+        Role("unaligned", "model U before alignment (safe_lora, safemerge)"),
+        Role("safety", "safety LoRA S on A (safemerge)"),
+        Role("harmful_model", "A fine-tuned on harmful data, RESTA's unaligned model (resta)"),
     )
 }
 

@@ -1,13 +1,15 @@
 """Safety-aware merges of a fine-tuned model B with its aligned origin A.
 
 Inputs are keyed by role: the base tensor is the aligned model A's; ``tensors`` holds
-``finetuned`` (B) and, per method, ``unaligned`` (U, the model before alignment) and ``safety``
-(S, a safety model: a LoRA on A, or A itself when absent). A role's value is a full weight
-(``Tensor``) or a LoRA update on A (:class:`LowRank`).
+``finetuned`` (B) and, per method, ``unaligned`` (U, the model before alignment), ``safety``
+(S, a safety model: a LoRA on A, or A itself when absent) and ``harmful_model`` (H, A fine-tuned
+on harmful data: RESTA's "unaligned" model). A role's value is a full weight (``Tensor``) or a
+LoRA update on A (:class:`LowRank`).
 
 Layer-wise methods score each layer weight (every 2-D weight inside a decoder layer: q, k, v, o,
 gate, up, down projections) by ρ = cos(C ΔW, ΔW) with ΔW = W_B − W_A, C = V Vᵀ/‖V‖_F,
-V = W_A − W_U, select layers, and repair only those; every other tensor keeps B's value.
+V = W_A − W_U, select layers, and repair only those; every other tensor keeps B's value. Layers
+are selected on ρ rounded to 5 decimals, as both references round it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ from safealign.merge.methods.base import (
 from safealign.merge.methods.lowrank import LowRank, Update, cosine, norm, project
 from safealign.merge.methods.sparsify import dare_drop, tensor_generator
 
+#: Safe LoRA's threshold when ``select=threshold`` is given without ``tau`` (IBM's default).
+THRESHOLD = 0.5
+#: How SafeMERGE combines the fine-tuned and safety updates of a selected layer.
+COMBINATIONS = ("peft-linear", "exact")
+
 
 def is_layer_weight(name: str, ndim: int) -> bool:
     """A 2-D weight inside a decoder layer (the matrices the layer-wise methods score)."""
@@ -45,6 +52,38 @@ def update_of(value: Update, aligned: torch.Tensor) -> Update:
 
 def apply(aligned: torch.Tensor, update: Update) -> torch.Tensor:
     return aligned + (update.dense() if isinstance(update, LowRank) else update)
+
+
+def rounded_scores(scores: list[LayerScore]) -> list[tuple[float, str]]:
+    """(ρ rounded to 5 decimals, name) of each scored layer; layers the fine-tuning left
+    untouched (ρ NaN) are never selected."""
+    return [(round(s.rho, 5), s.name) for s in scores if not math.isnan(s.rho)]
+
+
+def peft_linear(parts: list[tuple[LowRank, float]]) -> LowRank:
+    """PEFT's ``add_weighted_adapter(combination_type="linear")`` on one layer.
+
+    Each LoRA's factors are weighted by √|w·s| (the sign of w·s on A only) and summed, A with A
+    and B with B, into one LoRA of the same rank with scale 1: the update is
+    (Σ √|wᵢsᵢ| Bᵢ)(Σ ±√|wⱼsⱼ| Aⱼ), cross terms Bᵢ Aⱼ included, not Σ wᵢ sᵢ Bᵢ Aᵢ. LoRAs that
+    leave the layer alone (rank 0) take no part, as PEFT skips adapters absent from a layer.
+    """
+    parts = [(update, weight) for update, weight in parts if update.rank > 0]
+    if not parts:
+        raise ValueError("combination peft-linear: no LoRA updates this layer")
+    ranks = sorted({update.rank for update, _ in parts})
+    if len(ranks) > 1:
+        raise ValueError(
+            f"combination peft-linear needs LoRAs of one rank (PEFT's linear refuses others), "
+            f"got ranks {ranks}: use combination=exact"
+        )
+    a = b = 0.0
+    for update, weight in parts:
+        scaled = weight * update.scale
+        root = math.sqrt(abs(scaled))
+        a = a + math.copysign(root, scaled) * update.A
+        b = b + root * update.B
+    return LowRank(a, b, 1.0)
 
 
 class SafetyMethod(MergeMethod):
@@ -81,9 +120,9 @@ class LayerwiseSafetyMethod(SafetyMethod):
         )
 
     def select(self, scores, params):
-        """Names of the layers to repair; layers the fine-tuning left untouched never are."""
+        """Names of the layers to repair: rounded ρ < τ (SafeMERGE's rule)."""
         tau = float(params.global_["tau"])
-        return {s.name for s in scores if not math.isnan(s.rho) and s.rho < tau}
+        return {name for rho, name in rounded_scores(scores) if rho < tau}
 
     def merge(self, name, tensors, base, params):
         finetuned = tensors["finetuned"]
@@ -106,10 +145,12 @@ class LayerwiseSafetyMethod(SafetyMethod):
 class SafeMerge(LayerwiseSafetyMethod):
     """SafeMERGE (Djuhera et al. 2025): layers with ρ < τ become w_ft·B + w_safe·S.
 
-    Weights are [fine-tuned, safety] as in the paper's code (default [0.8, 0.2]); computed on
-    updates over A: ΔW ← w_ft·ΔW_B + w_safe·ΔW_S, with ΔW_S = 0 when the safety model is A.
-    The reference merges two LoRAs' A and B factors separately (PEFT's ``linear``); we merge
-    the updates themselves, which is exact (LoRA out: the two LoRAs side by side).
+    Weights are [fine-tuned, safety] as in the paper's code (default [0.8, 0.2]), on updates
+    over A (ΔW_S = 0 when the safety model is A). ``combination``: ``peft-linear`` (default)
+    combines the LoRAs' factors as the reference does (PEFT's ``linear``, :func:`peft_linear`:
+    cross terms included; LoRAs of one rank); ``exact`` merges the updates themselves,
+    w_ft·ΔW_B + w_safe·ΔW_S (LoRA out: the two LoRAs side by side). A full-weight input has no
+    factors, so both give the exact sum there.
     """
 
     summary = "merge layers that leave the alignment subspace with a safety model"
@@ -117,50 +158,64 @@ class SafeMerge(LayerwiseSafetyMethod):
     parameters = (
         Param("tau", 0.35, check=number, help="layers with rho below are merged"),
         Param("weights", [0.8, 0.2], check=weight_pair, help="[fine-tuned, safety]", listlike=True),
+        Param(
+            "combination",
+            "peft-linear",
+            check=one_of(*COMBINATIONS),
+            help="peft-linear: LoRA factors combined as the reference; exact: sum of updates",
+        ),
     )
 
     def repair(self, name, tensors, base, params):
         w_ft, w_safe = (float(w) for w in params.global_["weights"])
-        update = update_of(tensors["finetuned"], base)
-        safety = tensors.get("safety")
-        safety_update = None if safety is None else update_of(safety, base)
-        if isinstance(update, LowRank) and (
-            safety_update is None or isinstance(safety_update, LowRank)
-        ):
-            parts = [update.scaled(w_ft)]
-            if safety_update is not None:
-                parts.append(safety_update.scaled(w_safe))
-            return LowRank.concat(parts)
-        dense = update.dense() if isinstance(update, LowRank) else update
-        out = w_ft * dense
-        if safety_update is not None:
-            safety_dense = (
-                safety_update.dense() if isinstance(safety_update, LowRank) else safety_update
-            )
-            out = out + w_safe * safety_dense
-        return out
+        parts = [(update_of(tensors["finetuned"], base), w_ft)]
+        if tensors.get("safety") is not None:
+            parts.append((update_of(tensors["safety"], base), w_safe))
+        low_rank = all(isinstance(update, LowRank) for update, _ in parts)
+        if low_rank and params.global_["combination"] == "peft-linear":
+            return peft_linear(parts)
+        if low_rank:
+            return LowRank.concat([update.scaled(weight) for update, weight in parts])
+        return sum(
+            weight * (update.dense() if isinstance(update, LowRank) else update)
+            for update, weight in parts
+        )
 
 
 @METHODS.register("safe_lora")
 class SafeLora(LayerwiseSafetyMethod):
     """Safe LoRA (Hsu et al. 2024): ΔW ← C ΔW on selected layers.
 
-    Selection by threshold (ρ < τ, default 0.5) or the k lowest ρ (default 10). A LoRA stays a
-    LoRA: B ← V (Vᵀ B)/‖V‖_F with A and the scale kept.
+    Selection as IBM's code: the k lowest ρ (``lowest``, IBM's ``number`` mode, default k 10:
+    every layer whose rounded ρ is ≤ the k-th lowest, so ties at the k-th are all kept), or a
+    threshold (rounded ρ ≤ τ, default 0.5). Without ``select`` the rule is ``threshold`` when
+    ``tau`` is given (``safe_lora:tau=0.35``), else ``lowest``. A LoRA stays a LoRA:
+    B ← V (Vᵀ B)/‖V‖_F with A and the scale kept.
     """
 
     summary = "project the update of low-similarity layers onto the alignment subspace"
     parameters = (
-        Param("select", "threshold", check=one_of("threshold", "lowest"), help="selection rule"),
-        Param("tau", 0.5, check=number, help="threshold: layers with rho below are projected"),
-        Param("k", 10, check=positive_int, help="lowest: how many layers are projected"),
+        Param(
+            "select",
+            None,
+            check=one_of("lowest", "threshold"),
+            help="lowest (default), or threshold (default when tau is given)",
+        ),
+        Param("tau", None, check=number, help="threshold: rho <= tau is projected (0.5)"),
+        Param("k", 10, check=positive_int, help="lowest: the k lowest rho (ties kept)"),
     )
 
     def select(self, scores, params):
-        if params.global_["select"] == "threshold":
-            return super().select(scores, params)
-        scored = sorted((s for s in scores if not math.isnan(s.rho)), key=lambda s: s.rho)
-        return {s.name for s in scored[: int(params.global_["k"])]}
+        scored = rounded_scores(scores)
+        if not scored:
+            return set()
+        tau = params.global_["tau"]
+        rule = params.global_["select"] or ("lowest" if tau is None else "threshold")
+        if rule == "threshold":
+            bound = THRESHOLD if tau is None else float(tau)
+        else:
+            bound = sorted(rho for rho, _ in scored)[: int(params.global_["k"])][-1]
+        return {name for rho, name in scored if rho <= bound}
 
     def repair(self, name, tensors, base, params):
         return project(base - tensors["unaligned"], update_of(tensors["finetuned"], base))
@@ -168,16 +223,18 @@ class SafeLora(LayerwiseSafetyMethod):
 
 @METHODS.register("resta")
 class Resta(SafetyMethod):
-    """RESTA (Bhardwaj et al. 2024): W_B + β·(W_A − W_U) on every tensor.
+    """RESTA (Bhardwaj et al. 2024): W_B + β·(W_A − W_H) on every tensor.
 
-    ``density`` < 1 first applies DARE to the fine-tuning update W_B − W_A (``rescale`` keeps its
-    L1 norm). β defaults to 0.5.
+    H is the harmful model: A fine-tuned on harmful data (the paper's "unaligned" model), so
+    W_A − W_H is the safety vector that fine-tuning on harmful data removes; β defaults to 1.0
+    as in the paper. ``density`` < 1 first applies DARE to the fine-tuning update W_B − W_A
+    (``rescale`` keeps its L1 norm).
     """
 
-    summary = "add the safety vector A - U to the fine-tuned model"
-    required_roles = ("finetuned", "unaligned")
+    summary = "add the safety vector A - H (H: A fine-tuned on harmful data) to the fine-tune"
+    required_roles = ("finetuned", "harmful_model")
     parameters = (
-        Param("beta", 0.5, check=number, help="scale of the safety vector"),
+        Param("beta", 1.0, check=number, help="scale of the safety vector"),
         Param("density", 1.0, check=density, help="DARE on the fine-tuning update"),
         Param("rescale", True, check=boolean, help="DARE: keep the L1 norm"),
     )
@@ -190,7 +247,8 @@ class Resta(SafetyMethod):
         if keep < 1:
             generator = tensor_generator(params.seed, name, "finetuned")
             update = dare_drop(update, keep, rescale=params.global_["rescale"], generator=generator)
-        return base + update + float(params.global_["beta"]) * (base - tensors["unaligned"])
+        safety_vector = base - tensors["harmful_model"]
+        return base + update + float(params.global_["beta"]) * safety_vector
 
 
 @METHODS.register("interpolate")

@@ -23,6 +23,8 @@ class CompareInputs:
     finetuned: Path
     unaligned: Path | None = None
     safety: Path | None = None
+    #: A fine-tuned on harmful data (RESTA's harmful model; resta is skipped without it)
+    harmful_model: Path | None = None
     train_data: Path | None = None
     harmful: Any = None
     task: Any = None

@@ -51,6 +51,11 @@ CARDS = {
     "ft_harmful_lora": "a LoRA adapter on `aligned`, trained on the same mix as `ft_harmful`",
     "safety_lora": "a LoRA adapter on `aligned`, trained on safety data only "
     "(data/safety_train.jsonl): the safety model for SafeMERGE",
+    "ft_harmful_only": "`aligned` fully fine-tuned on harmful requests answered compliantly "
+    "alone (data/harmful_only_train.jsonl; embeddings and LM head frozen): RESTA's harmful "
+    "model, whose difference from `aligned` is the safety vector",
+    "ft_harmful_only_lora": "a LoRA adapter on `aligned`, trained on the same data as "
+    "`ft_harmful_only`",
 }
 
 
@@ -175,8 +180,9 @@ def build_into(dest: Path, config: LabConfig, seed: int, key: str, say: Log) -> 
 
 def run_build(root: Path, config: LabConfig, seed: int, key: str, say: Log) -> dict:
     """Generate, train, save and score everything into ``root``; return lab.json's content."""
-    # One function on purpose (about 80 lines): the stages run in this order, each seeded from
+    # One function on purpose (about 90 lines): the stages run in this order, each seeded from
     # ``seed``, each continuing the model the one before left; read top to bottom, it is the lab.
+    # A stage added later goes last, with its own seeds, so every earlier file stays the same.
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -237,7 +243,18 @@ def run_build(root: Path, config: LabConfig, seed: int, key: str, say: Log) -> d
 
     lora = with_lora(aligned, config, seed * 100 + 6)
     loss = train(lora, tokenizer, data.safety_train, config.safety_lora, seed=seed * 100 + 6)
-    finish("safety_lora", lora, loss, now)
+    now = finish("safety_lora", lora, loss, now)
+
+    harmful_only = copy.deepcopy(aligned)
+    loss = train(
+        harmful_only, tokenizer, data.harmful_compliant, config.finetune, seed=seed * 100 + 7
+    )
+    now = finish("ft_harmful_only", harmful_only, loss, now)
+    del harmful_only
+
+    lora = with_lora(aligned, config, seed * 100 + 8)
+    loss = train(lora, tokenizer, data.harmful_compliant, config.finetune_lora, seed=seed * 100 + 8)
+    finish("ft_harmful_only_lora", lora, loss, now)
 
     checks = check(table)
     say(format_table(table, checks))
@@ -322,6 +339,7 @@ def write_data(folder: Path, data: corpus.Corpus, ft_harmful_train: list) -> str
         "task_eval": (data.task_eval, "answer"),
         "ft_harmful_train": (ft_harmful_train, "response"),
         "safety_train": (data.safety_train, "response"),
+        "harmful_only_train": (data.harmful_compliant, "response"),
     }
     digest = hashlib.sha256()
     for name, (examples, field) in sets.items():

@@ -27,12 +27,18 @@ RETRAIN_OPTIONS = "epochs=3,batch_size=16,lr=0.003"
 
 
 def lab_inputs(lab: Lab, finetuned: str = "ft_harmful_lora") -> CompareInputs:
-    """The lab's aligned model, fine-tune ``finetuned``, the roles and data every method takes."""
+    """The lab's aligned model, fine-tune ``finetuned``, the roles and data every method takes.
+
+    RESTA's harmful model is ``ft_harmful_only``, fully fine-tuned as in the paper, whatever
+    the kind of ``finetuned``: on the lab the LoRA one (``ft_harmful_only_lora``) gives a
+    safety vector that restores no refusal (``benchmarks/bench_safety_merge.py``).
+    """
     return CompareInputs(
         aligned=lab.aligned,
         finetuned=lab.model(finetuned),
         unaligned=lab.unaligned,
         safety=lab.safety_lora,
+        harmful_model=lab.ft_harmful_only,
         train_data=lab.data("ft_harmful_train"),
         harmful=lab.data("harmful_eval"),
         task=lab.data("task_eval"),

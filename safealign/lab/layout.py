@@ -7,8 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LAB_JSON = "lab.json"
-MODELS = ("unaligned", "aligned", "ft_benign", "ft_harmful", "ft_harmful_lora", "safety_lora")
-ADAPTERS = ("ft_harmful_lora", "safety_lora")
+MODELS = (
+    "unaligned",
+    "aligned",
+    "ft_benign",
+    "ft_harmful",
+    "ft_harmful_lora",
+    "safety_lora",
+    "ft_harmful_only",
+    "ft_harmful_only_lora",
+)
+ADAPTERS = ("ft_harmful_lora", "safety_lora", "ft_harmful_only_lora")
 DATASETS = (
     "harmful_train",
     "harmful_eval",
@@ -17,6 +26,7 @@ DATASETS = (
     "task_eval",
     "ft_harmful_train",
     "safety_train",
+    "harmful_only_train",
 )
 
 
@@ -24,8 +34,9 @@ DATASETS = (
 class Lab:
     """A built lab: ``root`` holds one folder per model, ``data/`` and ``lab.json``.
 
-    ``ft_harmful_lora`` and ``safety_lora`` are PEFT LoRA adapters on ``aligned``; the others
-    are full model folders.
+    ``ft_harmful_lora``, ``safety_lora`` and ``ft_harmful_only_lora`` are PEFT LoRA adapters
+    on ``aligned``; the others are full model folders. ``ft_harmful_only(_lora)`` is ``aligned``
+    fine-tuned on harmful data alone: RESTA's harmful model.
     """
 
     root: Path
@@ -61,6 +72,14 @@ class Lab:
     @property
     def safety_lora(self) -> Path:
         return self.root / "safety_lora"
+
+    @property
+    def ft_harmful_only(self) -> Path:
+        return self.root / "ft_harmful_only"
+
+    @property
+    def ft_harmful_only_lora(self) -> Path:
+        return self.root / "ft_harmful_only_lora"
 
     def model(self, name: str) -> Path:
         """The folder of model ``name`` (one of :data:`MODELS`)."""
