@@ -62,6 +62,19 @@ class RetrainSettings(Settings):
         help="KL(p_ref || p) (forward) or KL(p || p_ref).",
         choices=("forward", "reverse"),
     )
+    #: plain: Qi et al.'s token-wise form leaves the test lab 100% harmful with 2% task (its
+    #: task answers lie inside the beta 2 window; the harmful switch is one token at beta 0.5).
+    kl_form: str = setting(
+        "plain",
+        help="kl: plain (NLL + lambda KL) or token-wise (Qi et al. 2025, beta_t by position).",
+        choices=("token-wise", "plain"),
+    )
+    kl_betas: tuple[float, ...] = setting(
+        (0.5, 2.0, 2.0, 2.0, 2.0, 0.1),
+        help="kl token-wise: beta_t of reply tokens 1, 2, ...; the last for all later ones.",
+        min=0,
+        min_open=True,
+    )
     kl_chunk: int = setting(
         0, help="Tokens per chunk of the vocabulary-wide KL (0: 2^24 floats' worth).", min=0
     )
