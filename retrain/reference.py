@@ -91,8 +91,9 @@ class Reference:
             "input_ids": inputs["input_ids"],
             "attention_mask": inputs["attention_mask"],
             "output_hidden_states": hidden,
-            "logits_to_keep": logits_to_keep,
         }
+        if logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
         with eval_mode(self.model) if self.dropout else nullcontext():
             if self.snapshot is None:
                 with self.model.disable_adapter():

@@ -203,3 +203,22 @@ def test_reference_switches_to_eval_mode_only_for_a_model_with_dropout(files):
     assert not has_dropout(AutoModelForCausalLM.from_pretrained(files["aligned"]))
     dropping = AutoModelForCausalLM.from_pretrained(files["aligned"], attention_dropout=0.1)
     assert has_dropout(dropping)
+
+
+def test_a_model_without_logits_to_keep_gets_whole_logits(files):
+    from types import SimpleNamespace
+
+    from safealign.retrain.loop import keeps_logits, logits_start
+    from safealign.retrain.regularizers import create
+
+    run = lora_run(files)
+    assert keeps_logits(run.unwrapped)
+    labels = torch.tensor([[-100, -100, 4, 5]])
+    reg = create("kl", run.settings)
+    assert logits_start(run, reg, labels) == 1
+
+    class Plain(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, output_hidden_states=False):
+            raise AssertionError("not called")
+
+    assert logits_start(SimpleNamespace(unwrapped=Plain()), reg, labels) == 0
