@@ -19,7 +19,9 @@ coarse for a model this small).
 Run (on a shared CPU, under the lock):
     OMP_NUM_THREADS=2 flock /tmp/safealign-cpu.lock python benchmarks/bench_retrain.py --size test
 
-Prints a markdown table and writes benchmarks/results/retrain_<size>.json.
+Prints a markdown table and writes benchmarks/results/retrain_<size>.json. ``--sweep
+'kl:weight=0.5;kl:form=token-wise'`` instead trains each spec alone (the runs behind a
+default) and writes benchmarks/results/retrain_sweep_<size>.json.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ RESULTS = Path(__file__).parent / "results"
 REGULARIZERS = (
     "sft",
     "kl",
+    "kl:form=token-wise",
     "adaptive-kl",
     "der",
     "epoch-kl",
@@ -77,6 +80,11 @@ COLUMNS = (
 )
 
 
+def stem(name: str) -> str:
+    """A file name for a regularizer spec (``kl:form=token-wise`` -> ``kl_form-token-wise``)."""
+    return name.replace(":", "_").replace("=", "-").replace(",", "_")
+
+
 def probe_benign(lab: Lab, folder: Path) -> Path:
     """Benign prompts for the probe from the lab's training data: look-alikes and task."""
     prompts = lab.prompts("safety_train", kind="lookalike") + lab.prompts("task_train")
@@ -90,7 +98,7 @@ def run_one(lab: Lab, name: str, folder: Path, benign: Path, extra: dict) -> dic
     result = retrain(
         aligned=str(lab.aligned),
         data=str(lab.data("ft_harmful_train")),
-        out=str(folder / name.partition(":")[0]),
+        out=str(folder / stem(name)),
         regularizer=name,
         harmful=str(lab.data("harmful_train")),
         benign=str(benign),
@@ -116,7 +124,7 @@ def run_one(lab: Lab, name: str, folder: Path, benign: Path, extra: dict) -> dic
 
 def in_subprocess(size: str, name: str, extra: str, folder: Path) -> dict:
     """``run_one`` in a fresh process, so that each peak-memory figure starts clean."""
-    path = folder / f"{name.partition(':')[0]}.json"
+    path = folder / f"{stem(name)}.json"
     command = [sys.executable, __file__, "--size", size, "--one", name, "--set", extra]
     subprocess.run([*command, "--out", str(path)], check=True)
     return json.loads(path.read_text())
@@ -184,12 +192,33 @@ def relative(rows: list[dict]) -> None:
         row["memory x sft"] = row["memory MB"] / base["memory MB"] if base["memory MB"] else None
 
 
+def sweep(size: str, specs: list[str], extra: str, lab: Lab) -> dict:
+    """Each regularizer spec trained and scored alone (no step timing): the runs behind a
+    default. The command that reproduces a row is in it."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in specs:
+            row = in_subprocess(size, spec, extra, Path(tmp))
+            keys = ("regularizer", "harmful", "task", "over-refusal", "train s")
+            rows.append({k: row[k] for k in keys} | {"set": extra or None})
+            print(f"{spec}: harmful {row['harmful']:.3f} task {row['task']:.3f}", flush=True)
+    command = f"python benchmarks/bench_retrain.py --size {size} --sweep '{';'.join(specs)}'"
+    return {
+        "size": size,
+        "lab": str(lab.root),
+        "training": TRAINING | parse_options(extra),
+        "command": command + (f" --set {extra}" if extra else ""),
+        "rows": rows,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("test", "default"), default="test")
     parser.add_argument("--only", help="Comma-separated regularizers (default: all).")
     parser.add_argument("--set", default="", help="Setting overrides, key=value,...")
     parser.add_argument("--out", type=Path, help="JSON path [results/retrain_<size>.json].")
+    parser.add_argument("--sweep", help="Regularizer specs separated by ';', each run alone.")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # one regularizer, row to --out
     args = parser.parse_args()
     transformers_logging.set_verbosity_error()
@@ -200,6 +229,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             benign = probe_benign(lab, Path(tmp))
             write_json(args.out, run_one(lab, args.one, Path(tmp), benign, extra))
+        return
+    if args.sweep:
+        info = sweep(args.size, args.sweep.split(";"), args.set, lab)
+        write_json(args.out or RESULTS / f"retrain_sweep_{args.size}.json", info)
         return
     names = args.only.split(",") if args.only else REGULARIZERS
     rows = []

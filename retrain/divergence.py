@@ -109,6 +109,33 @@ def token_nll_kl(
     return both[:, 0], both[:, 1]
 
 
+def reply_positions(labels: torch.Tensor) -> torch.Tensor:
+    """For each gathered row (order of :func:`shift`), the 1-based position of its token in
+    its run of trained tokens: 1 for a reply's first token (each assistant turn restarts)."""
+    keep = trained_mask(labels)
+    count = keep.long().cumsum(1)
+    before = torch.where(keep, 0, count).cummax(1).values
+    return (count - before)[keep]
+
+
+def token_wise_loss(
+    logp: torch.Tensor, ref_logp: torch.Tensor, betas: torch.Tensor
+) -> torch.Tensor:
+    """Qi et al. (2025)'s token-wise constrained objective per row (``[N]``):
+    ``2/beta_t * softplus(-beta_t * (log p(y_t) - log p_ref(y_t)))`` (= -2/beta_t log sigmoid).
+
+    Its gradient is the NLL's times ``2 * (1 - sigmoid(beta_t * ratio))``: plain SFT where the
+    model has not yet moved (ratio 0: weight 1), fading once it puts more weight on the
+    trained token than the reference did, the faster the larger ``beta_t``."""
+    return 2 / betas * F.softplus(-betas * (logp - ref_logp.detach()))
+
+
+def position_betas(positions: torch.Tensor, betas: tuple[float, ...]) -> torch.Tensor:
+    """``betas[t-1]`` for position t, the last value for every later position."""
+    table = torch.tensor(betas, dtype=torch.float32, device=positions.device)
+    return table[(positions - 1).clamp(max=len(betas) - 1)]
+
+
 def example_index(labels: torch.Tensor) -> torch.Tensor:
     """For each gathered row (order of :func:`shift`), the index of its example in the batch."""
     keep = trained_mask(labels)

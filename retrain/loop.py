@@ -10,6 +10,7 @@ micro-batch only. ``save_state`` checkpoints hold model, optimiser, RNG and :cla
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from contextlib import nullcontext
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from safealign.chat import IGNORE, collate
 from safealign.retrain.data import Step
+from safealign.retrain.divergence import trained_mask
 from safealign.retrain.regularizers import Regularizer, Run
 
 CHECKPOINT_PREFIX = "step-"
@@ -94,17 +97,42 @@ def latest_checkpoint(folder: str | Path | None) -> Path | None:
     return found[-1] if found else None
 
 
+def keeps_logits(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def logits_start(run: Run, regularizer: Regularizer, labels: torch.Tensor) -> int:
+    """The first position whose next token is trained in any example of the batch: logits
+    before it are never used, so the forward passes skip them (``logits_to_keep``). 0 when
+    the regularizer reads hidden states (aligned with the whole sequence) or the model does
+    not take ``logits_to_keep``."""
+    keep = trained_mask(labels).any(0)
+    if regularizer.hidden or not keep.any() or not keeps_logits(run.unwrapped):
+        return 0
+    return int(keep.int().argmax())
+
+
 def micro_step(run: Run, regularizer: Regularizer, inputs: dict, scale: float, accelerator):
-    """Forward, loss and backward of one micro-batch; returns its loss sum and stats."""
+    """Forward, loss and backward of one micro-batch; returns its loss sum and stats.
+
+    Logits are computed from the first trained position on (model and reference alike), and
+    the regularizer sees ``labels`` cut to match, so a long shared prompt costs no
+    vocabulary-wide rows."""
+    start = logits_start(run, regularizer, inputs["labels"])
+    keep = inputs["input_ids"].shape[1] - start if start else 0
     out = run.model(
         input_ids=inputs["input_ids"],
         attention_mask=inputs["attention_mask"],
         output_hidden_states=regularizer.hidden,
+        **({"logits_to_keep": keep} if keep else {}),
     )
     ref = None
     if regularizer.reference and regularizer.batch_reference:
-        ref = run.reference.forward(inputs, hidden=regularizer.hidden)
-    loss, stats = regularizer.loss(run, inputs, out, ref)
+        ref = run.reference.forward(inputs, hidden=regularizer.hidden, logits_to_keep=keep)
+    cut = inputs | {"labels": inputs["labels"][:, start:]}
+    loss, stats = regularizer.loss(run, cut, out, ref)
     accelerator.backward(loss * scale)
     return loss.detach(), stats
 

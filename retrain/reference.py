@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -31,12 +31,32 @@ def eval_mode(model: nn.Module):
         model.train(was)
 
 
+def _positive_rate(config: dict) -> bool:
+    for key, value in config.items():
+        if isinstance(value, dict) and _positive_rate(value):
+            return True
+        if "dropout" in str(key) and isinstance(value, int | float) and value > 0:
+            return True
+    return False
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Whether eval mode changes ``model``'s outputs: a dropout module with p > 0, or a
+    dropout rate above 0 in its config (attention dropout is applied functionally)."""
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    return config is not None and _positive_rate(config.to_dict())
+
+
 class Reference:
-    """Forward passes of the reference under ``no_grad``; ``model`` is the unwrapped model."""
+    """Forward passes of the reference under ``no_grad``; ``model`` is the unwrapped model.
+    It runs in eval mode only if the model has dropout (switching modes walks every module)."""
 
     def __init__(self, model: nn.Module, snapshot: dict[str, torch.Tensor] | None = None):
         self.model = model
         self.snapshot = snapshot
+        self.dropout = has_dropout(model)
 
     @classmethod
     def adapter_off(cls, model: nn.Module) -> Reference:
@@ -62,14 +82,19 @@ class Reference:
         return sum(t.numel() * t.element_size() for t in (self.snapshot or {}).values())
 
     @torch.no_grad()
-    def forward(self, inputs: dict[str, torch.Tensor], hidden: bool = False):
-        """The reference's outputs on ``inputs`` (``input_ids``, ``attention_mask``)."""
+    def forward(
+        self, inputs: dict[str, torch.Tensor], hidden: bool = False, logits_to_keep: int = 0
+    ):
+        """The reference's outputs on ``inputs`` (``input_ids``, ``attention_mask``); logits
+        of the last ``logits_to_keep`` positions only (0: all)."""
         kwargs = {
             "input_ids": inputs["input_ids"],
             "attention_mask": inputs["attention_mask"],
             "output_hidden_states": hidden,
         }
-        with eval_mode(self.model):
+        if logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
+        with eval_mode(self.model) if self.dropout else nullcontext():
             if self.snapshot is None:
                 with self.model.disable_adapter():
                     return self.model(**kwargs)

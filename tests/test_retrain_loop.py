@@ -27,6 +27,13 @@ def test_kl_is_exactly_zero_at_the_first_step_of_a_fresh_lora(files, tmp_path):
     assert result.metrics["reference_bytes"] == 0  # the adapter is switched off: no copy
 
 
+def test_token_wise_log_ratio_is_exactly_zero_at_the_first_step_of_a_fresh_lora(files, tmp_path):
+    spec = "kl:form=token-wise"
+    result = retrain(**files, out=str(tmp_path / "out"), regularizer=spec, **FAST)
+    assert result.steps[0]["log_ratio"] == 0.0
+    assert result.steps[-1]["log_ratio"] > 0.0  # the trained tokens gained on the reference
+
+
 def test_gradient_accumulation_2x1_equals_1x2(files, tmp_path):
     settings = FAST | {"epochs": 1, "regularizer": "kl"}
     one = retrain(**files, out=str(tmp_path / "a"), **(settings | {"batch_size": 2}))

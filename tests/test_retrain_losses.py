@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from safealign.retrain.critic import auroc, beta, ema
-from safealign.retrain.divergence import token_kl, token_nll, token_nll_kl
+from safealign.retrain.divergence import (
+    position_betas,
+    reply_positions,
+    shift,
+    token_kl,
+    token_nll,
+    token_nll_kl,
+)
 from safealign.retrain.regularizers import KL, LDIFS, SFT, AdaptiveKL, RegistryError, create
 from safealign.retrain.regularizers.base import Run
 from safealign.retrain.regularizers.divergence import EpochKL
@@ -82,6 +89,58 @@ def test_kl_adds_weighted_kl_per_trained_token(direction):
         expected += hand_nll(logits, b, t, k) + 0.3 * kl
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert stats["kl"] > 0
+
+
+def test_token_wise_kl_is_qi_et_al_objective_with_beta_by_reply_position():
+    logits, ref, inputs = batch(6)
+    reg = KL(weight=0.3, form="token-wise", betas=(0.5, 2.0, 0.1))
+    loss, stats = reg.loss(
+        run(), inputs, SimpleNamespace(logits=logits), SimpleNamespace(logits=ref)
+    )
+    expected, ratios = 0.0, []
+    for b, t, k in trained(inputs):
+        position = t if b == 0 else t - 1  # the replies start at t 1 and 2
+        beta = (0.5, 2.0, 0.1)[min(position, 3) - 1]
+        ratio = hand_nll(ref, b, t, k) - hand_nll(logits, b, t, k)  # log p / p_ref
+        expected += 2 / beta * math.log(1 + math.exp(-beta * ratio))
+        ratios.append(ratio)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert stats["log_ratio"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-6)
+
+
+def test_token_wise_gradient_is_nll_gradient_times_the_authors_weight():
+    """Qi et al.'s code multiplies the NLL by 2 * (1 - sigmoid(beta * ratio)), detached: the
+    same gradient."""
+    logits, ref, inputs = batch(7)
+    reg = KL(weight=1.0, form="token-wise", betas=(0.5, 2.0))
+    loss, _ = reg.loss(run(), inputs, SimpleNamespace(logits=logits), SimpleNamespace(logits=ref))
+    (grad,) = torch.autograd.grad(loss, logits)
+    rows, targets = shift(logits, inputs["labels"])
+    ref_rows, _ = shift(ref, inputs["labels"])
+    ratio = token_nll(ref_rows, targets) - token_nll(rows, targets)
+    betas = position_betas(reply_positions(inputs["labels"]), (0.5, 2.0))
+    weight = 2 * (1 - torch.sigmoid(betas * ratio))
+    (expected,) = torch.autograd.grad((weight.detach() * token_nll(rows, targets)).sum(), logits)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_reply_positions_restart_at_each_assistant_turn_and_betas_repeat_the_last():
+    labels = torch.tensor([[-100, 5, 6, -100, -100, 7, 8, 9], [-100, -100, -100, 1, 2, 3, 4, 5]])
+    positions = reply_positions(labels)
+    assert positions.tolist() == [1, 2, 1, 2, 3, 1, 2, 3, 4, 5]
+    assert position_betas(positions, (0.5, 2.0, 0.1)).tolist() == pytest.approx(
+        [0.5, 2.0, 0.5, 2.0, 0.1, 0.5, 2.0, 0.1, 0.1, 0.1]
+    )
+
+
+def test_kl_form_and_betas_are_checked():
+    with pytest.raises(RegistryError, match="form must be token-wise or plain"):
+        create("kl:form=deep", RetrainSettings())
+    with pytest.raises(RegistryError, match="betas must be positive"):
+        create("kl:form=token-wise,betas=0", RetrainSettings())
+    reg = create("kl:form=token-wise,betas=2", RetrainSettings())
+    assert (reg.form, reg.betas) == ("token-wise", (2.0,))
+    assert create("kl", RetrainSettings(kl_betas=(1.0, 0.2))).betas == (1.0, 0.2)
 
 
 def test_chunked_kl_equals_dense_in_values_and_gradients():

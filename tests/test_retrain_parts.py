@@ -162,3 +162,63 @@ def test_interleave_filters_refusals_keeps_the_largest_gaps_and_adds_anchor_nll(
     loss, stats = reg.loss(run, inputs, out, None)  # 4 examples: one anchor (at least one)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert reg.drawn == 1
+
+
+@pytest.mark.parametrize("spec", ["kl", "kl:form=token-wise", "sft"])
+def test_logits_from_the_first_trained_position_give_the_full_computation(files, spec):
+    """micro_step skips the logits before the batch's first trained position: same loss and
+    gradients as the regularizer on the full logits of model and reference."""
+    from types import SimpleNamespace
+
+    from safealign.chat import collate
+    from safealign.retrain.data import load_examples
+    from safealign.retrain.loop import logits_start, micro_step
+    from safealign.retrain.regularizers import create
+
+    run = lora_run(files)
+    run.reference = Reference.adapter_off(run.unwrapped)
+    examples, _ = load_examples(run.tokenizer, files["data"], text=False, max_length=64)
+    inputs = collate(examples[:4], run.tokenizer.pad_token_id)
+    inputs["index"] = torch.arange(4)
+    reg = create(spec, run.settings)
+    assert logits_start(run, reg, inputs["labels"]) > 0
+    accelerator = SimpleNamespace(backward=lambda loss: loss.backward())
+    loss, _ = micro_step(run, reg, inputs, 1.0, accelerator)
+    cut = {n: p.grad.clone() for n, p in trainable(run.model).items()}
+    run.model.zero_grad()
+    out = run.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    ref = run.reference.forward(inputs)
+    full, _ = reg.loss(run, inputs, out, ref)
+    full.backward()
+    assert loss.item() == pytest.approx(full.item(), rel=1e-5)
+    for name, p in trainable(run.model).items():
+        torch.testing.assert_close(cut[name], p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_reference_switches_to_eval_mode_only_for_a_model_with_dropout(files):
+    from transformers import AutoModelForCausalLM
+
+    from safealign.retrain.reference import has_dropout
+
+    assert not has_dropout(AutoModelForCausalLM.from_pretrained(files["aligned"]))
+    dropping = AutoModelForCausalLM.from_pretrained(files["aligned"], attention_dropout=0.1)
+    assert has_dropout(dropping)
+
+
+def test_a_model_without_logits_to_keep_gets_whole_logits(files):
+    from types import SimpleNamespace
+
+    from safealign.retrain.loop import keeps_logits, logits_start
+    from safealign.retrain.regularizers import create
+
+    run = lora_run(files)
+    assert keeps_logits(run.unwrapped)
+    labels = torch.tensor([[-100, -100, 4, 5]])
+    reg = create("kl", run.settings)
+    assert logits_start(run, reg, labels) == 1
+
+    class Plain(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, output_hidden_states=False):
+            raise AssertionError("not called")
+
+    assert logits_start(SimpleNamespace(unwrapped=Plain()), reg, labels) == 0

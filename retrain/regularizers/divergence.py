@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from safealign.retrain.divergence import trained_mask
+from safealign.retrain.divergence import (
+    position_betas,
+    reply_positions,
+    token_wise_loss,
+    trained_mask,
+)
 from safealign.retrain.regularizers.base import Regularizer, Run, nll_kl_rows, nll_rows
 
 
@@ -17,26 +22,69 @@ class SFT(Regularizer):
         return nll.sum(), {"nll": nll.mean().item()}
 
 
+#: Qi et al. (2025), "Safety Alignment Should Be Made More Than Just a Few Tokens Deep", the
+#: constrained objective's beta_t as their code runs it: beta 0.1 with factor 5 on the first
+#: reply token and 20 on tokens 2-5 (beta_1 = 0.5, beta_2..5 = 2, beta_t = 0.1 after).
+TOKEN_WISE_BETAS = (0.5, 2.0, 2.0, 2.0, 2.0, 0.1)
+
+
 class KL(Regularizer):
-    """Constrained SFT: NLL + weight * KL(p_ref || p) per trained token (``reverse``:
-    KL(p || p_ref)), the reference being the aligned model."""
+    """Constrained SFT against the aligned model, in one of two forms.
+
+    ``token-wise`` (Qi et al. 2025, Eq. 3): per trained token ``2/beta_t *
+    softplus(-beta_t * log(p(y_t) / p_ref(y_t)))``, ``beta_t`` by the token's position in its
+    reply (``betas``: one value per position, the last for all later ones): strong on the first
+    tokens of a reply, where alignment lives, close to plain NLL after. ``plain``: NLL +
+    weight * KL(p_ref || p) over the vocabulary at every trained token (``reverse``:
+    KL(p || p_ref)); ``weight`` and ``direction`` apply to it only."""
 
     reference = True
-    options = {"weight": "kl_weight", "direction": "kl_direction", "chunk": "kl_chunk"}
+    options = {
+        "weight": "kl_weight",
+        "direction": "kl_direction",
+        "chunk": "kl_chunk",
+        "form": "kl_form",
+        "betas": "kl_betas",
+    }
 
-    def __init__(self, weight: float, direction: str = "forward", chunk: int = 0):
+    def __init__(
+        self,
+        weight: float,
+        direction: str = "forward",
+        chunk: int = 0,
+        form: str = "plain",
+        betas: tuple[float, ...] = TOKEN_WISE_BETAS,
+    ):
         if direction not in ("forward", "reverse"):
             raise ValueError(f"direction must be forward or reverse, got {direction!r}")
+        if form not in ("token-wise", "plain"):
+            raise ValueError(f"form must be token-wise or plain, got {form!r}")
+        betas = tuple(float(b) for b in ((betas,) if isinstance(betas, int | float) else betas))
+        if not betas or min(betas) <= 0:
+            raise ValueError(f"betas must be positive numbers, got {betas!r}")
         self.weight, self.direction, self.chunk = float(weight), direction, int(chunk)
+        self.form, self.betas = form, betas
 
     def current_weight(self) -> float:
         return self.weight
 
     def loss(self, run: Run, inputs: dict, out, ref):
+        if self.form == "token-wise":
+            return self.token_wise(inputs, out, ref)
         nll, kl = nll_kl_rows(out, ref, inputs, self.direction, self.chunk)
         weight = self.current_weight()
         stats = {"nll": nll.mean().item(), "kl": kl.mean().item(), "kl_weight": weight}
         return nll.sum() + weight * kl.sum(), stats
+
+    def token_wise(self, inputs: dict, out, ref):
+        labels = inputs["labels"]
+        nll = nll_rows(out, inputs)
+        ref_nll = nll_rows(ref, inputs)
+        betas = position_betas(reply_positions(labels), self.betas)
+        loss = token_wise_loss(-nll, -ref_nll, betas)
+        ratio = (ref_nll - nll).detach()
+        stats = {"nll": nll.mean().item(), "log_ratio": ratio.mean().item()}
+        return loss.sum(), stats
 
 
 class EpochKL(KL):
