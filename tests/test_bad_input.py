@@ -36,7 +36,7 @@ RETRAIN = "retrain --aligned {aligned} --data {pairs} --harmful {harmful} --beni
 COMPARE = (
     "compare --aligned {aligned} --finetuned {finetuned} --harmful {harmful} --out {out} --quiet"
 )
-RESTA = "merge --method resta --aligned {aligned} --unaligned {unaligned} --finetuned {finetuned}"
+RESTA = "merge --method resta --aligned {aligned} --harmful-model {unaligned} --finetuned {finetuned}"
 DENSE = RESTA.replace("resta", "resta:density=1.5") + " --out {out} --quiet"
 
 
