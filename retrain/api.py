@@ -7,7 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safealign.checkpoint import Checkpoint, ModelCard
+from safealign.checkpoint import Checkpoint, CheckpointError, ModelCard
+from safealign.hub import resolve_checkpoint
 from safealign.retrain.build import (
     build_model,
     build_optimizer,
@@ -46,8 +47,14 @@ def check_inputs(settings: RetrainSettings) -> None:
     for name in ("aligned", "data"):
         if getattr(settings, name) is None:
             raise SettingsError(f"--{name} is required")
-        if not Path(getattr(settings, name)).exists():
-            raise SettingsError(f"--{name} not found: {getattr(settings, name)}")
+    for name in ("aligned", "adapter"):
+        if getattr(settings, name) is not None:
+            try:
+                resolve_checkpoint(getattr(settings, name))  # a folder or hub id: fetched now
+            except CheckpointError as error:
+                raise SettingsError(f"--{name}: {error}") from None
+    if not Path(settings.data).exists():
+        raise SettingsError(f"--data not found: {settings.data}")
     if settings.out is None and not settings.dry_run:
         raise SettingsError("--out is required unless --dry-run")
     create(settings.regularizer, settings)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 
 import torch
 
+from safealign.hub import resolve_checkpoint
 from safealign.model import load_model
+from safealign.paths import has_tokenizer
 from safealign.retrain.reference import Reference, trainable
 from safealign.retrain.regularizers import Regularizer
 from safealign.retrain.settings import RetrainSettings
@@ -19,9 +20,9 @@ def load_tokenizer(settings: RetrainSettings):
     is checked before any weights are read."""
     from transformers import AutoTokenizer
 
-    source = settings.aligned
-    if settings.adapter and (Path(settings.adapter) / "tokenizer_config.json").exists():
-        source = settings.adapter
+    source = resolve_checkpoint(settings.aligned)
+    if settings.adapter and has_tokenizer(adapter := resolve_checkpoint(settings.adapter)):
+        source = adapter
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -37,7 +38,8 @@ def build_model(settings: RetrainSettings):
     if settings.full:
         model.requires_grad_(True)
     elif settings.adapter:
-        model = PeftModel.from_pretrained(model, settings.adapter, is_trainable=True)
+        adapter = str(resolve_checkpoint(settings.adapter))
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
     else:
         torch.manual_seed(settings.seed)
         config = LoraConfig(

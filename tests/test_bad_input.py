@@ -36,7 +36,9 @@ RETRAIN = "retrain --aligned {aligned} --data {pairs} --harmful {harmful} --beni
 COMPARE = (
     "compare --aligned {aligned} --finetuned {finetuned} --harmful {harmful} --out {out} --quiet"
 )
-RESTA = "merge --method resta --aligned {aligned} --harmful-model {unaligned} --finetuned {finetuned}"
+RESTA = (
+    "merge --method resta --aligned {aligned} --harmful-model {unaligned} --finetuned {finetuned}"
+)
 DENSE = RESTA.replace("resta", "resta:density=1.5") + " --out {out} --quiet"
 
 

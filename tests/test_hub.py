@@ -23,15 +23,20 @@ from click.testing import CliRunner
 from huggingface_hub import constants
 from merge_support import read_weights
 from recover_support import HARMFUL, make_adapter, make_pair
+from retrain_support import pairs_file
 
 from safealign.checkpoint import Checkpoint, CheckpointError
+from safealign.compare.settings import CompareInputs, check_inputs
 from safealign.eval import Evaluator
 from safealign.eval.cache import folder_fingerprint
+from safealign.eval.cli import eval_command
 from safealign.hub import resolve_checkpoint
 from safealign.merge.cli import merge_command
 from safealign.merge.config import MergeConfig, resolve_path
 from safealign.model import load_model
 from safealign.recover.cli import recover_command
+from safealign.retrain.cli import retrain_command
+from safealign.settings import SettingsError
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 
@@ -280,3 +285,37 @@ def test_online_fetch_takes_metadata_then_only_the_weights_it_names(
     assert resolve_checkpoint("org/repo@v1") == snapshot
     assert revisions == ["v1", snapshot.name]
     assert sorted(fetched) == sorted(METADATA + fetched_beyond_metadata)
+
+
+def test_eval_cli_takes_ids(hub, tmp_path):
+    prompts = tmp_path / "harmful.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HARMFUL[:2]))
+    args = ["--model", "org/aligned", "--adapter", "org/lora", "--harmful", str(prompts)]
+    args += ["--benign", str(prompts), "--max-new-tokens", "2", "--json", "--no-cache"]
+    result = CliRunner().invoke(eval_command, args)
+    assert result.exit_code == 0, result.output
+    model = json.loads(result.stdout)["model"]
+    assert (model["path"], model["adapter"]) == ("org/aligned", "org/lora")
+    missing = CliRunner().invoke(eval_command, ["--model", "org/missing", *args[2:]])
+    assert missing.exit_code == 2
+    expected = (
+        "Invalid value for --model: org/missing: not a local folder, and not in the hub cache"
+    )
+    assert expected in missing.output
+
+
+def test_retrain_dry_run_takes_ids(hub, tmp_path):
+    data = pairs_file(tmp_path / "data.jsonl")
+    args = ["--aligned", "org/aligned", "--adapter", "org/lora", "--data", str(data)]
+    result = CliRunner().invoke(retrain_command, [*args, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    missing = CliRunner().invoke(retrain_command, ["--aligned", "org/gone", *args[2:], "--dry-run"])
+    assert missing.exit_code == 2
+    assert "--aligned: org/gone: not a local folder, and not in the hub cache" in missing.output
+
+
+def test_compare_checks_ids(hub):
+    check_inputs(CompareInputs(aligned="org/aligned", finetuned="org/lora", harmful=HARMFUL))
+    gone = CompareInputs(aligned="org/aligned", finetuned="org/gone", harmful=HARMFUL)
+    with pytest.raises(SettingsError, match=r"^--finetuned: org/gone: not a local folder"):
+        check_inputs(gone)

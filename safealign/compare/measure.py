@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from safealign.checkpoint import Checkpoint
+from safealign.hub import resolve_checkpoint
 from safealign.runtime import peak_rss_bytes
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -57,7 +58,7 @@ class Usage:
 
 def open_output(folder: str | Path, aligned: str | Path) -> Checkpoint:
     """A model folder, or an adapter folder on ``aligned``."""
-    folder = Path(folder)
+    folder = resolve_checkpoint(folder)
     base = aligned if (folder / "adapter_config.json").exists() else None
     return Checkpoint.open(folder, base=base)
 

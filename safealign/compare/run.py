@@ -30,6 +30,7 @@ from safealign.compare.settings import (
     check_inputs,
 )
 from safealign.eval import Evaluator, Scores
+from safealign.hub import resolve_checkpoint
 from safealign.settings import SettingsError
 
 
@@ -66,7 +67,7 @@ class CompareResult:
 
 def score_checkpoint(evaluator: Evaluator, folder: Path, aligned: Path) -> Scores:
     """Score a model folder, or an adapter folder on the aligned model."""
-    if (folder / "adapter_config.json").exists():
+    if (resolve_checkpoint(folder) / "adapter_config.json").exists():
         return evaluator.score_folder(aligned, adapter=folder)
     return evaluator.score_folder(folder)
 

@@ -6,8 +6,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from safealign.checkpoint import Checkpoint, validate_checkpoints
+from safealign.checkpoint import Checkpoint, CheckpointError, validate_checkpoints
+from safealign.hub import is_hub_id, resolve_checkpoint
 from safealign.settings import Settings, SettingsError, setting
+
+#: Inputs that name a checkpoint: a folder or a hub id.
+CHECKPOINTS = ("aligned", "finetuned", "unaligned", "safety", "harmful_model")
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,12 @@ def check_inputs(inputs: CompareInputs) -> None:
         value = getattr(inputs, field.name)
         if isinstance(value, str | Path) and not Path(value).exists():
             flag = "--" + field.name.replace("_", "-")
-            raise SettingsError(f"{flag}: {value} does not exist")
+            if field.name not in CHECKPOINTS or not is_hub_id(value):
+                raise SettingsError(f"{flag}: {value} does not exist")
+            try:
+                resolve_checkpoint(value)
+            except CheckpointError as error:
+                raise SettingsError(f"{flag}: {error}") from None
     if inputs.harmful is None and inputs.task is None:
         raise SettingsError("give --harmful and --task (the sets every model is scored on)")
 
@@ -94,7 +103,7 @@ def check_inputs(inputs: CompareInputs) -> None:
 def check_checkpoints(inputs: CompareInputs) -> None:
     """Refuse checkpoints that cannot be read or combined (headers only) before any work."""
     aligned = Checkpoint.open(inputs.aligned)
-    for model in (inputs.finetuned, inputs.unaligned, inputs.safety):
+    for model in (inputs.finetuned, inputs.unaligned, inputs.safety, inputs.harmful_model):
         if model is not None:
-            adapter = (Path(model) / "adapter_config.json").exists()
+            adapter = (resolve_checkpoint(model) / "adapter_config.json").exists()
             validate_checkpoints(aligned, Checkpoint.open(model, base=aligned if adapter else None))
