@@ -4,12 +4,10 @@ written into a temporary folder beside ``out`` and renamed into place at the end
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from safealign.checkpoint import ModelCard, check_output
+from safealign.checkpoint import AtomicFolder, ModelCard, check_output
 
 LOG_NAME = "train_log.jsonl"
 
@@ -24,19 +22,16 @@ def check_out(out: str | Path, overwrite: bool, inputs: Iterable[str | Path | No
 
 
 def write_atomic(out: Path, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` into a temporary sibling of ``out``, then replace ``out`` by it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    """``write(tmp)`` into a temporary sibling of ``out``, then replace ``out`` by it (the
+    checkpoint writers' :class:`AtomicFolder`: leftovers of killed runs are cleaned up, a
+    Ctrl-C during the swap waits for it). ``check_out`` has refused a non-empty ``out``."""
+    folder = AtomicFolder(out, (), overwrite=True)
     try:
-        tmp.mkdir()
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        write(folder.folder)
+        return folder.commit()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        folder.discard()
         raise
-    return out
 
 
 def save_output(

@@ -16,11 +16,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
 import yaml
+
+from safealign.checkpoint import files as checkpoint_files
 
 #: Exit status of a command refused for bad input (click's own usage errors use it too).
 BAD_INPUT = 2
@@ -40,7 +44,8 @@ VOCABULARY: dict[str, str] = {
     "--json": "Print the result as JSON on stdout, nothing else there.",
     "--quiet": "No progress lines on stderr.",
     "--debug": "Show the full traceback of an error.",
-    "--allow-pickle": "Also read pickled .bin/.pt weights (runs code in them: trusted files only).",
+    "--allow-pickle": "Also read pickled .bin/.pt weights, with torch.load(weights_only=True): "
+    "trusted files only.",
 }
 
 #: The help section of the shared flags.
@@ -158,16 +163,6 @@ def deprecated(old: str, new: str, name: str, **kwargs: Any) -> Callable:
     return decorate
 
 
-def _allow_pickle() -> contextlib.AbstractContextManager:
-    """The checkpoint layer's opt-in to pickled weights (a no-op where it has none)."""
-    try:
-        from safealign.checkpoint.files import allow_pickle
-    except ImportError:  # a checkpoint layer that reads safetensors only
-        warn("--allow-pickle: this version reads safetensors only; the flag changes nothing")
-        return contextlib.nullcontext()
-    return allow_pickle()
-
-
 def one_line(error: BaseException) -> str:
     """The error's message on one line, several problems joined by "; " (its type's name when
     it has no message)."""
@@ -200,6 +195,7 @@ def handles_bad_input(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args, debug: bool, **kwargs):
         quiet_libraries()
+        _interrupt_on_sigterm()
         try:
             return command(*args, **kwargs)
         except click.ClickException:
@@ -212,6 +208,13 @@ def handles_bad_input(command: Callable) -> Callable:
     return wrapper
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM interrupts like Ctrl-C, so a terminated run discards its temporary output the
+    way an interrupted one does (the writers hold both back while they swap folders)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def reads_checkpoints(command: Callable) -> Callable:
     """Decorate a command that reads checkpoints: ``--allow-pickle`` runs its body inside
     :func:`safealign.checkpoint.files.allow_pickle`."""
@@ -219,7 +222,7 @@ def reads_checkpoints(command: Callable) -> Callable:
     @shared("--allow-pickle")
     @functools.wraps(command)
     def wrapper(*args, allow_pickle: bool, **kwargs):
-        with _allow_pickle() if allow_pickle else contextlib.nullcontext():
+        with checkpoint_files.allow_pickle() if allow_pickle else contextlib.nullcontext():
             return command(*args, **kwargs)
 
     return wrapper

@@ -100,7 +100,7 @@ def test_allow_pickle_runs_the_command_inside_the_checkpoint_opt_in(tmp_path, mo
         entered.append(True)
         yield
 
-    monkeypatch.setattr(command_module, "_allow_pickle", opt_in)
+    monkeypatch.setattr(command_module.checkpoint_files, "allow_pickle", opt_in)
     missing = str(tmp_path / "missing")
     args = ["recover", "--aligned", missing, "--finetuned", missing, "--dry-run"]
     args += ["--no-utility-check", "--quiet"]

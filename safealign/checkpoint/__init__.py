@@ -19,10 +19,11 @@ from safealign.checkpoint.lora import LowRank
 from safealign.checkpoint.reader import Checkpoint
 from safealign.checkpoint.store import check_finite, check_finite_model
 from safealign.checkpoint.validate import validate_checkpoints
-from safealign.checkpoint.writer import CheckpointWriter, check_output, parse_size
+from safealign.checkpoint.writer import AtomicFolder, CheckpointWriter, check_output, parse_size
 
 __all__ = [
     "AdapterWriter",
+    "AtomicFolder",
     "Checkpoint",
     "CheckpointError",
     "CheckpointWriter",
