@@ -319,12 +319,18 @@ def _check_paths(config: MergeConfig) -> list[str]:
 def resolve_path(config: MergeConfig, ref: str) -> Path:
     """A model reference's folder: a path (relative to the config file's folder), else a hub
     id's snapshot folder (a :class:`CheckpointError` when it cannot be had)."""
-    path = Path(ref).expanduser()
-    if not path.is_absolute() and config.source_path is not None:
-        path = config.source_path / path
+    path = local_path(config, ref)
     if path.exists() or not is_hub_id(ref):
         return path
     return hub_snapshot(ref)
+
+
+def local_path(config: MergeConfig, ref: str) -> Path:
+    """Where a reference would be on disk: relative paths are relative to the config's folder."""
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and config.source_path is not None:
+        path = config.source_path / path
+    return path
 
 
 def resolve_value(value: Any, tensor_name: str, t: float, listlike: bool = False) -> Any:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from safealign.checkpoint import Checkpoint, CheckpointError, validate_checkpoints
+from safealign.hub import hub_repo
 from safealign.layers import num_decoder_layers
 from safealign.merge.config import (
     MergeConfig,
@@ -23,6 +24,7 @@ from safealign.merge.config import (
     ModelEntry,
     layer_position,
     load_config,
+    local_path,
     resolve_path,
     resolve_value,
 )
@@ -77,8 +79,16 @@ def open_reference(config: MergeConfig, ref: str) -> Checkpoint:
     """A model reference: a folder (model or adapter) or mergekit's ``model+adapter``."""
     if "+" in ref:
         model, adapter = ref.split("+", 1)
-        return Checkpoint.open(resolve_path(config, adapter), base=resolve_path(config, model))
-    return Checkpoint.open(resolve_path(config, ref))
+        return _open(config, adapter, base=_open(config, model))
+    return _open(config, ref)
+
+
+def _open(config: MergeConfig, ref: str, base: Checkpoint | None = None) -> Checkpoint:
+    """Open one reference; one fetched from the hub keeps its id (cards name it by id)."""
+    checkpoint = Checkpoint.open(resolve_path(config, ref), base=base)
+    if not local_path(config, ref).exists():
+        checkpoint.hub_repo = hub_repo(ref)
+    return checkpoint
 
 
 def model_id(method: MergeMethod, entry: ModelEntry) -> str:

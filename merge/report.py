@@ -35,7 +35,7 @@ def merge_report(plan: MergePlan, scores: list[LayerScore], selected: set[str]) 
 
 def model_card(plan: MergePlan, report: dict, out: Path) -> ModelCard:
     """The README.md of the output: method, config, seed, inputs, layers selected."""
-    inputs = {model_id: str(ckpt.path) for model_id, ckpt in plan.inputs.items()}
+    inputs = {model_id: ckpt.name for model_id, ckpt in plan.inputs.items()}
     results = None
     if report["layers_scored"]:
         results = {

@@ -203,11 +203,7 @@ def open_pair(aligned, finetuned) -> tuple[Checkpoint, Checkpoint]:
     a = Checkpoint.open(aligned)
     if a.is_adapter:
         raise CheckpointError(f"aligned must be a model folder, not an adapter: {a.path}")
-    path = resolve_checkpoint(finetuned)
-    b = (
-        Checkpoint.open(path, base=a)
-        if (path / "adapter_config.json").exists()
-        else Checkpoint.open(path)
-    )
+    adapter = (resolve_checkpoint(finetuned) / "adapter_config.json").exists()
+    b = Checkpoint.open(finetuned, base=a if adapter else None)  # by id: named by its id
     validate_checkpoints(a, b)
     return a, b

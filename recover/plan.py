@@ -56,8 +56,8 @@ class Plan:
             finetuned, layout, working_dtype(settings), per_step, settings.steps
         )
         return cls(
-            aligned=str(aligned.path),
-            finetuned=str(finetuned.path),
+            aligned=aligned.name,
+            finetuned=finetuned.name,
             finetuned_is_adapter=finetuned.is_adapter,
             n_layers=layout.n_layers,
             restorable_tensors=len(layout.targets),

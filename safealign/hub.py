@@ -69,6 +69,13 @@ def resolve_checkpoint(ref: str | Path, *, revision: str | None = None) -> Path:
     return hub_snapshot(str(ref), revision=revision)
 
 
+def hub_repo(ref: str | Path) -> str | None:
+    """The hub repository ``ref`` names (``org/name``), or None for a local folder."""
+    if Path(ref).expanduser().exists() or not is_hub_id(ref):
+        return None
+    return HUB_ID.match(str(ref))["repo"]
+
+
 def hub_snapshot(ref: str, *, revision: str | None = None) -> Path:
     """The snapshot folder of hub id ``ref``: the metadata, then the weights it names, fetched
     at the commit the metadata came from (or found in the cache)."""

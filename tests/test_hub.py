@@ -319,3 +319,24 @@ def test_compare_checks_ids(hub):
     gone = CompareInputs(aligned="org/aligned", finetuned="org/gone", harmful=HARMFUL)
     with pytest.raises(SettingsError, match=r"^--finetuned: org/gone: not a local folder"):
         check_inputs(gone)
+
+
+def test_outputs_name_hub_inputs_by_id_and_commit(hub, tmp_path):
+    prompts = tmp_path / "harmful.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HARMFUL))
+    recovered, merged = tmp_path / "recovered", tmp_path / "merged"
+    args = ["--aligned", "org/aligned", "--finetuned", "org/finetuned", "--harmful", str(prompts)]
+    args += ["--no-utility-check", "--steps", "1", "--layer", "3", "--quiet"]
+    result = CliRunner().invoke(recover_command, [*args, "--out", str(recovered)])
+    assert result.exit_code == 0, result.output
+    roles = ["--aligned", "org/aligned", "--finetuned", "org/lora"]
+    result = CliRunner().invoke(
+        merge_command, ["--method", "interpolate", *roles, "--out", str(merged), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    for out, finetuned in ((recovered, "org/finetuned"), (merged, "org/lora")):
+        card = (out / "README.md").read_text()
+        assert f"org/aligned@{commit_of('aligned')}" in card
+        assert f"{finetuned}@{commit_of(finetuned.removeprefix('org/'))}" in card
+        assert str(hub["cache"]) not in card  # never the snapshot's path in the hub cache
+    assert "base_model: \"org/finetuned\"" in (recovered / "README.md").read_text()

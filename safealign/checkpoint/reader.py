@@ -48,6 +48,8 @@ class Checkpoint:
         adapter_config: dict | None = None,
     ):
         self.path = path
+        #: ``org/name`` when opened by hub id (``path`` is then its snapshot in the hub cache)
+        self.hub_repo: str | None = None
         self.config = config
         self.base = base
         self.adapter_config = adapter_config
@@ -70,13 +72,16 @@ class Checkpoint:
         if not folder.is_dir():
             raise CheckpointError(f"checkpoint is not a folder: {folder}")
         if (folder / ADAPTER_CONFIG_NAME).exists():
-            return cls._open_adapter(folder, base)
-        if base is not None:
+            checkpoint = cls._open_adapter(folder, base)
+        elif base is not None:
             raise CheckpointError(
                 f"base given, but not an adapter (no {ADAPTER_CONFIG_NAME}): {folder}"
             )
-        config = read_json(folder / "config.json")
-        return cls(folder, config, TensorStore(weight_files(folder)))
+        else:
+            config = read_json(folder / "config.json")
+            checkpoint = cls(folder, config, TensorStore(weight_files(folder)))
+        checkpoint.hub_repo = hub.hub_repo(path)
+        return checkpoint
 
     @classmethod
     def _open_adapter(cls, folder: Path, base: str | Path | Checkpoint | None) -> Checkpoint:
@@ -114,6 +119,12 @@ class Checkpoint:
     def vocab_size(self) -> int | None:
         text = self.config.get("text_config") or {}
         return self.config.get("vocab_size", text.get("vocab_size"))
+
+    @property
+    def name(self) -> str:
+        """How reports and model cards name it: ``org/name@<commit>`` when opened by hub id,
+        else its folder."""
+        return f"{self.hub_repo}@{self.path.name}" if self.hub_repo else str(self.path)
 
     @property
     def model_folder(self) -> Path:
@@ -215,8 +226,8 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, {kind}, {len(self)} tensors)"
 
 
-def _adapter_base(adapter_config: dict, folder: Path) -> Path:
-    """The adapter's ``base_model_name_or_path``: a local folder, else a hub id's snapshot."""
+def _adapter_base(adapter_config: dict, folder: Path) -> Path | Checkpoint:
+    """The adapter's ``base_model_name_or_path``: a local folder, else the hub id opened."""
     try:
         return adapter_base_path(adapter_config, folder)
     except CheckpointError as err:
@@ -224,6 +235,6 @@ def _adapter_base(adapter_config: dict, folder: Path) -> Path:
         if not hub.is_hub_id(name):
             raise
         try:
-            return hub.resolve_checkpoint(name)
+            return Checkpoint.open(name)  # by id, so that it is named by its id
         except hub.HubError as hub_err:
             raise CheckpointError(f"{err}; on the hub: {hub_err.reason}") from None

@@ -372,6 +372,8 @@ class CheckpointWriter(FolderWriter):
 
 
 def _base_model_name(source: Checkpoint) -> str:
+    """The card's ``base_model``: a hub repository where the source came from one."""
     if source.is_adapter:
-        return str(source.adapter_config.get("base_model_name_or_path") or source.base.path)
-    return str(source.path)
+        named = source.adapter_config.get("base_model_name_or_path")
+        return str(named or source.base.hub_repo or source.base.path)
+    return source.hub_repo or str(source.path)
