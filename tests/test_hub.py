@@ -339,4 +339,4 @@ def test_outputs_name_hub_inputs_by_id_and_commit(hub, tmp_path):
         assert f"org/aligned@{commit_of('aligned')}" in card
         assert f"{finetuned}@{commit_of(finetuned.removeprefix('org/'))}" in card
         assert str(hub["cache"]) not in card  # never the snapshot's path in the hub cache
-    assert "base_model: \"org/finetuned\"" in (recovered / "README.md").read_text()
+    assert 'base_model: "org/finetuned"' in (recovered / "README.md").read_text()
