@@ -9,10 +9,12 @@ import pytest
 from click.testing import CliRunner
 
 from safealign.compare import MethodRow, pareto_names, parse_method, plot_tradeoff
+from safealign.compare import run as compare_run
 from safealign.compare.cli import compare_command
 from safealign.compare.methods import join_specs
 from safealign.compare.report import recommend, to_dict
-from safealign.compare.run import CompareResult
+from safealign.compare.run import CompareResult, method_specs
+from safealign.compare.settings import CompareInputs, CompareSettings
 from safealign.registry import RegistryError
 
 
@@ -125,3 +127,33 @@ def test_cli_refuses_bad_input_in_one_line_before_work(tmp_path):
         result.exit_code == 2 and "--max-harmful-rate must be in [0, 1], got 2.0" in result.output
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_seed_and_limit_reach_the_evaluator_and_every_retrain_method(tmp_path, monkeypatch):
+    settings = CompareSettings(
+        methods=("recover", "retrain:kl", "retrain:sft,seed=3"),
+        retrain_options="epochs=2",
+        seed=7,
+        limit=5,
+    )
+    options = {spec.spec: spec.options for spec in method_specs(settings)}
+    assert options == {
+        "recover": {},
+        "retrain:kl": {"seed": 7, "epochs": 2},
+        "retrain:sft,seed=3": {"seed": 3, "epochs": 2},  # its own option wins
+    }
+    with_seed = CompareSettings(methods=("retrain:kl",), retrain_options="seed=1", seed=7)
+    assert method_specs(with_seed)[0].options == {"seed": 1}
+
+    seen = {}
+
+    def evaluator(*sets, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt  # stop here: nothing is scored
+
+    monkeypatch.setattr(compare_run, "Evaluator", evaluator)
+    monkeypatch.setattr(compare_run, "check_checkpoints", lambda inputs: None)
+    inputs = CompareInputs(aligned=tmp_path, finetuned=tmp_path, harmful=["a prompt"])
+    with pytest.raises(KeyboardInterrupt):
+        compare_run.compare(inputs, tmp_path / "out", settings)
+    assert (seen["seed"], seen["limit"]) == (7, 5)

@@ -121,6 +121,14 @@ def _run_one(spec: MethodSpec, inputs: CompareInputs, evaluator: Evaluator, out:
     )
 
 
+def method_specs(settings: CompareSettings) -> list[MethodSpec]:
+    """The methods to run; a retrain method takes the run's seed, then ``retrain_options``,
+    then its own options, each over the one before."""
+    specs = [parse_method(s) for s in join_specs(settings.methods or DEFAULT_METHODS)]
+    shared = ",".join(o for o in (f"seed={settings.seed}", settings.retrain_options) if o)
+    return [with_options(spec, "retrain", shared) for spec in specs]
+
+
 def compare(
     inputs: CompareInputs,
     out: str | Path,
@@ -134,8 +142,7 @@ def compare(
 
     settings = (settings or CompareSettings()).replace(**overrides)
     check_inputs(inputs)
-    specs = [parse_method(s) for s in join_specs(settings.methods or DEFAULT_METHODS)]
-    specs = [with_options(spec, "retrain", settings.retrain_options) for spec in specs]
+    specs = method_specs(settings)
     check_checkpoints(inputs)
     evaluator = Evaluator(
         inputs.harmful,
@@ -145,6 +152,8 @@ def compare(
         metric=settings.metric,
         batch_size=settings.batch_size,
         max_new_tokens=settings.max_new_tokens,
+        limit=settings.limit,
+        seed=settings.seed,
     )
     out = Path(out)
     _check_out(out, settings)

@@ -80,6 +80,8 @@ class CompareSettings(Settings):
     batch_size: int = setting(32, help="Generation batch size.", min=1)
     max_new_tokens: int = setting(48, help="Tokens generated per reply.", min=1)
     device: str | None = setting(None, help="cpu, cuda, cuda:1, ...", default_text="cpu")
+    limit: int | None = setting(None, min=1, help="Applies to the shared evaluator's sets.")
+    seed: int = setting(0, min=0, help="The evaluator's and every retrain:REG method's seed.")
     resume: bool = setting(False, help="Reuse finished methods' outputs and scores in --out.")
     overwrite: bool = setting(False, help="Replace a non-empty --out (ignored with --resume).")
 
