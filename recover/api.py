@@ -72,7 +72,9 @@ def recover(
     a, b = open_pair(aligned, finetuned)
     lay = _layout(b, settings.layer)
     settings = _resolved(settings, lay, b)
-    sets = Sets.load(harmful, eval_harmful, task, benign, settings.max_prompts, task_train)
+    sets = Sets.load(
+        harmful, eval_harmful, task, benign, settings.max_prompts, task_train, settings.limit
+    )
     checked = sets.task is not None or sets.benign is not None
     plan = Plan.build(a, b, lay, settings, rollback=checked)
     result = RecoveryResult(None, plan, sets=sets.describe(), warnings=_input_notes(sets))

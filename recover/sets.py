@@ -22,19 +22,22 @@ class Sets:
 
     @classmethod
     def load(
-        cls, harmful, eval_harmful, task, benign, max_prompts: int | None, task_train=None
+        cls,
+        harmful,
+        eval_harmful,
+        task,
+        benign,
+        max_prompts: int | None,
+        task_train=None,
+        limit: int | None = None,
     ) -> Sets:
-        """From paths, loaded sets or lists; ``harmful`` cut to its first ``max_prompts``
-        (None: the bundled harmful set), ``eval_harmful`` defaulting to it. Without
-        ``task_train``, ``task`` is split: see :func:`split_task`."""
-        harmful_set = prompt_set(harmful, "harmful")
-        if max_prompts is not None and len(harmful_set) > max_prompts:
-            harmful_set = PromptSet(
-                harmful_set.prompts[:max_prompts], harmful_set.name, harmful_set.path
-            )
-        check = None if task is None else task_examples(task)
+        """From paths, loaded sets or lists, each cut to its first ``limit`` items; ``harmful``
+        (None: the bundled harmful set) also to its first ``max_prompts``, ``eval_harmful``
+        defaulting to it. Without ``task_train``, ``task`` is split: see :func:`split_task`."""
+        harmful_set = first(first(prompt_set(harmful, "harmful"), limit), max_prompts)
+        check = None if task is None else first(task_examples(task), limit)
         if task_train is not None:
-            train = task_examples(task_train)
+            train = first(task_examples(task_train), limit)
         elif check is not None:
             train, check = split_task(check)
         else:
@@ -43,9 +46,9 @@ class Sets:
             harmful=harmful_set,
             eval_harmful=harmful_set
             if eval_harmful is None
-            else prompt_set(eval_harmful, "eval_harmful"),
+            else first(prompt_set(eval_harmful, "eval_harmful"), limit),
             task=check,
-            benign=None if benign is None else prompt_set(benign, "benign"),
+            benign=None if benign is None else first(prompt_set(benign, "benign"), limit),
             task_train=train,
         )
 
@@ -69,6 +72,15 @@ class Sets:
                 ("benign", self.benign),
             )
         }
+
+
+def first(items: PromptSet | TaskSet, n: int | None) -> PromptSet | TaskSet:
+    """The first ``n`` prompts or examples (all of them when ``n`` is None or not smaller)."""
+    if n is None or len(items) <= n:
+        return items
+    if isinstance(items, PromptSet):
+        return PromptSet(items.prompts[:n], f"{items.name}[:{n}]", items.path)
+    return TaskSet(items.examples[:n], f"{items.name}[:{n}]", items.path)
 
 
 def prompt_set(source, role: str) -> PromptSet:

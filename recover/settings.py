@@ -79,6 +79,7 @@ class RecoverSettings(Settings):
     max_prompts: int | None = setting(
         256, help="Harmful prompts the direction and gradient use.", min=1, group="Method"
     )
+    limit: int | None = setting(None, min=1, help="")
     sweep: tuple[float, ...] = setting(
         (),
         help="Rates for the trade-off curve, e.g. 0.001,0.002,0.004.",

@@ -21,7 +21,7 @@ TAKEN = {
     "--dtype": {"eval", "recover", "merge", "retrain"},
     "--batch-size": {"eval", "recover", "compare"},
     "--grad-batch-size": {"recover", "retrain"},
-    "--limit": {"eval", "compare"},
+    "--limit": {"eval", "recover", "compare"},
     "--seed": {"eval", "merge", "retrain", "compare", "lab build", "demo"},
     "--json": {"eval", "recover", "merge", "compare"},
     "--quiet": {"eval", "recover", "merge", "retrain", "compare", "lab build", "demo"},

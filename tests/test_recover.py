@@ -420,6 +420,30 @@ def test_cli_dry_run_prints_plan_with_settings(pair, tmp_path):
     assert not list(tmp_path.glob("*/report.json"))
 
 
+def test_limit_cuts_every_set_to_its_first_items(pair):
+    _, aligned, finetuned = pair
+    task = [{"prompt": p, "answer": "5"} for p in TASK_PROMPTS]
+    sets = {"harmful": HARMFUL, "benign": TASK_PROMPTS, "task": task}
+    full = recover(aligned, finetuned, dry_run=True, **sets).sets
+    cut = recover(aligned, finetuned, dry_run=True, limit=2, **sets).sets
+    assert len(HARMFUL) > 2 and len(TASK_PROMPTS) == 4
+    assert {role: s and s["n"] for role, s in full.items()} == {
+        "harmful": len(HARMFUL),
+        "eval_harmful": len(HARMFUL),
+        "task": 2,
+        "task_train": 2,
+        "benign": 4,
+    }
+    assert {role: s and s["n"] for role, s in cut.items()} == {
+        "harmful": 2,
+        "eval_harmful": 2,
+        "task": 1,  # the first 2 examples, split into 1 to steer and 1 to check
+        "task_train": 1,
+        "benign": 2,
+    }
+    assert cut["benign"]["name"].endswith("[:2]")
+
+
 def test_sweep_reports_each_rate_and_output_matches_main_rate(pair):
     root, aligned, finetuned = pair
     result = recover(
