@@ -312,7 +312,8 @@ def _check_paths(config: MergeConfig) -> list[str]:
                 problems.append(str(err))
                 continue
             if not folder.is_dir():
-                problems.append(f"model folder not found: {part} ({folder})")
+                where = "" if str(folder) == part else f" ({folder})"  # a relative ref's folder
+                problems.append(f"model folder not found: {part}{where}")
     return problems
 
 

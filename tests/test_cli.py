@@ -42,7 +42,7 @@ def test_several_problems_are_joined_on_one_line(tmp_path):
     assert result.exit_code == 2
     assert result.output.count("\n") == 1
     problems = result.output.removeprefix("Error: ").rstrip("\n").split("; ")
-    assert sorted(problems) == [f"model folder not found: {p} ({p})" for p in (one, two)]
+    assert sorted(problems) == [f"model folder not found: {p}" for p in (one, two)]
 
 
 def test_the_lab_table_is_left_out_of_the_progress_lines():
