@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
-import yaml
 
 from safealign.command import (
     command,
@@ -20,7 +17,7 @@ from safealign.eval.smoke import SMOKE_BENIGN, SMOKE_HARMFUL, smoke_warning
 from safealign.registry import split_spec
 from safealign.retrain.api import retrain
 from safealign.retrain.settings import RetrainSettings
-from safealign.settings import SettingsError, click_options, from_cli
+from safealign.settings import click_options, from_cli, read_config
 
 #: Regularizers that read harmful prompts (the probe critic, replay and interleave anchors).
 SMOKE_USERS = ("adaptive-kl", "der", "interleave")
@@ -36,17 +33,10 @@ EXAMPLES = (
 
 
 def load_config(path: str | None) -> dict | None:
-    """The YAML mapping in ``path`` (None without a path)."""
+    """The YAML settings in ``path`` (None without a path), checked for unknown keys."""
     if path is None:
         return None
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as error:
-        raise SettingsError(f"{path}: not valid YAML ({error})") from None
-    if not isinstance(data, dict):
-        raise SettingsError(f"{path}: a retrain config is a mapping of settings")
-    data = {str(key).replace("-", "_"): value for key, value in data.items()}
-    data = {KEY_ALIASES.get(key, key): value for key, value in data.items()}
+    data = {KEY_ALIASES.get(key, key): value for key, value in read_config(path).items()}
     RetrainSettings.from_dict(data, where=str(path))
     return data
 

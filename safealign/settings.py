@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import yaml
 
 from safealign.command import VOCABULARY, Option, shared_help
 from safealign.registry import split_items
@@ -141,6 +142,18 @@ class Settings:
     def replace(self: S, **changes: Any) -> S:
         """A copy with ``changes`` applied (and checked)."""
         return dataclasses.replace(self, **changes)
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A command's YAML config: a mapping, read with ``safe_load``, keys with ``-`` written
+    ``_``; anything else is a :class:`SettingsError` naming the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise SettingsError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected a mapping of settings")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}
 
 
 def _plain(value: Any) -> Any:

@@ -8,12 +8,11 @@ from dataclasses import fields
 from pathlib import Path
 
 import click
-import yaml
 
 from safealign.command import command, handles_bad_input, option, reads_checkpoints, shared
 from safealign.compare.run import compare
 from safealign.compare.settings import CompareInputs, CompareSettings
-from safealign.settings import SettingsError, click_options, from_cli
+from safealign.settings import SettingsError, click_options, from_cli, read_config
 
 _INPUTS = [f.name for f in fields(CompareInputs)]
 
@@ -53,10 +52,7 @@ def _load_config(path: str | None) -> tuple[dict, dict]:
     """A YAML config's inputs and settings (flags the user types override both)."""
     if path is None:
         return {}, {}
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise SettingsError(f"{path}: expected a mapping of options")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    data = read_config(path)
     inputs = {k: v for k, v in data.items() if k in _INPUTS}
     settings = {k: v for k, v in data.items() if k not in _INPUTS}
     CompareSettings.from_dict(settings, where=str(path))  # unknown keys, naming the file
