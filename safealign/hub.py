@@ -11,6 +11,7 @@ or commit, after ``@`` as in mergekit, or the ``revision`` argument (a local fol
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -78,7 +79,16 @@ def hub_repo(ref: str | Path) -> str | None:
 
 def hub_snapshot(ref: str, *, revision: str | None = None) -> Path:
     """The snapshot folder of hub id ``ref``: the metadata, then the weights it names, fetched
-    at the commit the metadata came from (or found in the cache)."""
+    at the commit the metadata came from (or found in the cache). Asked again in the same
+    process (commands resolve an input where they check it and where they load it), the answer
+    is remembered, not fetched again; a change of cache folder or offline mode asks anew."""
+    return _snapshot(ref, revision, constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE)
+
+
+@functools.lru_cache(maxsize=64)
+def _snapshot(ref: str, revision: str | None, cache: str, offline: bool) -> Path:
+    """:func:`hub_snapshot`; ``cache`` and ``offline`` only key the memo (failures are not
+    remembered: an exception is never cached)."""
     match = HUB_ID.match(ref)
     if match is None:
         raise CheckpointError(f"{ref}: not a hub id (org/name or org/name@revision)")

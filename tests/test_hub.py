@@ -25,6 +25,7 @@ from merge_support import read_weights
 from recover_support import HARMFUL, make_adapter, make_pair
 from retrain_support import pairs_file
 
+from safealign import hub as hub_module
 from safealign.checkpoint import Checkpoint, CheckpointError
 from safealign.compare.settings import CompareInputs, check_inputs
 from safealign.eval import Evaluator
@@ -91,6 +92,7 @@ def hub(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def offline(hub, monkeypatch):
+    hub_module._snapshot.cache_clear()  # each test resolves afresh (stand-in hubs differ)
     monkeypatch.setenv("HF_HUB_CACHE", str(hub["cache"]))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub["cache"]))
@@ -340,3 +342,16 @@ def test_outputs_name_hub_inputs_by_id_and_commit(hub, tmp_path):
         assert f"{finetuned}@{commit_of(finetuned.removeprefix('org/'))}" in card
         assert str(hub["cache"]) not in card  # never the snapshot's path in the hub cache
     assert 'base_model: "org/finetuned"' in (recovered / "README.md").read_text()
+
+
+def test_an_id_is_fetched_once_per_process(hub, monkeypatch):
+    calls = []
+    real = hub_module.snapshot_download
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hub_module, "snapshot_download", counting)
+    assert resolve_checkpoint("org/aligned") == resolve_checkpoint("org/aligned")
+    assert len(calls) == 2  # the metadata, then the weights, once
