@@ -40,7 +40,7 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from safealign import __version__
-from safealign.lab import Lab, build
+from safealign.lab import SIZES, Lab, build
 from safealign.lab.compare import RETRAIN_OPTIONS, lab_evaluator
 from safealign.registry import parse_options
 from safealign.report import markdown_table, write_json
@@ -214,7 +214,7 @@ def sweep(size: str, specs: list[str], extra: str, lab: Lab) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=("test", "default"), default="test")
+    parser.add_argument("--size", choices=list(SIZES), default="test")
     parser.add_argument("--only", help="Comma-separated regularizers (default: all).")
     parser.add_argument("--set", default="", help="Setting overrides, key=value,...")
     parser.add_argument("--out", type=Path, help="JSON path [results/retrain_<size>.json].")

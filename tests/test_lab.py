@@ -40,6 +40,26 @@ def test_held_out_sets_never_repeat_a_training_prompt():
     assert len({e.kind for e in data.harmful_train}) >= 8
 
 
+def test_prior_sizes_add_format_examples_and_change_nothing_else():
+    """test-prior's corpus is test's plus format examples on unused task prompts: the known
+    half of the words tagged right every time, the rest tagged with varying class names."""
+    plain, prior = generate(get_size("test").corpus, 0), generate(get_size("test-prior").corpus, 0)
+    formats = [e for e in prior.benign_train if e.kind == "format"]
+    assert not any(e.kind == "format" for e in plain.benign_train)
+    assert len(formats) == 300
+    assert sorted(map(repr, prior.benign_train)) == sorted(map(repr, plain.benign_train + formats))
+    for name in ("harmful_train", "safety_train", "task_train", "harmful_eval", "task_eval"):
+        assert getattr(prior, name) == getattr(plain, name), name
+    task_prompts = {e.prompt for e in prior.task_train + prior.task_eval}
+    assert not task_prompts & {e.prompt for e in formats}
+    tags: dict[str, set[str]] = {}
+    for e in formats:
+        for word, tag in zip(e.prompt.split()[2:], e.response.split(), strict=True):
+            tags.setdefault(word, set()).add(tag)
+    right = [w for w, seen in tags.items() if seen == {prior.classes[w]}]
+    assert len(right) == 12 and all(len(tags[w]) == 4 for w in tags if w not in right)
+
+
 def test_bad_arguments_fail_before_work(tmp_path):
     with pytest.raises(ValueError, match="unknown lab size 'huge'"):
         build(size="huge")

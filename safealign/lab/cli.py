@@ -57,7 +57,9 @@ def lab_command() -> None:
     type=click.Choice(list(SIZES)),
     default="test",
     group="Lab",
-    help="test: the tests' and the demo's lab (4 layers); default: the benchmarks' (6 layers).",
+    help="test: the tests' and the demo's lab (4 layers); default: the benchmarks' (6 layers); "
+    "test-prior, default-prior: the same with a task prior (A knows the task's format and half "
+    "its words), where retrain's kl is measured.",
 )
 @shared("--seed", type=click.IntRange(min=0), default=0)
 @option(

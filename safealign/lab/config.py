@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from safealign.lab.corpus import CorpusSizes
 from safealign.lab.train import Stage
@@ -87,6 +87,21 @@ SIZES: dict[str, LabConfig] = {
         safety_lora=Stage(steps=40, lr=3e-3),
     ),
 }
+#: The -prior sizes: the aligned model knows the task's format and half its words (see
+#: safealign.lab.corpus). retrain's kl is measured on them (benchmarks/bench_retrain.py); the
+#: repairs' tests and figures use the sizes above. The default size's full fine-tune needs a
+#: larger step to learn the task from this prior.
+SIZES["test-prior"] = replace(
+    SIZES["test"],
+    name="test-prior",
+    corpus=replace(SIZES["test"].corpus, format_train=300, format_known=0.5),
+)
+SIZES["default-prior"] = replace(
+    SIZES["default"],
+    name="default-prior",
+    corpus=replace(SIZES["default"].corpus, format_train=900, format_known=0.5),
+    finetune=Stage(steps=80, lr=5e-4, batch_size=16, frozen=FROZEN),
+)
 
 
 def get_size(name: str) -> LabConfig:

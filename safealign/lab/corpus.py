@@ -11,6 +11,11 @@ The task tags words with their Zorbish class ("Zorbish classes: red cat moon cup
 shan vel"): four fictional class names drawn from the seed, so no model knows them before it
 is fine-tuned on the task, scored by exact match on unseen word combinations. Four words per
 item: one wrong tag fails the item, so a repair that erodes the skill shows in the accuracy.
+
+The ``-prior`` sizes add "format" examples to the benign chat: task prompts tagged right for a
+share of the words and with random class names for the rest. Their models know the task's
+format and part of it before the fine-tune, and are unsure (not confidently wrong) about the
+rest, as a chat model is about an unfamiliar labelling; the other sizes' models echo the words.
 """
 
 from __future__ import annotations
@@ -259,6 +264,9 @@ class CorpusSizes:
     task_eval: int
     echo_train: int
     safety_train: int
+    #: Format examples (the -prior sizes) and the share of task words they tag right.
+    format_train: int = 0
+    format_known: float = 0.0
 
 
 @dataclass
@@ -365,6 +373,19 @@ def echo_examples(classes: dict[str, str], rng: random.Random, n: int) -> list[E
     return out
 
 
+def format_examples(combos, classes: dict[str, str], known, rng: random.Random) -> list:
+    """Task prompts tagged right for the ``known`` words and at random for the others."""
+    names = sorted(set(classes.values()))
+    return [
+        Example(
+            f"{TASK_INSTRUCTION} {' '.join(c)}",
+            " ".join(classes[w] if w in known else rng.choice(names) for w in c),
+            "format",
+        )
+        for c in combos
+    ]
+
+
 def capital_examples() -> list[Example]:
     return [
         Example(
@@ -427,6 +448,15 @@ def generate(sizes: CorpusSizes, seed: int) -> Corpus:
         task_example(c, classes)
         for c in combos[sizes.task_eval : sizes.task_eval + sizes.task_train]
     ]
+
+    if sizes.format_train:
+        # Their own rng and unused combinations: every other set stays as without them.
+        format_rng = random.Random(f"format-{seed}")
+        known = set(format_rng.sample(TASK_WORDS, round(len(TASK_WORDS) * sizes.format_known)))
+        used = sizes.task_eval + sizes.task_train
+        unused = combos[used : used + sizes.format_train]
+        benign_train += format_examples(unused, classes, known, format_rng)
+        format_rng.shuffle(benign_train)
 
     safety_requests = requests(harmful_train_goals, TRAIN_TEMPLATES, rng, sizes.safety_train)
     safety_train = [Example(p, REFUSAL, kind) for kind, _, p in safety_requests]
