@@ -69,8 +69,10 @@ def check_inputs(settings: RetrainSettings) -> None:
 
 def plan_of(settings: RetrainSettings, regularizer, n_examples: int, steps: int, model) -> dict:
     """What the run will do, printed by ``--dry-run`` and recorded in the card."""
+    direction = getattr(regularizer, "direction", None)
     return {
         "regularizer": regularizer.name,
+        **({"kl_direction": direction} if direction else {}),
         "mode": "full" if settings.full else "lora",
         "reference": reference_kind(regularizer, settings),
         "examples": n_examples,
@@ -211,7 +213,9 @@ def _card(settings: RetrainSettings, plan: dict, metrics: dict) -> ModelCard:
         summary=(
             f"A {kind} fine-tuned from the aligned model on {settings.data} with the "
             f"`{plan['regularizer']}` regularizer ({plan['steps']} steps, reference: "
-            f"{plan['reference']}). The per-step log is in train_log.jsonl."
+            f"{plan['reference']}"
+            + (f", KL direction {plan['kl_direction']}" if "kl_direction" in plan else "")
+            + "). The per-step log is in train_log.jsonl."
         ),
         settings=settings.to_dict(),
         inputs={"aligned": str(settings.aligned), "data": str(settings.data)},

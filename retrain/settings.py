@@ -53,15 +53,18 @@ class RetrainSettings(Settings):
     )
     dtype: str = setting("float32", help="Weights dtype (float32, bfloat16, float16).")
     cpu: bool = setting(False, help="Train on the CPU even when an accelerator is present.")
-    #: kl's weight, measured on the test lab (benchmarks/results/retrain_sweep_test.json): no
-    #: fixed weight lowers the harmful rate by 30 points with task within 5 (0.5: -2 / +2
-    #: points; 0.75: -16 / -31; 1: -48 / -90; reverse KL is steeper). 0.5 is the largest that
-    #: keeps task.
+    #: kl's weight and direction (benchmarks/results/retrain_direction_*.json, retrain_sweep_test):
+    #: on the -prior labs, where A is unsure of the task's answers, reverse KL at 0.5 takes harmful
+    #: 100% -> 0% with task kept (over-refusal 2% default-prior, 69% test-prior); forward KL
+    #: lowers harm only as it costs the task (1.25: 30% harmful task -4 / 17% -12). On the plain
+    #: labs A rules the task's answers out as firmly as the harmful "Sure" and no KL separates
+    #: them (reverse 0.5: 0% harmful, 0% task; forward 0.5: 98% harmful, task kept).
     kl_weight: float = setting(0.5, help="kl plain: lambda of NLL + lambda KL.", min=0, group="Reg")
-    kl_direction: str = setting(
-        "forward",
-        help="kl plain, epoch-kl: KL(p_ref || p) (forward) or KL(p || p_ref).",
+    kl_direction: str | None = setting(
+        None,
+        help="kl plain, adaptive-kl, epoch-kl: KL(p || p_ref) (reverse) or KL(p_ref || p).",
         choices=("forward", "reverse"),
+        default_text="reverse for kl and epoch-kl, forward for adaptive-kl",
     )
     #: plain: Qi et al.'s token-wise form leaves both labs 100% harmful with 2-5% task (the
     #: task's answers lie in its beta 2 window; the harmful switch is one token at beta 0.5).

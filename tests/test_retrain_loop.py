@@ -102,6 +102,8 @@ def test_continuing_an_adapter_uses_its_frozen_clone_as_reference(files, tmp_pat
         **files, out=str(tmp_path / "again"), adapter=str(first.out), regularizer="kl", **FAST
     )
     assert again.plan["reference"] == "snapshot"
+    assert again.plan["kl_direction"] == "reverse"  # kl's default, recorded in log and card
+    assert "KL direction reverse" in (again.out / "README.md").read_text()
     assert again.steps[0]["kl"] == 0.0  # the clone, not the bare base (which differs from it)
     adapter_bytes = sum(t.numel() * 4 for t in adapter_weights(first.out).values())
     assert again.metrics["reference_bytes"] == adapter_bytes

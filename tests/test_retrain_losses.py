@@ -143,6 +143,20 @@ def test_kl_form_and_betas_are_checked():
     assert create("kl", RetrainSettings(kl_betas=(1.0, 0.2))).betas == (1.0, 0.2)
 
 
+def test_kl_direction_defaults_per_regularizer_and_the_setting_overrides_all():
+    """kl and epoch-kl default to reverse KL(p || p_ref), adaptive-kl to forward (each measured
+    on the lab, benchmarks/results/retrain_direction_*.json); --kl-direction sets all three."""
+    defaults = RetrainSettings()
+    assert create("kl", defaults).direction == "reverse"
+    assert create("epoch-kl", defaults).direction == "reverse"
+    assert create("adaptive-kl", defaults).direction == "forward"
+    for direction in ("forward", "reverse"):
+        given = RetrainSettings(kl_direction=direction)
+        for name in ("kl", "epoch-kl", "adaptive-kl"):
+            assert create(name, given).direction == direction
+    assert create("adaptive-kl:direction=reverse", defaults).direction == "reverse"
+
+
 def test_chunked_kl_equals_dense_in_values_and_gradients():
     g = torch.Generator().manual_seed(3)
     rows = torch.randn(37, 11, generator=g, dtype=torch.float64)

@@ -33,7 +33,7 @@ class AdaptiveKL(Regularizer):
         beta_max: float = 0.9,
         ema: float = 0.0,
         critic: str = "probe",
-        direction: str = "forward",
+        direction: str | None = "forward",
         chunk: int = 0,
         layers: tuple[int, ...] | None = (),
     ):
@@ -42,7 +42,7 @@ class AdaptiveKL(Regularizer):
         if critic != "probe" and not critic.startswith("judge:"):
             raise ValueError(f"critic must be probe or judge:NAME, got {critic!r}")
         self.beta_min, self.beta_max, self.ema = float(beta_min), float(beta_max), float(ema)
-        self.critic, self.direction, self.chunk = critic, direction, int(chunk)
+        self.critic, self.direction, self.chunk = critic, direction or "forward", int(chunk)
         self.layers = tuple(layers or ())
         self.last: float | None = None
         self.table: torch.Tensor | None = None

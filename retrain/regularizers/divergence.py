@@ -50,11 +50,12 @@ class KL(Regularizer):
     def __init__(
         self,
         weight: float,
-        direction: str = "forward",
+        direction: str | None = "reverse",
         chunk: int = 0,
         form: str = "plain",
         betas: tuple[float, ...] = TOKEN_WISE_BETAS,
     ):
+        direction = direction or "reverse"
         if direction not in ("forward", "reverse"):
             raise ValueError(f"direction must be forward or reverse, got {direction!r}")
         if form not in ("token-wise", "plain"):
@@ -95,7 +96,7 @@ class EpochKL(KL):
     snapshot = True
     options = {"gamma": "gamma", "direction": "kl_direction", "chunk": "kl_chunk"}
 
-    def __init__(self, gamma: float, direction: str = "reverse", chunk: int = 0):
+    def __init__(self, gamma: float, direction: str | None = "reverse", chunk: int = 0):
         super().__init__(1.0, direction, chunk)
         self.gamma, self.epoch = float(gamma), 0
 
