@@ -66,8 +66,8 @@ class RetrainSettings(Settings):
         choices=("forward", "reverse"),
         default_text="reverse for kl and epoch-kl, forward for adaptive-kl",
     )
-    #: plain: Qi et al.'s token-wise form leaves both labs 100% harmful with 2-5% task (the
-    #: task's answers lie in its beta 2 window; the harmful switch is one token at beta 0.5).
+    #: plain: Qi et al.'s token-wise form leaves every lab 100% harmful, the plain ones with 2-5%
+    #: task (the task's answers lie in its beta 2 window; the harmful switch is one token at 0.5).
     kl_form: str = setting(
         "plain",
         help="kl: plain (NLL + lambda KL) or token-wise (Qi et al. 2025, beta_t by position).",
