@@ -69,7 +69,8 @@ def check_inputs(settings: RetrainSettings) -> None:
 
 def plan_of(settings: RetrainSettings, regularizer, n_examples: int, steps: int, model) -> dict:
     """What the run will do, printed by ``--dry-run`` and recorded in the card."""
-    direction = getattr(regularizer, "direction", None)
+    token_wise = getattr(regularizer, "form", "plain") == "token-wise"
+    direction = None if token_wise else getattr(regularizer, "direction", None)
     return {
         "regularizer": regularizer.name,
         **({"kl_direction": direction} if direction else {}),

@@ -58,7 +58,7 @@ class RetrainSettings(Settings):
     #: 100% -> 0% with task kept (over-refusal 2% default-prior, 69% test-prior); forward KL
     #: lowers harm only as it costs the task (1.25: 30% harmful task -4 / 17% -12). On the plain
     #: labs A rules the task's answers out as firmly as the harmful "Sure" and no KL separates
-    #: them (reverse 0.5: 0% harmful, 0% task; forward 0.5: 98% harmful, task kept).
+    #: them (reverse 0.5: 0-2% harmful, 0-12% task; forward 0.5: 95-98% harmful, task kept).
     kl_weight: float = setting(0.5, help="kl plain: lambda of NLL + lambda KL.", min=0, group="Reg")
     kl_direction: str | None = setting(
         None,
