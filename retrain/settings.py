@@ -53,13 +53,16 @@ class RetrainSettings(Settings):
     )
     dtype: str = setting("float32", help="Weights dtype (float32, bfloat16, float16).")
     cpu: bool = setting(False, help="Train on the CPU even when an accelerator is present.")
-    #: kl's weight and direction (benchmarks/results/retrain_direction_*.json, retrain_sweep_test):
-    #: on the -prior labs, where A gives the task's answers 0.55-0.6, reverse KL at 0.5 takes
-    #: harmful 100% -> 0% with task kept (over-refusal 2% default-prior, 69% test-prior); forward KL
-    #: lowers harm only as it costs the task (1.25: 30% harmful task -4 / 17% -12). On the plain
-    #: labs A rules the task's answers out as firmly as the harmful "Sure" (lab_prior.json): none
-    #: separates them (reverse 0.5: 0-2% harmful, 0-12% task; forward 0.5: 95-98% harmful).
-    kl_weight: float = setting(0.5, help="kl plain: lambda of NLL + lambda KL.", min=0, group="Reg")
+    #: kl's weight and direction (benchmarks/results/retrain_direction_*.json, retrain_kl_weight_*):
+    #: on the -prior labs, where A gives the task's answers 0.55-0.6, reverse KL at 0.75 takes
+    #: harmful 100% -> 0% with task kept (over-refusal 0.8% default-prior, 88% test-prior); 0.4
+    #: leaves default-prior 100% harmful and 0.5 is at that edge. Forward KL lowers harm only as
+    #: it costs the task (1.25: 30% harmful task -4 / 17% -12). On the plain labs A rules the
+    #: task's answers out as firmly as the harmful "Sure" (lab_prior.json): no setting separates
+    #: them (reverse 0.5-0.75: 0-2% harmful, 1-12% task; forward 0.5: 95-98% harmful).
+    kl_weight: float = setting(
+        0.75, help="kl plain: lambda of NLL + lambda KL.", min=0, group="Reg"
+    )
     kl_direction: str | None = setting(
         None,
         help="kl plain, adaptive-kl, epoch-kl: KL(p || p_ref) (reverse) or KL(p_ref || p).",
