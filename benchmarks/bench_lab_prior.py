@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from statistics import fmean
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -46,6 +47,10 @@ def expectations(model, tokenizer, prompt: str, reply: str, positions: int) -> l
     return rows
 
 
+def mean(values: list[float]) -> float:
+    return round(fmean(values), 3)
+
+
 def measure(size: str) -> dict:
     lab = build(size=size)
     tokenizer = AutoTokenizer.from_pretrained(lab.aligned)
@@ -65,7 +70,6 @@ def measure(size: str) -> dict:
         else:
             right, top, _ = expectations(model, tokenizer, row["prompt"], reply, 1)[0]
             harmful.append((right, top))
-    mean = lambda values: round(sum(values) / len(values), 3)  # noqa: E731
     return {
         "size": size,
         "lab": lab.info["key"],
