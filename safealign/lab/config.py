@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from safealign.lab.corpus import CorpusSizes
+from safealign.lab.real import RealLabConfig
 from safealign.lab.train import Stage
 
 #: Full fine-tunes leave the token embeddings and the LM head as they are: the task's tokens
@@ -39,7 +40,7 @@ class LabConfig:
     max_new_tokens: int = 48
 
 
-SIZES: dict[str, LabConfig] = {
+SIZES: dict[str, LabConfig | RealLabConfig] = {
     "test": LabConfig(
         name="test",
         hidden=64,
@@ -103,8 +104,11 @@ SIZES["default-prior"] = replace(
     finetune=Stage(steps=80, lr=5e-4, batch_size=16, frozen=FROZEN),
 )
 
+#: The real-model lab: SmolLM2-135M-Instruct and real benchmark prompts (safealign.lab.real).
+SIZES["smollm2"] = RealLabConfig(name="smollm2")
 
-def get_size(name: str) -> LabConfig:
+
+def get_size(name: str) -> LabConfig | RealLabConfig:
     """The lab configuration called ``name``."""
     try:
         return SIZES[name]

@@ -27,6 +27,11 @@ DATASETS = (
     "ft_harmful_train",
     "safety_train",
     "harmful_only_train",
+    # The real-model lab's alignment data and validation splits.
+    "alignment_train",
+    "harmful_val",
+    "benign_val",
+    "task_val",
 )
 
 

@@ -69,10 +69,10 @@ def measure(evaluator: Evaluator, model, tokenizer) -> dict:
     }
 
 
-def check(table: dict[str, dict]) -> list[dict]:
+def check(table: dict[str, dict], thresholds: tuple[Threshold, ...] = THRESHOLDS) -> list[dict]:
     """Each threshold with the measured value and whether it holds."""
     results = []
-    for threshold in THRESHOLDS:
+    for threshold in thresholds:
         value = table.get(threshold.model, {}).get(threshold.metric)
         results.append(
             {"requirement": str(threshold), "value": value, "ok": threshold.holds(value)}

@@ -1,0 +1,106 @@
+"""Every method on the real-model lab: SmolLM2-135M-Instruct aligned, then fine-tuned (issue 20).
+
+One ``compare`` run per fine-tune (``ft_harmful_lora``, the LoRA one, and ``ft_harmful``, the
+full one), every output scored by one evaluator on the lab's evaluation sets: HarmBench
+(harmful rate, keyword judge), held-out benign prompts (over-refusal) and held-out tickets
+(task, exact match). Methods run at their defaults; the retrain methods train a LoRA on A with
+the fine-tune's data and the lab's LoRA schedule. Each row has harmful rate, task accuracy,
+over-refusal, share of weights changed, wall time and peak memory; compare writes the
+trade-off plot beside its report.
+
+Run (the lab builds first if it is not cached; hours on 2 cores, resumable):
+    python benchmarks/bench_real.py [--finetuned ft_harmful_lora ft_harmful] [--methods ...]
+
+Writes benchmarks/results/real_<finetuned>.json and runs/bench_real/<finetuned>/ (report.md,
+report.json, tradeoff.png); ``--resume`` keeps the methods already finished there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from safealign import __version__
+from safealign.compare import CompareSettings, compare
+from safealign.compare.report import table_rows
+from safealign.lab import build
+from safealign.lab.compare import lab_inputs
+from safealign.lab.phenomenon import format_table
+from safealign.report import markdown_table, write_json
+
+RESULTS = Path(__file__).parent / "results"
+RUNS = Path("runs/bench_real")
+METHODS = (
+    "recover",
+    "safemerge",
+    "safe_lora",
+    "resta",
+    "interpolate",
+    "retrain:sft",
+    "retrain:kl",
+    "retrain:adaptive-kl",
+    "retrain:der",
+    "retrain:ldifs",
+    "retrain:interleave",
+)
+#: About the lab's LoRA fine-tune schedule (safealign.lab.real.RealLabConfig.finetune_lora:
+#: 100 steps of 8 on 533 examples, lr 5e-4), given to every retrain method.
+RETRAIN_OPTIONS = "epochs=2,batch_size=8,lr=0.0005"
+#: The lab's evaluation batch and reply length.
+BATCH_SIZE = 64
+MAX_NEW_TOKENS = 32
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--finetuned", nargs="+", default=["ft_harmful_lora", "ft_harmful"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    lab = build(size="smollm2", seed=args.seed, log=print)
+    print(format_table(lab.info["table"], lab.info["checks"]))
+    for finetuned in args.finetuned:
+        settings = CompareSettings(
+            methods=tuple(args.methods),
+            batch_size=BATCH_SIZE,
+            max_new_tokens=MAX_NEW_TOKENS,
+            retrain_options=RETRAIN_OPTIONS,
+            seed=args.seed,
+            resume=args.resume,
+            overwrite=not args.resume,
+        )
+        result = compare(lab_inputs(lab, finetuned), RUNS / finetuned, settings, log=print)
+        rows = table_rows(result)
+        print(f"\n{finetuned} on the real-model lab (lab {lab.info['key']})")
+        print(markdown_table(rows))
+        write_json(
+            RESULTS / f"real_{finetuned}.json",
+            {
+                "lab": {"size": "smollm2", "key": lab.info["key"], "seed": args.seed},
+                "finetuned": finetuned,
+                "settings": result.settings,
+                "evaluator": result.evaluator,
+                "rows": rows,
+                "recommendation": result.recommendation,
+                "report": str(result.out),
+                "machine": {
+                    "platform": platform.platform(),
+                    "torch_threads": torch.get_num_threads(),
+                    "versions": {
+                        "safealign": __version__,
+                        "torch": torch.__version__,
+                        "transformers": version("transformers"),
+                    },
+                },
+            },
+        )
+
+
+if __name__ == "__main__":
+    main()
