@@ -12,8 +12,9 @@ from click.testing import CliRunner
 
 from safealign.checkpoint import Checkpoint
 from safealign.compare import CompareSettings, compare
+from safealign.compare.methods import safety_merge_config
 from safealign.compare.run import score_checkpoint
-from safealign.lab.compare import BATCH_SIZE, lab_evaluator, lab_inputs, lab_safety_config
+from safealign.lab.compare import BATCH_SIZE, lab_evaluator, lab_inputs
 from safealign.merge import run_merge
 from safealign.merge.cli import merge_command
 
@@ -54,7 +55,9 @@ def test_methods_equal_their_own_commands(lab, merged, tmp_path):
     own = {
         "interpolate:alpha=0.5": tmp_path / "interp",
         "safe_lora:tau=0.35": run_merge(
-            lab_safety_config(lab, "safe_lora", {"tau": 0.35}), tmp_path / "sl", progress=False
+            safety_merge_config("safe_lora", lab_inputs(lab), {"tau": 0.35}),
+            tmp_path / "sl",
+            progress=False,
         ).out,
     }
     for name, folder in own.items():

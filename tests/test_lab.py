@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -114,7 +113,10 @@ def test_resta_harmful_models_are_the_aligned_model_fine_tuned_on_harmful_data_a
     refusals = [json.loads(line) for line in lab.data("harmful_train").read_text().splitlines()]
     assert [row["prompt"] for row in data] == [row["prompt"] for row in refusals]
     assert all(row["response"].startswith("Sure, here is how to") for row in data)
-    full, lora = Checkpoint.open(lab.ft_harmful_only), Checkpoint.open(lab.ft_harmful_only_lora)
+    full, lora = (
+        Checkpoint.open(lab.ft_harmful_only),
+        Checkpoint.open(lab.model("ft_harmful_only_lora")),
+    )
     assert not full.is_adapter and lora.is_adapter and lora.base.path == lab.aligned
     name = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(full.get(name), Checkpoint.open(lab.aligned).get(name))
@@ -134,10 +136,12 @@ def test_lab_json_records_the_build(lab):
 
 
 @lab_mark
-def test_second_build_is_instant_and_returns_the_same_lab(lab):
-    start = time.perf_counter()
+def test_second_build_reuses_the_cache_and_returns_the_same_lab(lab, monkeypatch):
+    def trains(*args, **kwargs):
+        raise AssertionError("a cached lab was built again")
+
+    monkeypatch.setattr("safealign.lab.build.run_build", trains)
     again = build(size="test")
-    assert time.perf_counter() - start < 5
     assert again.root == lab.root
 
 
