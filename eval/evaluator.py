@@ -16,7 +16,7 @@ from safealign.eval.metrics import get_metric
 from safealign.eval.results import Scores, mean_interval, wilson_interval
 from safealign.eval.sets import PromptList, as_prompt_list, as_task_list
 from safealign.eval.settings import EvalSettings
-from safealign.model import model_device
+from safealign.model import load_model, model_device
 from safealign.runtime import peak_rss_bytes, versions
 
 
@@ -240,8 +240,6 @@ class Evaluator:
 
         ``seconds`` includes fingerprinting and loading (``load_seconds`` in the config).
         """
-        from safealign.model import load_model
-
         start = time.perf_counter()
         cache_dir = self.settings.cache_dir
         self.say(f"hashing the weights of {model_path} (results.json's fingerprint, cache key)")

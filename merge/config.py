@@ -3,7 +3,7 @@
 Accepted keys: ``merge_method``, ``models`` (each ``{model, parameters}``), ``base_model``,
 ``parameters`` (global), ``dtype``, ``out_dtype``, ``tokenizer_source`` or ``tokenizer: {source}``.
 A model is a local folder or a hub id (``org/name``, ``org/name@revision``; see
-:mod:`safealign.hub`): a model, a PEFT LoRA adapter (on the base named in its config), or
+:mod:`safealign.checkpoint.hub`): a model, a PEFT LoRA adapter (on the base named in its config), or
 mergekit's ``model+adapter`` form. Parameter values are numbers/booleans/strings, a list of numbers
 (a gradient over the decoder layers), or a list of ``{filter, value}`` (first filter contained in
 the tensor name wins; no filter matches all), as in mergekit.
@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from safealign.checkpoint import CheckpointError
-from safealign.hub import hub_snapshot, is_hub_id
+from safealign.checkpoint.hub import hub_snapshot, is_hub_id
 from safealign.layers import layer_index
 from safealign.merge.methods import METHODS, ROLES, MergeMethod
 from safealign.model import DTYPES

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from safealign.checkpoint import Checkpoint, CheckpointError, CheckpointWriter, validate_checkpoints
-from safealign.hub import resolve_checkpoint
+from safealign.checkpoint.hub import resolve_checkpoint
 from safealign.model import resolve_dtype
 from safealign.recover.guard import StepGuard
 from safealign.recover.plan import Plan, working_dtype

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safealign.data import PromptSet, TaskExample, TaskSet, load_prompts, load_task
+from safealign.eval.smoke import SMOKE_HARMFUL
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,6 @@ def first(items: PromptSet | TaskSet, n: int | None) -> PromptSet | TaskSet:
 def prompt_set(source, role: str) -> PromptSet:
     """Prompts from a path, a PromptSet or a list of strings (None: the bundled harmful set)."""
     if source is None:
-        from safealign.eval.smoke import SMOKE_HARMFUL
-
         source = SMOKE_HARMFUL
     if isinstance(source, (str, Path)):
         source = load_prompts(source)

@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from safealign.hub import resolve_checkpoint
+from safealign.checkpoint.hub import resolve_checkpoint
 from safealign.model import load_model
 from safealign.paths import has_tokenizer
 from safealign.retrain.reference import Reference, trainable

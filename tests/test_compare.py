@@ -13,7 +13,8 @@ from safealign.compare import run as compare_run
 from safealign.compare.cli import compare_command
 from safealign.compare.methods import join_specs
 from safealign.compare.report import recommend, to_dict
-from safealign.compare.run import CompareResult, method_specs
+from safealign.compare.result import CompareResult
+from safealign.compare.run import method_specs
 from safealign.compare.settings import CompareInputs, CompareSettings
 from safealign.registry import RegistryError
 

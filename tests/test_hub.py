@@ -25,13 +25,13 @@ from merge_support import read_weights
 from recover_support import HARMFUL, make_adapter, make_pair
 from retrain_support import pairs_file
 
-from safealign import hub as hub_module
 from safealign.checkpoint import Checkpoint, CheckpointError
+from safealign.checkpoint import hub as hub_module
+from safealign.checkpoint.hub import resolve_checkpoint
 from safealign.compare.settings import CompareInputs, check_inputs
 from safealign.eval import Evaluator
 from safealign.eval.cache import folder_fingerprint
 from safealign.eval.cli import eval_command
-from safealign.hub import resolve_checkpoint
 from safealign.merge.cli import merge_command
 from safealign.merge.config import MergeConfig, resolve_path
 from safealign.model import load_model
@@ -125,7 +125,9 @@ def test_unresolvable_references_are_one_line_errors(hub, tmp_path):
 
 
 def test_the_environment_alone_selects_cache_and_offline_mode(hub):
-    code = "from safealign.hub import resolve_checkpoint as r; print(r('org/aligned@v2'))"
+    code = (
+        "from safealign.checkpoint.hub import resolve_checkpoint as r; print(r('org/aligned@v2'))"
+    )
     env = {**os.environ, "HF_HUB_CACHE": str(hub["cache"]), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
@@ -283,7 +285,7 @@ def test_online_fetch_takes_metadata_then_only_the_weights_it_names(
             (snapshot / name).write_text(repo[name])
         return str(snapshot)
 
-    monkeypatch.setattr("safealign.hub.snapshot_download", fake_download)
+    monkeypatch.setattr("safealign.checkpoint.hub.snapshot_download", fake_download)
     assert resolve_checkpoint("org/repo@v1") == snapshot
     assert revisions == ["v1", snapshot.name]
     assert sorted(fetched) == sorted(METADATA + fetched_beyond_metadata)

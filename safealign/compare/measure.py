@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from safealign.checkpoint import Checkpoint
-from safealign.hub import resolve_checkpoint
+from safealign.checkpoint.hub import resolve_checkpoint
 from safealign.runtime import peak_rss_bytes
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

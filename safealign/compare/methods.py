@@ -18,6 +18,8 @@ from typing import Any
 
 from safealign.compare.settings import CompareInputs
 from safealign.data import load_prompts
+from safealign.merge import METHODS, run_merge, safety_config
+from safealign.recover import recover
 from safealign.registry import (
     Registry,
     RegistryError,
@@ -26,6 +28,7 @@ from safealign.registry import (
     split_items,
     split_spec,
 )
+from safealign.retrain import retrain
 
 #: What ``compare`` runs when no method is named (each is skipped if its inputs are missing).
 DEFAULT_METHODS = (
@@ -126,8 +129,6 @@ def _recover_missing(spec: MethodSpec, inputs: CompareInputs) -> str | None:
 
 
 def _recover_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
-    from safealign.recover import recover
-
     result = recover(
         inputs.aligned,
         inputs.finetuned,
@@ -151,14 +152,10 @@ FAMILIES.register("recover")(Family(_recover_missing, _recover_run))
 
 def _safety_merges() -> list[str]:
     """Merge methods that repair a fine-tuned model (those with a ``finetuned`` role)."""
-    from safealign.merge import METHODS
-
     return [name for name in METHODS.names() if "finetuned" in METHODS.get(name).required_roles]
 
 
 def _merge_missing(spec: MethodSpec, inputs: CompareInputs) -> str | None:
-    from safealign.merge import METHODS
-
     for role in METHODS.get(spec.method).required_roles:
         if role != "finetuned" and getattr(inputs, role, None) is None:
             return f"{spec.method} needs --{role.replace('_', '-')}"
@@ -167,8 +164,6 @@ def _merge_missing(spec: MethodSpec, inputs: CompareInputs) -> str | None:
 
 def safety_merge_config(method: str, inputs: CompareInputs, parameters: dict | None = None):
     """The merge config of safety method ``method`` on ``inputs``, each role it takes filled."""
-    from safealign.merge import METHODS, safety_config
-
     cls = METHODS.get(method)
     roles = {
         role: getattr(inputs, role, None)
@@ -185,8 +180,6 @@ def safety_merge_config(method: str, inputs: CompareInputs, parameters: dict | N
 
 
 def _merge_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
-    from safealign.merge import run_merge
-
     config = safety_merge_config(spec.method, inputs, spec.options)
     return Path(run_merge(config, out, overwrite=True, progress=False).out)
 
@@ -224,8 +217,6 @@ def _retrain_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
     """retrain on the fine-tuning data. Its critic and anchors learn from the training sets:
     harmful prompts, and as benign the benign prompts plus the task's training prompts (a
     critic must learn that task requests are safe); they are written beside the output."""
-    from safealign.retrain import retrain
-
     sets = out.parent / f"{out.name}.inputs"
     harmful = _prompts(_first(inputs.harmful_train, inputs.harmful))
     benign = _prompts(_first(inputs.benign_train, inputs.benign)) + _prompts(inputs.task_train)

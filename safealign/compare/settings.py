@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from safealign.checkpoint import Checkpoint, CheckpointError, validate_checkpoints
-from safealign.hub import is_hub_id, resolve_checkpoint
+from safealign.checkpoint.hub import is_hub_id, resolve_checkpoint
 from safealign.settings import Settings, SettingsError, setting
 
 #: Inputs that name a checkpoint: a folder or a hub id.
