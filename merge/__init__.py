@@ -14,7 +14,7 @@ from safealign.merge.methods import METHODS
 from safealign.merge.plan import plan_merge
 from safealign.merge.report import layer_table
 from safealign.merge.settings import MergeSettings
-from safealign.merge.shortcuts import safety_config
+from safealign.merge.shortcuts import role_problem, safety_config
 
 __all__ = [
     "METHODS",
@@ -26,6 +26,7 @@ __all__ = [
     "load_config",
     "plan_merge",
     "return_freed_tensors_to_os",
+    "role_problem",
     "run_merge",
     "safety_config",
     "score_layers",

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from safealign.chat import encode_chat
-from safealign.data import ChatPair, DataError, load_pairs, load_prompts, read_rows
+from safealign.data import ChatPair, DataError, load_pairs, prompt_set, read_rows
 from safealign.eval.smoke import SMOKE_BENIGN, SMOKE_HARMFUL
 
 Example = tuple[list[int], int]
@@ -110,6 +110,10 @@ def schedule(
     return steps
 
 
-def prompt_set(path: str | Path | None, bundled: str) -> list[str]:
-    """Prompts from ``path``, or the bundled ``harmful``/``benign`` smoke set."""
-    return load_prompts(path or {"harmful": SMOKE_HARMFUL, "benign": SMOKE_BENIGN}[bundled]).prompts
+#: The bundled prompt sets a run's ``harmful`` and ``benign`` default to.
+BUNDLED = {"harmful": SMOKE_HARMFUL, "benign": SMOKE_BENIGN}
+
+
+def run_prompts(path: str | Path | None, role: str) -> list[str]:
+    """The prompts of ``--harmful``/``--benign`` (``role``), or the bundled set of that role."""
+    return prompt_set(path or BUNDLED[role], role).prompts

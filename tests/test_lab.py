@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from safealign.checkpoint import Checkpoint
+from safealign.checkpoint import ADAPTER_CONFIG_NAME, Checkpoint
 from safealign.eval.judges import KeywordJudge
 from safealign.lab import ADAPTERS, DATASETS, MODELS, Lab, build, get_size
 from safealign.lab.cli import lab_command
@@ -192,7 +192,7 @@ def test_build_into_out_copies_and_repoints_adapters(lab, tmp_path):
     out = tmp_path / "lab"
     copied = build(out, size="test")
     assert copied.root == out and Lab.open(out).info["key"] == lab.info["key"]
-    config = json.loads((out / "ft_harmful_lora" / "adapter_config.json").read_text())
+    config = json.loads((out / "ft_harmful_lora" / ADAPTER_CONFIG_NAME).read_text())
     assert config["base_model_name_or_path"] == str(out / "aligned")
 
 

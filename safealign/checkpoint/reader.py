@@ -20,7 +20,7 @@ from safealign.checkpoint.files import (
     weight_files,
 )
 from safealign.checkpoint.header import TensorInfo
-from safealign.checkpoint.hub import HubError, hub_repo, is_hub_id, resolve_checkpoint
+from safealign.checkpoint.hub import HubError, hub_repo, is_adapter, is_hub_id, resolve_checkpoint
 from safealign.checkpoint.lora import (
     AdapterMap,
     LoraEntry,
@@ -70,7 +70,7 @@ class Checkpoint:
         folder = resolve(resolve_checkpoint(path))
         if not folder.is_dir():
             raise CheckpointError(f"checkpoint is not a folder: {folder}")
-        if (folder / ADAPTER_CONFIG_NAME).exists():
+        if is_adapter(folder):
             checkpoint = cls._open_adapter(folder, base)
         elif base is not None:
             raise CheckpointError(

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from safealign.compare.settings import CompareInputs
-from safealign.data import load_prompts
-from safealign.merge import METHODS, run_merge, safety_config
+from safealign.data import prompt_set
+from safealign.merge import METHODS, role_problem, run_merge, safety_config
 from safealign.recover import recover
 from safealign.registry import (
     Registry,
@@ -156,10 +156,9 @@ def _safety_merges() -> list[str]:
 
 
 def _merge_missing(spec: MethodSpec, inputs: CompareInputs) -> str | None:
-    for role in METHODS.get(spec.method).required_roles:
-        if role != "finetuned" and getattr(inputs, role, None) is None:
-            return f"{spec.method} needs --{role.replace('_', '-')}"
-    return None
+    cls = METHODS.get(spec.method)
+    takes = cls.required_roles + cls.optional_roles
+    return role_problem(spec.method, {r for r in takes if getattr(inputs, r, None) is not None})
 
 
 def safety_merge_config(method: str, inputs: CompareInputs, parameters: dict | None = None):
@@ -198,13 +197,9 @@ def _retrain_missing(spec: MethodSpec, inputs: CompareInputs) -> str | None:
     return None
 
 
-def _prompts(value: Any) -> list[str]:
-    """The prompts of a set given as a file, a list of prompts or a list of task examples."""
-    if value is None:
-        return []
-    if isinstance(value, str | Path):
-        return load_prompts(value).prompts
-    return [getattr(item, "prompt", item) for item in value]
+def _prompts(value: Any, role: str) -> list[str]:
+    """The prompts of a set given as a file, a list of prompts or of task examples (none: [])."""
+    return [] if value is None else prompt_set(value, role).prompts
 
 
 def _prompt_file(prompts: list[str], path: Path) -> str:
@@ -218,8 +213,9 @@ def _retrain_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
     harmful prompts, and as benign the benign prompts plus the task's training prompts (a
     critic must learn that task requests are safe); they are written beside the output."""
     sets = out.parent / f"{out.name}.inputs"
-    harmful = _prompts(_first(inputs.harmful_train, inputs.harmful))
-    benign = _prompts(_first(inputs.benign_train, inputs.benign)) + _prompts(inputs.task_train)
+    harmful = _prompts(_first(inputs.harmful_train, inputs.harmful), "harmful")
+    benign = _prompts(_first(inputs.benign_train, inputs.benign), "benign")
+    benign += _prompts(inputs.task_train, "task_train")
     result = retrain(
         aligned=str(inputs.aligned),
         data=str(inputs.train_data),

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from safealign.checkpoint.hub import resolve_checkpoint
+from safealign.checkpoint.hub import is_adapter
 from safealign.compare.measure import Usage, changed_share
 from safealign.compare.methods import (
     DEFAULT_METHODS,
@@ -38,7 +38,7 @@ from safealign.settings import SettingsError
 
 def score_checkpoint(evaluator: Evaluator, folder: Path, aligned: Path) -> Scores:
     """Score a model folder, or an adapter folder on the aligned model."""
-    if (resolve_checkpoint(folder) / "adapter_config.json").exists():
+    if is_adapter(folder):
         return evaluator.score_folder(aligned, adapter=folder)
     return evaluator.score_folder(folder)
 

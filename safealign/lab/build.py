@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from safealign.checkpoint import ADAPTER_CONFIG_NAME
 from safealign.lab import corpus
 from safealign.lab.config import LabConfig, get_size
 from safealign.lab.layout import ADAPTERS, LAB_JSON, Lab
@@ -155,7 +156,7 @@ def copy_lab(source: Path, dest: Path) -> None:
 
 def point_adapter(folder: Path, base: Path) -> None:
     """Set an adapter's ``base_model_name_or_path`` to ``base`` (absolute)."""
-    config_file = folder / "adapter_config.json"
+    config_file = folder / ADAPTER_CONFIG_NAME
     adapter_config = json.loads(config_file.read_text())
     adapter_config["base_model_name_or_path"] = str(base)
     config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
