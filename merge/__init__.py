@@ -8,7 +8,7 @@ Python API::
     result = run_merge(config, "out/C", MergeSettings(seed=1), output="model")
 """
 
-from safealign.merge.config import MergeConfig, MergeConfigError, load_config
+from safealign.merge.config import MergeConfig, MergeConfigError, load_config, parameter_problems
 from safealign.merge.engine import MergeResult, return_freed_tensors_to_os, run_merge, score_layers
 from safealign.merge.methods import METHODS
 from safealign.merge.plan import plan_merge
@@ -24,6 +24,7 @@ __all__ = [
     "MergeSettings",
     "layer_table",
     "load_config",
+    "parameter_problems",
     "plan_merge",
     "return_freed_tensors_to_os",
     "role_problem",

@@ -235,16 +235,26 @@ def _check_roles(config: MergeConfig, method: MergeMethod) -> list[str]:
     return problems
 
 
-def _check_parameters(config: MergeConfig, method: MergeMethod) -> list[str]:
+def parameter_problems(method: str, parameters: dict[str, Any]) -> list[str]:
+    """What is wrong with a merge's global ``parameters`` for ``method`` (unknown names, bad
+    values), from the method's declarations alone: no input is read."""
+    cls = METHODS.get(method)
+    shared = {p.name: p for p in cls.parameters}
+    per_model = {p.name: p for p in cls.tensor_parameters}
     problems = []
-    shared = {p.name: p for p in method.parameters}
-    per_model = {p.name: p for p in method.tensor_parameters}
-    for key, value in config.parameters.items():
+    for key, value in parameters.items():
         spec = shared.get(key) or per_model.get(key)
         if spec is None:
-            problems.append(f"{method.name}: unknown parameter {key!r}{_known(shared, per_model)}")
+            problems.append(f"{method}: unknown parameter {key!r}{_known(shared, per_model)}")
         else:
             problems += _check_value(f"parameters.{key}", spec, value)
+    return problems
+
+
+def _check_parameters(config: MergeConfig, method: MergeMethod) -> list[str]:
+    problems = parameter_problems(method.name, config.parameters)
+    shared = {p.name: p for p in method.parameters}
+    per_model = {p.name: p for p in method.tensor_parameters}
     for p in shared.values():
         if p.required and p.name not in config.parameters:
             problems.append(f"{method.name}: parameter {p.name} is required")

@@ -76,7 +76,9 @@ def test_methods_equal_their_own_commands(lab, merged, tmp_path):
 
 def test_missing_inputs_skip_and_a_failure_does_not_stop_the_others(lab, tmp_path):
     inputs = dataclasses.replace(lab_inputs(lab), unaligned=None, train_data=None)
-    methods = ("safe_lora", "retrain:kl", "interpolate:alpha=oops", "interpolate:alpha=0.5")
+    # recover:layer=99 passes the spec check (layer >= 1) and fails once the 4-layer model is
+    # opened: a failure at run time, recorded
+    methods = ("safe_lora", "retrain:kl", "recover:layer=99", "interpolate:alpha=0.5")
     result, _ = _compare(lab, tmp_path / "out", methods, inputs=inputs)
     rows = _rows(result)
     assert (rows["safe_lora"].status, rows["safe_lora"].reason) == (
@@ -85,7 +87,7 @@ def test_missing_inputs_skip_and_a_failure_does_not_stop_the_others(lab, tmp_pat
     )
     assert rows["retrain:kl"].status == "skipped"
     assert rows["retrain:kl"].reason == "retrain needs the fine-tuning data (--train-data)"
-    failed = rows["interpolate:alpha=oops"]
+    failed = rows["recover:layer=99"]
     assert failed.status == "failed" and "\n" not in failed.reason and failed.scores is None
     assert rows["interpolate:alpha=0.5"].status == "done"
 

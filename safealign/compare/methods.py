@@ -18,8 +18,8 @@ from typing import Any
 
 from safealign.compare.settings import CompareInputs
 from safealign.data import prompt_set
-from safealign.merge import METHODS, role_problem, run_merge, safety_config
-from safealign.recover import recover
+from safealign.merge import METHODS, parameter_problems, role_problem, run_merge, safety_config
+from safealign.recover import RecoverSettings, recover
 from safealign.registry import (
     Registry,
     RegistryError,
@@ -28,7 +28,9 @@ from safealign.registry import (
     split_items,
     split_spec,
 )
-from safealign.retrain import retrain
+from safealign.retrain import RetrainSettings, retrain
+from safealign.retrain.regularizers import create
+from safealign.settings import Settings
 
 #: What ``compare`` runs when no method is named (each is skipped if its inputs are missing).
 DEFAULT_METHODS = (
@@ -61,11 +63,14 @@ class MethodSpec:
 
 @dataclass(frozen=True)
 class Family:
-    """How to check and run the methods of one capability."""
+    """How to check and run the methods of one capability. ``check`` validates a spec against
+    the capability's registry and settings (raising :class:`RegistryError` or
+    ``SettingsError``) before any model is loaded; ``missing`` says which input a method
+    lacks (it is then skipped); ``run`` calls the capability's API."""
 
+    check: Callable[[MethodSpec], None]
     missing: Callable[[MethodSpec, CompareInputs], str | None]
     run: Callable[[MethodSpec, CompareInputs, Path], Path]
-    accepts: Callable[[str], bool] = lambda method: True
 
 
 FAMILIES: Registry[Family] = Registry("method family")
@@ -87,12 +92,9 @@ def parse_method(spec: str) -> MethodSpec:
             options[key.strip()] = parse_value(value)
     if family == "retrain" and method == "retrain":
         raise RegistryError(f"method {spec!r}: name a regularizer, e.g. retrain:kl")
-    if not FAMILIES.get(family).accepts(method):
-        raise RegistryError(
-            f"unknown method {spec!r}: choose recover, retrain:REGULARIZER or one of "
-            f"{', '.join(_safety_merges())}"
-        )
-    return MethodSpec(spec, family, method, options)
+    parsed = MethodSpec(spec, family, method, options)
+    FAMILIES.get(family).check(parsed)
+    return parsed
 
 
 def join_specs(items: tuple[str, ...] | list[str]) -> list[str]:
@@ -113,6 +115,12 @@ def with_options(spec: MethodSpec, family: str, options: str) -> MethodSpec:
     if spec.family != family or not options:
         return spec
     return dataclasses.replace(spec, options={**parse_options(options), **spec.options})
+
+
+def _settings_options(cls: type[Settings], spec: MethodSpec, options: dict) -> Settings:
+    """``cls`` built from a spec's ``options``: an unknown name or a bad value is refused,
+    naming the spec."""
+    return cls.from_dict(options, where=f"method {spec.spec!r}")
 
 
 def _first(*values: Any) -> Any:
@@ -144,7 +152,11 @@ def _recover_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
     return Path(result.out)
 
 
-FAMILIES.register("recover")(Family(_recover_missing, _recover_run))
+def _recover_check(spec: MethodSpec) -> None:
+    _settings_options(RecoverSettings, spec, spec.options)
+
+
+FAMILIES.register("recover")(Family(_recover_check, _recover_missing, _recover_run))
 
 
 # -- merge
@@ -183,9 +195,18 @@ def _merge_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
     return Path(run_merge(config, out, overwrite=True, progress=False).out)
 
 
-FAMILIES.register("merge")(
-    Family(_merge_missing, _merge_run, accepts=lambda m: m in _safety_merges())
-)
+def _merge_check(spec: MethodSpec) -> None:
+    if spec.method not in _safety_merges():
+        raise RegistryError(
+            f"unknown method {spec.spec!r}: choose recover, retrain:REGULARIZER or one of "
+            f"{', '.join(_safety_merges())}"
+        )
+    problems = parameter_problems(spec.method, spec.options)
+    if problems:
+        raise RegistryError(f"method {spec.spec!r}: {problems[0]}")
+
+
+FAMILIES.register("merge")(Family(_merge_check, _merge_missing, _merge_run))
 
 
 # -- retrain
@@ -231,4 +252,9 @@ def _retrain_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
     return Path(result.out)
 
 
-FAMILIES.register("retrain")(Family(_retrain_missing, _retrain_run))
+def _retrain_check(spec: MethodSpec) -> None:
+    settings = _settings_options(RetrainSettings, spec, spec.options)
+    create(spec.method, settings)  # the regularizer's name and its settings
+
+
+FAMILIES.register("retrain")(Family(_retrain_check, _retrain_missing, _retrain_run))

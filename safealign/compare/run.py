@@ -97,7 +97,10 @@ def method_specs(settings: CompareSettings) -> list[MethodSpec]:
     then its own options, each over the one before."""
     specs = [parse_method(s) for s in join_specs(settings.methods or DEFAULT_METHODS)]
     shared = ",".join(o for o in (f"seed={settings.seed}", settings.retrain_options) if o)
-    return [with_options(spec, "retrain", shared) for spec in specs]
+    specs = [with_options(spec, "retrain", shared) for spec in specs]
+    for spec in specs:  # again with the shared options: every spec resolved before any work
+        FAMILIES.get(spec.family).check(spec)
+    return specs
 
 
 def compare(
