@@ -186,11 +186,14 @@ def _train(settings, accelerator, model, tokenizer, data, regularizer, steps, pl
 
 
 def _evaluator(settings: RetrainSettings, tokenizer):
-    """Periodic scores with the shared Evaluator (its defaults; the bundled prompt sets)."""
+    """Periodic scores with the shared Evaluator: the run's judge and metric, its prompt sets
+    (the bundled ones by default)."""
     evaluator = Evaluator(
         harmful=settings.harmful or SMOKE_HARMFUL,
         task=settings.task,
         benign=settings.benign or SMOKE_BENIGN,
+        judge=settings.judge,
+        metric=settings.metric,
         use_cache=False,
     )
 

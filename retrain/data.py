@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from safealign.chat import encode_chat
-from safealign.data import ChatPair, DataError, load_pairs, prompt_set, read_rows
+from safealign.chat import encode_pairs
+from safealign.data import DataError, load_pairs, prompt_set, read_rows
 from safealign.eval.smoke import SMOKE_BENIGN, SMOKE_HARMFUL
 
 Example = tuple[list[int], int]
@@ -29,16 +29,6 @@ def load_texts(path: str | Path) -> list[str]:
             raise DataError(f"no text (need a 'text' field or plain lines): {row.where}")
         texts.append(value)
     return texts
-
-
-def encode_pairs(tokenizer, pairs: Sequence[ChatPair]) -> list[Example]:
-    """Prompt in the chat template (assistant turn opened), then reply + EOS, trained."""
-    examples = []
-    for pair in pairs:
-        prompt = encode_chat(tokenizer, [pair.prompt], pair.system)[0]
-        reply = tokenizer(pair.response, add_special_tokens=False)["input_ids"]
-        examples.append((prompt + reply + [tokenizer.eos_token_id], len(prompt)))
-    return examples
 
 
 def encode_texts(tokenizer, texts: Sequence[str]) -> list[Example]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from safealign.chat import chat_prompt as chat_prompt  # re-exported: lab/train.py imports it
+from safealign.chat import chat_prompt as chat_prompt  # re-exported: tests import it
 from safealign.checkpoint import Checkpoint, CheckpointError, check_finite_model, pickle_allowed
 from safealign.checkpoint.hub import resolve_checkpoint
 from safealign.paths import has_tokenizer

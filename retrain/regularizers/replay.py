@@ -7,10 +7,10 @@ import json
 import torch
 import torch.nn.functional as F
 
-from safealign.chat import collate
+from safealign.chat import collate, encode_pairs
 from safealign.data import ChatPair, load_pairs
 from safealign.eval import generate
-from safealign.retrain.data import encode_pairs, run_prompts
+from safealign.retrain.data import run_prompts
 from safealign.retrain.divergence import shift
 from safealign.retrain.regularizers.base import Regularizer, Run, nll_rows, per_step
 
