@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -140,7 +141,8 @@ def test_second_build_reuses_the_cache_and_returns_the_same_lab(lab, monkeypatch
     def trains(*args, **kwargs):
         raise AssertionError("a cached lab was built again")
 
-    monkeypatch.setattr("safealign.lab.build.run_build", trains)
+    # the module (safealign.lab.build is also the name of the function the package exports)
+    monkeypatch.setattr(sys.modules["safealign.lab.build"], "run_build", trains)
     again = build(size="test")
     assert again.root == lab.root
 
