@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from safealign import paths
-from safealign.hub import resolve_checkpoint
+from safealign.checkpoint.hub import resolve_checkpoint
 
 
 def _key(*parts) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from safealign.checkpoint import CheckpointError
+from safealign.checkpoint.hub import resolve_checkpoint
 from safealign.command import (
     BadInput,
     command,
@@ -23,7 +24,6 @@ from safealign.eval.evaluator import Evaluator
 from safealign.eval.results import gate_failures, write_results
 from safealign.eval.settings import GATE, EvalSettings
 from safealign.eval.smoke import SMOKE_BENIGN, SMOKE_HARMFUL, is_smoke, smoke_warning
-from safealign.hub import resolve_checkpoint
 from safealign.model import resolve_dtype
 from safealign.settings import click_options, from_cli
 

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import torch
 
+from safealign.data import PromptSet
 from safealign.eval.cache import ResponseCache, folder_fingerprint
 from safealign.eval.generation import generate
 from safealign.eval.judges import Judge, JudgeError, Verdict, get_judge
 from safealign.eval.metrics import get_metric
 from safealign.eval.results import Scores, mean_interval, wilson_interval
-from safealign.eval.sets import PromptList, as_prompt_list, as_task_list
+from safealign.eval.sets import as_task_list, limited_prompts
 from safealign.eval.settings import EvalSettings
-from safealign.model import model_device
+from safealign.model import load_model, model_device
 from safealign.runtime import peak_rss_bytes, versions
 
 
@@ -35,8 +36,8 @@ class Evaluator:
         self, harmful=None, task=None, benign=None, *, settings: EvalSettings | None = None, **kw
     ):
         self.settings = settings = (settings or EvalSettings()).replace(**kw)
-        self.harmful = as_prompt_list(harmful, "harmful", settings.limit)
-        self.benign = as_prompt_list(benign, "benign", settings.limit)
+        self.harmful = limited_prompts(harmful, "harmful", settings.limit)
+        self.benign = limited_prompts(benign, "benign", settings.limit)
         self.metric = get_metric(settings.metric)
         self.task = as_task_list(task, self.metric, settings.limit)
         self.judge = get_judge(settings.judge)
@@ -212,7 +213,7 @@ class Evaluator:
         sets = {}
         for role, item in (("harmful", self.harmful), ("benign", self.benign), ("task", self.task)):
             if item is not None:
-                n = len(item.prompts) if isinstance(item, PromptList) else len(item.examples)
+                n = len(item.prompts) if isinstance(item, PromptSet) else len(item.examples)
                 sets[role] = {"name": item.name, "n": n, "hash": item.hash}
         return {
             "judge": self.judge.describe(),
@@ -240,8 +241,6 @@ class Evaluator:
 
         ``seconds`` includes fingerprinting and loading (``load_seconds`` in the config).
         """
-        from safealign.model import load_model
-
         start = time.perf_counter()
         cache_dir = self.settings.cache_dir
         self.say(f"hashing the weights of {model_path} (results.json's fingerprint, cache key)")

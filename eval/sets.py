@@ -7,16 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from safealign.data import content_hash, load_prompts, load_task
+from safealign.data import PromptSet, content_hash, load_prompts, load_task, prompt_set
 from safealign.eval.metrics import Metric
 from safealign.rows import DataError, read_rows
-
-
-@dataclass(frozen=True)
-class PromptList:
-    name: str
-    prompts: list[str]
-    hash: str
 
 
 @dataclass(frozen=True)
@@ -26,22 +19,15 @@ class TaskList:
     hash: str
 
 
-def as_prompt_list(source, role: str, limit: int | None) -> PromptList | None:
-    """A prompt set from a path, a loaded PromptSet or a list of strings."""
+def limited_prompts(source, role: str, limit: int | None) -> PromptSet | None:
+    """The :func:`~safealign.data.prompt_set` of ``source`` (None stays None), its first
+    ``limit`` prompts."""
     if source is None:
         return None
-    if isinstance(source, (str, Path)):
-        source = load_prompts(source)
-    if hasattr(source, "prompts"):
-        name, prompts = source.name, list(source.prompts)
-    elif isinstance(source, Sequence) and all(isinstance(p, str) for p in source):
-        name, prompts = f"{role} (in memory)", list(source)
-    else:
-        raise TypeError(f"{role}: expected a path, a PromptSet or a list of strings")
-    if not prompts:
-        raise ValueError(f"{role}: the prompt set is empty")
-    prompts = prompts[:limit] if limit else prompts
-    return PromptList(name, prompts, content_hash(prompts))
+    prompts = prompt_set(source, role)
+    if limit and len(prompts) > limit:
+        return PromptSet(prompts.prompts[:limit], prompts.name, prompts.path)
+    return prompts
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,13 @@ Python API::
     result = run_merge(config, "out/C", MergeSettings(seed=1), output="model")
 """
 
-from safealign.merge.config import MergeConfig, MergeConfigError, load_config
+from safealign.merge.config import MergeConfig, MergeConfigError, load_config, parameter_problems
 from safealign.merge.engine import MergeResult, return_freed_tensors_to_os, run_merge, score_layers
 from safealign.merge.methods import METHODS
 from safealign.merge.plan import plan_merge
 from safealign.merge.report import layer_table
 from safealign.merge.settings import MergeSettings
-from safealign.merge.shortcuts import safety_config
+from safealign.merge.shortcuts import role_problem, safety_config
 
 __all__ = [
     "METHODS",
@@ -24,8 +24,10 @@ __all__ = [
     "MergeSettings",
     "layer_table",
     "load_config",
+    "parameter_problems",
     "plan_merge",
     "return_freed_tensors_to_os",
+    "role_problem",
     "run_merge",
     "safety_config",
     "score_layers",

@@ -25,10 +25,10 @@ from safealign.command import (
 )
 from safealign.merge.config import MergeConfig, load_config
 from safealign.merge.engine import MergeResult, return_freed_tensors_to_os, run_merge
-from safealign.merge.methods import ALIGNED, METHODS, ROLES
+from safealign.merge.methods import ALIGNED, ROLES
 from safealign.merge.report import REPORT_NAME, layer_table, summary
 from safealign.merge.settings import MergeSettings
-from safealign.merge.shortcuts import safety_config
+from safealign.merge.shortcuts import flag, role_problem, safety_config
 from safealign.model import resolve_dtype
 from safealign.registry import split_spec
 from safealign.settings import click_options, from_cli
@@ -44,16 +44,12 @@ EXAMPLES = (
 )
 
 
-def _flag(role: str) -> str:
-    return "--" + role.replace("_", "-")
-
-
 def _role_options(command: Callable) -> Callable:
     """``--aligned`` and one flag per role (``harmful_model`` would be ``--harmful-model``)."""
     for role in reversed(SHORTCUT_ROLES):
         help_text = f"{role.help[:1].upper()}{role.help[1:]}: folder or hub id."
         group = "Shortcut: a safety method by role" if role is ALIGNED else None
-        decorate = option(_flag(role.name), role.name, group=group, help=help_text)
+        decorate = option(flag(role.name), role.name, group=group, help=help_text)
         command = decorate(command)
     return command
 
@@ -71,19 +67,6 @@ def _parse_sets(values: tuple[str, ...]) -> dict:
     return params
 
 
-def _check_roles(method: str, given: dict[str, Any]) -> None:
-    """The shortcut's refusals in the flags' words: a role the method needs or does not take."""
-    name, _ = split_spec(method)
-    declared = METHODS.get(name)
-    missing = [_flag(r) for r in declared.required_roles if r not in given]
-    if missing:
-        raise click.UsageError(f"{name} needs {' and '.join(missing)}")
-    allowed = {ALIGNED.name, *declared.required_roles, *declared.optional_roles}
-    extra = [_flag(r) for r in given if r not in allowed]
-    if extra:
-        raise click.UsageError(f"{name} does not take {', '.join(extra)}")
-
-
 def _config(
     path: Path | None, settings: MergeSettings, roles: dict[str, Any], sets: tuple[str, ...]
 ) -> MergeConfig:
@@ -99,7 +82,9 @@ def _config(
         return config
     if not settings.method:
         raise click.UsageError("give a CONFIG file, or --method with its models")
-    _check_roles(settings.method, given)
+    problem = role_problem(split_spec(settings.method)[0], given)
+    if problem:
+        raise click.UsageError(problem)
     return safety_config(
         settings.method, **given, parameters=_parse_sets(sets), dtype=settings.dtype
     )

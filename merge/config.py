@@ -3,7 +3,7 @@
 Accepted keys: ``merge_method``, ``models`` (each ``{model, parameters}``), ``base_model``,
 ``parameters`` (global), ``dtype``, ``out_dtype``, ``tokenizer_source`` or ``tokenizer: {source}``.
 A model is a local folder or a hub id (``org/name``, ``org/name@revision``; see
-:mod:`safealign.hub`): a model, a PEFT LoRA adapter (on the base named in its config), or
+:mod:`safealign.checkpoint.hub`): a model, a PEFT LoRA adapter (on the base named in its config), or
 mergekit's ``model+adapter`` form. Parameter values are numbers/booleans/strings, a list of numbers
 (a gradient over the decoder layers), or a list of ``{filter, value}`` (first filter contained in
 the tensor name wins; no filter matches all), as in mergekit.
@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from safealign.checkpoint import CheckpointError
-from safealign.hub import hub_snapshot, is_hub_id
+from safealign.checkpoint.hub import hub_snapshot, is_hub_id
 from safealign.layers import layer_index
 from safealign.merge.methods import METHODS, ROLES, MergeMethod
 from safealign.model import DTYPES
@@ -235,16 +235,26 @@ def _check_roles(config: MergeConfig, method: MergeMethod) -> list[str]:
     return problems
 
 
-def _check_parameters(config: MergeConfig, method: MergeMethod) -> list[str]:
+def parameter_problems(method: str, parameters: dict[str, Any]) -> list[str]:
+    """What is wrong with a merge's global ``parameters`` for ``method`` (unknown names, bad
+    values), from the method's declarations alone: no input is read."""
+    cls = METHODS.get(method)
+    shared = {p.name: p for p in cls.parameters}
+    per_model = {p.name: p for p in cls.tensor_parameters}
     problems = []
-    shared = {p.name: p for p in method.parameters}
-    per_model = {p.name: p for p in method.tensor_parameters}
-    for key, value in config.parameters.items():
+    for key, value in parameters.items():
         spec = shared.get(key) or per_model.get(key)
         if spec is None:
-            problems.append(f"{method.name}: unknown parameter {key!r}{_known(shared, per_model)}")
+            problems.append(f"{method}: unknown parameter {key!r}{_known(shared, per_model)}")
         else:
             problems += _check_value(f"parameters.{key}", spec, value)
+    return problems
+
+
+def _check_parameters(config: MergeConfig, method: MergeMethod) -> list[str]:
+    problems = parameter_problems(method.name, config.parameters)
+    shared = {p.name: p for p in method.parameters}
+    per_model = {p.name: p for p in method.tensor_parameters}
     for p in shared.values():
         if p.required and p.name not in config.parameters:
             problems.append(f"{method.name}: parameter {p.name} is required")

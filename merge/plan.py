@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from safealign.checkpoint import Checkpoint, CheckpointError, validate_checkpoints
-from safealign.hub import hub_repo
+from safealign.checkpoint.hub import hub_repo
 from safealign.layers import num_decoder_layers
 from safealign.merge.config import (
     MergeConfig,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from safealign.merge.config import MergeConfig, MergeConfigError, parse_config, validate_config
-from safealign.merge.methods import METHODS, ROLES
+from safealign.merge.methods import ALIGNED, METHODS, ROLES
 from safealign.registry import parse_options, split_spec
 
 
@@ -31,7 +32,10 @@ def safety_config(
         raise TypeError(f"safety_config: unknown role(s) {', '.join(unknown)}")
     name, options = split_spec(method)
     if name in METHODS:
-        _check_roles(name, {role for role, value in roles.items() if value is not None})
+        given = {role for role, value in roles.items() if value is not None}
+        problem = role_problem(name, {"finetuned", *given})
+        if problem:
+            raise MergeConfigError(problem)
     parameters = {**(parse_options(options) if options else {}), **(parameters or {})}
     roles["finetuned"] = finetuned
     models = [
@@ -54,16 +58,17 @@ def flag(role: str) -> str:
     return "--" + role.replace("_", "-")
 
 
-def _check_roles(name: str, given: set[str]) -> None:
+def role_problem(name: str, given: Iterable[str]) -> str | None:
+    """Why the roles ``given`` do not fit method ``name``, in the flags' words (``resta needs
+    --harmful-model``, ``resta does not take --unaligned``), or None when they fit. The one role
+    check of the shortcut, the CLI and compare; ``aligned`` (the base) is always taken."""
     cls = METHODS.get(name)
-    takes = set(cls.required_roles) | set(cls.optional_roles)
-    problems = [
-        f"{name} needs {flag(role)}: {ROLES[role].help}"
-        for role in cls.required_roles
-        if role != "finetuned" and role not in given
-    ]
-    problems += [
-        f"{name} does not take {flag(role)}: {ROLES[role].help}" for role in sorted(given - takes)
-    ]
-    if problems:
-        raise MergeConfigError("\n".join(problems))
+    given = set(given)
+    missing = [flag(role) for role in cls.required_roles if role not in given]
+    if missing:
+        return f"{name} needs {' and '.join(missing)}"
+    takes = {ALIGNED.name, *cls.required_roles, *cls.optional_roles}
+    extra = [flag(role) for role in sorted(given - takes)]
+    if extra:
+        return f"{name} does not take {', '.join(extra)}"
+    return None

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from safealign.checkpoint import Checkpoint, CheckpointError, CheckpointWriter, validate_checkpoints
-from safealign.hub import resolve_checkpoint
+from safealign.checkpoint.hub import is_adapter
 from safealign.model import resolve_dtype
 from safealign.recover.guard import StepGuard
 from safealign.recover.plan import Plan, working_dtype
@@ -205,7 +205,7 @@ def open_pair(aligned, finetuned) -> tuple[Checkpoint, Checkpoint]:
     a = Checkpoint.open(aligned)
     if a.is_adapter:
         raise CheckpointError(f"aligned must be a model folder, not an adapter: {a.path}")
-    adapter = (resolve_checkpoint(finetuned) / "adapter_config.json").exists()
-    b = Checkpoint.open(finetuned, base=a if adapter else None)  # by id: named by its id
+    # an adapter is put on A; one opened by hub id is named by its id
+    b = Checkpoint.open(finetuned, base=a if is_adapter(finetuned) else None)
     validate_checkpoints(a, b)
     return a, b

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from safealign.data import PromptSet, TaskExample, TaskSet, load_prompts, load_task
+from safealign.data import PromptSet, TaskExample, TaskSet, load_task, prompt_set
+from safealign.eval.smoke import SMOKE_HARMFUL
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,9 @@ class Sets:
         """From paths, loaded sets or lists, each cut to its first ``limit`` items; ``harmful``
         (None: the bundled harmful set) also to its first ``max_prompts``, ``eval_harmful``
         defaulting to it. Without ``task_train``, ``task`` is split: see :func:`split_task`."""
-        harmful_set = first(first(prompt_set(harmful, "harmful"), limit), max_prompts)
+        harmful_set = first(
+            first(prompt_set(harmful or SMOKE_HARMFUL, "harmful"), limit), max_prompts
+        )
         check = None if task is None else first(task_examples(task), limit)
         if task_train is not None:
             train = first(task_examples(task_train), limit)
@@ -81,21 +84,6 @@ def first(items: PromptSet | TaskSet, n: int | None) -> PromptSet | TaskSet:
     if isinstance(items, PromptSet):
         return PromptSet(items.prompts[:n], f"{items.name}[:{n}]", items.path)
     return TaskSet(items.examples[:n], f"{items.name}[:{n}]", items.path)
-
-
-def prompt_set(source, role: str) -> PromptSet:
-    """Prompts from a path, a PromptSet or a list of strings (None: the bundled harmful set)."""
-    if source is None:
-        from safealign.eval.smoke import SMOKE_HARMFUL
-
-        source = SMOKE_HARMFUL
-    if isinstance(source, (str, Path)):
-        source = load_prompts(source)
-    elif not isinstance(source, PromptSet):
-        source = PromptSet.from_list([str(p) for p in source], name=role)
-    if not source.prompts:
-        raise ValueError(f"{role}: the prompt set is empty")
-    return source
 
 
 def task_examples(source) -> TaskSet:

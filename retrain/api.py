@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from safealign.checkpoint import Checkpoint, CheckpointError, ModelCard
-from safealign.hub import resolve_checkpoint
+from safealign.checkpoint.hub import resolve_checkpoint
+from safealign.eval import Evaluator
+from safealign.eval.smoke import SMOKE_BENIGN, SMOKE_HARMFUL
 from safealign.retrain.build import (
     build_model,
     build_optimizer,
@@ -184,14 +186,14 @@ def _train(settings, accelerator, model, tokenizer, data, regularizer, steps, pl
 
 
 def _evaluator(settings: RetrainSettings, tokenizer):
-    """Periodic scores with the shared Evaluator (its defaults; the bundled prompt sets)."""
-    from safealign.eval import Evaluator
-    from safealign.eval.smoke import SMOKE_BENIGN, SMOKE_HARMFUL
-
+    """Periodic scores with the shared Evaluator: the run's judge and metric, its prompt sets
+    (the bundled ones by default)."""
     evaluator = Evaluator(
         harmful=settings.harmful or SMOKE_HARMFUL,
         task=settings.task,
         benign=settings.benign or SMOKE_BENIGN,
+        judge=settings.judge,
+        metric=settings.metric,
         use_cache=False,
     )
 

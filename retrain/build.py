@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from safealign.hub import resolve_checkpoint
+from safealign.checkpoint.hub import resolve_checkpoint
 from safealign.model import load_model
 from safealign.paths import has_tokenizer
 from safealign.retrain.reference import Reference, trainable
@@ -74,13 +74,13 @@ def build_reference(model, regularizer: Regularizer, settings: RetrainSettings):
     return Reference.frozen(model) if kind == "snapshot" else Reference.adapter_off(model)
 
 
-def lr_factor(step: int, total: int, warmup: float) -> float:
-    """Linear warm-up over ``warmup`` of the steps, then cosine decay to zero."""
+def lr_factor(step: int, total: int, warmup: float, floor: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` of the steps, then cosine decay to ``floor`` of the peak."""
     warm = max(1, round(total * warmup)) if warmup > 0 else 0
     if step < warm:
         return (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1 - floor) / 2 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_optimizer(model, settings: RetrainSettings, total_steps: int):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from safealign.chat import encode_chat
-from safealign.data import ChatPair, DataError, load_pairs, load_prompts, read_rows
+from safealign.chat import encode_pairs
+from safealign.data import DataError, load_pairs, prompt_set, read_rows
 from safealign.eval.smoke import SMOKE_BENIGN, SMOKE_HARMFUL
 
 Example = tuple[list[int], int]
@@ -29,16 +29,6 @@ def load_texts(path: str | Path) -> list[str]:
             raise DataError(f"no text (need a 'text' field or plain lines): {row.where}")
         texts.append(value)
     return texts
-
-
-def encode_pairs(tokenizer, pairs: Sequence[ChatPair]) -> list[Example]:
-    """Prompt in the chat template (assistant turn opened), then reply + EOS, trained."""
-    examples = []
-    for pair in pairs:
-        prompt = encode_chat(tokenizer, [pair.prompt], pair.system)[0]
-        reply = tokenizer(pair.response, add_special_tokens=False)["input_ids"]
-        examples.append((prompt + reply + [tokenizer.eos_token_id], len(prompt)))
-    return examples
 
 
 def encode_texts(tokenizer, texts: Sequence[str]) -> list[Example]:
@@ -110,6 +100,10 @@ def schedule(
     return steps
 
 
-def prompt_set(path: str | Path | None, bundled: str) -> list[str]:
-    """Prompts from ``path``, or the bundled ``harmful``/``benign`` smoke set."""
-    return load_prompts(path or {"harmful": SMOKE_HARMFUL, "benign": SMOKE_BENIGN}[bundled]).prompts
+#: The bundled prompt sets a run's ``harmful`` and ``benign`` default to.
+BUNDLED = {"harmful": SMOKE_HARMFUL, "benign": SMOKE_BENIGN}
+
+
+def run_prompts(path: str | Path | None, role: str) -> list[str]:
+    """The prompts of ``--harmful``/``--benign`` (``role``), or the bundled set of that role."""
+    return prompt_set(path or BUNDLED[role], role).prompts

@@ -42,11 +42,6 @@ def _kl_from_log(logp: torch.Tensor, logq: torch.Tensor, reverse: bool) -> torch
     return (logq.exp() * (logq - logp)).sum(-1)  # KL(p_ref || p_model)
 
 
-def _kl_rows(model_rows: torch.Tensor, ref_rows: torch.Tensor, reverse: bool) -> torch.Tensor:
-    logp = F.log_softmax(model_rows.float(), dim=-1)
-    return _kl_from_log(logp, F.log_softmax(ref_rows.float(), dim=-1), reverse)
-
-
 def _nll_kl_rows(model_rows, ref_rows, targets, reverse: bool) -> torch.Tensor:
     """``[N, 2]``: NLL and KL of each row from one log-softmax of the model's logits."""
     logp = F.log_softmax(model_rows.float(), dim=-1)
@@ -75,22 +70,6 @@ def _reverse(direction: str) -> bool:
     if direction not in ("forward", "reverse"):
         raise ValueError(f"KL direction must be forward or reverse, got {direction!r}")
     return direction == "reverse"
-
-
-def token_kl(
-    model_rows: torch.Tensor,
-    ref_rows: torch.Tensor,
-    *,
-    direction: str = "forward",
-    chunk: int | None = 0,
-) -> torch.Tensor:
-    """KL per row (``[N]``): ``forward`` = KL(p_ref || p_model), ``reverse`` = KL(p_model || p_ref).
-
-    ``chunk``: rows per block (0: as many as :data:`CHUNK_ELEMENTS` allows; None: all at
-    once, the dense computation the tests compare to).
-    """
-    reverse = _reverse(direction)
-    return _chunked(_kl_rows, model_rows, ref_rows.detach(), chunk=chunk, reverse=reverse)
 
 
 def token_nll_kl(

@@ -118,6 +118,8 @@ class RetrainSettings(Settings):
     )
     benign: str | None = setting(None, help="Benign prompts (probe, eval) [bundled].", path=True)
     task: str | None = setting(None, help="Task set (prompt + answer) for --eval-every.", path=True)
+    judge: str = setting("keyword", help="--eval-every's harmful-response judge, NAME:key=value.")
+    metric: str = setting("exact_match", help="--eval-every's task metric, NAME:key=value.")
     eval_every: int = setting(
         0, help="Score with the shared Evaluator every N steps (0: off).", min=0
     )

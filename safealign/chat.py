@@ -32,6 +32,18 @@ def encode_chat(tokenizer, prompts: Sequence[str], system: str | None = None) ->
     return ids
 
 
+def encode_pairs(tokenizer, pairs: Sequence) -> list[tuple[list[int], int]]:
+    """Training examples ``(ids, start)``: the prompt in the chat template (assistant turn
+    opened, a pair's ``system`` if it has one), then the reply and EOS, trained from ``start``.
+    ``pairs`` have ``prompt`` and ``response`` (a :class:`~safealign.data.ChatPair`)."""
+    examples = []
+    for pair in pairs:
+        prompt = encode_chat(tokenizer, [pair.prompt], getattr(pair, "system", None))[0]
+        reply = tokenizer(pair.response, add_special_tokens=False)["input_ids"]
+        examples.append((prompt + reply + [tokenizer.eos_token_id], len(prompt)))
+    return examples
+
+
 def left_pad(
     sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:

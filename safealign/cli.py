@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from safealign import __version__
 from safealign.command import Command, OneLineGroup, handles_bad_input, option, shared
 from safealign.compare.cli import compare_command
+from safealign.demo import run_demo
 from safealign.eval.cli import eval_command
 from safealign.lab.cli import lab_command
 from safealign.merge.cli import merge_command
@@ -45,10 +48,6 @@ DEMO_EXAMPLES = (
 @handles_bad_input
 def demo_command(out: str, size: str, seed: int, quiet: bool) -> None:
     """Build the lab and compare every method on its harmful fine-tune (report in --out)."""
-    from pathlib import Path
-
-    from safealign.demo import run_demo
-
     log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     result = run_demo(out, size=size, seed=seed, log=log)
     click.echo((Path(result.out) / "report.md").read_text())

@@ -33,6 +33,7 @@ __all__ = [
     "content_hash",
     "load_pairs",
     "load_prompts",
+    "prompt_set",
     "load_task",
     "read_rows",
 ]
@@ -225,6 +226,25 @@ def load_prompts(
             raise DataError(f"no rows labelled {label!r}: {path}")
         name = f"{name}[{label}]"
     return PromptSet([_prompt(row, field) for row in rows], name, path)
+
+
+def prompt_set(source: Any, role: str) -> PromptSet:
+    """The one way a prompt source becomes a :class:`PromptSet`: a path, a PromptSet, a
+    TaskSet (its prompts) or a list of prompts (strings, or examples with a ``prompt``), named
+    ``role`` when in memory. An empty set is refused, naming ``role``."""
+    if isinstance(source, str | Path):
+        source = load_prompts(source)
+    elif isinstance(source, TaskSet):
+        source = PromptSet(source.prompts, source.name, source.path)
+    elif isinstance(source, Sequence) and not isinstance(source, PromptSet):
+        source = PromptSet([getattr(p, "prompt", p) for p in source], role)
+    elif not isinstance(source, PromptSet):
+        raise TypeError(f"{role}: expected a path, a PromptSet or a list of prompts")
+    if not all(isinstance(p, str) for p in source.prompts):
+        raise TypeError(f"{role}: expected a path, a PromptSet or a list of prompts")
+    if not source.prompts:
+        raise ValueError(f"{role}: the prompt set is empty")
+    return source
 
 
 def load_task(

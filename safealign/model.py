@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from safealign.chat import chat_prompt as chat_prompt  # re-exported: lab/train.py imports it
-from safealign.hub import resolve_checkpoint
+from safealign.chat import chat_prompt as chat_prompt  # re-exported: tests import it
+from safealign.checkpoint import Checkpoint, CheckpointError, check_finite_model, pickle_allowed
+from safealign.checkpoint.hub import resolve_checkpoint
 from safealign.paths import has_tokenizer
 
 DTYPES = {
@@ -42,14 +43,12 @@ def load_model(
     device: str | None = None,
 ):
     """Load a causal LM and its tokenizer from a local folder or hub id, optionally with a PEFT
-    adapter (a folder or hub id too; see :mod:`safealign.hub`).
+    adapter (a folder or hub id too; see :mod:`safealign.checkpoint.hub`).
 
     Weights are read from safetensors (pickles only inside ``allow_pickle``, and then with
     ``weights_only``); remote code is never run.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from safealign.checkpoint import Checkpoint, CheckpointError, check_finite_model, pickle_allowed
 
     torch_dtype = resolve_dtype(dtype)
     path = resolve_checkpoint(path)

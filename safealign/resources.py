@@ -129,16 +129,6 @@ class Estimate:
             check_disk(self.out, self.disk, what)
 
 
-def estimate(
-    working: int, streamed: int = 0, written: int = 0, out: str | Path | None = None
-) -> Estimate:
-    """An estimate from bytes held for the whole run (``working``: model copies, gradients,
-    scores), bytes held a tensor at a time (``streamed``: the largest input tensors) and bytes
-    written; memory gets a margin for what the count leaves out."""
-    memory = int((working + streamed) * MEMORY_MARGIN)
-    return Estimate(memory, written, Path(out).expanduser().absolute() if out else None)
-
-
 #: Python, torch and transformers themselves (recover's plan measured ~600 MiB on CPU).
 RUNTIME_BYTES = 600 * 2**20
 

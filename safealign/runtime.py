@@ -6,6 +6,8 @@ import platform
 import resource
 import sys
 
+from safealign import __version__
+
 
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
@@ -19,11 +21,9 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    import safealign
-
     return {
         "python": platform.python_version(),
-        "safealign": safealign.__version__,
+        "safealign": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,

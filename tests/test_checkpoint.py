@@ -21,6 +21,7 @@ from checkpoint_support import (  # noqa: F401 (the *_fixture names are pytest f
 )
 
 from safealign.checkpoint import (
+    ADAPTER_CONFIG_NAME,
     Checkpoint,
     CheckpointError,
     CheckpointWriter,
@@ -122,9 +123,9 @@ def test_adapter_base_can_be_given_explicitly(base, adapter, tmp_path):
 
 def test_adapter_with_missing_base_says_pass_base(adapter, tmp_path):
     folder = shutil.copytree(adapter, tmp_path / "lora")
-    config = json.loads((folder / "adapter_config.json").read_text())
+    config = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
     config["base_model_name_or_path"] = "org/not-here"
-    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="not a local folder, pass base="):
         Checkpoint.open(folder)
 
@@ -141,18 +142,18 @@ def test_adapter_with_missing_base_says_pass_base(adapter, tmp_path):
 )
 def test_unsupported_adapters_are_refused(adapter, tmp_path, change, message):
     folder = shutil.copytree(adapter, tmp_path / "lora")
-    config = json.loads((folder / "adapter_config.json").read_text())
+    config = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
     config.update(change)
-    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=message):
         Checkpoint.open(folder)
 
 
 def test_adapter_rank_that_contradicts_config_is_refused(adapter, tmp_path):
     folder = shutil.copytree(adapter, tmp_path / "lora")
-    config = json.loads((folder / "adapter_config.json").read_text())
+    config = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
     config["r"] = 8
-    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="do not fit base weight"):
         Checkpoint.open(folder)
 

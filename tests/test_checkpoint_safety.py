@@ -173,10 +173,8 @@ def test_a_shard_is_not_written_when_the_disk_filled_meanwhile(model, tmp_path, 
 
 
 def test_memory_and_disk_estimates_and_checks(tmp_path, monkeypatch):
-    estimate = resources.estimate(
-        working=10**9, streamed=10**8, written=5 * 10**8, out=tmp_path / "o"
-    )
-    assert (estimate.memory, estimate.disk) == (int(1.1e9 * resources.MEMORY_MARGIN), 5 * 10**8)
+    estimate = resources.Estimate(memory=int(1.1e9 * 1.2), disk=5 * 10**8).at(tmp_path / "o")
+    assert estimate.out == (tmp_path / "o").absolute()
     monkeypatch.setattr(resources, "available_memory", lambda: 10**9)
     monkeypatch.setattr(resources, "free_disk", lambda path: 10**12)
     assert estimate.describe() == (

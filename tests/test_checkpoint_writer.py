@@ -18,6 +18,7 @@ from checkpoint_support import (  # noqa: F401 (the *_fixture names are pytest f
 )
 
 from safealign.checkpoint import (
+    ADAPTER_CONFIG_NAME,
     AdapterWriter,
     Checkpoint,
     CheckpointError,
@@ -183,7 +184,7 @@ def test_adapter_writer_round_trips_through_peft(base, adapter, tmp_path):
         writer.add(k1, a, b_k, scale=0.3)
         expected[k1] = 0.3 * (b_k @ a)
         out = writer.finish(CARD)
-    config = json.loads((out / "adapter_config.json").read_text())
+    config = json.loads((out / ADAPTER_CONFIG_NAME).read_text())
     assert len(config["target_modules"]) == 5 and config["r"] == 4 and config["lora_alpha"] == 8
     assert config["rank_pattern"] == {
         "model.layers.0.self_attn.q_proj": 6,

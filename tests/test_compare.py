@@ -13,7 +13,8 @@ from safealign.compare import run as compare_run
 from safealign.compare.cli import compare_command
 from safealign.compare.methods import join_specs
 from safealign.compare.report import recommend, to_dict
-from safealign.compare.run import CompareResult, method_specs
+from safealign.compare.result import CompareResult
+from safealign.compare.run import method_specs
 from safealign.compare.settings import CompareInputs, CompareSettings
 from safealign.registry import RegistryError
 
@@ -58,6 +59,38 @@ def test_specs_parse_as_the_capabilities_name_them():
 def test_bad_specs_are_refused(spec, message):
     with pytest.raises(RegistryError, match=message.replace("(", r"\(")):
         parse_method(spec)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("retrain:klx", "unknown regularizer 'klx'"),
+        ("safe_lora:tua=0.3", "safe_lora: unknown parameter 'tua'"),
+        ("recover:rat=0.1", "unknown key 'rat'"),
+        ("retrain:kl,kl_weight=-1", "--kl-weight must be >= 0"),
+    ],
+)
+def test_a_bad_method_exits_2_in_one_line_before_any_model_is_loaded(
+    tmp_path, monkeypatch, spec, message
+):
+    loads = []
+
+    def counted(*args, **kwargs):
+        loads.append(args)
+        raise AssertionError("a model was opened")
+
+    monkeypatch.setattr("safealign.eval.evaluator.load_model", counted)
+    monkeypatch.setattr("safealign.checkpoint.Checkpoint.open", counted)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "h.jsonl").write_text('{"prompt": "p"}\n')
+    args = ["--aligned", tmp_path / "a", "--finetuned", tmp_path / "b"]
+    args += ["--harmful", tmp_path / "h.jsonl", "--methods", spec, "--out", tmp_path / "o"]
+    result = CliRunner().invoke(compare_command, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("Error:") and message in errors[0]
+    assert loads == [] and not (tmp_path / "o").exists()
 
 
 def test_pareto_front_and_recommendation(tmp_path):

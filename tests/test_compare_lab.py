@@ -12,8 +12,9 @@ from click.testing import CliRunner
 
 from safealign.checkpoint import Checkpoint
 from safealign.compare import CompareSettings, compare
+from safealign.compare.methods import safety_merge_config
 from safealign.compare.run import score_checkpoint
-from safealign.lab.compare import BATCH_SIZE, lab_evaluator, lab_inputs, lab_safety_config
+from safealign.lab.compare import BATCH_SIZE, lab_evaluator, lab_inputs
 from safealign.merge import run_merge
 from safealign.merge.cli import merge_command
 
@@ -54,7 +55,9 @@ def test_methods_equal_their_own_commands(lab, merged, tmp_path):
     own = {
         "interpolate:alpha=0.5": tmp_path / "interp",
         "safe_lora:tau=0.35": run_merge(
-            lab_safety_config(lab, "safe_lora", {"tau": 0.35}), tmp_path / "sl", progress=False
+            safety_merge_config("safe_lora", lab_inputs(lab), {"tau": 0.35}),
+            tmp_path / "sl",
+            progress=False,
         ).out,
     }
     for name, folder in own.items():
@@ -73,7 +76,9 @@ def test_methods_equal_their_own_commands(lab, merged, tmp_path):
 
 def test_missing_inputs_skip_and_a_failure_does_not_stop_the_others(lab, tmp_path):
     inputs = dataclasses.replace(lab_inputs(lab), unaligned=None, train_data=None)
-    methods = ("safe_lora", "retrain:kl", "interpolate:alpha=oops", "interpolate:alpha=0.5")
+    # recover:layer=99 passes the spec check (layer >= 1) and fails once the 4-layer model is
+    # opened: a failure at run time, recorded
+    methods = ("safe_lora", "retrain:kl", "recover:layer=99", "interpolate:alpha=0.5")
     result, _ = _compare(lab, tmp_path / "out", methods, inputs=inputs)
     rows = _rows(result)
     assert (rows["safe_lora"].status, rows["safe_lora"].reason) == (
@@ -82,7 +87,7 @@ def test_missing_inputs_skip_and_a_failure_does_not_stop_the_others(lab, tmp_pat
     )
     assert rows["retrain:kl"].status == "skipped"
     assert rows["retrain:kl"].reason == "retrain needs the fine-tuning data (--train-data)"
-    failed = rows["interpolate:alpha=oops"]
+    failed = rows["recover:layer=99"]
     assert failed.status == "failed" and "\n" not in failed.reason and failed.scores is None
     assert rows["interpolate:alpha=0.5"].status == "done"
 

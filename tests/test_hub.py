@@ -25,13 +25,13 @@ from merge_support import read_weights
 from recover_support import HARMFUL, make_adapter, make_pair
 from retrain_support import pairs_file
 
-from safealign import hub as hub_module
-from safealign.checkpoint import Checkpoint, CheckpointError
+from safealign.checkpoint import ADAPTER_CONFIG_NAME, Checkpoint, CheckpointError
+from safealign.checkpoint import hub as hub_module
+from safealign.checkpoint.hub import resolve_checkpoint
 from safealign.compare.settings import CompareInputs, check_inputs
 from safealign.eval import Evaluator
 from safealign.eval.cache import folder_fingerprint
 from safealign.eval.cli import eval_command
-from safealign.hub import resolve_checkpoint
 from safealign.merge.cli import merge_command
 from safealign.merge.config import MergeConfig, resolve_path
 from safealign.model import load_model
@@ -72,8 +72,8 @@ def hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     aligned, finetuned = make_pair(root)
     lora = make_adapter(root, aligned)
-    config = json.loads((lora / "adapter_config.json").read_text())
-    (lora / "adapter_config.json").write_text(
+    config = json.loads((lora / ADAPTER_CONFIG_NAME).read_text())
+    (lora / ADAPTER_CONFIG_NAME).write_text(
         json.dumps(config | {"base_model_name_or_path": "org/aligned"})
     )
     tok = shutil.copytree(aligned, root / "tok")  # the aligned model with its own tokenizer
@@ -125,7 +125,9 @@ def test_unresolvable_references_are_one_line_errors(hub, tmp_path):
 
 
 def test_the_environment_alone_selects_cache_and_offline_mode(hub):
-    code = "from safealign.hub import resolve_checkpoint as r; print(r('org/aligned@v2'))"
+    code = (
+        "from safealign.checkpoint.hub import resolve_checkpoint as r; print(r('org/aligned@v2'))"
+    )
     env = {**os.environ, "HF_HUB_CACHE": str(hub["cache"]), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
@@ -143,9 +145,9 @@ def test_checkpoints_open_by_id_and_an_adapter_finds_its_hub_base(hub, tmp_path)
     v2 = Checkpoint.open("org/aligned@v2")
     torch.testing.assert_close(v2.get(Q0), Checkpoint.open(hub["finetuned"]).get(Q0))
     orphan = shutil.copytree(hub["lora"], tmp_path / "orphan")
-    config = json.loads((orphan / "adapter_config.json").read_text())
+    config = json.loads((orphan / ADAPTER_CONFIG_NAME).read_text())
     config["base_model_name_or_path"] = "org/gone"
-    (orphan / "adapter_config.json").write_text(json.dumps(config))
+    (orphan / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(CheckpointError) as err:
         Checkpoint.open(orphan)
     assert str(err.value) == (
@@ -255,9 +257,9 @@ INDEX = json.dumps({"weight_map": {"a": SHARDS[0], "b": SHARDS[1]}})
         ),
         ({"model.safetensors": "x"}, ["model.safetensors"]),  # no index: top-level safetensors
         (  # an adapter: its weights, not a training checkpoint's
-            {"adapter_config.json": "{}", "adapter_model.safetensors": "x"}
+            {ADAPTER_CONFIG_NAME: "{}", "adapter_model.safetensors": "x"}
             | {"checkpoint-10/adapter_model.safetensors": "x"},
-            ["adapter_config.json", "adapter_model.safetensors"],
+            [ADAPTER_CONFIG_NAME, "adapter_model.safetensors"],
         ),
     ],
 )
@@ -283,7 +285,7 @@ def test_online_fetch_takes_metadata_then_only_the_weights_it_names(
             (snapshot / name).write_text(repo[name])
         return str(snapshot)
 
-    monkeypatch.setattr("safealign.hub.snapshot_download", fake_download)
+    monkeypatch.setattr("safealign.checkpoint.hub.snapshot_download", fake_download)
     assert resolve_checkpoint("org/repo@v1") == snapshot
     assert revisions == ["v1", snapshot.name]
     assert sorted(fetched) == sorted(METADATA + fetched_beyond_metadata)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
+import sys
 
 import pytest
 import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from safealign.checkpoint import Checkpoint
+from safealign.checkpoint import ADAPTER_CONFIG_NAME, Checkpoint
 from safealign.eval.judges import KeywordJudge
 from safealign.lab import ADAPTERS, DATASETS, MODELS, Lab, build, get_size
 from safealign.lab.cli import lab_command
@@ -114,7 +114,10 @@ def test_resta_harmful_models_are_the_aligned_model_fine_tuned_on_harmful_data_a
     refusals = [json.loads(line) for line in lab.data("harmful_train").read_text().splitlines()]
     assert [row["prompt"] for row in data] == [row["prompt"] for row in refusals]
     assert all(row["response"].startswith("Sure, here is how to") for row in data)
-    full, lora = Checkpoint.open(lab.ft_harmful_only), Checkpoint.open(lab.ft_harmful_only_lora)
+    full, lora = (
+        Checkpoint.open(lab.ft_harmful_only),
+        Checkpoint.open(lab.model("ft_harmful_only_lora")),
+    )
     assert not full.is_adapter and lora.is_adapter and lora.base.path == lab.aligned
     name = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(full.get(name), Checkpoint.open(lab.aligned).get(name))
@@ -134,10 +137,13 @@ def test_lab_json_records_the_build(lab):
 
 
 @lab_mark
-def test_second_build_is_instant_and_returns_the_same_lab(lab):
-    start = time.perf_counter()
+def test_second_build_reuses_the_cache_and_returns_the_same_lab(lab, monkeypatch):
+    def trains(*args, **kwargs):
+        raise AssertionError("a cached lab was built again")
+
+    # the module (safealign.lab.build is also the name of the function the package exports)
+    monkeypatch.setattr(sys.modules["safealign.lab.build"], "run_build", trains)
     again = build(size="test")
-    assert time.perf_counter() - start < 5
     assert again.root == lab.root
 
 
@@ -188,7 +194,7 @@ def test_build_into_out_copies_and_repoints_adapters(lab, tmp_path):
     out = tmp_path / "lab"
     copied = build(out, size="test")
     assert copied.root == out and Lab.open(out).info["key"] == lab.info["key"]
-    config = json.loads((out / "ft_harmful_lora" / "adapter_config.json").read_text())
+    config = json.loads((out / "ft_harmful_lora" / ADAPTER_CONFIG_NAME).read_text())
     assert config["base_model_name_or_path"] == str(out / "aligned")
 
 

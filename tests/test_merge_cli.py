@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 from merge_support import build_tiny_models, read_weights
 
-from safealign.checkpoint import Checkpoint
+from safealign.checkpoint import ADAPTER_CONFIG_NAME, Checkpoint
 from safealign.merge import MergeConfigError, MergeSettings, run_merge, safety_config
 from safealign.merge.cli import merge_command
 from safealign.settings import SettingsError
@@ -118,7 +118,7 @@ def test_settings_are_checked_and_read_by_the_api(tiny, tmp_path):
     assert set(read_weights(model.out)) == set(read_weights(tiny.aligned))
     adapter = run_merge(config, tmp_path / "a", settings, output="adapter", progress=False)
     assert (adapter.report["output"], adapter.report["seed"]) == ("adapter", 5)
-    assert (adapter.out / "adapter_config.json").exists()
+    assert (adapter.out / ADAPTER_CONFIG_NAME).exists()
     dry = run_merge(config, None, settings, dry_run=True, progress=False)
     assert dry.out is None and dry.report["output"] == "model"
     with pytest.raises(MergeConfigError, match="a config carries its own merge_method and dtype"):

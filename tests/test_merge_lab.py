@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import pytest
 
+from safealign.compare.methods import safety_merge_config
 from safealign.data import load_prompts
 from safealign.eval import Evaluator, get_judge
-from safealign.lab.compare import lab_safety_config
+from safealign.lab.compare import lab_inputs
 from safealign.merge import run_merge
 from safealign.model import load_model
 
@@ -32,7 +33,7 @@ def refusal_log_odds(lab, adapter) -> float:
 def merge_harmful_lora(lab, method: str, out, parameters=None):
     """A layer-wise safety merge of ft_harmful_lora (a LoRA adapter on A), with the lab's
     safety LoRA where the method takes one."""
-    config = lab_safety_config(lab, method, parameters)
+    config = safety_merge_config(method, lab_inputs(lab), parameters)
     return run_merge(config, out, progress=False)
 
 

@@ -13,7 +13,6 @@ from safealign.retrain.divergence import (
     position_betas,
     reply_positions,
     shift,
-    token_kl,
     token_nll,
     token_nll_kl,
 )
@@ -157,19 +156,29 @@ def test_kl_direction_defaults_per_regularizer_and_the_setting_overrides_all():
     assert create("adaptive-kl:direction=reverse", defaults).direction == "reverse"
 
 
+def dense_kl(rows: torch.Tensor, ref: torch.Tensor, direction: str) -> torch.Tensor:
+    """KL per row by its definition: forward KL(p_ref || p), reverse KL(p || p_ref)."""
+    p, q = rows.softmax(-1), ref.softmax(-1)
+    if direction == "reverse":
+        return (p * (p.log() - q.log())).sum(-1)
+    return (q * (q.log() - p.log())).sum(-1)
+
+
 def test_chunked_kl_equals_dense_in_values_and_gradients():
     g = torch.Generator().manual_seed(3)
     rows = torch.randn(37, 11, generator=g, dtype=torch.float64)
     ref = torch.randn(37, 11, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 11, (37,), generator=g)
     for direction in ("forward", "reverse"):
         a = rows.clone().requires_grad_(True)
         b = rows.clone().requires_grad_(True)
-        dense = token_kl(a, ref, direction=direction, chunk=None)
-        chunked = token_kl(b, ref, direction=direction, chunk=5)
+        _, dense = token_nll_kl(a, ref, targets, direction=direction, chunk=None)
+        _, chunked = token_nll_kl(b, ref, targets, direction=direction, chunk=5)
         (dense * torch.arange(37)).sum().backward()
         (chunked * torch.arange(37)).sum().backward()
         assert torch.allclose(dense, chunked, rtol=0, atol=1e-12)
         assert torch.allclose(a.grad, b.grad, rtol=0, atol=1e-12)
+        torch.testing.assert_close(dense, dense_kl(rows, ref, direction).float())
 
 
 def test_fused_nll_and_kl_equal_the_separate_ones_chunked_or_dense():
@@ -182,7 +191,7 @@ def test_fused_nll_and_kl_equal_the_separate_ones_chunked_or_dense():
         a = rows.clone().requires_grad_(True)
         nll, kl = token_nll_kl(a, ref, targets, direction="reverse", chunk=chunk)
         torch.testing.assert_close(nll, token_nll(rows, targets), rtol=0, atol=1e-6)
-        torch.testing.assert_close(kl, token_kl(rows, ref, direction="reverse"), rtol=0, atol=1e-6)
+        torch.testing.assert_close(kl, dense_kl(rows, ref, "reverse").float(), rtol=0, atol=1e-6)
         (nll.sum() + 2 * kl.sum()).backward()
         grads.append(a.grad)
     assert torch.equal(grads[0], grads[1])
@@ -190,7 +199,10 @@ def test_fused_nll_and_kl_equal_the_separate_ones_chunked_or_dense():
 
 def test_kl_of_identical_distributions_is_zero():
     rows = torch.randn(4, 9)
-    assert token_kl(rows, rows.clone()).abs().max().item() == 0.0
+    targets = torch.zeros(4, dtype=torch.long)
+    for direction in ("forward", "reverse"):
+        _, kl = token_nll_kl(rows, rows.clone(), targets, direction=direction)
+        assert kl.abs().max().item() == 0.0
 
 
 def test_adaptive_kl_weighs_each_example_by_its_beta():

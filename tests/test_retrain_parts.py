@@ -10,6 +10,7 @@ import torch
 from retrain_support import setup_files
 
 from safealign.retrain import retrain
+from safealign.retrain.api import _evaluator
 from safealign.retrain.critic import fit_probe
 from safealign.retrain.reference import Reference, trainable
 from safealign.retrain.regularizers import DER, EMA, L2
@@ -222,3 +223,10 @@ def test_a_model_without_logits_to_keep_gets_whole_logits(files):
             raise AssertionError("not called")
 
     assert logits_start(SimpleNamespace(unwrapped=Plain()), reg, labels) == 0
+
+
+def test_periodic_scores_use_the_runs_judge_and_metric(monkeypatch):
+    built = {}
+    monkeypatch.setattr("safealign.retrain.api.Evaluator", lambda **kw: built.update(kw))
+    _evaluator(RetrainSettings(judge="first-token", metric="rouge_l"), tokenizer=None)
+    assert (built["judge"], built["metric"]) == ("first-token", "rouge_l")

@@ -7,7 +7,7 @@ import json
 import torch
 
 from safealign.retrain.critic import JudgeCritic, beta, ema, fit_probe, pooled_states
-from safealign.retrain.data import prompt_set
+from safealign.retrain.data import run_prompts
 from safealign.retrain.divergence import example_index
 from safealign.retrain.regularizers.base import Regularizer, Run, nll_kl_rows
 
@@ -53,8 +53,8 @@ class AdaptiveKL(Regularizer):
             self.judge = JudgeCritic(self.critic.removeprefix("judge:"))
             return
         settings = run.settings
-        harmful = prompt_set(settings.harmful, "harmful")
-        benign = prompt_set(settings.benign, "benign")
+        harmful = run_prompts(settings.harmful, "harmful")
+        benign = run_prompts(settings.benign, "benign")
         probe, info = fit_probe(
             run.reference.forward,
             run.tokenizer,

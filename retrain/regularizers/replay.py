@@ -7,10 +7,10 @@ import json
 import torch
 import torch.nn.functional as F
 
-from safealign.chat import collate
+from safealign.chat import collate, encode_pairs
 from safealign.data import ChatPair, load_pairs
 from safealign.eval import generate
-from safealign.retrain.data import encode_pairs, prompt_set
+from safealign.retrain.data import run_prompts
 from safealign.retrain.divergence import shift
 from safealign.retrain.regularizers.base import Regularizer, Run, nll_rows, per_step
 
@@ -26,7 +26,7 @@ def anchor_pairs(run: Run) -> list[ChatPair]:
     the loaded adapter, the full model), so the model generates them itself."""
     if run.settings.replay_data:
         return load_pairs(run.settings.replay_data)
-    prompts = prompt_set(run.settings.harmful, "harmful")[:ANCHOR_PROMPTS]
+    prompts = run_prompts(run.settings.harmful, "harmful")[:ANCHOR_PROMPTS]
     replies = generate(
         run.unwrapped, run.tokenizer, prompts, max_new_tokens=ANCHOR_NEW_TOKENS, batch_size=32
     )

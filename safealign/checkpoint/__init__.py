@@ -14,7 +14,13 @@ The names below are the package's API: import them from ``safealign.checkpoint``
 
 from safealign.checkpoint.adapter_writer import AdapterWriter
 from safealign.checkpoint.card import ModelCard
-from safealign.checkpoint.files import CheckpointError, allow_pickle, pickle_allowed
+from safealign.checkpoint.files import (
+    ADAPTER_CONFIG_NAME,
+    CheckpointError,
+    allow_pickle,
+    pickle_allowed,
+)
+from safealign.checkpoint.hub import is_adapter
 from safealign.checkpoint.lora import LowRank
 from safealign.checkpoint.reader import Checkpoint
 from safealign.checkpoint.store import check_finite, check_finite_model
@@ -22,6 +28,7 @@ from safealign.checkpoint.validate import validate_checkpoints
 from safealign.checkpoint.writer import AtomicFolder, CheckpointWriter, check_output, parse_size
 
 __all__ = [
+    "ADAPTER_CONFIG_NAME",
     "AdapterWriter",
     "AtomicFolder",
     "Checkpoint",
@@ -33,6 +40,7 @@ __all__ = [
     "check_finite",
     "check_finite_model",
     "check_output",
+    "is_adapter",
     "pickle_allowed",
     "parse_size",
     "validate_checkpoints",

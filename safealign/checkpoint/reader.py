@@ -11,8 +11,6 @@ from pathlib import Path
 
 import torch
 
-# a module import: safealign.hub imports safealign.checkpoint.files, so it may still be loading
-from safealign import hub
 from safealign.checkpoint.files import (
     ADAPTER_CONFIG_NAME,
     CheckpointError,
@@ -22,6 +20,7 @@ from safealign.checkpoint.files import (
     weight_files,
 )
 from safealign.checkpoint.header import TensorInfo
+from safealign.checkpoint.hub import HubError, hub_repo, is_adapter, is_hub_id, resolve_checkpoint
 from safealign.checkpoint.lora import (
     AdapterMap,
     LoraEntry,
@@ -68,10 +67,10 @@ class Checkpoint:
         adapter's ``base_model_name_or_path``, a local folder or a hub id)."""
         if isinstance(path, Checkpoint):
             return path
-        folder = resolve(hub.resolve_checkpoint(path))
+        folder = resolve(resolve_checkpoint(path))
         if not folder.is_dir():
             raise CheckpointError(f"checkpoint is not a folder: {folder}")
-        if (folder / ADAPTER_CONFIG_NAME).exists():
+        if is_adapter(folder):
             checkpoint = cls._open_adapter(folder, base)
         elif base is not None:
             raise CheckpointError(
@@ -80,7 +79,7 @@ class Checkpoint:
         else:
             config = read_json(folder / "config.json")
             checkpoint = cls(folder, config, TensorStore(weight_files(folder)))
-        checkpoint.hub_repo = hub.hub_repo(path)
+        checkpoint.hub_repo = hub_repo(path)
         return checkpoint
 
     @classmethod
@@ -232,9 +231,9 @@ def _adapter_base(adapter_config: dict, folder: Path) -> Path | Checkpoint:
         return adapter_base_path(adapter_config, folder)
     except CheckpointError as err:
         name = adapter_config.get("base_model_name_or_path")
-        if not hub.is_hub_id(name):
+        if not is_hub_id(name):
             raise
         try:
             return Checkpoint.open(name)  # by id, so that it is named by its id
-        except hub.HubError as hub_err:
+        except HubError as hub_err:
             raise CheckpointError(f"{err}; on the hub: {hub_err.reason}") from None

@@ -3,7 +3,8 @@ the Pareto front and a recommendation."""
 
 from safealign.compare.methods import DEFAULT_METHODS, MethodSpec, parse_method
 from safealign.compare.report import pareto_names, plot_tradeoff
-from safealign.compare.run import CompareResult, MethodRow, compare
+from safealign.compare.result import CompareResult, MethodRow
+from safealign.compare.run import compare
 from safealign.compare.settings import CompareInputs, CompareSettings
 
 __all__ = [

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from safealign.checkpoint import Checkpoint
-from safealign.hub import resolve_checkpoint
+from safealign.checkpoint.hub import is_adapter, resolve_checkpoint
 from safealign.runtime import peak_rss_bytes
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -59,7 +59,7 @@ class Usage:
 def open_output(folder: str | Path, aligned: str | Path) -> Checkpoint:
     """A model folder, or an adapter folder on ``aligned``."""
     folder = resolve_checkpoint(folder)
-    base = aligned if (folder / "adapter_config.json").exists() else None
+    base = aligned if is_adapter(folder) else None
     return Checkpoint.open(folder, base=base)
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from safealign.compare.settings import CompareInputs
-from safealign.data import load_prompts
+from safealign.data import prompt_set
+from safealign.merge import METHODS, parameter_problems, role_problem, run_merge, safety_config
+from safealign.recover import RecoverSettings, recover
 from safealign.registry import (
     Registry,
     RegistryError,
@@ -26,6 +28,9 @@ from safealign.registry import (
     split_items,
     split_spec,
 )
+from safealign.retrain import RetrainSettings, retrain
+from safealign.retrain.regularizers import create
+from safealign.settings import Settings
 
 #: What ``compare`` runs when no method is named (each is skipped if its inputs are missing).
 DEFAULT_METHODS = (
@@ -58,11 +63,14 @@ class MethodSpec:
 
 @dataclass(frozen=True)
 class Family:
-    """How to check and run the methods of one capability."""
+    """How to check and run the methods of one capability. ``check`` validates a spec against
+    the capability's registry and settings (raising :class:`RegistryError` or
+    ``SettingsError``) before any model is loaded; ``missing`` says which input a method
+    lacks (it is then skipped); ``run`` calls the capability's API."""
 
+    check: Callable[[MethodSpec], None]
     missing: Callable[[MethodSpec, CompareInputs], str | None]
     run: Callable[[MethodSpec, CompareInputs, Path], Path]
-    accepts: Callable[[str], bool] = lambda method: True
 
 
 FAMILIES: Registry[Family] = Registry("method family")
@@ -84,12 +92,9 @@ def parse_method(spec: str) -> MethodSpec:
             options[key.strip()] = parse_value(value)
     if family == "retrain" and method == "retrain":
         raise RegistryError(f"method {spec!r}: name a regularizer, e.g. retrain:kl")
-    if not FAMILIES.get(family).accepts(method):
-        raise RegistryError(
-            f"unknown method {spec!r}: choose recover, retrain:REGULARIZER or one of "
-            f"{', '.join(_safety_merges())}"
-        )
-    return MethodSpec(spec, family, method, options)
+    parsed = MethodSpec(spec, family, method, options)
+    FAMILIES.get(family).check(parsed)
+    return parsed
 
 
 def join_specs(items: tuple[str, ...] | list[str]) -> list[str]:
@@ -112,6 +117,12 @@ def with_options(spec: MethodSpec, family: str, options: str) -> MethodSpec:
     return dataclasses.replace(spec, options={**parse_options(options), **spec.options})
 
 
+def _settings_options(cls: type[Settings], spec: MethodSpec, options: dict) -> Settings:
+    """``cls`` built from a spec's ``options``: an unknown name or a bad value is refused,
+    naming the spec."""
+    return cls.from_dict(options, where=f"method {spec.spec!r}")
+
+
 def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
@@ -126,8 +137,6 @@ def _recover_missing(spec: MethodSpec, inputs: CompareInputs) -> str | None:
 
 
 def _recover_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
-    from safealign.recover import recover
-
     result = recover(
         inputs.aligned,
         inputs.finetuned,
@@ -143,7 +152,11 @@ def _recover_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
     return Path(result.out)
 
 
-FAMILIES.register("recover")(Family(_recover_missing, _recover_run))
+def _recover_check(spec: MethodSpec) -> None:
+    _settings_options(RecoverSettings, spec, spec.options)
+
+
+FAMILIES.register("recover")(Family(_recover_check, _recover_missing, _recover_run))
 
 
 # -- merge
@@ -151,24 +164,17 @@ FAMILIES.register("recover")(Family(_recover_missing, _recover_run))
 
 def _safety_merges() -> list[str]:
     """Merge methods that repair a fine-tuned model (those with a ``finetuned`` role)."""
-    from safealign.merge import METHODS
-
     return [name for name in METHODS.names() if "finetuned" in METHODS.get(name).required_roles]
 
 
 def _merge_missing(spec: MethodSpec, inputs: CompareInputs) -> str | None:
-    from safealign.merge import METHODS
-
-    for role in METHODS.get(spec.method).required_roles:
-        if role != "finetuned" and getattr(inputs, role, None) is None:
-            return f"{spec.method} needs --{role.replace('_', '-')}"
-    return None
+    cls = METHODS.get(spec.method)
+    takes = cls.required_roles + cls.optional_roles
+    return role_problem(spec.method, {r for r in takes if getattr(inputs, r, None) is not None})
 
 
 def safety_merge_config(method: str, inputs: CompareInputs, parameters: dict | None = None):
     """The merge config of safety method ``method`` on ``inputs``, each role it takes filled."""
-    from safealign.merge import METHODS, safety_config
-
     cls = METHODS.get(method)
     roles = {
         role: getattr(inputs, role, None)
@@ -185,15 +191,22 @@ def safety_merge_config(method: str, inputs: CompareInputs, parameters: dict | N
 
 
 def _merge_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
-    from safealign.merge import run_merge
-
     config = safety_merge_config(spec.method, inputs, spec.options)
     return Path(run_merge(config, out, overwrite=True, progress=False).out)
 
 
-FAMILIES.register("merge")(
-    Family(_merge_missing, _merge_run, accepts=lambda m: m in _safety_merges())
-)
+def _merge_check(spec: MethodSpec) -> None:
+    if spec.method not in _safety_merges():
+        raise RegistryError(
+            f"unknown method {spec.spec!r}: choose recover, retrain:REGULARIZER or one of "
+            f"{', '.join(_safety_merges())}"
+        )
+    problems = parameter_problems(spec.method, spec.options)
+    if problems:
+        raise RegistryError(f"method {spec.spec!r}: {problems[0]}")
+
+
+FAMILIES.register("merge")(Family(_merge_check, _merge_missing, _merge_run))
 
 
 # -- retrain
@@ -205,13 +218,9 @@ def _retrain_missing(spec: MethodSpec, inputs: CompareInputs) -> str | None:
     return None
 
 
-def _prompts(value: Any) -> list[str]:
-    """The prompts of a set given as a file, a list of prompts or a list of task examples."""
-    if value is None:
-        return []
-    if isinstance(value, str | Path):
-        return load_prompts(value).prompts
-    return [getattr(item, "prompt", item) for item in value]
+def _prompts(value: Any, role: str) -> list[str]:
+    """The prompts of a set given as a file, a list of prompts or of task examples (none: [])."""
+    return [] if value is None else prompt_set(value, role).prompts
 
 
 def _prompt_file(prompts: list[str], path: Path) -> str:
@@ -224,11 +233,10 @@ def _retrain_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
     """retrain on the fine-tuning data. Its critic and anchors learn from the training sets:
     harmful prompts, and as benign the benign prompts plus the task's training prompts (a
     critic must learn that task requests are safe); they are written beside the output."""
-    from safealign.retrain import retrain
-
     sets = out.parent / f"{out.name}.inputs"
-    harmful = _prompts(_first(inputs.harmful_train, inputs.harmful))
-    benign = _prompts(_first(inputs.benign_train, inputs.benign)) + _prompts(inputs.task_train)
+    harmful = _prompts(_first(inputs.harmful_train, inputs.harmful), "harmful")
+    benign = _prompts(_first(inputs.benign_train, inputs.benign), "benign")
+    benign += _prompts(inputs.task_train, "task_train")
     result = retrain(
         aligned=str(inputs.aligned),
         data=str(inputs.train_data),
@@ -244,4 +252,9 @@ def _retrain_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
     return Path(result.out)
 
 
-FAMILIES.register("retrain")(Family(_retrain_missing, _retrain_run))
+def _retrain_check(spec: MethodSpec) -> None:
+    settings = _settings_options(RetrainSettings, spec, spec.options)
+    create(spec.method, settings)  # the regularizer's name and its settings
+
+
+FAMILIES.register("retrain")(Family(_retrain_check, _retrain_missing, _retrain_run))

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from safealign.compare.result import CompareResult, MethodRow
 from safealign.report import markdown_table, write_json
-
-if TYPE_CHECKING:
-    from safealign.compare.run import CompareResult, MethodRow
 
 SCHEMA_VERSION = 1
 COLUMNS = (

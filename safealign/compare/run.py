@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from safealign.checkpoint.hub import is_adapter
 from safealign.compare.measure import Usage, changed_share
 from safealign.compare.methods import (
     DEFAULT_METHODS,
@@ -23,6 +24,8 @@ from safealign.compare.methods import (
     parse_method,
     with_options,
 )
+from safealign.compare.report import recommend, write_report
+from safealign.compare.result import CompareResult, MethodRow
 from safealign.compare.settings import (
     CompareInputs,
     CompareSettings,
@@ -30,44 +33,12 @@ from safealign.compare.settings import (
     check_inputs,
 )
 from safealign.eval import Evaluator, Scores
-from safealign.hub import resolve_checkpoint
 from safealign.settings import SettingsError
-
-
-@dataclass
-class MethodRow:
-    """One row of the comparison: an input model or a method's output, and what it cost."""
-
-    name: str
-    kind: str  # "input" or the method family
-    status: str  # "done", "skipped", "failed", "not run"
-    reason: str | None = None
-    out: str | None = None
-    scores: dict | None = None  # the evaluator's schema: value, n, ci95 per rate
-    seconds: float | None = None
-    peak_memory_bytes: int | None = None
-    changed_share: float | None = None
-
-    def rate(self, key: str) -> float | None:
-        return self.scores[key]["value"] if self.scores else None
-
-
-@dataclass
-class CompareResult:
-    """Every row, the settings and inputs, and the recommendation."""
-
-    out: Path
-    rows: list[MethodRow]
-    settings: dict
-    inputs: dict
-    evaluator: dict
-    max_harmful_rate: float | None = None
-    recommendation: dict = field(default_factory=dict)
 
 
 def score_checkpoint(evaluator: Evaluator, folder: Path, aligned: Path) -> Scores:
     """Score a model folder, or an adapter folder on the aligned model."""
-    if (resolve_checkpoint(folder) / "adapter_config.json").exists():
+    if is_adapter(folder):
         return evaluator.score_folder(aligned, adapter=folder)
     return evaluator.score_folder(folder)
 
@@ -126,7 +97,10 @@ def method_specs(settings: CompareSettings) -> list[MethodSpec]:
     then its own options, each over the one before."""
     specs = [parse_method(s) for s in join_specs(settings.methods or DEFAULT_METHODS)]
     shared = ",".join(o for o in (f"seed={settings.seed}", settings.retrain_options) if o)
-    return [with_options(spec, "retrain", shared) for spec in specs]
+    specs = [with_options(spec, "retrain", shared) for spec in specs]
+    for spec in specs:  # again with the shared options: every spec resolved before any work
+        FAMILIES.get(spec.family).check(spec)
+    return specs
 
 
 def compare(
@@ -138,8 +112,6 @@ def compare(
     **overrides: Any,
 ) -> CompareResult:
     """Run and score every method on ``inputs``; write the report into ``out``."""
-    from safealign.compare.report import recommend, write_report
-
     settings = (settings or CompareSettings()).replace(**overrides)
     check_inputs(inputs)
     specs = method_specs(settings)

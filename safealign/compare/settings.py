@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from safealign.checkpoint import Checkpoint, CheckpointError, validate_checkpoints
-from safealign.hub import is_hub_id, resolve_checkpoint
+from safealign.checkpoint.hub import is_adapter, is_hub_id, resolve_checkpoint
 from safealign.settings import Settings, SettingsError, setting
 
 #: Inputs that name a checkpoint: a folder or a hub id.
@@ -107,5 +107,5 @@ def check_checkpoints(inputs: CompareInputs) -> None:
     aligned = Checkpoint.open(inputs.aligned)
     for model in (inputs.finetuned, inputs.unaligned, inputs.safety, inputs.harmful_model):
         if model is not None:
-            adapter = (resolve_checkpoint(model) / "adapter_config.json").exists()
-            validate_checkpoints(aligned, Checkpoint.open(model, base=aligned if adapter else None))
+            base = aligned if is_adapter(model) else None
+            validate_checkpoints(aligned, Checkpoint.open(model, base=base))

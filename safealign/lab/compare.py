@@ -4,7 +4,6 @@ the evaluator every lab figure (demo, tests, benchmarks) is scored with."""
 from __future__ import annotations
 
 from safealign.compare import CompareInputs
-from safealign.compare.methods import safety_merge_config
 from safealign.data import load_prompts, load_task
 from safealign.eval import Evaluator
 from safealign.lab.layout import Lab
@@ -59,8 +58,3 @@ def lab_evaluator(lab: Lab) -> Evaluator:
         metric="exact_match",
         batch_size=BATCH_SIZE,
     )
-
-
-def lab_safety_config(lab: Lab, method: str, parameters: dict | None = None):
-    """A safety merge of the lab's LoRA fine-tune, the lab's models in the roles it takes."""
-    return safety_merge_config(method, lab_inputs(lab), parameters)

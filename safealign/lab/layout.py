@@ -82,10 +82,6 @@ class Lab:
     def ft_harmful_only(self) -> Path:
         return self.root / "ft_harmful_only"
 
-    @property
-    def ft_harmful_only_lora(self) -> Path:
-        return self.root / "ft_harmful_only_lora"
-
     def model(self, name: str) -> Path:
         """The folder of model ``name`` (one of :data:`MODELS`)."""
         if name not in MODELS:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from safealign.checkpoint import ADAPTER_CONFIG_NAME
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -49,7 +51,7 @@ def save_folder(model, tokenizer, folder: Path, card: str, *, adapter: bool) -> 
 
 def point_adapter(folder: Path, base: Path) -> None:
     """Set an adapter's ``base_model_name_or_path`` to ``base`` (absolute)."""
-    config_file = folder / "adapter_config.json"
+    config_file = folder / ADAPTER_CONFIG_NAME
     adapter_config = json.loads(config_file.read_text())
     adapter_config["base_model_name_or_path"] = str(base)
     config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from safealign.chat import IGNORE, chat_prompt, collate
+from safealign.chat import IGNORE, collate, encode_pairs
+from safealign.retrain.build import lr_factor
+
+#: The lab's schedule decays to a tenth of the peak learning rate.
+LR_FLOOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -22,18 +25,6 @@ class Stage:
     weight_decay: float = 0.0
     #: Parameters left as they are: those whose name contains one of these strings.
     frozen: tuple[str, ...] = ()
-
-
-def encode_pairs(tokenizer, pairs: Sequence) -> list[tuple[list[int], int]]:
-    """Token ids of prompt (chat template, assistant turn opened) + reply + EOS, and the
-    number of prompt tokens (excluded from the loss). ``pairs`` have ``prompt`` and ``response``."""
-    prompts = [chat_prompt(tokenizer, pair.prompt) for pair in pairs]
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    reply_ids = tokenizer([pair.response for pair in pairs], add_special_tokens=False)["input_ids"]
-    return [
-        (p + r + [tokenizer.eos_token_id], len(p))
-        for p, r in zip(prompt_ids, reply_ids, strict=True)
-    ]
 
 
 def example_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -56,15 +47,6 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[l
     """
     order = torch.randperm(n, generator=generator).tolist()
     return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-
-
-def lr_factor(step: int, stage: Stage) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
-    warm = max(1, round(stage.steps * stage.warmup))
-    if step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1, stage.steps - warm)
-    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
 
 
 def train(model, tokenizer, pairs: Sequence, stage: Stage, *, seed: int) -> list[float]:
@@ -91,7 +73,9 @@ def train(model, tokenizer, pairs: Sequence, stage: Stage, *, seed: int) -> list
     optimizer = torch.optim.AdamW(
         params, lr=stage.lr, betas=(0.9, 0.98), weight_decay=stage.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, stage))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, stage.steps, stage.warmup, LR_FLOOR)
+    )
     model.train()
     batches: list[list[int]] = []
     losses = []

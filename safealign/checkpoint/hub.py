@@ -70,6 +70,11 @@ def resolve_checkpoint(ref: str | Path, *, revision: str | None = None) -> Path:
     return hub_snapshot(str(ref), revision=revision)
 
 
+def is_adapter(ref: str | Path) -> bool:
+    """Whether a folder or hub id holds a PEFT adapter (its adapter config), not a model."""
+    return (resolve_checkpoint(ref) / ADAPTER_CONFIG_NAME).is_file()
+
+
 def hub_repo(ref: str | Path) -> str | None:
     """The hub repository ``ref`` names (``org/name``), or None for a local folder."""
     if Path(ref).expanduser().exists() or not is_hub_id(ref):
@@ -124,7 +129,7 @@ def _weight_patterns(folder: Path) -> tuple[list[str], list[str] | None]:
     if index.is_file():
         shards = read_json(index).get("weight_map") or {}
         return list(dict.fromkeys(shards.values())), None
-    if (folder / ADAPTER_CONFIG_NAME).is_file():
+    if is_adapter(folder):
         return [ADAPTER_WEIGHTS_NAME], None
     return ["*.safetensors"], ["*/*"]
 

@@ -1,0 +1,37 @@
+"""What a comparison produced: one row per input model or method, and the whole result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class MethodRow:
+    """One row of the comparison: an input model or a method's output, and what it cost."""
+
+    name: str
+    kind: str  # "input" or the method family
+    status: str  # "done", "skipped", "failed", "not run"
+    reason: str | None = None
+    out: str | None = None
+    scores: dict | None = None  # the evaluator's schema: value, n, ci95 per rate
+    seconds: float | None = None
+    peak_memory_bytes: int | None = None
+    changed_share: float | None = None
+
+    def rate(self, key: str) -> float | None:
+        return self.scores[key]["value"] if self.scores else None
+
+
+@dataclass
+class CompareResult:
+    """Every row, the settings and inputs, and the recommendation."""
+
+    out: Path
+    rows: list[MethodRow]
+    settings: dict
+    inputs: dict
+    evaluator: dict
+    max_harmful_rate: float | None = None
+    recommendation: dict = field(default_factory=dict)
