@@ -26,6 +26,7 @@ import torch
 
 from safealign import __version__
 from safealign.compare import CompareSettings, compare
+from safealign.compare.methods import DEFAULT_METHODS
 from safealign.compare.report import table_rows
 from safealign.lab import build
 from safealign.lab.compare import lab_inputs
@@ -34,19 +35,8 @@ from safealign.report import markdown_table, write_json
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = Path("runs/bench_real")
-METHODS = (
-    "recover",
-    "safemerge",
-    "safe_lora",
-    "resta",
-    "interpolate",
-    "retrain:sft",
-    "retrain:kl",
-    "retrain:adaptive-kl",
-    "retrain:der",
-    "retrain:ldifs",
-    "retrain:interleave",
-)
+#: compare's default methods, and the two retrain regularizers it leaves out.
+METHODS = (*DEFAULT_METHODS, "retrain:ldifs", "retrain:interleave")
 #: About the lab's LoRA fine-tune schedule (safealign.lab.real.RealLabConfig.finetune_lora:
 #: 100 steps of 8 on 533 examples, lr 5e-4), given to every retrain method.
 RETRAIN_OPTIONS = "epochs=2,batch_size=8,lr=0.0005"

@@ -27,12 +27,10 @@ DATASETS = (
     "ft_harmful_train",
     "safety_train",
     "harmful_only_train",
-    # The real-model lab's alignment data and validation splits.
-    "alignment_train",
-    "harmful_val",
-    "benign_val",
-    "task_val",
 )
+#: The real-model lab's data sets beyond :data:`DATASETS`: its alignment data and validation
+#: splits.
+REAL_DATASETS = ("alignment_train", "harmful_val", "benign_val", "task_val")
 
 
 @dataclass(frozen=True)
@@ -89,9 +87,11 @@ class Lab:
         return self.root / name
 
     def data(self, name: str) -> Path:
-        """``data/<name>.jsonl`` (one of :data:`DATASETS`)."""
-        if name not in DATASETS:
-            raise ValueError(f"unknown lab data set {name!r}: choose one of {', '.join(DATASETS)}")
+        """``data/<name>.jsonl`` (one of :data:`DATASETS`, or of :data:`REAL_DATASETS` in the
+        real-model lab)."""
+        known = DATASETS + REAL_DATASETS
+        if name not in known:
+            raise ValueError(f"unknown lab data set {name!r}: choose one of {', '.join(known)}")
         return self.root / "data" / f"{name}.jsonl"
 
     def prompts(self, name: str, kind: str | None = None) -> list[str]:
