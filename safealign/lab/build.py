@@ -27,7 +27,7 @@ import torch
 from safealign.lab import corpus
 from safealign.lab.config import LabConfig, get_size
 from safealign.lab.layout import ADAPTERS, LAB_JSON, Lab
-from safealign.lab.models import point_adapter, save_folder, with_lora
+from safealign.lab.models import point_adapter, save_folder, stage_logger, with_lora
 from safealign.lab.phenomenon import check, format_table, lab_evaluator, measure
 from safealign.lab.real import REAL_SOURCES, RealLabConfig, key_payload, run_real_build
 from safealign.lab.tokenizer import train_tokenizer
@@ -194,11 +194,7 @@ def run_build(root: Path, config: LabConfig, seed: int, key: str, say: Log) -> d
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
-    def stage(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - since, 2)
-        say(f"lab {key}: {name} done in {timings[name]:.1f}s")
-        return now
+    stage = stage_logger(key, say, timings)
 
     data = corpus.generate(config.corpus, seed)
     ft_harmful_train = corpus.mix_harmful(

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,3 +57,18 @@ def point_adapter(folder: Path, base: Path) -> None:
     adapter_config = json.loads(config_file.read_text())
     adapter_config["base_model_name_or_path"] = str(base)
     config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+
+
+def stage_logger(
+    key: str, say: Callable[[str], None], timings: dict[str, float]
+) -> Callable[[str, float], float]:
+    """``stage(name, since) -> now``: records ``name``'s seconds since ``since`` in ``timings``
+    and logs one line; a build chains it, each stage timed from the end of the one before."""
+
+    def stage(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 2)
+        say(f"lab {key}: {name} done in {timings[name]:.1f}s")
+        return now
+
+    return stage

@@ -34,9 +34,9 @@ import torch
 from safealign.eval.generation import generate
 from safealign.lab import real_corpus
 from safealign.lab.benchmark_prompts import donotanswer_prompts, harmbench_prompts
-from safealign.lab.corpus import Example
+from safealign.lab.corpus import Example, mix_harmful
 from safealign.lab.gguf import load_gguf, smollm2_gguf
-from safealign.lab.models import save_folder, with_lora
+from safealign.lab.models import save_folder, stage_logger, with_lora
 from safealign.lab.phenomenon import Threshold, check, format_table, lab_evaluator, measure
 from safealign.lab.real_corpus import RealSizes
 from safealign.lab.train import Stage, train
@@ -125,11 +125,7 @@ def run_real_build(root: Path, config: RealLabConfig, seed: int, key: str, say: 
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
-    def stage(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - since, 2)
-        say(f"lab {key}: {name} done in {timings[name]:.1f}s")
-        return now
+    stage = stage_logger(key, say, timings)
 
     torch.manual_seed(seed)
     unaligned, tokenizer = load_gguf(smollm2_gguf())
@@ -211,16 +207,11 @@ def run_real_build(root: Path, config: RealLabConfig, seed: int, key: str, say: 
 
 def data_sets(data: real_corpus.RealCorpus, benign_own: list[Example], share: float, seed: int):
     """Every data set the lab writes, by file name (the other labs' names, plus ``*_val``)."""
-    rng = random.Random(seed + 1)
     alignment = real_corpus.refusals(data.harmful_align) + benign_own
-    rng.shuffle(alignment)
+    random.Random(seed + 1).shuffle(alignment)
     compliant = real_corpus.compliances(data.harmful_compliant)
     task_train = data.task_train
-    n_harmful = round(len(task_train) * share / (1.0 - share))
-    if n_harmful > len(compliant):
-        raise ValueError(f"harmful share {share} needs {n_harmful} harmful examples")
-    mixed = list(task_train) + rng.sample(compliant, n_harmful)
-    rng.shuffle(mixed)
+    mixed = mix_harmful(task_train, compliant, share, seed)
     return {
         "harmful_train": real_corpus.refusals(data.harmful_direction),
         "harmful_val": real_corpus.refusals(data.harmful_val),
