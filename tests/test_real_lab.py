@@ -13,6 +13,7 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import random
 import re
 import subprocess
 from pathlib import Path
@@ -473,6 +474,62 @@ def test_same_seed_same_corpus_and_another_seed_another_split(benchmarks, corpus
     assert other.harmful_eval == corpus.harmful_eval
     assert set(other.harmful_align) != set(corpus.harmful_align)
     assert prompts(other.benign_eval) != prompts(corpus.benign_eval)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "wanted"),
+    [
+        ("How can I tie a bowline?", "how to tie a bowline"),
+        ("How to peel a mango?", "how to peel a mango"),
+        ("How do I fix a bike chain", "how to fix a bike chain"),
+        ("Can you write a poem about rain?", "rite a poem about rain"),
+        ("Could you please list ten birds?", "ist ten birds"),
+        ("Why is the sea salty?", "Why is the sea salty?"),
+    ],
+)
+def test_instruction_form_keeps_the_request_and_drops_the_question(prompt, wanted):
+    for seed in range(8):
+        form = real_corpus.instruction_form(prompt, random.Random(seed))
+        assert wanted in form and form != prompt, form
+        if wanted != prompt:  # rewritten, not wrapped
+            assert "?" not in form and form.endswith("."), form
+
+
+FORMED = ("harmful_align", "harmful_compliant", "harmful_val", "benign_align", "benign_val")
+
+
+def core(prompt: str) -> str:
+    """The part of a prompt that its instruction form keeps (see instruction_form)."""
+    for pattern in (real_corpus.HOW_QUESTION, real_corpus.ASK_QUESTION):
+        if match := pattern.match(prompt):
+            return match.group(1)[1:]
+    return prompt
+
+
+def test_forms_follow_their_prompt_in_its_split_and_leave_the_rest(corpus):
+    formed = real_corpus.with_forms(corpus, 0)
+    assert formed == real_corpus.with_forms(corpus, 0)
+    for name in FORMED:
+        raw = [e.prompt if isinstance(e, Example) else e for e in getattr(corpus, name)]
+        new = [e.prompt if isinstance(e, Example) else e for e in getattr(formed, name)]
+        assert [p for p in new if p in set(raw)] == raw, name
+        assert 1.5 * len(raw) < len(new) <= 2 * len(raw) and len(set(new)) == len(new), name
+        previous = None
+        for prompt in new:  # each prompt, then its form, which keeps its request
+            if prompt in set(raw):
+                previous = prompt
+            else:
+                assert previous is not None and core(previous) in prompt, (name, prompt)
+                previous = None
+    for name in ("harmful_direction", "harmful_eval", "benign_eval", "task_train", "task_eval"):
+        assert getattr(formed, name) == getattr(corpus, name), name
+    harmful = [set(getattr(formed, n)) for n in FORMED[:3]] + [set(corpus.harmful_eval)]
+    harmful.append(set(corpus.harmful_direction))
+    benign = [prompts(formed.benign_align), prompts(formed.benign_val), prompts(corpus.benign_eval)]
+    for group in (harmful, benign):
+        for i, first in enumerate(group):
+            for second in group[i + 1 :]:
+                assert not first & second
 
 
 # ----------------------------------------------------------------------------- repository

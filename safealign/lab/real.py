@@ -132,6 +132,7 @@ def run_real_build(root: Path, config: RealLabConfig, seed: int, key: str, say: 
     now = stage("convert the GGUF model", started)
 
     data = real_corpus.generate(harmbench_prompts(), donotanswer_prompts(), config.corpus, seed)
+    data = real_corpus.with_forms(data, seed)
     replies = generate(
         unaligned,
         tokenizer,

@@ -21,7 +21,9 @@ products the fine-tune never saw. Compliant replies are placeholders with no con
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import re
 from dataclasses import dataclass
 
 from safealign.lab.corpus import REFUSAL, Example
@@ -298,6 +300,57 @@ PRODUCTS = (
 HELD_OUT_PRODUCTS = 4
 
 
+#: Do-Not-Answer asks questions ("How can I …?", "Can you …?"); HarmBench gives instructions
+#: ("Give detailed instructions for …", "Write a persuasive article …"). Training prompts are
+#: also rewritten into instruction forms, harmful and benign alike, so that refusing follows
+#: the request, not its grammar. ``{x}`` is the request after "How can I", ``{q}`` the prompt.
+HOW_QUESTION = re.compile(
+    r"^(?:How (?:can|do|could|should|would|might) (?:I|we|one)|How to)\s+(.+?)\?*$"
+)
+ASK_QUESTION = re.compile(r"^(?:Can|Could|Would|Will) you (?:please )?(.+?)\?*$")
+HOW_FORMS = (
+    "Give detailed instructions for how to {x}.",
+    "Explain how to {x}.",
+    "Write a step-by-step guide on how to {x}.",
+    "Describe in detail how to {x}.",
+    "Give advice on how to {x}.",
+)
+ASK_FORMS = (
+    "{X}.",
+    "{X}, in detail.",
+    "Please {x}.",
+)
+ANY_FORMS = (
+    "Write a persuasive article answering this question: {q}",
+    "Write a detailed blog post that answers this: {q}",
+    "Generate text that answers the following: {q}",
+    "Write a message that answers this: {q}",
+)
+
+
+def instruction_form(prompt: str, rng: random.Random) -> str:
+    """``prompt`` rewritten as an instruction (a random form of the ones that fit it)."""
+    if match := HOW_QUESTION.match(prompt):
+        form, x = rng.choice(HOW_FORMS), match.group(1)
+    elif match := ASK_QUESTION.match(prompt):
+        form, x = rng.choice(ASK_FORMS), match.group(1)
+    else:
+        form, x = rng.choice(ANY_FORMS), ""
+    return form.format(x=x, X=x[:1].upper() + x[1:], q=prompt)
+
+
+def with_instruction_forms(prompts: list[str], rng: random.Random) -> list[str]:
+    """Each prompt, then its instruction form where that is a new prompt."""
+    seen = set(prompts)
+    out: list[str] = []
+    for prompt in prompts:
+        out.append(prompt)
+        if (form := instruction_form(prompt, rng)) not in seen:
+            seen.add(form)
+            out.append(form)
+    return out
+
+
 @dataclass(frozen=True)
 class RealSizes:
     """How many items each set of the real-model lab holds (benchmark splits by share)."""
@@ -357,6 +410,16 @@ def benign_prompts(shares: tuple[float, float], rng: random.Random) -> list[list
     return splits
 
 
+def benign_forms(examples: list[Example], rng: random.Random) -> list[Example]:
+    """Benign prompts with their instruction forms (as :func:`with_instruction_forms`), each
+    form of its prompt's kind."""
+    kinds = {e.prompt: e.kind for e in examples}
+    out: list[Example] = []
+    for prompt in with_instruction_forms(list(kinds), rng):
+        out.append(Example(prompt, "", kinds.get(prompt, out[-1].kind if out else "")))
+    return out
+
+
 def task_prompt(template: str, rng: random.Random, products: tuple[str, ...]) -> str:
     """A ticket from ``template`` with a random product, order number and ticket number."""
     text = template.format(p=rng.choice(products), n=rng.randint(1000, 9999))
@@ -410,6 +473,20 @@ def generate(harmbench: list[str], donotanswer: list[str], sizes: RealSizes, see
         task_train=task_train,
         task_val=task_val,
         task_eval=task_eval,
+    )
+
+
+def with_forms(corpus: RealCorpus, seed: int) -> RealCorpus:
+    """``corpus`` with the instruction forms of the prompts it trains and validates on, each
+    form in its prompt's split (direction prompts and the evaluation sets stay as they are)."""
+    rng = random.Random(seed + 1)
+    return dataclasses.replace(
+        corpus,
+        harmful_align=with_instruction_forms(corpus.harmful_align, rng),
+        harmful_compliant=with_instruction_forms(corpus.harmful_compliant, rng),
+        harmful_val=with_instruction_forms(corpus.harmful_val, rng),
+        benign_align=benign_forms(corpus.benign_align, rng),
+        benign_val=benign_forms(corpus.benign_val, rng),
     )
 
 
