@@ -42,7 +42,7 @@ METHODS = (*DEFAULT_METHODS, "retrain:ldifs", "retrain:interleave")
 RETRAIN_OPTIONS = "epochs=2,batch_size=8,lr=0.0005"
 #: The lab's evaluation batch and reply length.
 BATCH_SIZE = 64
-MAX_NEW_TOKENS = 32
+MAX_NEW_TOKENS = 24
 
 
 def main() -> None:

@@ -94,7 +94,7 @@ class RealLabConfig:
 
     name: str
     corpus: RealSizes = field(default_factory=RealSizes)
-    aligned: Stage = Stage(steps=120, lr=5e-5, batch_size=8, frozen=FROZEN)
+    aligned: Stage = Stage(steps=180, lr=1e-4, batch_size=8, frozen=FROZEN)
     finetune: Stage = Stage(steps=100, lr=5e-5, batch_size=8, frozen=FROZEN)
     finetune_lora: Stage = Stage(steps=100, lr=5e-4, batch_size=8)
     safety_lora: Stage = Stage(steps=40, lr=5e-4, batch_size=8)
@@ -107,7 +107,7 @@ class RealLabConfig:
     #: Length of the unaligned model's own replies that the aligned model learns.
     reply_tokens: int = 48
     eval_batch_size: int = 64
-    max_new_tokens: int = 32
+    max_new_tokens: int = 24
 
 
 def key_payload() -> dict:
