@@ -12,6 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from safealign.command import OldSpelling
 from safealign.compare.methods import parse_method, retrain_options
 from safealign.retrain import cli as retrain_cli
 from safealign.retrain.regularizers import (
@@ -175,3 +176,21 @@ def test_a_bad_key_is_refused_in_one_line_naming_the_valid_keys(tmp_path):
         "Error: regularizer 'kl' has no option 'wieght' "
         "(options: weight, direction, chunk, form, betas)\n"
     )
+
+
+def test_a_former_keyword_of_the_python_api_gives_the_new_spellings_settings(monkeypatch):
+    from safealign.retrain import api
+
+    seen = []
+
+    def stop(settings):
+        seen.append(settings)
+        raise KeyboardInterrupt  # nothing is loaded
+
+    monkeypatch.setattr(api, "check_inputs", stop)
+    with pytest.raises(KeyboardInterrupt):
+        api.retrain(regularizer="kl:weight=0.3")
+    with pytest.warns(OldSpelling, match=r"kl_weight= is deprecated; use regularizer='kl:weight"):
+        with pytest.raises(KeyboardInterrupt):
+            api.retrain(regularizer="kl", kl_weight=0.3)
+    assert resolve(seen[0].regularizer) == resolve(seen[1].regularizer)
