@@ -156,7 +156,7 @@ def step_costs(lab: Lab, names: list[str], benign: Path, rounds: int = 30) -> di
     accelerator = SimpleNamespace(backward=lambda loss: loss.backward())
     runs = {}
     for name in names:
-        regularizer = create(name, settings)
+        regularizer = create(name)
         run = Run(model, model, tokenizer, settings, examples, torch.device("cpu"))
         run.prompts, run.log = prompts, lambda _: None
         run.reference = build_reference(model, regularizer, settings)

@@ -23,7 +23,7 @@ from safealign.retrain.loop import Progress, latest_checkpoint, train_loop
 from safealign.retrain.memory import PeakMemory
 from safealign.retrain.output import check_out, save_output
 from safealign.retrain.reference import trainable
-from safealign.retrain.regularizers import Run, create
+from safealign.retrain.regularizers import OLD_NAMES, Regularizer, Run, create, resolve, upgrade
 from safealign.retrain.settings import RetrainSettings
 from safealign.settings import SettingsError
 
@@ -59,7 +59,7 @@ def check_inputs(settings: RetrainSettings) -> None:
         raise SettingsError(f"--data not found: {settings.data}")
     if settings.out is None and not settings.dry_run:
         raise SettingsError("--out is required unless --dry-run")
-    create(settings.regularizer, settings)
+    resolve(settings.regularizer)
     if settings.adapter is not None:  # an adapter on the wrong base: refused by its shapes
         Checkpoint.open(settings.adapter, base=settings.aligned)
     if settings.out is not None and not settings.dry_run:
@@ -69,10 +69,13 @@ def check_inputs(settings: RetrainSettings) -> None:
         raise SettingsError(f"--resume: no checkpoint in {settings.checkpoints}")
 
 
-def plan_of(settings: RetrainSettings, regularizer, n_examples: int, steps: int, model) -> dict:
+def plan_of(
+    settings: RetrainSettings, regularizer: Regularizer, n_examples: int, steps: int, model
+) -> dict:
     """What the run will do, printed by ``--dry-run`` and recorded in the card."""
-    token_wise = getattr(regularizer, "form", "plain") == "token-wise"
-    direction = None if token_wise else getattr(regularizer, "direction", None)
+    options = regularizer.settings
+    token_wise = getattr(options, "form", "plain") == "token-wise"
+    direction = None if token_wise else getattr(options, "direction", None)
     return {
         "regularizer": regularizer.name,
         **({"kl_direction": direction} if direction else {}),
@@ -90,11 +93,13 @@ def retrain(
     """Fine-tune ``aligned`` on ``data`` with a regularizer that keeps its alignment.
 
     Pass a :class:`RetrainSettings` or its fields as keywords (``retrain(aligned=..., data=...,
-    out=..., regularizer="kl")``). Returns the output folder, the log and the figures."""
-    if settings is None:
-        settings = RetrainSettings(**options)
-    elif options:
-        settings = settings.replace(**options)
+    out=..., regularizer="kl:weight=0.5")``). Returns the output folder, the log and the
+    figures. A regularizer option under its former name (``kl_weight=0.5``) still works for
+    one release, with a DeprecationWarning."""
+    old = {key: options.pop(key) for key in list(options) if key in OLD_NAMES}
+    settings = (settings or RetrainSettings()).replace(**options)
+    if old:
+        settings = settings.replace(regularizer=upgrade(settings.regularizer, old))
     check_inputs(settings)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -111,7 +116,7 @@ def retrain(
         load_tokenizer(settings), settings.data, text=settings.text, max_length=settings.max_length
     )
     model, tokenizer = build_model(settings)
-    regularizer = create(settings.regularizer, settings)
+    regularizer = create(settings.regularizer)
     steps = schedule(
         len(examples),
         batch_size=settings.batch_size,
@@ -170,7 +175,7 @@ def _train(settings, accelerator, model, tokenizer, data, regularizer, steps, pl
     }
     out = None
     if accelerator.is_main_process:
-        card = _card(settings, plan, metrics)
+        card = _card(settings, regularizer, plan, metrics)
         out = save_output(
             Path(settings.out).resolve(),
             accelerator.unwrap_model(run.model),
@@ -208,8 +213,12 @@ def _evaluator(settings: RetrainSettings, tokenizer):
     return evaluate
 
 
-def _card(settings: RetrainSettings, plan: dict, metrics: dict) -> ModelCard:
+def _card(
+    settings: RetrainSettings, regularizer: Regularizer, plan: dict, metrics: dict
+) -> ModelCard:
+    """The output's card: the run's settings, then each option of its regularizer."""
     kind = "full model" if settings.full or settings.merge else "LoRA adapter"
+    options = {f"{regularizer.name}:{k}": v for k, v in regularizer.settings.to_dict().items()}
     return ModelCard(
         title=f"retrain ({plan['regularizer']})",
         method="retrain",
@@ -220,7 +229,7 @@ def _card(settings: RetrainSettings, plan: dict, metrics: dict) -> ModelCard:
             + (f", KL direction {plan['kl_direction']}" if "kl_direction" in plan else "")
             + "). The per-step log is in train_log.jsonl."
         ),
-        settings=settings.to_dict(),
+        settings=settings.to_dict() | options,
         inputs={"aligned": str(settings.aligned), "data": str(settings.data)},
         results={k: v for k, v in metrics.items() if v is not None},
         base_model=str(settings.aligned),

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import click
 
 from safealign.command import (
@@ -14,8 +18,9 @@ from safealign.command import (
     warn,
 )
 from safealign.eval.smoke import SMOKE_BENIGN, SMOKE_HARMFUL, smoke_warning
-from safealign.registry import split_spec
+from safealign.registry import parse_value, split_spec
 from safealign.retrain.api import retrain
+from safealign.retrain.regularizers import OLD_NAMES, help_rows, upgrade
 from safealign.retrain.settings import RetrainSettings
 from safealign.settings import click_options, from_cli, read_config
 
@@ -32,18 +37,37 @@ EXAMPLES = (
 )
 
 
-def load_config(path: str | None) -> dict | None:
-    """The YAML settings in ``path`` (None without a path), checked for unknown keys."""
+def load_config(path: str | None) -> tuple[dict | None, dict]:
+    """The YAML settings in ``path`` (None without a path), checked for unknown keys, and
+    the regularizer options it gives by their former names."""
     if path is None:
-        return None
+        return None, {}
     data = {KEY_ALIASES.get(key, key): value for key, value in read_config(path).items()}
+    old = {key: data.pop(key) for key in list(data) if key in OLD_NAMES}
     RetrainSettings.from_dict(data, where=str(path))
-    return data
+    return data, old
+
+
+def old_flags(command: Callable) -> Callable:
+    """The regularizer options' former flags (``--kl-weight``), hidden, kept for one release:
+    the command gets them as ``old``, those typed by their former names."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **values: Any) -> Any:
+        old = {name: values.pop("old_" + name) for name in OLD_NAMES}
+        typed = {name: parse_value(text) for name, text in old.items() if text is not None}
+        return command(*args, old=typed, **values)
+
+    for name in OLD_NAMES:
+        flag = "--" + name.replace("_", "-")
+        wrapper = click.option(flag, "old_" + name, hidden=True, default=None)(wrapper)
+    return wrapper
 
 
 @command(
     "retrain",
     examples=EXAMPLES,
+    sections={"Regularizer options (--regularizer NAME:key=value,...)": help_rows()},
     short_help="Fine-tune with a regularizer that keeps the model aligned.",
 )
 @option(
@@ -55,18 +79,22 @@ def load_config(path: str | None) -> dict | None:
 @click_options(RetrainSettings)
 @shared("--quiet")
 @deprecated("--batch-size", "--grad-batch-size", "batch_size", type=int)
+@old_flags
 @reads_checkpoints
 @handles_bad_input
-def retrain_command(config: str | None, quiet: bool, **values) -> None:
+def retrain_command(config: str | None, quiet: bool, old: dict, **values) -> None:
     """Fine-tune an aligned model with a regularizer that keeps it aligned.
 
     LoRA on --aligned by default (the reference is the model with its adapter switched off);
     --full trains every weight. Several GPUs: `accelerate launch --config_file
     examples/accelerate_ddp.yaml "$(which safealign)" retrain ...`.
     """
-    base = load_config(config)
+    base, old_keys = load_config(config)
     settings, _ = from_cli(RetrainSettings, values, base)
-    settings = settings.replace(progress=not quiet)
+    # A former flag wins over a former config key, a spec's own option over both.
+    spec = upgrade(settings.regularizer, old, old_form="{flag}", new_form="--regularizer {spec}")
+    spec = upgrade(spec, old_keys, old_form=f"{config}: {{name}}", new_form="regularizer: {spec}")
+    settings = settings.replace(regularizer=spec, progress=not quiet)
     _warn_smoke(settings)
     # A dry run's plan is its result (stdout); a run's lines are progress (stderr).
     log = click.echo if settings.dry_run else _silent if quiet else _log

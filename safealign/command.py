@@ -18,6 +18,7 @@ import functools
 import inspect
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,6 +58,11 @@ def shared_help(flag: str, detail: str | None = None) -> str:
     return VOCABULARY[flag] + (f" {detail}" if detail else "")
 
 
+class OldSpelling(DeprecationWarning):
+    """A setting written the way an earlier release spelled it: still accepted for one
+    release; the message names the new spelling. A command shows it as a warning line."""
+
+
 class BadInput(click.ClickException):
     """One line on stderr, exit status 2."""
 
@@ -74,13 +80,21 @@ class Option(click.Option):
 class Command(click.Command):
     """Help that teaches: the purpose, the options by section, then examples.
 
-    ``examples`` are command lines shown under "Examples"; the top-level list shows the
-    first line of the help in full (``short_help``).
+    ``examples`` are command lines shown under "Examples", after the help ``sections`` (title:
+    rows of term and text); the top-level list shows the first line of the help in full
+    (``short_help``).
     """
 
-    def __init__(self, *args: Any, examples: Sequence[str] = (), **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        examples: Sequence[str] = (),
+        sections: dict[str, list[tuple[str, str]]] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.examples = tuple(examples)
+        self.sections = sections or {}
         if self.help and not self.short_help:
             self.short_help = inspect.cleandoc(self.help).splitlines()[0].rstrip(".")
 
@@ -106,6 +120,9 @@ class Command(click.Command):
                 formatter.write_dl(records)
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        for title, rows in self.sections.items():
+            with formatter.section(title):
+                formatter.write_dl(rows)
         if self.examples:
             with formatter.section("Examples"):
                 for example in self.examples:  # as typed: a shell line is not re-wrapped
@@ -115,7 +132,7 @@ class Command(click.Command):
 
 
 def command(name: str, *, examples: Sequence[str], **kwargs: Any) -> Callable:
-    """``click.command`` with :class:`Command` (grouped help, examples)."""
+    """``click.command`` with :class:`Command` (grouped help, ``sections``, examples)."""
     return click.command(name, cls=Command, examples=examples, **kwargs)
 
 
@@ -187,9 +204,26 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
 
 
+@contextlib.contextmanager
+def old_spellings_as_warnings():
+    """Within: each :class:`OldSpelling` is one warning line on stderr (once per message)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("once", OldSpelling)
+        show = warnings.showwarning
+
+        def shown(message, category, *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, OldSpelling):
+                warn(str(message))
+            else:
+                show(message, category, *args, **kwargs)
+
+        warnings.showwarning = shown
+        yield
+
+
 def handles_bad_input(command: Callable) -> Callable:
-    """Decorate a click command: add ``--debug``, quiet the libraries (:func:`quiet_libraries`)
-    and apply the bad-input rule to its body."""
+    """Decorate a click command: add ``--debug``, quiet the libraries (:func:`quiet_libraries`),
+    show old spellings as warning lines and apply the bad-input rule to its body."""
 
     @shared("--debug")
     @functools.wraps(command)
@@ -197,7 +231,8 @@ def handles_bad_input(command: Callable) -> Callable:
         quiet_libraries()
         _interrupt_on_sigterm()
         try:
-            return command(*args, **kwargs)
+            with old_spellings_as_warnings():
+                return command(*args, **kwargs)
         except click.ClickException:
             raise
         except INPUT_ERRORS as error:

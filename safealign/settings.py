@@ -44,11 +44,13 @@ def setting(
     group: str | None = None,
     flag: str | None = None,
     cli: bool = True,
+    old_name: str | None = None,
 ) -> Any:
     """A settings field. ``min``/``max`` bound numbers (``*_open``: the bound itself is out),
     ``choices`` bounds text, ``path`` marks a file or folder argument, ``default_text`` is
     what help shows for a ``None`` default, ``cli=False`` keeps the field off the CLI;
-    ``group`` starts a help section that the fields after it stay in (until the next)."""
+    ``group`` starts a help section that the fields after it stay in (until the next);
+    ``old_name`` is a former spelling, still accepted for one release with a warning."""
     meta = {
         "help": help,
         "min": min,
@@ -61,6 +63,7 @@ def setting(
         "group": group,
         "flag": flag,
         "cli": cli,
+        "old_name": old_name,
     }
     if isinstance(default, list | dict | set):
         raise TypeError("use a tuple (immutable) default for a sequence setting")
@@ -92,18 +95,18 @@ def _out_of_bounds(value: float, meta: Mapping) -> bool:
     return high is not None and (value >= high if meta["max_open"] else value > high)
 
 
-def _check_field(field: dataclasses.Field, value: Any) -> str | None:
+def _check_field(field: dataclasses.Field, value: Any, label: str) -> str | None:
     meta = field.metadata
     if value is None:
         return None
     items = value if isinstance(value, tuple) else (value,)
     for item in items:
         if meta.get("choices") and item not in meta["choices"]:
-            return f"{flag_name(field)} must be one of {', '.join(meta['choices'])}, got {item!r}"
+            return f"{label} must be one of {', '.join(meta['choices'])}, got {item!r}"
         bounded = meta.get("min") is not None or meta.get("max") is not None
         if bounded and isinstance(item, int | float) and not isinstance(item, bool):
             if _out_of_bounds(item, meta):
-                return f"{flag_name(field)} must be {_bounds_text(meta)}, got {item}"
+                return f"{label} must be {_bounds_text(meta)}, got {item}"
     return None
 
 
@@ -117,9 +120,20 @@ class Settings:
     def check(self) -> None:
         """Raise :class:`SettingsError` for the first field out of range."""
         for field in dataclasses.fields(self):
-            problem = _check_field(field, getattr(self, field.name))
+            problem = _check_field(field, getattr(self, field.name), self.spelled(field))
             if problem:
                 raise SettingsError(problem)
+
+    @classmethod
+    def spelled(cls, field: dataclasses.Field) -> str:
+        """How messages name ``field``: its CLI flag."""
+        return flag_name(field)
+
+    @classmethod
+    def coerce(cls, name: str, value: Any) -> Any:
+        """``value`` as field ``name`` holds it (a list or ``"a,b"`` text as a tuple, an int as a
+        float); a value of the wrong type is refused naming the key."""
+        return _coerce(value, cls, name)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (paths as text, tuples as lists)."""
@@ -136,7 +150,7 @@ class Settings:
                 raise SettingsError(
                     f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}"
                 )
-            values[name] = _coerce(value, cls, name)
+            values[name] = cls.coerce(name, value)
         return cls(**values)
 
     def replace(self: S, **changes: Any) -> S:
@@ -179,15 +193,27 @@ def _base_type(hint: Any) -> tuple[Any, bool]:
 
 
 def _coerce(value: Any, cls: type, name: str) -> Any:
-    """YAML lists become tuples for tuple-typed fields; a value of the wrong type (a list for
-    a number, text for a flag) is refused naming the key."""
+    """YAML lists (or one item) become tuples for tuple-typed fields, ints floats for float
+    ones; a value of the wrong type (a list for a number, text for a flag) is refused naming
+    the key."""
     base, _ = _base_type(_hints(cls)[name])
     if typing.get_origin(base) is tuple and isinstance(value, list | tuple):
         value = tuple(value)
     elif typing.get_origin(base) is tuple and isinstance(value, str):
         value = _split_list(value, typing.get_args(base)[0])
+    elif typing.get_origin(base) is tuple and value is not None:
+        value = (value,)
     if value is not None and not _has_type(value, base):
         raise SettingsError(f"{name}: expected {_type_name(base)}, got {value!r}")
+    return _floats(value, base)
+
+
+def _floats(value: Any, hint: Any) -> Any:
+    """Ints of a float field (or of a tuple of floats) as floats."""
+    if isinstance(value, tuple) and typing.get_origin(hint) is tuple:
+        return tuple(_floats(v, typing.get_args(hint)[0]) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
     return value
 
 

@@ -8,10 +8,11 @@ import struct
 import pytest
 from click.testing import CliRunner
 
+from safealign.command import OldSpelling
 from safealign.compare import MethodRow, pareto_names, parse_method, plot_tradeoff
 from safealign.compare import run as compare_run
 from safealign.compare.cli import compare_command
-from safealign.compare.methods import join_specs
+from safealign.compare.methods import join_specs, retrain_options
 from safealign.compare.report import recommend, to_dict
 from safealign.compare.result import CompareResult
 from safealign.compare.run import method_specs
@@ -36,16 +37,26 @@ def _result(tmp_path, rows):
 
 def test_specs_parse_as_the_capabilities_name_them():
     assert parse_method("recover:rate=0.005").options == {"rate": 0.005}
-    spec = parse_method("retrain:kl,kl_weight=0.2")
-    assert (spec.family, spec.method, spec.options) == ("retrain", "kl", {"kl_weight": 0.2})
+    spec = parse_method("retrain:kl,weight=0.2,epochs=2")
+    options = {"weight": 0.2, "epochs": 2}
+    assert (spec.family, spec.method, spec.options) == ("retrain", "kl", options)
+    assert retrain_options(spec) == {"regularizer": "kl:weight=0.2", "epochs": 2}
     spec = parse_method("safemerge:tau=0.5,weights=[0.2, 0.8]")
     assert (spec.family, spec.options) == ("merge", {"tau": 0.5, "weights": [0.2, 0.8]})
     assert spec.slug == "safemerge_tau-0.5-weights-0.2-0.8"
-    assert join_specs(["recover", "retrain:kl", "kl_weight=0.2", "safe_lora:tau=0.3"]) == [
+    assert join_specs(["recover", "retrain:kl", "weight=0.2", "safe_lora:tau=0.3"]) == [
         "recover",
-        "retrain:kl,kl_weight=0.2",
+        "retrain:kl,weight=0.2",
         "safe_lora:tau=0.3",
     ]
+
+
+def test_a_retrain_option_under_its_former_name_still_works_with_a_warning():
+    with pytest.warns(OldSpelling, match="kl_weight is deprecated; use retrain:kl,weight=0.2"):
+        old = retrain_options(parse_method("retrain:kl,kl_weight=0.2"))
+    assert old == retrain_options(parse_method("retrain:kl,weight=0.2"))
+    with pytest.warns(OldSpelling, match="kl_weight is deprecated and ignored: sft does not"):
+        assert retrain_options(parse_method("retrain:sft,kl_weight=0.2")) == {"regularizer": "sft"}
 
 
 @pytest.mark.parametrize(
@@ -67,7 +78,8 @@ def test_bad_specs_are_refused(spec, message):
         ("retrain:klx", "unknown regularizer 'klx'"),
         ("safe_lora:tua=0.3", "safe_lora: unknown parameter 'tua'"),
         ("recover:rat=0.1", "unknown key 'rat'"),
-        ("retrain:kl,kl_weight=-1", "--kl-weight must be >= 0"),
+        ("retrain:kl,weight=-1", "kl:weight must be >= 0"),
+        ("retrain:kl,wieght=1", "'wieght' is neither a retrain setting nor a kl option (weight, "),
     ],
 )
 def test_a_bad_method_exits_2_in_one_line_before_any_model_is_loaded(

@@ -100,6 +100,9 @@ def test_default_regularizer_trains_from_the_command_line(files, tmp_path):
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "critic.json").read_text())["critic"] == "probe"  # adaptive-kl
+    card = (out / "README.md").read_text()  # every option of the regularizer, none of another
+    assert "| adaptive-kl:beta_min | 0.1 |" in card and "| adaptive-kl:critic | probe |" in card
+    assert "kl_weight" not in card and "| kl:" not in card
 
 
 def test_example_configs_are_valid_settings():

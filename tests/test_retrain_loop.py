@@ -128,8 +128,7 @@ def test_judge_critic_and_periodic_evaluation(files, tmp_path):
     result = retrain(
         **files,
         out=str(tmp_path / "out"),
-        regularizer="adaptive-kl",
-        critic="judge:keyword",
+        regularizer="adaptive-kl:critic=judge:keyword",
         eval_every=2,
         **(FAST | {"epochs": 1}),
     )

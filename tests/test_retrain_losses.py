@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from safealign.command import OldSpelling
 from safealign.retrain.critic import auroc, beta, ema
 from safealign.retrain.divergence import (
     position_betas,
@@ -16,10 +17,23 @@ from safealign.retrain.divergence import (
     token_nll,
     token_nll_kl,
 )
-from safealign.retrain.regularizers import KL, LDIFS, SFT, AdaptiveKL, RegistryError, create
+from safealign.retrain.regularizers import (
+    KL,
+    LDIFS,
+    SFT,
+    AdaptiveKL,
+    AdaptiveKLSettings,
+    EpochKLSettings,
+    KLSettings,
+    LDIFSSettings,
+    RegistryError,
+    create,
+    upgrade,
+)
 from safealign.retrain.regularizers.base import Run
 from safealign.retrain.regularizers.divergence import EpochKL
 from safealign.retrain.settings import RetrainSettings
+from safealign.settings import SettingsError
 
 B, T, V = 2, 5, 7
 
@@ -77,7 +91,7 @@ def test_sft_is_the_token_sum_of_nll():
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_kl_adds_weighted_kl_per_trained_token(direction):
     logits, ref, inputs = batch(1)
-    reg = KL(weight=0.3, direction=direction)
+    reg = KL(KLSettings(weight=0.3, direction=direction))
     loss, stats = reg.loss(
         run(), inputs, SimpleNamespace(logits=logits), SimpleNamespace(logits=ref)
     )
@@ -92,7 +106,7 @@ def test_kl_adds_weighted_kl_per_trained_token(direction):
 
 def test_token_wise_kl_is_qi_et_al_objective_with_beta_by_reply_position():
     logits, ref, inputs = batch(6)
-    reg = KL(weight=0.3, form="token-wise", betas=(0.5, 2.0, 0.1))
+    reg = KL(KLSettings(weight=0.3, form="token-wise", betas=(0.5, 2.0, 0.1)))
     loss, stats = reg.loss(
         run(), inputs, SimpleNamespace(logits=logits), SimpleNamespace(logits=ref)
     )
@@ -111,7 +125,7 @@ def test_token_wise_gradient_is_nll_gradient_times_the_authors_weight():
     """Qi et al.'s code multiplies the NLL by 2 * (1 - sigmoid(beta * ratio)), detached: the
     same gradient."""
     logits, ref, inputs = batch(7)
-    reg = KL(weight=1.0, form="token-wise", betas=(0.5, 2.0))
+    reg = KL(KLSettings(weight=1.0, form="token-wise", betas=(0.5, 2.0)))
     loss, _ = reg.loss(run(), inputs, SimpleNamespace(logits=logits), SimpleNamespace(logits=ref))
     (grad,) = torch.autograd.grad(loss, logits)
     rows, targets = shift(logits, inputs["labels"])
@@ -133,27 +147,30 @@ def test_reply_positions_restart_at_each_assistant_turn_and_betas_repeat_the_las
 
 
 def test_kl_form_and_betas_are_checked():
-    with pytest.raises(RegistryError, match="form must be token-wise or plain"):
-        create("kl:form=deep", RetrainSettings())
-    with pytest.raises(RegistryError, match="betas must be positive"):
-        create("kl:form=token-wise,betas=0", RetrainSettings())
-    reg = create("kl:form=token-wise,betas=2", RetrainSettings())
-    assert (reg.form, reg.betas) == ("token-wise", (2.0,))
-    assert create("kl", RetrainSettings(kl_betas=(1.0, 0.2))).betas == (1.0, 0.2)
+    with pytest.raises(SettingsError, match="kl:form must be one of plain, token-wise, got 'deep'"):
+        create("kl:form=deep")
+    with pytest.raises(SettingsError, match="kl:betas must be > 0, got 0"):
+        create("kl:form=token-wise,betas=0")
+    with pytest.raises(SettingsError, match="kl:betas needs at least one value"):
+        create("kl:form=token-wise,betas=[]")
+    reg = create("kl:form=token-wise,betas=2")
+    assert (reg.settings.form, reg.settings.betas) == ("token-wise", (2.0,))
+    assert create("kl:betas=[1.0, 0.2]").settings.betas == (1.0, 0.2)
 
 
-def test_kl_direction_defaults_per_regularizer_and_the_setting_overrides_all():
+def test_kl_direction_defaults_per_regularizer_and_the_old_setting_overrides_all():
     """kl and epoch-kl default to reverse KL(p || p_ref), adaptive-kl to forward (each measured
-    on the lab, benchmarks/results/retrain_direction_*.json); --kl-direction sets all three."""
-    defaults = RetrainSettings()
-    assert create("kl", defaults).direction == "reverse"
-    assert create("epoch-kl", defaults).direction == "reverse"
-    assert create("adaptive-kl", defaults).direction == "forward"
+    on the lab, benchmarks/results/retrain_direction_*.json); the former --kl-direction still
+    sets all three, with a warning."""
+    assert create("kl").settings.direction == "reverse"
+    assert create("epoch-kl").settings.direction == "reverse"
+    assert create("adaptive-kl").settings.direction == "forward"
     for direction in ("forward", "reverse"):
-        given = RetrainSettings(kl_direction=direction)
         for name in ("kl", "epoch-kl", "adaptive-kl"):
-            assert create(name, given).direction == direction
-    assert create("adaptive-kl:direction=reverse", defaults).direction == "reverse"
+            with pytest.warns(OldSpelling, match=f"use regularizer='{name}:direction="):
+                spec = upgrade(name, {"kl_direction": direction})
+            assert create(spec).settings.direction == direction
+    assert create("adaptive-kl:direction=reverse").settings.direction == "reverse"
 
 
 def dense_kl(rows: torch.Tensor, ref: torch.Tensor, direction: str) -> torch.Tensor:
@@ -208,7 +225,7 @@ def test_kl_of_identical_distributions_is_zero():
 def test_adaptive_kl_weighs_each_example_by_its_beta():
     logits, ref, inputs = batch(2)
     inputs["index"] = torch.tensor([1, 0])
-    reg = AdaptiveKL(beta_min=0.2, beta_max=0.8)
+    reg = AdaptiveKL(AdaptiveKLSettings(beta_min=0.2, beta_max=0.8))
     reg.table = torch.tensor([0.25, 1.0])  # example 1 of the data set is unsafe
     loss, stats = reg.loss(
         run(), inputs, SimpleNamespace(logits=logits), SimpleNamespace(logits=ref)
@@ -241,7 +258,7 @@ def test_ldifs_is_mean_squared_distance_of_unit_features():
     g = torch.Generator().manual_seed(5)
     hidden = [torch.randn(B, T, 3, generator=g, dtype=torch.float64) for _ in range(3)]
     ref_hidden = [torch.randn(B, T, 3, generator=g, dtype=torch.float64) for _ in range(3)]
-    reg = LDIFS(weight=2.0, layers=(1, 2))
+    reg = LDIFS(LDIFSSettings(weight=2.0, layers=(1, 2)))
     out = SimpleNamespace(logits=logits, hidden_states=hidden)
     loss, _ = reg.loss(run(), inputs, out, SimpleNamespace(hidden_states=ref_hidden))
     expected = 0.0
@@ -258,7 +275,7 @@ def test_epoch_kl_weight_is_gamma_to_the_epoch_and_reference_moves_at_epoch_star
     refreshed = []
     r = run()
     r.reference = SimpleNamespace(refresh=lambda: refreshed.append(True))
-    reg = EpochKL(gamma=0.5)
+    reg = EpochKL(EpochKLSettings(gamma=0.5))
     for epoch in (0, 0, 1, 1, 2):
         reg.on_epoch_start(r, epoch)
         assert reg.current_weight() == 0.5**epoch
@@ -267,10 +284,10 @@ def test_epoch_kl_weight_is_gamma_to_the_epoch_and_reference_moves_at_epoch_star
 
 def test_unknown_option_is_refused_naming_the_options():
     with pytest.raises(RegistryError, match="no option 'wieght' \\(options: weight, direction"):
-        create("kl:wieght=1", RetrainSettings())
+        create("kl:wieght=1")
     with pytest.raises(RegistryError, match="unknown regularizer 'klx'"):
-        create("klx", RetrainSettings())
-    assert create("kl:weight=2", RetrainSettings()).weight == 2.0
+        create("klx")
+    assert create("kl:weight=2").settings.weight == 2.0
 
 
 def test_schedule_is_seeded_and_splits_rounds_between_processes():

@@ -13,7 +13,7 @@ from safealign.retrain import retrain
 from safealign.retrain.api import _evaluator
 from safealign.retrain.critic import fit_probe
 from safealign.retrain.reference import Reference, trainable
-from safealign.retrain.regularizers import DER, EMA, L2
+from safealign.retrain.regularizers import DER, EMA, L2, DERSettings, EMASettings, L2Settings
 from safealign.retrain.regularizers.base import Run
 from safealign.retrain.settings import RetrainSettings
 
@@ -47,12 +47,12 @@ def test_l2_through_lora_factors_equals_the_norm_of_the_full_update(files):
                 module.lora_B["default"].weight.detach(),
             )
             expected += float(((module.scaling["default"] * b @ a) ** 2).sum())
-    assert L2(weight=1.0).distance(run).item() == pytest.approx(expected, rel=1e-5)
+    assert L2(L2Settings(weight=1.0)).distance(run).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_ema_keeps_the_average_of_the_iterates(files):
     run = lora_run(files)
-    ema = EMA(decay=0.75)
+    ema = EMA(EMASettings(decay=0.75))
     ema.setup(run)
     params = trainable(run.unwrapped)
     start = {n: p.detach().clone() for n, p in params.items()}
@@ -71,7 +71,7 @@ def test_der_loss_is_alpha_mse_plus_beta_ce_on_the_anchor_batch(files):
 
     run = lora_run(files, batch_size=2)
     run.reference = Reference.adapter_off(run.unwrapped)
-    der = DER(alpha=3.0, beta=0.5)
+    der = DER(DERSettings(alpha=3.0, beta=0.5))
     der.setup(run)  # the model's own greedy replies to the harmful prompts
     assert json.loads(run.files["replay.jsonl"].splitlines()[0])["prompt"]
     batch = collate([der.anchors[i] for i in _first_two(der)], 0)
@@ -119,7 +119,7 @@ def test_probe_separates_the_labs_held_out_harmful_and_benign_prompts(lab):
 
 def test_interleave_filters_refusals_keeps_the_largest_gaps_and_adds_anchor_nll(files, tmp_path):
     from safealign.chat import collate
-    from safealign.retrain.regularizers import Interleave
+    from safealign.retrain.regularizers import Interleave, InterleaveSettings
     from safealign.retrain.regularizers.interleave import looks_like_refusal
 
     assert looks_like_refusal("I ' m sorry , I cannot help")
@@ -128,10 +128,10 @@ def test_interleave_filters_refusals_keeps_the_largest_gaps_and_adds_anchor_nll(
     replies = ["I ' m sorry .", "here is a poem .", "ok here is how .", "1 + 2 = 3 .", "yes ."]
     rows = [json.dumps({"prompt": "write poem", "response": r}) + "\n" for r in replies]
     replay.write_text("".join(rows))
-    run = lora_run(files, batch_size=4, replay_data=str(replay))
+    run = lora_run(files, batch_size=4)
     run.examples = [(list(range(5, 12)), 3)] * 40
     run.reference = Reference.adapter_off(run.unwrapped)
-    reg = Interleave(share=0.05)
+    reg = Interleave(InterleaveSettings(share=0.05, anchors=str(replay)))
     reg.setup(run)
     assert [p.response for p in reg.pairs] == replies[1:]  # the refusal is dropped
     assert reg.gaps(run).abs().max().item() > 0  # B != 0: the model has drifted
@@ -181,7 +181,7 @@ def test_logits_from_the_first_trained_position_give_the_full_computation(files,
     examples, _ = load_examples(run.tokenizer, files["data"], text=False, max_length=64)
     inputs = collate(examples[:4], run.tokenizer.pad_token_id)
     inputs["index"] = torch.arange(4)
-    reg = create(spec, run.settings)
+    reg = create(spec)
     assert logits_start(run, reg, inputs["labels"]) > 0
     accelerator = SimpleNamespace(backward=lambda loss: loss.backward())
     loss, _ = micro_step(run, reg, inputs, 1.0, accelerator)
@@ -215,7 +215,7 @@ def test_a_model_without_logits_to_keep_gets_whole_logits(files):
     run = lora_run(files)
     assert keeps_logits(run.unwrapped)
     labels = torch.tensor([[-100, -100, 4, 5]])
-    reg = create("kl", run.settings)
+    reg = create("kl")
     assert logits_start(run, reg, labels) == 1
 
     class Plain(torch.nn.Module):

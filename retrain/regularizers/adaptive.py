@@ -3,54 +3,86 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import torch
 
 from safealign.retrain.critic import JudgeCritic, beta, ema, fit_probe, pooled_states
 from safealign.retrain.data import run_prompts
 from safealign.retrain.divergence import example_index
-from safealign.retrain.regularizers.base import Regularizer, Run, nll_kl_rows
+from safealign.retrain.regularizers.base import (
+    Regularizer,
+    RegularizerSettings,
+    Run,
+    nll_kl_rows,
+)
+from safealign.retrain.regularizers.divergence import DIRECTIONS, chunk_setting
+from safealign.settings import SettingsError, setting
+
+
+@dataclass
+class AdaptiveKLSettings(RegularizerSettings):
+    """adaptive-kl's options."""
+
+    regularizer = "adaptive-kl"
+
+    #: A-Reg's range: beta in [0.1, 0.9] (the paper's clamp); on the lab: 0% harmful, task kept.
+    beta_min: float = setting(
+        0.1, help="beta at critic score 0.", min=0, max=1, old_name="beta_min"
+    )
+    beta_max: float = setting(
+        0.9, help="beta at critic score 1.", min=0, max=1, old_name="beta_max"
+    )
+    ema: float = setting(
+        0.0, help="EMA factor of critic scores.", min=0, max=1, old_name="critic_ema"
+    )
+    critic: str = setting("probe", help="probe or judge:NAME.", old_name="critic")
+    direction: str = setting(
+        "forward",
+        help="KL(p_ref || p) (forward) or KL(p || p_ref) (reverse).",
+        choices=DIRECTIONS,
+        old_name="kl_direction",
+    )
+    chunk: int = chunk_setting()
+    layers: tuple[int, ...] = setting(
+        (),
+        help="Hidden-state indices the probe pools.",
+        min=0,
+        default_text="all",
+        old_name="layers",
+    )
+
+    def check(self) -> None:
+        super().check()
+        if self.beta_min > self.beta_max:
+            raise SettingsError(
+                f"adaptive-kl:beta_min {self.beta_min} is above adaptive-kl:beta_max "
+                f"{self.beta_max}"
+            )
+        if self.critic != "probe" and not self.critic.startswith("judge:"):
+            raise SettingsError(
+                f"adaptive-kl:critic must be probe or judge:NAME, got {self.critic!r}"
+            )
 
 
 class AdaptiveKL(Regularizer):
     """beta = clamp(beta_min + (beta_max - beta_min) s, 0.1, 0.9), s the critic's score of the
     example (1 = unsafe), optionally smoothed across examples by an EMA; beta has no gradient."""
 
+    settings_class = AdaptiveKLSettings
+    settings: AdaptiveKLSettings
     reference = True
-    options = {
-        "beta_min": "beta_min",
-        "beta_max": "beta_max",
-        "ema": "critic_ema",
-        "critic": "critic",
-        "direction": "kl_direction",
-        "chunk": "kl_chunk",
-        "layers": "layers",
-    }
 
-    def __init__(
-        self,
-        beta_min: float = 0.1,
-        beta_max: float = 0.9,
-        ema: float = 0.0,
-        critic: str = "probe",
-        direction: str | None = "forward",
-        chunk: int = 0,
-        layers: tuple[int, ...] | None = (),
-    ):
-        if not (0 <= beta_min <= beta_max <= 1):
-            raise ValueError(f"need 0 <= beta_min <= beta_max <= 1, got {beta_min}, {beta_max}")
-        if critic != "probe" and not critic.startswith("judge:"):
-            raise ValueError(f"critic must be probe or judge:NAME, got {critic!r}")
-        self.beta_min, self.beta_max, self.ema = float(beta_min), float(beta_max), float(ema)
-        self.critic, self.direction, self.chunk = critic, direction or "forward", int(chunk)
-        self.layers = tuple(layers or ())
+    def __init__(self, settings: AdaptiveKLSettings | None = None):
+        super().__init__(settings)
         self.last: float | None = None
         self.table: torch.Tensor | None = None
         self.judge: JudgeCritic | None = None
 
     def setup(self, run: Run) -> None:
-        if self.critic.startswith("judge:"):
-            self.judge = JudgeCritic(self.critic.removeprefix("judge:"))
+        critic = self.settings.critic
+        if critic.startswith("judge:"):
+            self.judge = JudgeCritic(critic.removeprefix("judge:"))
             return
         settings = run.settings
         harmful = run_prompts(settings.harmful, "harmful")
@@ -60,13 +92,17 @@ class AdaptiveKL(Regularizer):
             run.tokenizer,
             harmful,
             benign,
-            layers=self.layers,
+            layers=self.settings.layers,
             device=run.device,
             seed=settings.seed,
         )
         prompt_ids = [ids[:start] or ids for ids, start in run.examples]
         x = pooled_states(
-            run.reference.forward, prompt_ids, self.layers, run.tokenizer.pad_token_id, run.device
+            run.reference.forward,
+            prompt_ids,
+            self.settings.layers,
+            run.tokenizer.pad_token_id,
+            run.device,
         )
         self.table = probe.predict(x).float()
         info["train_mean_score"] = float(self.table.mean())
@@ -83,12 +119,13 @@ class AdaptiveKL(Regularizer):
         return self.table[index]
 
     def loss(self, run: Run, inputs: dict, out, ref):
+        options = self.settings
         s = self.scores(run, inputs)
-        if self.ema > 0:
-            s, self.last = ema(s, self.last, self.ema)
-        b = beta(s, self.beta_min, self.beta_max).to(out.logits.device)
+        if options.ema > 0:
+            s, self.last = ema(s, self.last, options.ema)
+        b = beta(s, options.beta_min, options.beta_max).to(out.logits.device)
         weight = b[example_index(inputs["labels"])]
-        nll, kl = nll_kl_rows(out, ref, inputs, self.direction, self.chunk)
+        nll, kl = nll_kl_rows(out, ref, inputs, options.direction, options.chunk)
         total = ((1 - weight) * nll + weight * kl).sum()
         stats = {"nll": nll.mean().item(), "kl": kl.mean().item(), "beta": b.mean().item()}
         return total, stats

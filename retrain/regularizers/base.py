@@ -1,7 +1,9 @@
-"""What every regularizer shares: the run it sees, what it declares it needs, its loss."""
+"""What every regularizer shares: the run it sees, what it declares it needs, its settings,
+its loss."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -12,6 +14,7 @@ from torch import nn
 from safealign.retrain.divergence import shift, token_nll, token_nll_kl
 from safealign.retrain.reference import Reference
 from safealign.retrain.settings import RetrainSettings
+from safealign.settings import Settings, SettingsError
 
 
 @dataclass
@@ -33,22 +36,44 @@ class Run:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class RegularizerSettings(Settings):
+    """A regularizer's own options, its defaults written once: ``NAME:key=value,...`` in a
+    spec, NAME being ``regularizer``; messages name a field ``NAME:key``."""
+
+    regularizer: ClassVar[str] = ""
+
+    @classmethod
+    def spelled(cls, field: dataclasses.Field) -> str:
+        return f"{cls.regularizer}:{field.name}"
+
+    @classmethod
+    def coerce(cls, name: str, value: Any) -> Any:
+        try:
+            return super().coerce(name, value)
+        except SettingsError as error:
+            raise SettingsError(f"{cls.regularizer}:{error}") from None
+
+
 class Regularizer:
     """A training objective. The loop calls :meth:`loss` per micro-batch; it returns the *sum*
     over the batch's trained tokens (the loop divides by the global token count) and stats.
 
     Class attributes declare needs: ``reference`` (a reference model; the loop runs it on each
     batch unless ``batch_reference`` is False), ``hidden`` (hidden states of model and
-    reference), ``snapshot`` (a frozen copy even for a fresh LoRA). ``options``
-    maps each constructor keyword to the setting that gives its default."""
+    reference), ``snapshot`` (a frozen copy even for a fresh LoRA). ``settings_class`` holds
+    its options (as PEFT's ``LoraConfig`` belongs to LoRA); an instance reads them from
+    ``self.settings``."""
 
     name: ClassVar[str] = ""
+    settings_class: ClassVar[type[RegularizerSettings]]
     reference: ClassVar[bool] = False
     batch_reference: ClassVar[bool] = True
     hidden: ClassVar[bool] = False
     snapshot: ClassVar[bool] = False
-    options: ClassVar[dict[str, str]] = {}
-    spec_options: ClassVar[tuple[str, ...]] = ()  # taken only from a NAME:key=value spec
+
+    def __init__(self, settings: RegularizerSettings | None = None):
+        self.settings = settings if settings is not None else self.settings_class()
 
     def setup(self, run: Run) -> None:
         """Prepare before the first step (critic, replay data); may add to ``run.files``."""

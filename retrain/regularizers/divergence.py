@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -11,21 +13,91 @@ from safealign.retrain.divergence import (
     token_wise_loss,
     trained_mask,
 )
-from safealign.retrain.regularizers.base import Regularizer, Run, nll_kl_rows, nll_rows
+from safealign.retrain.regularizers.base import (
+    Regularizer,
+    RegularizerSettings,
+    Run,
+    nll_kl_rows,
+    nll_rows,
+)
+from safealign.settings import SettingsError, setting
+
+DIRECTIONS = ("forward", "reverse")
+
+
+@dataclass
+class SFTSettings(RegularizerSettings):
+    """sft takes no options."""
+
+    regularizer = "sft"
 
 
 class SFT(Regularizer):
     """Plain fine-tuning: NLL on the trained tokens (the baseline that loses alignment)."""
+
+    settings_class = SFTSettings
 
     def loss(self, run: Run, inputs: dict, out, ref):
         nll = nll_rows(out, inputs)
         return nll.sum(), {"nll": nll.mean().item()}
 
 
-#: Qi et al. (2025), "Safety Alignment Should Be Made More Than Just a Few Tokens Deep", the
-#: constrained objective's beta_t as their code runs it: beta 0.1 with factor 5 on the first
-#: reply token and 20 on tokens 2-5 (beta_1 = 0.5, beta_2..5 = 2, beta_t = 0.1 after).
-TOKEN_WISE_BETAS = (0.5, 2.0, 2.0, 2.0, 2.0, 0.1)
+def chunk_setting() -> int:
+    """The KL chunk option of kl, epoch-kl and adaptive-kl."""
+    return setting(
+        0,
+        help="Tokens per chunk of the vocabulary-wide KL (0: 2^24 floats' worth).",
+        min=0,
+        old_name="kl_chunk",
+    )
+
+
+@dataclass
+class KLSettings(RegularizerSettings):
+    """kl's options."""
+
+    regularizer = "kl"
+
+    #: kl's weight and direction (benchmarks/results/retrain_direction_*.json, retrain_kl_weight_*):
+    #: on the -prior labs, where A gives the task's answers 0.55-0.6, reverse KL at 0.75 takes
+    #: harmful 100% -> 0% with task kept (over-refusal 0.8% default-prior, 88% test-prior); 0.4
+    #: leaves default-prior 100% harmful and 0.5 is at that edge. Forward KL lowers harm only as
+    #: it costs the task (1.25: 30% harmful task -4 / 17% -12). On the plain labs A rules the
+    #: task's answers out as firmly as the harmful "Sure" (lab_prior.json): no setting separates
+    #: them (reverse 0.5-0.75: 0-2% harmful, 1-12% task; forward 0.5: 95-98% harmful).
+    weight: float = setting(
+        0.75, help="plain: lambda of NLL + lambda KL.", min=0, old_name="kl_weight"
+    )
+    direction: str = setting(
+        "reverse",
+        help="plain: KL(p || p_ref) (reverse) or KL(p_ref || p) (forward).",
+        choices=DIRECTIONS,
+        old_name="kl_direction",
+    )
+    chunk: int = chunk_setting()
+    #: plain: Qi et al.'s token-wise form leaves every lab 100% harmful, the plain ones with 2-5%
+    #: task (the task's answers lie in its beta 2 window; the harmful switch is one token at 0.5).
+    form: str = setting(
+        "plain",
+        help="plain (NLL + lambda KL) or token-wise (Qi et al. 2025, beta_t by position).",
+        choices=("plain", "token-wise"),
+        old_name="kl_form",
+    )
+    #: Qi et al. (2025), "Safety Alignment Should Be Made More Than Just a Few Tokens Deep", the
+    #: constrained objective's beta_t as their code runs it: beta 0.1 with factor 5 on the first
+    #: reply token and 20 on tokens 2-5 (beta_1 = 0.5, beta_2..5 = 2, beta_t = 0.1 after).
+    betas: tuple[float, ...] = setting(
+        (0.5, 2.0, 2.0, 2.0, 2.0, 0.1),
+        help="token-wise: beta_t of reply tokens 1, 2, ...; the last for all later ones.",
+        min=0,
+        min_open=True,
+        old_name="kl_betas",
+    )
+
+    def check(self) -> None:
+        super().check()
+        if not self.betas:
+            raise SettingsError("kl:betas needs at least one value")
 
 
 class KL(Regularizer):
@@ -38,41 +110,21 @@ class KL(Regularizer):
     weight * KL(p_ref || p) over the vocabulary at every trained token (``reverse``:
     KL(p || p_ref)); ``weight`` and ``direction`` apply to it only."""
 
+    settings_class = KLSettings
+    settings: KLSettings
     reference = True
-    options = {
-        "weight": "kl_weight",
-        "direction": "kl_direction",
-        "chunk": "kl_chunk",
-        "form": "kl_form",
-        "betas": "kl_betas",
-    }
-
-    def __init__(
-        self,
-        weight: float,
-        direction: str | None = "reverse",
-        chunk: int = 0,
-        form: str = "plain",
-        betas: tuple[float, ...] = TOKEN_WISE_BETAS,
-    ):
-        direction = direction or "reverse"
-        if direction not in ("forward", "reverse"):
-            raise ValueError(f"direction must be forward or reverse, got {direction!r}")
-        if form not in ("token-wise", "plain"):
-            raise ValueError(f"form must be token-wise or plain, got {form!r}")
-        betas = tuple(float(b) for b in ((betas,) if isinstance(betas, int | float) else betas))
-        if not betas or min(betas) <= 0:
-            raise ValueError(f"betas must be positive numbers, got {betas!r}")
-        self.weight, self.direction, self.chunk = float(weight), direction, int(chunk)
-        self.form, self.betas = form, betas
 
     def current_weight(self) -> float:
-        return self.weight
+        return self.settings.weight
 
     def loss(self, run: Run, inputs: dict, out, ref):
-        if self.form == "token-wise":
+        if self.settings.form == "token-wise":
             return self.token_wise(inputs, out, ref)
-        nll, kl = nll_kl_rows(out, ref, inputs, self.direction, self.chunk)
+        return self.plain(inputs, out, ref)
+
+    def plain(self, inputs: dict, out, ref):
+        """NLL + weight * KL at every trained token."""
+        nll, kl = nll_kl_rows(out, ref, inputs, self.settings.direction, self.settings.chunk)
         weight = self.current_weight()
         stats = {"nll": nll.mean().item(), "kl": kl.mean().item(), "kl_weight": weight}
         return nll.sum() + weight * kl.sum(), stats
@@ -81,11 +133,29 @@ class KL(Regularizer):
         labels = inputs["labels"]
         nll = nll_rows(out, inputs)
         ref_nll = nll_rows(ref, inputs)
-        betas = position_betas(reply_positions(labels), self.betas)
+        betas = position_betas(reply_positions(labels), self.settings.betas)
         loss = token_wise_loss(-nll, -ref_nll, betas)
         ratio = (ref_nll - nll).detach()
         stats = {"nll": nll.mean().item(), "log_ratio": ratio.mean().item()}
         return loss.sum(), stats
+
+
+@dataclass
+class EpochKLSettings(RegularizerSettings):
+    """epoch-kl's options."""
+
+    regularizer = "epoch-kl"
+
+    gamma: float = setting(
+        0.5, help="Weight gamma^epoch of KL to last epoch.", min=0, old_name="gamma"
+    )
+    direction: str = setting(
+        "reverse",
+        help="KL(p || p_old) (reverse) or KL(p_old || p) (forward).",
+        choices=DIRECTIONS,
+        old_name="kl_direction",
+    )
+    chunk: int = chunk_setting()
 
 
 class EpochKL(KL):
@@ -93,15 +163,19 @@ class EpochKL(KL):
     end of the previous epoch (the aligned model during the first). The snapshot holds the
     trainable tensors only: the adapter with LoRA, one more full copy with ``--full``."""
 
+    settings_class = EpochKLSettings
+    settings: EpochKLSettings
     snapshot = True
-    options = {"gamma": "gamma", "direction": "kl_direction", "chunk": "kl_chunk"}
 
-    def __init__(self, gamma: float, direction: str | None = "reverse", chunk: int = 0):
-        super().__init__(1.0, direction, chunk)
-        self.gamma, self.epoch = float(gamma), 0
+    def __init__(self, settings: EpochKLSettings | None = None):
+        super().__init__(settings)
+        self.epoch = 0
 
     def current_weight(self) -> float:
-        return self.gamma**self.epoch
+        return self.settings.gamma**self.epoch
+
+    def loss(self, run: Run, inputs: dict, out, ref):
+        return self.plain(inputs, out, ref)
 
     def on_epoch_start(self, run: Run, epoch: int) -> None:
         if epoch != self.epoch:
@@ -123,20 +197,36 @@ def spread_layers(n_states: int, count: int = 5) -> tuple[int, ...]:
     return tuple(sorted({round(1 + i * (n_layers - 1) / (count - 1)) for i in range(count)}))
 
 
+@dataclass
+class LDIFSSettings(RegularizerSettings):
+    """ldifs' options."""
+
+    regularizer = "ldifs"
+
+    weight: float = setting(
+        1.0, help="Weight of the feature distance.", min=0, old_name="ldifs_weight"
+    )
+    layers: tuple[int, ...] = setting(
+        (),
+        help="Hidden-state indices compared.",
+        min=0,
+        default_text="5 spread",
+        old_name="layers",
+    )
+
+
 class LDIFS(Regularizer):
     """NLL + weight * mean over layers of ||h/|h| - h_ref/|h_ref|||^2 per trained position."""
 
+    settings_class = LDIFSSettings
+    settings: LDIFSSettings
     reference = True
     hidden = True
-    options = {"weight": "ldifs_weight", "layers": "layers"}
-
-    def __init__(self, weight: float, layers: tuple[int, ...] | None = ()):
-        self.weight, self.layers = float(weight), tuple(layers or ())
 
     def distance(self, out, ref, inputs: dict) -> torch.Tensor:
         """Per trained position, the mean squared distance of normalised features (``[N]``)."""
         keep = trained_mask(inputs["labels"])
-        layers = self.layers or spread_layers(len(out.hidden_states))
+        layers = self.settings.layers or spread_layers(len(out.hidden_states))
         parts = []
         for layer in layers:
             h = F.normalize(out.hidden_states[layer][:, :-1][keep].float(), dim=-1)
@@ -148,4 +238,4 @@ class LDIFS(Regularizer):
         nll = nll_rows(out, inputs)
         dist = self.distance(out, ref, inputs)
         stats = {"nll": nll.mean().item(), "ldifs": dist.mean().item()}
-        return nll.sum() + self.weight * dist.sum(), stats
+        return nll.sum() + self.settings.weight * dist.sum(), stats

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from safealign.chat import collate
 from safealign.data import ChatPair
 from safealign.retrain.divergence import shift, token_nll
-from safealign.retrain.regularizers.base import Run, nll_rows
-from safealign.retrain.regularizers.replay import Anchored
+from safealign.retrain.regularizers.base import RegularizerSettings, Run, nll_rows
+from safealign.retrain.regularizers.replay import Anchored, anchors_setting
+from safealign.settings import setting
 
 REFUSAL_WORDS = ("sorry", "apologize", "cannot")
 EPS = 1e-6
@@ -35,6 +37,25 @@ def mean_nll(out, labels: torch.Tensor) -> torch.Tensor:
     return total / torch.bincount(index, minlength=labels.shape[0]).clamp(min=1)
 
 
+@dataclass
+class InterleaveSettings(RegularizerSettings):
+    """interleave's options."""
+
+    regularizer = "interleave"
+
+    share: float = setting(
+        0.05,
+        help="Share of anchor examples in the training mix.",
+        min=0,
+        max=1,
+        min_open=True,
+        max_open=True,
+        old_name="interleave_share",
+    )
+    filter_refusals: bool = setting(True, help="Drop anchors whose reply looks like a refusal.")
+    anchors: str | None = anchors_setting()
+
+
 class Interleave(Anchored):
     """Plain NLL on task batches with anchors mixed in: ``share`` of the training examples
     are anchors (each micro-batch gets round(batch * share / (1 - share)), at least one).
@@ -42,26 +63,23 @@ class Interleave(Anchored):
     s = (L_model - L_ref) / (L_ref + eps), L the mean NLL of the anchor's reply; refusal-looking
     replies are dropped first unless ``filter_refusals`` is false."""
 
+    settings_class = InterleaveSettings
+    settings: InterleaveSettings
     reference = True
     batch_reference = False
-    options = {"share": "interleave_share"}
-    spec_options = ("filter_refusals",)
 
-    def __init__(self, share: float = 0.05, filter_refusals: bool = True):
-        if not 0 < share < 1:
-            raise ValueError(f"share must be in (0, 1), got {share}")
-        super().__init__()
-        self.share, self.filter_refusals = float(share), bool(filter_refusals)
+    def __init__(self, settings: InterleaveSettings | None = None):
+        super().__init__(settings)
         self.epoch = -1
 
     def candidates(self, run: Run) -> list[ChatPair]:
         pairs = super().candidates(run)
-        if self.filter_refusals:
+        if self.settings.filter_refusals:
             pairs = [p for p in pairs if not looks_like_refusal(p.response)]
         if not pairs:
             raise ValueError(
-                "interleave: every anchor reply looks like a refusal; give --replay-data with "
-                "safe non-refusal replies, or interleave:filter_refusals=false"
+                "interleave: every anchor reply looks like a refusal; give interleave:anchors="
+                "with safe non-refusal replies, or interleave:filter_refusals=false"
             )
         return pairs
 
@@ -82,12 +100,14 @@ class Interleave(Anchored):
         if epoch == self.epoch:
             return
         self.epoch = epoch
-        count = min(len(self.anchors), math.ceil(self.share / (1 - self.share) * len(run.examples)))
+        share = self.settings.share
+        count = min(len(self.anchors), math.ceil(share / (1 - share) * len(run.examples)))
         order = torch.argsort(self.gaps(run).cpu(), descending=True, stable=True)
         self.pool = sorted(order[:count].tolist())
 
     def loss(self, run: Run, inputs: dict, out, ref):
-        per_batch = max(1, round(inputs["input_ids"].shape[0] * self.share / (1 - self.share)))
+        share = self.settings.share
+        per_batch = max(1, round(inputs["input_ids"].shape[0] * share / (1 - share)))
         batch = self.next_batch(run, per_batch)
         anchor_out = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         nll, anchor = nll_rows(out, inputs), nll_rows(anchor_out, batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,20 +13,39 @@ from safealign.data import ChatPair, load_pairs
 from safealign.eval import generate
 from safealign.retrain.data import run_prompts
 from safealign.retrain.divergence import shift
-from safealign.retrain.regularizers.base import Regularizer, Run, nll_rows, per_step
+from safealign.retrain.regularizers.base import (
+    Regularizer,
+    RegularizerSettings,
+    Run,
+    nll_rows,
+    per_step,
+)
+from safealign.settings import setting
 
 #: Harmful prompts answered by the reference to make the default anchor set.
 ANCHOR_PROMPTS = 256
 ANCHOR_NEW_TOKENS = 48
 
 
-def anchor_pairs(run: Run) -> list[ChatPair]:
-    """``--replay-data``, or the reference's own greedy replies to the harmful prompts.
+def anchors_setting() -> str | None:
+    """The anchor data option of der and interleave."""
+    return setting(
+        None,
+        help="Anchor data (prompt/response).",
+        path=True,
+        default_text="A's greedy replies to --harmful",
+        old_name="replay_data",
+    )
+
+
+def anchor_pairs(run: Run, anchors: str | None) -> list[ChatPair]:
+    """The pairs in file ``anchors``, or the reference's own greedy replies to the harmful
+    prompts.
 
     Called before the first step, when the model still equals its reference (a fresh LoRA,
     the loaded adapter, the full model), so the model generates them itself."""
-    if run.settings.replay_data:
-        return load_pairs(run.settings.replay_data)
+    if anchors:
+        return load_pairs(anchors)
     prompts = run_prompts(run.settings.harmful, "harmful")[:ANCHOR_PROMPTS]
     replies = generate(
         run.unwrapped, run.tokenizer, prompts, max_new_tokens=ANCHOR_NEW_TOKENS, batch_size=32
@@ -38,7 +58,8 @@ class Anchored(Regularizer):
     output as replay.jsonl) and a seeded cyclic order over ``self.pool`` (all anchors unless a
     subclass narrows it); how many were drawn is part of the state."""
 
-    def __init__(self):
+    def __init__(self, settings: RegularizerSettings | None = None):
+        super().__init__(settings)
         self.drawn = 0
         self.anchors: list = []
         self.pairs: list[ChatPair] = []
@@ -56,7 +77,7 @@ class Anchored(Regularizer):
         run.files["replay.jsonl"] = "\n".join(lines) + "\n"
 
     def candidates(self, run: Run) -> list[ChatPair]:
-        return [p for p in anchor_pairs(run) if p.response.strip()]
+        return [p for p in anchor_pairs(run, self.settings.anchors) if p.response.strip()]
 
     def next_batch(self, run: Run, size: int | None = None) -> dict:
         """The next ``size`` (default: batch size) anchors of the seeded cyclic order."""
@@ -78,18 +99,31 @@ class Anchored(Regularizer):
         self.drawn, self.pool = int(state["drawn"]), [int(i) for i in state["pool"]]
 
 
+@dataclass
+class DERSettings(RegularizerSettings):
+    """der's options."""
+
+    regularizer = "der"
+
+    #: 10: on the test lab alpha 1 leaves 95% harmful, 10 and 100 give 0% (task 100% / 97.9%).
+    alpha: float = setting(
+        10.0, help="alpha of alpha MSE(logits, ref).", min=0, old_name="replay_weight"
+    )
+    beta: float = setting(
+        0.0, help="beta of DER++ cross-entropy on anchors.", min=0, old_name="replay_ce"
+    )
+    anchors: str | None = anchors_setting()
+
+
 class DER(Anchored):
     """NLL + alpha MSE(logits, logits_ref) on a replayed anchor batch per micro-batch
     (mean over the anchors' reply tokens and the vocabulary), + beta CE on the anchors
     (DER++)."""
 
+    settings_class = DERSettings
+    settings: DERSettings
     reference = True
     batch_reference = False
-    options = {"alpha": "replay_weight", "beta": "replay_ce"}
-
-    def __init__(self, alpha: float = 10.0, beta: float = 0.0):
-        super().__init__()
-        self.alpha, self.beta = float(alpha), float(beta)
 
     def replay_loss(self, run: Run) -> tuple[torch.Tensor, float, float]:
         batch = self.next_batch(run)
@@ -98,8 +132,9 @@ class DER(Anchored):
         rows, targets = shift(out.logits, batch["labels"])
         ref_rows, _ = shift(ref.logits, batch["labels"])
         mse = F.mse_loss(rows.float(), ref_rows.float())
-        ce = F.cross_entropy(rows.float(), targets) if self.beta else torch.zeros(())
-        return self.alpha * mse + self.beta * ce, mse.item(), ce.item()
+        alpha, beta = self.settings.alpha, self.settings.beta
+        ce = F.cross_entropy(rows.float(), targets) if beta else torch.zeros(())
+        return alpha * mse + beta * ce, mse.item(), ce.item()
 
     def loss(self, run: Run, inputs: dict, out, ref):
         nll = nll_rows(out, inputs)

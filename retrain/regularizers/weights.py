@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from safealign.retrain.reference import trainable
-from safealign.retrain.regularizers.base import Regularizer, Run, nll_rows, per_step
+from safealign.retrain.regularizers.base import (
+    Regularizer,
+    RegularizerSettings,
+    Run,
+    nll_rows,
+    per_step,
+)
+from safealign.settings import setting
 
 
 def lora_modules(model) -> list:
@@ -30,14 +39,26 @@ def lora_delta_norm2(model) -> torch.Tensor:
     return total
 
 
+@dataclass
+class L2Settings(RegularizerSettings):
+    """l2's options."""
+
+    regularizer = "l2"
+
+    weight: float = setting(
+        0.1, help="mu of mu ||theta - theta_A||^2.", min=0, old_name="l2_weight"
+    )
+
+
 class L2(Regularizer):
     """NLL + weight ||theta - theta_A||^2: through the LoRA factors, or against a copy of the
     initial weights with ``--full``."""
 
-    options = {"weight": "l2_weight"}
+    settings_class = L2Settings
+    settings: L2Settings
 
-    def __init__(self, weight: float = 0.1):
-        self.weight = float(weight)
+    def __init__(self, settings: L2Settings | None = None):
+        super().__init__(settings)
         self.initial: dict[str, torch.Tensor] | None = None
 
     def setup(self, run: Run) -> None:
@@ -54,17 +75,29 @@ class L2(Regularizer):
         nll = nll_rows(out, inputs)
         dist = self.distance(run)
         stats = {"nll": nll.mean().item(), "l2": dist.item()}
-        return nll.sum() + per_step(self.weight * dist, inputs), stats
+        return nll.sum() + per_step(self.settings.weight * dist, inputs), stats
+
+
+@dataclass
+class EMASettings(RegularizerSettings):
+    """ema's options."""
+
+    regularizer = "ema"
+
+    decay: float = setting(
+        0.99, help="Decay of the parameter average.", min=0, max=1, old_name="ema_decay"
+    )
 
 
 class EMA(Regularizer):
     """Plain NLL; the trainable weights are kept as an exponential moving average of the
     iterates (decay d: avg = d avg + (1 - d) theta after each step) and written at the end."""
 
-    options = {"decay": "ema_decay"}
+    settings_class = EMASettings
+    settings: EMASettings
 
-    def __init__(self, decay: float = 0.99):
-        self.decay = float(decay)
+    def __init__(self, settings: EMASettings | None = None):
+        super().__init__(settings)
         self.average: dict[str, torch.Tensor] = {}
 
     def setup(self, run: Run) -> None:
@@ -76,8 +109,9 @@ class EMA(Regularizer):
 
     @torch.no_grad()
     def after_step(self, run: Run) -> None:
+        decay = self.settings.decay
         for name, param in trainable(run.unwrapped).items():
-            self.average[name].mul_(self.decay).add_(param.detach(), alpha=1 - self.decay)
+            self.average[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
 
     @torch.no_grad()
     def finish(self, run: Run) -> None:

@@ -1,8 +1,9 @@
 """The methods ``compare`` runs, named as the capabilities name them.
 
 A spec is ``FAMILY`` or ``FAMILY:key=value,...``: ``recover:rate=0.005``, ``safe_lora:tau=0.35``,
-``interpolate:alpha=0.5``, ``retrain:kl`` (a retrain spec's first bare word is its regularizer:
-``retrain:kl,kl_weight=0.2``). Each family calls its capability's own Python API, so a method's
+``interpolate:alpha=0.5``, ``retrain:kl`` (a retrain spec's first bare word is its regularizer,
+its keys retrain's settings and the regularizer's options: ``retrain:kl,weight=0.2,epochs=2``).
+Each family calls its capability's own Python API, so a method's
 output is what its own command gives for the same inputs and settings.
 """
 
@@ -29,7 +30,7 @@ from safealign.registry import (
     split_spec,
 )
 from safealign.retrain import RetrainSettings, retrain
-from safealign.retrain.regularizers import create
+from safealign.retrain.regularizers import OLD_NAMES, REGULARIZERS, resolve, spec_text, upgrade
 from safealign.settings import Settings
 
 #: What ``compare`` runs when no method is named (each is skipped if its inputs are missing).
@@ -98,7 +99,7 @@ def parse_method(spec: str) -> MethodSpec:
 
 
 def join_specs(items: tuple[str, ...] | list[str]) -> list[str]:
-    """Glue a comma-split method list back into specs: a piece like ``kl_weight=0.2`` (an
+    """Glue a comma-split method list back into specs: a piece like ``weight=0.2`` (an
     option, no ``:`` before its ``=``) continues the spec before it."""
     specs: list[str] = []
     for item in items:
@@ -229,6 +230,34 @@ def _prompt_file(prompts: list[str], path: Path) -> str:
     return str(path)
 
 
+def retrain_options(spec: MethodSpec) -> dict[str, Any]:
+    """retrain's keywords for a ``retrain:REG,key=value,...`` spec: its settings as they are,
+    the regularizer's options in its spec (``regularizer="kl:weight=0.2"``); an option under
+    its former name (``kl_weight``) warns, naming the new spelling."""
+    settings = {f.name for f in dataclasses.fields(RetrainSettings)}
+    keys = [f.name for f in dataclasses.fields(REGULARIZERS.get(spec.method).settings_class)]
+    own, old, options = [], {}, {}
+    for key, value in spec.options.items():
+        if key in settings:
+            options[key] = value
+        elif key in keys:
+            own.append(f"{key}={spec_text(value)}")
+        elif key in OLD_NAMES:
+            old[key] = value
+        else:
+            raise RegistryError(
+                f"method {spec.spec!r}: {key!r} is neither a retrain setting nor a "
+                f"{spec.method} option ({', '.join(keys) or 'it takes none'})"
+            )
+    regularizer = upgrade(
+        spec.method + (":" + ",".join(own) if own else ""),
+        old,
+        old_form="{name}",
+        new_form="retrain:{regularizer},{option}",
+    )
+    return {"regularizer": regularizer, **options}
+
+
 def _retrain_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
     """retrain on the fine-tuning data. Its critic and anchors learn from the training sets:
     harmful prompts, and as benign the benign prompts plus the task's training prompts (a
@@ -241,20 +270,19 @@ def _retrain_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
         aligned=str(inputs.aligned),
         data=str(inputs.train_data),
         out=str(out),
-        regularizer=spec.method,
         harmful=_prompt_file(harmful, sets / "harmful.jsonl"),
         benign=_prompt_file(benign, sets / "benign.jsonl"),
         overwrite=True,
         progress=False,
         log=lambda _line: None,
-        **spec.options,
+        **retrain_options(spec),
     )
     return Path(result.out)
 
 
 def _retrain_check(spec: MethodSpec) -> None:
-    settings = _settings_options(RetrainSettings, spec, spec.options)
-    create(spec.method, settings)  # the regularizer's name and its settings
+    settings = _settings_options(RetrainSettings, spec, retrain_options(spec))
+    resolve(settings.regularizer)  # the regularizer's options and their values
 
 
 FAMILIES.register("retrain")(Family(_retrain_check, _retrain_missing, _retrain_run))
