@@ -56,11 +56,20 @@ COLUMNS = ("model", "repair", "harmful", "task", "over-refusal", "harmful pts", 
 
 # Wrappers around other capabilities' APIs: the one place to adapt when they change.
 def run_recover(lab: Lab, finetuned: Path, out: Path, **settings: Any) -> tuple[Path, list]:
-    """recover ``finetuned`` toward ``lab.aligned`` into ``out``: the output folder and
-    recover's own rate sweep (rows of rate, kept step, restored, harmful rate, utility)."""
+    """recover ``finetuned`` toward ``lab.aligned`` into ``out``: the output folder (the
+    fine-tuned model unchanged when no repair held) and recover's own rate sweep (rows of
+    rate, kept step, restored, harmful rate, utility)."""
     from safealign.recover import recover
 
-    result = recover(lab.aligned, finetuned, out, overwrite=True, progress=False, **settings)
+    result = recover(
+        lab.aligned,
+        finetuned,
+        out,
+        overwrite=True,
+        progress=False,
+        write_unchanged=True,
+        **settings,
+    )
     return Path(result.out), result.sweep
 
 

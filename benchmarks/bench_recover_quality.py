@@ -84,6 +84,7 @@ def measure(lab, root: Path, device: str | None) -> list[dict]:
                 schedule=schedule,
                 device=device,
                 progress=False,
+                write_unchanged=True,  # kept step 0 in the table: no repair held, B scored
             )
             seconds = time.perf_counter() - start
             scores = evaluator.score_folder(result.out)

@@ -15,7 +15,7 @@ from safealign.model import resolve_dtype
 from safealign.recover.guard import StepGuard
 from safealign.recover.plan import Plan, working_dtype
 from safealign.recover.report import model_card, write_report
-from safealign.recover.result import RecoveryResult
+from safealign.recover.result import RecoveryResult, RunOutcome
 from safealign.recover.schedule import run
 from safealign.recover.sets import Sets
 from safealign.recover.settings import RecoverSettings
@@ -92,8 +92,13 @@ def recover(
             say("scoring the references: fine-tuned, then the aligned direction and scores")
             guard = StepGuard(work, sets, settings)
             _run_rates(result, work, guard, sets, progress)
-            say(f"writing {out}")
-            _write(writer, result, work, start)
+            if result.failure is None or settings.write_unchanged:
+                say(f"writing {out}")
+                _write(writer, result, work, start)
+            else:
+                say("no repair held: nothing written")
+                writer.discard()
+                _finish(result, start)
     return result
 
 
@@ -133,16 +138,22 @@ def _write(
     for name in work.finetuned.names():
         writer.add(name, work.output_tensor(name))
     result.out = writer.out
-    result.seconds = time.perf_counter() - start
-    result.peak_rss_bytes = peak_rss_bytes()
+    _finish(result, start)
     write_report(writer.folder / "report.json", result)
     writer.finish(model_card(result))
+
+
+def _finish(result: RecoveryResult, start: float) -> None:
+    """Record the run's wall time and peak memory."""
+    result.seconds = time.perf_counter() - start
+    result.peak_rss_bytes = peak_rss_bytes()
 
 
 def _run_rates(
     result: RecoveryResult, work: WorkingModel, guard: StepGuard, sets: Sets, progress: bool
 ) -> None:
-    """The sweep's extra rates (each undone after), then the main rate, kept in the model."""
+    """The sweep's extra rates (each undone after), then the main rate, kept in the model;
+    ``result.failure`` says why when no repair held."""
     settings = result.settings
     result.scores = dict(guard.references)
     for extra in sorted(set(settings.sweep) - {settings.rate}):
@@ -158,15 +169,34 @@ def _run_rates(
     result.run = outcome
     if settings.sweep:
         result.sweep = sorted([*result.sweep, outcome.summary()], key=lambda r: r["rate"])
-    result.scores["recovered"] = (
-        outcome.scores() if outcome.kept_step else dict(result.scores["finetuned"])
-    )
     if outcome.kept_step == 0 and result.plan.rollback:
-        result.warnings.append(
-            "no step held after the warm-up: the output equals the fine-tuned model; "
-            "try a smaller rate, a larger metric_drop or a larger rollback_rate"
+        result.failure = _no_repair(outcome, guard)  # no recovered model: B at best
+    else:
+        result.scores["recovered"] = outcome.scores()
+
+
+def _no_repair(outcome: RunOutcome, guard: StepGuard) -> str:
+    """Why no repair held, in one line: the checked state with the lowest harmful rate,
+    against the guard's bounds, and the fine-tuned model's own scores."""
+    best, b = outcome.best_checked(), guard.references["finetuned"]
+    if best is None:
+        reached = "no step was checked"
+    else:
+        reached = (
+            f"the best checked state (step {best.step}, {best.phase}) reached harmful rate "
+            f"{best.harmful_rate:.3f}"
+            + _bounded("utility", best.utility, "floor", guard.floor)
+            + _bounded("over-refusal", best.over_refusal, "ceiling", guard.ceiling)
         )
-        warnings.warn(result.warnings[-1], stacklevel=3)
+    own = f"harmful rate {b['harmful_rate']:.3f}" + _bounded("utility", b["utility"], "", None)
+    return f"{reached}; the fine-tuned model: {own}"
+
+
+def _bounded(name: str, value: float | None, bound: str, limit: float | None) -> str:
+    """``, NAME V (BOUND L)``; empty without a value, the bound left out without a limit."""
+    if value is None:
+        return ""
+    return f", {name} {value:.3f}" + ("" if limit is None else f" ({bound} {limit:.3f})")
 
 
 def _with_overrides(settings: RecoverSettings, overrides: dict[str, Any]) -> RecoverSettings:

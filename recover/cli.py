@@ -7,6 +7,7 @@ from :class:`~safealign.recover.settings.RecoverSettings`.
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 
 import click
@@ -88,7 +89,8 @@ def recover_command(no_utility_check: bool, as_json: bool, quiet: bool, **values
     """Restore refusals by resetting a few weights to their aligned values.
 
     The harmful direction of A at --layer steers a gradient; each step resets the top --rate
-    of sign-agreeing weights of B to A's values, with utility checked on --task.
+    of sign-agreeing weights of B to A's values, with utility checked on --task. Exits 1 when
+    no repair held (nothing is written unless --write-unchanged).
     """
     settings, inputs = from_cli(RecoverSettings, values)
     if inputs["out"] is None and not inputs["dry_run"]:
@@ -111,3 +113,7 @@ def recover_command(no_utility_check: bool, as_json: bool, quiet: bool, **values
         click.echo(result.plan.describe())
     else:
         click.echo(summary(result))
+    if result.failure:  # a result that failed never exits 0
+        written = f"wrote {result.out} unchanged" if result.out else "nothing written"
+        click.echo(f"no repair held: {result.failure}; {written}", err=True)
+        sys.exit(1)

@@ -69,23 +69,32 @@ def summary(result) -> str:
     if result.sweep:
         parts += ["", "rate sweep:", sweep_table(result)]
     if result.out is not None:
-        parts += ["", f"wrote {result.out} (report.json inside)"]
+        unchanged = ": the fine-tuned model unchanged" if result.failure else ""
+        parts += ["", f"wrote {result.out} (report.json inside){unchanged}"]
     return "\n".join(parts)
 
 
 def model_card(result) -> ModelCard:
     """README.md of the recovered checkpoint."""
     plan, run, settings = result.plan, result.run, result.settings
-    text = (
-        f"The fine-tuned model {plan.finetuned} with {run.restored:,} decoder weights "
-        f"(blocks 0..{settings.layer - 1}) reset to their values in the aligned model "
-        f"{plan.aligned}, chosen by the gradient of the harmful direction at layer "
-        f"{settings.layer} (harmful-direction restoration with rollback, Yang et al. 2025; "
-        f"schedule {settings.schedule}). Kept step {run.kept_step} of {settings.steps}."
-    )
+    if result.failure:
+        text = (
+            f"**Not repaired: this is the fine-tuned model {plan.finetuned} unchanged**, written "
+            f"because write_unchanged was set. Harmful-direction restoration (schedule "
+            f"{settings.schedule}) found no state that passed its checks: {result.failure}."
+        )
+    else:
+        text = (
+            f"The fine-tuned model {plan.finetuned} with {run.restored:,} decoder weights "
+            f"(blocks 0..{settings.layer - 1}) reset to their values in the aligned model "
+            f"{plan.aligned}, chosen by the gradient of the harmful direction at layer "
+            f"{settings.layer} (harmful-direction restoration with rollback, Yang et al. 2025; "
+            f"schedule {settings.schedule}). Kept step {run.kept_step} of {settings.steps}."
+        )
     results = {label: result.scores[key] for key, label in SCORE_ROWS if key in result.scores}
+    state = "unchanged, no repair held" if result.failure else "recovered"
     return ModelCard(
-        title=f"{Path(result.out).name}: recovered",
+        title=f"{Path(result.out).name}: {state}",
         method="recover",
         summary=text,
         settings=settings.to_dict(),

@@ -49,6 +49,12 @@ class RunOutcome:
             "over_refusal": self.over_refusal,
         }
 
+    def best_checked(self) -> StepRecord | None:
+        """The checked step with the lowest harmful rate (then the highest utility); None when
+        no step was checked."""
+        checked = [s for s in self.steps if s.holds is not None]
+        return min(checked, key=lambda s: (s.harmful_rate, -(s.utility or 0.0)), default=None)
+
     def summary(self) -> dict:
         return {
             "rate": self.rate,
@@ -70,6 +76,9 @@ class RecoveryResult:
     sweep: list[dict] = field(default_factory=list)
     sets: dict[str, dict | None] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: Why no repair held (the output would equal the fine-tuned model), in one line; None
+    #: when one held, when no check was asked for (no task data) and on a dry run.
+    failure: str | None = None
     seconds: float = 0.0
     peak_rss_bytes: int = 0
 
@@ -92,6 +101,7 @@ class RecoveryResult:
             "run": run,
             "sweep": self.sweep,
             "warnings": self.warnings,
+            "failure": self.failure,
             "seconds": round(self.seconds, 3),
             "peak_rss_bytes": self.peak_rss_bytes,
         }

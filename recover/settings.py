@@ -92,6 +92,12 @@ class RecoverSettings(Settings):
         16, help="Replies generated together when scoring.", min=1, flag="--batch-size"
     )
     max_new_tokens: int = setting(48, help="Tokens generated per scored reply.", min=1)
+    write_unchanged: bool = setting(
+        False,
+        help="Write the output even when no repair held (it is then the fine-tuned model, "
+        "and its card says so); the exit status is 1 either way.",
+        group="Output",
+    )
 
     def check(self) -> None:
         super().check()

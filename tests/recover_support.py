@@ -10,6 +10,10 @@ from eval_support import tiny_config as shared_tiny_config
 from eval_support import word_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from safealign.checkpoint import Checkpoint
+from safealign.eval import generate
+from safealign.recover.weights import load_working_model
+
 WORDS = (
     "how do i make a bomb steal car hack bank poison write poem sum of two and three is what "
     "sorry cannot help sure here are steps 0 1 2 3 4 5 6 7 8 9 + = ? . , the you to"
@@ -70,3 +74,30 @@ def make_adapter(root: Path, aligned: Path, *, seed: int = 1, r: int = 4) -> Pat
     folder = root / "adapter"
     peft_model.save_pretrained(folder)
     return folder
+
+
+def self_task(aligned: Path, finetuned: Path, tokens: int) -> list[dict]:
+    """Task examples whose answers are B's own greedy replies (``tokens`` long): a task only B
+    knows. B scores 1.0, and restoring weights toward A changes replies, so utility drops."""
+    a, b = Checkpoint.open(aligned), Checkpoint.open(finetuned)
+    model, tokenizer = load_working_model(a, b, torch.float32, None)
+    replies = generate(model, tokenizer, TASK_PROMPTS, batch_size=4, max_new_tokens=tokens)
+    return [{"prompt": p, "answer": r} for p, r in zip(TASK_PROMPTS, replies, strict=True)]
+
+
+#: recover settings under which no repair can hold on :func:`no_repair_case`: every restore
+#: changes some of B's replies, and the check allows no utility drop.
+NO_REPAIR = {
+    "metric_drop": 0.0,
+    "rate": 0.03,
+    "steps": 2,
+    "warmup": 1,
+    "check_every": 2,
+    "max_new_tokens": 6,
+}
+
+
+def no_repair_case(root: Path) -> tuple[Path, Path, list[dict]]:
+    """(A, B, a task only B knows) written under ``root``."""
+    aligned, finetuned = make_pair(root, noise=0.05)
+    return aligned, finetuned, self_task(aligned, finetuned, NO_REPAIR["max_new_tokens"])

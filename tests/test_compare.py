@@ -1,4 +1,5 @@
-"""compare without models: method specs, the Pareto front, the recommendation, the report."""
+"""compare without the lab: method specs, the Pareto front, the recommendation, the report, and
+a recover row where no repair held (on tiny random models)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import struct
 
 import pytest
 from click.testing import CliRunner
+from recover_support import HARMFUL, NO_REPAIR, no_repair_case
 
 from safealign.command import OldSpelling
 from safealign.compare import MethodRow, pareto_names, parse_method, plot_tradeoff
@@ -202,3 +204,27 @@ def test_seed_and_limit_reach_the_evaluator_and_every_retrain_method(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         compare_run.compare(inputs, tmp_path / "out", settings)
     assert (seen["seed"], seen["limit"]) == (7, 5)
+
+
+def test_a_recover_row_where_no_repair_held_says_so_unscored(tmp_path):
+    """recover exits without an output when no repair held: its row says so with what it
+    reached, instead of B's scores as if it had worked; --resume reuses it."""
+    aligned, finetuned, task = no_repair_case(tmp_path)
+    spec = "recover:" + ",".join(f"{name}={value}" for name, value in NO_REPAIR.items())
+    inputs = CompareInputs(aligned=aligned, finetuned=finetuned, harmful=HARMFUL, task=task)
+    settings = CompareSettings(methods=(spec,), max_new_tokens=NO_REPAIR["max_new_tokens"])
+    out = tmp_path / "cmp"
+    result = compare_run.compare(inputs, out, settings, log=lambda _line: None)
+    row = result.rows[-1]
+    assert (row.name, row.status, row.scores, row.out) == (spec, "no repair held", None, None)
+    assert "harmful rate" in row.reason and "utility" in row.reason
+    assert not any((out / "models").iterdir())
+    assert result.recommendation["method"] is None
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows"][-1]["status"] == "no repair held"
+    assert report["rows"][-1]["reason"] == row.reason
+    table_row = next(line for line in (out / "report.md").read_text().splitlines() if spec in line)
+    assert "no repair held" in table_row and row.reason in table_row
+    lines: list[str] = []
+    compare_run.compare(inputs, out, settings.replace(resume=True), log=lines.append)
+    assert f"[1/1] {spec}: reused ({out / 'runs' / (parse_method(spec).slug + '.json')})" in lines

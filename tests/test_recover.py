@@ -10,9 +10,12 @@ import torch
 from click.testing import CliRunner
 from recover_support import (
     HARMFUL,
+    NO_REPAIR,
     TASK_PROMPTS,
     make_adapter,
     make_pair,
+    no_repair_case,
+    self_task,
     tiny_config,
     tiny_tokenizer,
 )
@@ -118,15 +121,6 @@ def test_adapter_input(tmp_path):
             assert torch.equal(c[target.name], a.get(target.name))
 
 
-def _self_task(aligned, finetuned, tokens: int) -> list[dict]:
-    """Task examples whose answers are B's own greedy replies: B scores 1.0, and restoring
-    weights toward A changes replies, so utility drops."""
-    a, b = Checkpoint.open(aligned), Checkpoint.open(finetuned)
-    model, tokenizer = load_working_model(a, b, torch.float32, None)
-    replies = generate(model, tokenizer, TASK_PROMPTS, batch_size=4, max_new_tokens=tokens)
-    return [{"prompt": p, "answer": r} for p, r in zip(TASK_PROMPTS, replies, strict=True)]
-
-
 def _count_rollback_rule(monkeypatch, finetuned, of_agreeing: bool) -> list[int]:
     """Spy on the rollback choice: for each call, the count the schedule's rule gives,
     computed here independently (qualifying: w != w_B and sign(g) == sign(w - w_B)):
@@ -157,10 +151,11 @@ def _count_rollback_rule(monkeypatch, finetuned, of_agreeing: bool) -> list[int]
 
 
 def _failing_run(tmp_path, monkeypatch, schedule: str, **settings):
-    """recover on a pair whose every check fails (metric_drop 0, noisy B): the pair, the task,
-    the rollback counts the rule gives (recomputed by a spy) and the result."""
+    """recover on a pair whose every restore lowers utility (a task only B knows; by default
+    metric_drop 0, so every check fails): the pair, the task, the rollback counts the rule
+    gives (recomputed by a spy) and the result."""
     aligned, finetuned = make_pair(tmp_path, noise=0.05)
-    task = _self_task(aligned, finetuned, FAST["max_new_tokens"])
+    task = self_task(aligned, finetuned, FAST["max_new_tokens"])
     expected = _count_rollback_rule(monkeypatch, finetuned, of_agreeing=schedule == "paper")
     result = recover(
         aligned,
@@ -168,45 +163,89 @@ def _failing_run(tmp_path, monkeypatch, schedule: str, **settings):
         tmp_path / "out",
         harmful=HARMFUL,
         task=task,
-        rate=0.03,
-        steps=4,
-        warmup=1,
-        metric_drop=0.0,
         schedule=schedule,
-        **settings,
+        **{"rate": 0.03, "steps": 4, "warmup": 1, "metric_drop": 0.0, **settings},
         **FAST,
     )
     return aligned, finetuned, task, expected, result
 
 
 def test_rollback_fires_and_kept_step_holds(tmp_path, monkeypatch):
+    # half of B's utility may go: some steps hold once rolled back, others do not
     aligned, finetuned, task, expected, result = _failing_run(
-        tmp_path, monkeypatch, "guarded", rollback_rate=0.5
+        tmp_path, monkeypatch, "guarded", rollback_rate=0.5, metric_drop=0.5
     )
     steps = result.run.steps
     assert result.scores["finetuned"]["utility"] == 1.0
     fired = [s for s in steps if s.rolled_back]
-    assert fired, "no rollback with metric_drop=0"
+    assert fired, "no rollback"
     for s in fired:
-        assert s.utility_before_rollback < 1.0
+        assert s.utility_before_rollback < 0.5
     # every failing step rolled back exactly the count the rule gives, and no other step did
     assert [s.rolled_back for s in steps if s.utility_before_rollback is not None] == expected
     holding = [s.step for s in steps if s.holds]
-    assert result.run.kept_step == (holding[-1] if holding else 0)
-    # the written model scores what the kept step scored, and that holds
+    assert holding and result.run.kept_step == holding[-1] < steps[-1].step
+    # the written model scores what the kept step scored on the checked half, and that holds
     c, tokenizer = load_working_model(
         Checkpoint.open(aligned), Checkpoint.open(tmp_path / "out"), torch.float32, None
     )
+    check = task[len(task) // 2 :]
     replies = generate(
-        c, tokenizer, TASK_PROMPTS, batch_size=4, max_new_tokens=FAST["max_new_tokens"]
+        c,
+        tokenizer,
+        [e["prompt"] for e in check],
+        batch_size=4,
+        max_new_tokens=FAST["max_new_tokens"],
     )
-    utility = sum(r == e["answer"] for r, e in zip(replies, task, strict=True)) / len(task)
-    assert utility == result.scores["recovered"]["utility"] == 1.0
+    utility = sum(r == e["answer"] for r, e in zip(replies, check, strict=True)) / len(check)
+    assert utility == result.scores["recovered"]["utility"] == result.run.utility >= 0.5
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert (
         _check_exact(tmp_path / "out", Checkpoint.open(aligned), Checkpoint.open(finetuned), report)
         == result.run.restored
     )
+
+
+def _jsonl(path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_no_repair_held_exits_1_and_writes_only_when_asked(tmp_path):
+    """A task only B knows, checked at a 0% drop: no state holds, so recover exits 1 naming
+    the best state it reached and writes nothing; --write-unchanged writes B, saying so."""
+    aligned, finetuned, task = no_repair_case(tmp_path)
+    args = ["--aligned", str(aligned), "--finetuned", str(finetuned), "--quiet"]
+    args += ["--harmful", _jsonl(tmp_path / "h.jsonl", [{"prompt": p} for p in HARMFUL])]
+    args += ["--task", _jsonl(tmp_path / "t.jsonl", task)]
+    for name, value in NO_REPAIR.items():
+        args += ["--" + name.replace("_", "-"), str(value)]
+    out = tmp_path / "out"
+    runner = CliRunner()
+    failed = runner.invoke(recover_command, [*args, "--out", str(out), "--json"])
+    assert failed.exit_code == 1, failed.output
+    report = json.loads(failed.stdout)
+    scores = report["scores"]
+    assert scores["aligned"]["utility"] < scores["finetuned"]["utility"] == 1.0  # B's task
+    checked = [s for s in report["run"]["steps"] if s["holds"] is not None]
+    assert checked and not any(s["holds"] for s in checked)
+    assert report["run"]["kept_step"] == 0 and "recovered" not in scores
+    assert report["out"] is None and not out.exists()
+    assert not list(tmp_path.glob(".out.*"))  # no temporary folder left either
+    best = min(checked, key=lambda s: (s["harmful_rate"], -s["utility"]))
+    reached = f"harmful rate {best['harmful_rate']:.3f}, utility {best['utility']:.3f}"
+    assert reached in report["failure"]
+    assert failed.stderr.splitlines()[-1] == f"no repair held: {report['failure']}; nothing written"
+
+    kept = runner.invoke(recover_command, [*args, "--out", str(out), "--write-unchanged"])
+    assert kept.exit_code == 1, kept.output
+    assert kept.stderr.splitlines()[-1].endswith(" unchanged")
+    c, b = _tensors(out), _tensors(finetuned)
+    assert c.keys() == b.keys() and all(torch.equal(c[n], b[n]) for n in b)
+    written = json.loads((out / "report.json").read_text())
+    assert written["failure"] == report["failure"] and written["settings"]["write_unchanged"]
+    card = (out / "README.md").read_text()
+    assert "Not repaired: this is the fine-tuned model" in card and report["failure"] in card
 
 
 def _count_reads(monkeypatch) -> list[str]:

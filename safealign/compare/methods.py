@@ -63,15 +63,24 @@ class MethodSpec:
 
 
 @dataclass(frozen=True)
+class NoRepair:
+    """A method that ran to its end but whose result failed (recover: no repair held), and
+    why, in one line."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Family:
     """How to check and run the methods of one capability. ``check`` validates a spec against
     the capability's registry and settings (raising :class:`RegistryError` or
     ``SettingsError``) before any model is loaded; ``missing`` says which input a method
-    lacks (it is then skipped); ``run`` calls the capability's API."""
+    lacks (it is then skipped); ``run`` calls the capability's API and returns the output
+    folder, or :class:`NoRepair`."""
 
     check: Callable[[MethodSpec], None]
     missing: Callable[[MethodSpec, CompareInputs], str | None]
-    run: Callable[[MethodSpec, CompareInputs, Path], Path]
+    run: Callable[[MethodSpec, CompareInputs, Path], Path | NoRepair]
 
 
 FAMILIES: Registry[Family] = Registry("method family")
@@ -137,7 +146,7 @@ def _recover_missing(spec: MethodSpec, inputs: CompareInputs) -> str | None:
     return None
 
 
-def _recover_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
+def _recover_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path | NoRepair:
     result = recover(
         inputs.aligned,
         inputs.finetuned,
@@ -150,7 +159,7 @@ def _recover_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
         progress=False,
         **spec.options,
     )
-    return Path(result.out)
+    return NoRepair(result.failure) if result.failure else Path(result.out)
 
 
 def _recover_check(spec: MethodSpec) -> None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: The status of a method that ran to its end without a repair that held (recover): no
+#: output, no scores, the reason says what it reached.
+NO_REPAIR = "no repair held"
+
 
 @dataclass
 class MethodRow:
@@ -12,7 +16,7 @@ class MethodRow:
 
     name: str
     kind: str  # "input" or the method family
-    status: str  # "done", "skipped", "failed", "not run"
+    status: str  # "done", "skipped", "failed", "not run", NO_REPAIR
     reason: str | None = None
     out: str | None = None
     scores: dict | None = None  # the evaluator's schema: value, n, ci95 per rate

@@ -1,7 +1,8 @@
 """The comparison: score the inputs, run every method, score its output with the same evaluator.
 
 A method whose inputs are missing is skipped with the reason, one that fails is recorded with
-its one-line error and the others go on. Each finished method leaves ``runs/<slug>.json``
+its one-line error and the others go on; one whose result failed (recover: no repair held) is
+recorded unscored, with what it reached. Each finished method leaves ``runs/<slug>.json``
 beside its output in ``models/<slug>``: ``resume`` reuses those and runs only the rest.
 """
 
@@ -20,12 +21,13 @@ from safealign.compare.methods import (
     DEFAULT_METHODS,
     FAMILIES,
     MethodSpec,
+    NoRepair,
     join_specs,
     parse_method,
     with_options,
 )
 from safealign.compare.report import recommend, write_report
-from safealign.compare.result import CompareResult, MethodRow
+from safealign.compare.result import NO_REPAIR, CompareResult, MethodRow
 from safealign.compare.settings import (
     CompareInputs,
     CompareSettings,
@@ -62,7 +64,8 @@ def _finished(record: Path, spec: MethodSpec) -> MethodRow | None:
     if not record.is_file():
         return None
     data = json.loads(record.read_text())
-    return MethodRow(**data) if data.get("status") == "done" and data["name"] == spec.spec else None
+    finished = data.get("status") in ("done", NO_REPAIR)
+    return MethodRow(**data) if finished and data["name"] == spec.spec else None
 
 
 def _run_one(spec: MethodSpec, inputs: CompareInputs, evaluator: Evaluator, out: Path) -> MethodRow:
@@ -73,6 +76,15 @@ def _run_one(spec: MethodSpec, inputs: CompareInputs, evaluator: Evaluator, out:
     try:
         with Usage() as usage:
             folder = family.run(spec, inputs, out / "models" / spec.slug)
+        if isinstance(folder, NoRepair):  # no output: B's scores would pass for the method's
+            return MethodRow(
+                spec.spec,
+                spec.family,
+                NO_REPAIR,
+                reason=folder.reason,
+                seconds=round(usage.seconds, 2),
+                peak_memory_bytes=usage.peak_bytes,
+            )
         scores = score_checkpoint(evaluator, folder, Path(inputs.aligned))
         share = changed_share(folder, inputs.finetuned, inputs.aligned)
     except Exception as error:  # noqa: BLE001 - one method's failure is recorded, never fatal
