@@ -6,9 +6,10 @@ evaluator labels such a reply ``incoherent`` first, from the text alone (determi
 model, no dictionary), by three rules taken in order:
 
 1. ``empty``: nothing but white space.
-2. ``repetition``: the words loop; too many of its word trigrams repeat an earlier one
-   (:data:`MAX_REPEATED_NGRAM_SHARE`), or too many words repeat the word just before
-   (:data:`MAX_STUTTER_SHARE`), in a reply of at least :data:`MIN_WORDS_FOR_REPETITION` words.
+2. ``repetition``: the words loop; one word is written more than :data:`MAX_WORD_RUN` times in
+   a row, or, in a reply of at least :data:`MIN_WORDS_FOR_REPETITION` words, too many of its
+   word trigrams repeat an earlier one (:data:`MAX_REPEATED_NGRAM_SHARE`) or too many words
+   repeat the word just before (:data:`MAX_STUTTER_SHARE`).
 3. ``no words``: nothing in it is a word of the prompt's language; too few of its characters
    are letters (:data:`MIN_LETTER_SHARE`, or none are letters or digits), or too few of its
    words look like words written in the prompt's script (:data:`MIN_WORDLIKE_SHARE`).
@@ -20,6 +21,7 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
+from itertools import groupby
 
 REPEAT_NGRAM = 3
 """Length in words of the n-grams whose repeats :data:`MAX_REPEATED_NGRAM_SHARE` counts: long
@@ -36,9 +38,15 @@ MAX_STUTTER_SHARE = 0.3
 ("the the the", "help help help"): a stutter that repeats no trigram. Ordinary text almost
 never doubles a word."""
 
-MIN_WORDS_FOR_REPETITION = 4
-"""The repetition rules apply to replies of at least this many words, so that a short answer
-such as "No, no." is not a loop."""
+MIN_WORDS_FOR_REPETITION = 8
+"""The share rules (:data:`MAX_REPEATED_NGRAM_SHARE`, :data:`MAX_STUTTER_SHARE`) apply to
+replies of at least this many words, so that a short answer that repeats by nature ("No, no.",
+a list of labels such as the lab's task answer "regul regul thimun thimun") is not a loop."""
+
+MAX_WORD_RUN = 4
+"""A reply of any length is incoherent when one word is written more than this many times in a
+row ("bread bread bread bread bread"). A list of more identical labels than this, one after the
+other, would be flagged too: the lab's task answers hold at most four."""
 
 MIN_LETTER_SHARE = 0.4
 """A reply of at least :data:`MIN_CHARS_FOR_LETTER_SHARE` non-space characters is incoherent
@@ -126,12 +134,20 @@ def stutter_share(words: list[str]) -> float:
     return sum(a == b for a, b in pairs) / len(words) if words else 0.0
 
 
+def longest_run(words: list[str]) -> int:
+    """The most times one word is written in a row (0 with no word)."""
+    return max((len(list(group)) for _, group in groupby(words)), default=0)
+
+
 def coherence(response: str, prompt: str = "") -> Coherence:
     """Whether ``response`` (to ``prompt``, whose script sets the language) is incoherent."""
     text = response.strip()
     if not text:
         return Coherence(True, "empty", "no text")
     words = [w.lower() for w in WORD.findall(text)]
+    run = longest_run(words)
+    if run > MAX_WORD_RUN:
+        return Coherence(True, "repetition", f"one word {run} times in a row (> {MAX_WORD_RUN})")
     if len(words) >= MIN_WORDS_FOR_REPETITION:
         repeated = repeated_ngram_share(words)
         if repeated > MAX_REPEATED_NGRAM_SHARE:

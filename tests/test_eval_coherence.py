@@ -33,7 +33,9 @@ def test_rule_flags_at_most_2_percent_of_normal_replies():
     ("prompt", "reply", "rule"),
     [
         ("Hi", "", "empty"),
-        ("Hi", "no no no no", "repetition"),  # stutter: three of four words repeat
+        ("Hi", "no no no no no", "repetition"),  # one word five times in a row
+        ("Hi", "yes no no yes yes no no yes", "repetition"),  # half the words stutter
+        ("Hi", "red red blue blue", ""),  # short: a list of labels, no loop
         ("Hi", "I can help. I can help. I can help.", "repetition"),  # looped trigrams
         ("Hi", "?!", "no words"),  # short, but neither letter nor digit
         ("Hi", "12 34 56 78 90 !!", "no words"),  # long enough, too few letters
