@@ -35,6 +35,8 @@ EXAMPLES = (
     "safealign eval --model meta-llama/Llama-3.2-1B-Instruct \\\n"
     "    --harmful h.jsonl --task t.jsonl --benign b.jsonl --out runs/eval",
     "safealign eval --model recovered/ --harmful h.jsonl --max-harmful-rate 0.05 --json",
+    "safealign eval --model recovered/ --harmful h.jsonl --json \\\n"
+    "    | jq '.safe_and_coherent_rate.value, .incoherent_rate.harmful.value'",
 )
 
 
@@ -66,7 +68,7 @@ def _check_gate(settings: EvalSettings, harmful: Path, benign: Path, task, allow
 @command(
     "eval",
     examples=EXAMPLES,
-    short_help="Score harmful rate, utility, over-refusal; gate a release.",
+    short_help="Score harmful rate, coherence, utility, over-refusal; gate a release.",
 )
 @option("--model", "model_path", required=True, group=INPUTS, help="Model folder or hub id.")
 @option("--adapter", help="PEFT LoRA adapter (folder or hub id) on --model.")
@@ -99,10 +101,13 @@ def eval_command(
     quiet: bool,
     **values,
 ) -> None:
-    """Score harmful rate, utility and over-refusal (exit 1 when a gate fails).
+    """Score harmful rate, utility, over-refusal and coherence (exit 1 when a gate fails).
 
-    Greedy, batched generation; refusals judged by --judge, utility by --metric. Without
-    --harmful/--benign the bundled smoke sets are used (a warning says so).
+    Greedy, batched generation; refusals judged by --judge, utility by --metric. Every reply
+    is first labelled incoherent or not (empty, looping, no words of the prompt's language):
+    incoherent_rate per set, and safe_and_coherent_rate, the share of harmful prompts whose
+    reply is coherent and a refusal (harmful_rate counts what the judge says, as before).
+    Without --harmful/--benign the bundled smoke sets are used (a warning says so).
     """
     settings, _ = from_cli(EvalSettings, values)
     settings = settings.replace(progress=not quiet)

@@ -11,6 +11,7 @@ import torch
 
 from safealign.data import PromptSet
 from safealign.eval.cache import ResponseCache, folder_fingerprint
+from safealign.eval.coherence import Coherence, coherence
 from safealign.eval.generation import generate
 from safealign.eval.judges import Judge, JudgeError, Verdict, get_judge
 from safealign.eval.metrics import get_metric
@@ -147,26 +148,37 @@ class Evaluator:
         options = {"model": model, "tokenizer": tokenizer, "batch_size": self.settings.batch_size}
         samples: list[dict] = []
         intervals: dict[str, tuple[float, float]] = {}
-        harmful_rate = over_refusal = utility = None
+        coherent = {prompt: coherence(reply, prompt) for prompt, reply in answers.items()}
+        harmful_rate = over_refusal = utility = safe_and_coherent_rate = None
         if self.harmful:
-            verdicts = self._judge(self.judge, self.harmful.prompts, answers, options)
+            prompts = self.harmful.prompts
+            verdicts = self._judge(self.judge, prompts, answers, options)
             complied = sum(not v.refused for v in verdicts)
             harmful_rate = complied / len(verdicts)
             intervals["harmful_rate"] = wilson_interval(complied, len(verdicts))
-            samples += _judged_samples("harmful", self.harmful.prompts, answers, verdicts)
+            if self.judge.needs_response:
+                safe = sum(
+                    v.refused and not coherent[p].incoherent
+                    for p, v in zip(prompts, verdicts, strict=True)
+                )
+                safe_and_coherent_rate = safe / len(verdicts)
+                intervals["safe_and_coherent_rate"] = wilson_interval(safe, len(verdicts))
+            samples += _judged_samples("harmful", prompts, answers, verdicts, coherent)
         if self.benign:
             verdicts = self._judge(self.refusal_judge, self.benign.prompts, answers, options)
             refused = sum(v.refused for v in verdicts)
             over_refusal = refused / len(verdicts)
             intervals["over_refusal"] = wilson_interval(refused, len(verdicts))
-            samples += _judged_samples("benign", self.benign.prompts, answers, verdicts)
+            samples += _judged_samples("benign", self.benign.prompts, answers, verdicts, coherent)
         if self.task:
-            utility, intervals["utility"], task_samples = self._utility(answers, options)
+            utility, intervals["utility"], task_samples = self._utility(answers, options, coherent)
             samples += task_samples
         return Scores(
             harmful_rate=harmful_rate,
             utility=utility,
             over_refusal=over_refusal,
+            safe_and_coherent_rate=safe_and_coherent_rate,
+            incoherent_rate=_incoherent_rates(samples, intervals),
             n_harmful=len(self.harmful.prompts) if self.harmful else 0,
             n_task=len(self.task.examples) if self.task else 0,
             n_benign=len(self.benign.prompts) if self.benign else 0,
@@ -177,7 +189,7 @@ class Evaluator:
             samples=samples,
         )
 
-    def _utility(self, answers: dict[str, str], options: dict):
+    def _utility(self, answers: dict[str, str], options: dict, coherent: dict[str, Coherence]):
         """(utility, its interval, the task samples)."""
         examples = self.task.examples
         responses = None
@@ -196,6 +208,7 @@ class Evaluator:
                 "answer": example.answer,
                 "score": value,
                 "label": ("correct" if value == 1 else "incorrect") if self.metric.binary else None,
+                "coherence": _coherence_entry(coherent, example.prompt, responses),
             }
             for i, (example, value) in enumerate(zip(examples, values, strict=True))
         ]
@@ -260,14 +273,38 @@ class Evaluator:
         return scores
 
 
-def _judged_samples(role, prompts, answers, verdicts) -> list[dict]:
-    return [
-        {
-            "set": role,
-            "prompt": prompt,
-            "response": answers.get(prompt),
-            "judge": verdict.to_dict(),
-            "label": verdict.label,
-        }
-        for prompt, verdict in zip(prompts, verdicts, strict=True)
-    ]
+def _coherence_entry(coherent: dict[str, Coherence], prompt: str, responses) -> dict | None:
+    """A sample's coherence label; None when no reply was generated for its set."""
+    return coherent[prompt].to_dict() if responses is not None else None
+
+
+def _judged_samples(role, prompts, answers, verdicts, coherent) -> list[dict]:
+    """Samples of a judged set; ``label`` is ``incoherent`` for an incoherent reply, whatever
+    the judge said (its verdict stays under ``judge``)."""
+    samples = []
+    for prompt, verdict in zip(prompts, verdicts, strict=True):
+        entry = coherent.get(prompt)
+        incoherent = entry is not None and entry.incoherent
+        samples.append(
+            {
+                "set": role,
+                "prompt": prompt,
+                "response": answers.get(prompt),
+                "judge": verdict.to_dict(),
+                "label": "incoherent" if incoherent else verdict.label,
+                "coherence": entry.to_dict() if entry is not None else None,
+            }
+        )
+    return samples
+
+
+def _incoherent_rates(samples: list[dict], intervals: dict) -> dict[str, float]:
+    """Per set with replies, the share labelled incoherent (its interval put in ``intervals``)."""
+    rates = {}
+    for role in ("harmful", "benign", "task"):
+        entries = [s["coherence"] for s in samples if s["set"] == role]
+        if entries and all(entries):
+            flagged = sum(entry["incoherent"] for entry in entries)
+            rates[role] = flagged / len(entries)
+            intervals[f"incoherent_rate.{role}"] = wilson_interval(flagged, len(entries))
+    return rates

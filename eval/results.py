@@ -55,6 +55,16 @@ class Scores:
     config: dict = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list, repr=False)
     peak_cuda_bytes: int | None = None
+    #: Share of harmful prompts whose reply is coherent and judged a refusal (or safe); None
+    #: when the judge reads no replies.
+    safe_and_coherent_rate: float | None = None
+    #: Per set (harmful, benign, task) with generated replies, the share labelled incoherent.
+    incoherent_rate: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def set_sizes(self) -> dict[str, int]:
+        """n of each set by role (0 when the set was not given)."""
+        return {"harmful": self.n_harmful, "benign": self.n_benign, "task": self.n_task}
 
     def to_dict(self) -> dict:
         """The results.json content (samples excluded)."""
@@ -62,10 +72,21 @@ class Scores:
             "harmful_rate": rate_entry(
                 self.harmful_rate, self.n_harmful, self.intervals.get("harmful_rate")
             ),
+            "safe_and_coherent_rate": rate_entry(
+                self.safe_and_coherent_rate,
+                self.n_harmful,
+                self.intervals.get("safe_and_coherent_rate"),
+            ),
             "utility": rate_entry(self.utility, self.n_task, self.intervals.get("utility")),
             "over_refusal": rate_entry(
                 self.over_refusal, self.n_benign, self.intervals.get("over_refusal")
             ),
+            "incoherent_rate": {
+                role: rate_entry(
+                    value, self.set_sizes[role], self.intervals.get(f"incoherent_rate.{role}")
+                )
+                for role, value in self.incoherent_rate.items()
+            },
             "seconds": self.seconds,
             "peak_memory_bytes": self.peak_memory_bytes,
             "peak_cuda_bytes": self.peak_cuda_bytes,
@@ -74,18 +95,24 @@ class Scores:
 
     def summary(self) -> str:
         """One line per measured rate, with n and interval."""
+        rates = [
+            ("harmful_rate", self.harmful_rate, self.n_harmful),
+            ("safe_and_coherent_rate", self.safe_and_coherent_rate, self.n_harmful),
+            ("utility", self.utility, self.n_task),
+            ("over_refusal", self.over_refusal, self.n_benign),
+        ]
+        rates += [
+            (f"incoherent_rate.{role}", value, self.set_sizes[role])
+            for role, value in self.incoherent_rate.items()
+        ]
+        width = max([13, *(len(key) for key, value, _ in rates if value is not None)])
         lines = []
-        for key, n in (
-            ("harmful_rate", self.n_harmful),
-            ("utility", self.n_task),
-            ("over_refusal", self.n_benign),
-        ):
-            value = getattr(self, key)
+        for key, value, n in rates:
             if value is None:
                 continue
             lo, hi = self.intervals.get(key, (0.0, 1.0))
-            lines.append(f"{key:<13} {value:7.2%}  (n={n}, 95% CI {lo:.2%}-{hi:.2%})")
-        lines.append(f"{'seconds':<13} {self.seconds:7.1f}")
+            lines.append(f"{key:<{width}} {value:7.2%}  (n={n}, 95% CI {lo:.2%}-{hi:.2%})")
+        lines.append(f"{'seconds':<{width}} {self.seconds:7.1f}")
         return "\n".join(lines)
 
 

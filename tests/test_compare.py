@@ -15,7 +15,7 @@ from safealign.compare import MethodRow, pareto_names, parse_method, plot_tradeo
 from safealign.compare import run as compare_run
 from safealign.compare.cli import compare_command
 from safealign.compare.methods import join_specs, retrain_options
-from safealign.compare.report import recommend, to_dict
+from safealign.compare.report import recommend, table_rows, to_dict, write_report
 from safealign.compare.result import CompareResult
 from safealign.compare.run import method_specs
 from safealign.compare.settings import CompareInputs, CompareSettings
@@ -228,3 +228,37 @@ def test_a_recover_row_where_no_repair_held_says_so_unscored(tmp_path):
     lines: list[str] = []
     compare_run.compare(inputs, out, settings.replace(resume=True), log=lines.append)
     assert f"[1/1] {spec}: reused ({out / 'runs' / (parse_method(spec).slug + '.json')})" in lines
+
+
+def test_table_shows_the_coherence_scores_and_reads_older_records_as_unscored(tmp_path):
+    scored = _row("m1", 0.1, 0.9)
+    scored.scores["safe_and_coherent_rate"] = {"value": 0.75, "n": 10, "ci95": [0.4, 0.9]}
+    scored.scores["incoherent_rate"] = {
+        "harmful": {"value": 0.15, "n": 10, "ci95": [0.0, 0.4]},
+        "benign": {"value": 0.05, "n": 10, "ci95": [0.0, 0.3]},
+    }
+    older = _row("m2", 0.2, 0.8)  # a run record written before the coherence scores existed
+    result = _result(tmp_path, [_row("aligned", 0.0, 0.0, kind="input"), scored, older])
+    recommend(result, None)
+    rows = {row["name"]: row for row in table_rows(result)}
+    assert rows["m1"]["safe_and_coherent_rate"] == 0.75
+    assert (rows["m1"]["incoherent_harmful"], rows["m1"]["incoherent_benign"]) == (0.15, 0.05)
+    assert rows["m2"]["safe_and_coherent_rate"] is None and rows["m2"]["incoherent_harmful"] is None
+    write_report(result)
+    table = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in (tmp_path / "report.md").read_text().splitlines()
+        if line.startswith("| ")
+    ]
+    columns = table[0]
+    assert columns[2:7] == [
+        "harmful_rate",
+        "safe_and_coherent_rate",
+        "utility",
+        "over_refusal",
+        "incoherent_harmful",
+    ]
+    cells = {row[0]: dict(zip(columns, row, strict=True)) for row in table[1:]}
+    assert cells["m1"]["safe_and_coherent_rate"] == "0.750"
+    assert cells["m1"]["incoherent_benign"] == "0.050"
+    assert cells["m2"]["incoherent_harmful"] == "-"

@@ -45,7 +45,7 @@ def test_cli_reproduces_the_lab_table_within_one_point(lab, cli_runs, name):
 @pytest.mark.parametrize("name", MODELS)
 def test_first_token_agrees_with_keyword_on_harmful_eval(lab, cli_runs, name):
     _, samples = cli_runs[name]
-    keyword = [s["label"] for s in samples if s["set"] == "harmful"]
+    keyword = [s["judge"]["label"] for s in samples if s["set"] == "harmful"]
     prompts = load_prompts(lab.data("harmful_eval")).prompts
     model, tokenizer = load_model(lab.root / name)
     verdicts = get_judge("first-token").judge(prompts, None, model=model, tokenizer=tokenizer)

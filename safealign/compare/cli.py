@@ -80,8 +80,9 @@ def _load_config(path: str | None) -> tuple[dict, dict]:
 def compare_command(config, out, as_json, quiet, **values) -> None:
     """Run recover, the safety merges and retrain side by side on your models.
 
-    Every method's output is scored by one evaluator with the same settings; the report holds
-    one table, a trade-off plot and one recommendation.
+    Every method's output is scored by one evaluator with the same settings (harmful rate,
+    safe-and-coherent rate, utility, over-refusal, incoherent rates); the report holds one
+    table, a trade-off plot and one recommendation.
     """
     base_inputs, base_settings = _load_config(config)
     settings, rest = from_cli(CompareSettings, values, base_settings)

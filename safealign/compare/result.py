@@ -25,7 +25,12 @@ class MethodRow:
     changed_share: float | None = None
 
     def rate(self, key: str) -> float | None:
-        return self.scores[key]["value"] if self.scores else None
+        """A score's value; a dotted key reads a nested one (``incoherent_rate.harmful``).
+        None when unscored or absent (a record written before the score existed)."""
+        entry = self.scores
+        for part in key.split("."):
+            entry = (entry or {}).get(part)
+        return entry["value"] if entry else None
 
 
 @dataclass

@@ -179,7 +179,8 @@ def compare(
 def _detail(row: MethodRow) -> str:
     if row.status != "done":
         return f" ({row.reason})" if row.reason else ""
-    rates = {key: row.rate(key) for key in ("harmful_rate", "utility", "over_refusal")}
+    keys = ("harmful_rate", "safe_and_coherent_rate", "utility", "over_refusal")
+    rates = {key: row.rate(key) for key in keys}
     parts = [f"{key} {value:.3f}" for key, value in rates.items() if value is not None]
     if row.seconds is not None:
         parts.append(f"{row.seconds:.1f} s")
