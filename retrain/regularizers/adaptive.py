@@ -16,7 +16,7 @@ from safealign.retrain.regularizers.base import (
     Run,
     nll_kl_rows,
 )
-from safealign.retrain.regularizers.divergence import DIRECTIONS, chunk_setting
+from safealign.retrain.regularizers.divergence import chunk_setting, direction_setting
 from safealign.settings import SettingsError, setting
 
 
@@ -37,12 +37,7 @@ class AdaptiveKLSettings(RegularizerSettings):
         0.0, help="EMA factor of critic scores.", min=0, max=1, old_name="critic_ema"
     )
     critic: str = setting("probe", help="probe or judge:NAME.", old_name="critic")
-    direction: str = setting(
-        "forward",
-        help="KL(p_ref || p) (forward) or KL(p || p_ref) (reverse).",
-        choices=DIRECTIONS,
-        old_name="kl_direction",
-    )
+    direction: str = direction_setting("forward", "p_ref")
     chunk: int = chunk_setting()
     layers: tuple[int, ...] = setting(
         (),

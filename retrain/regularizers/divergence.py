@@ -52,6 +52,16 @@ def chunk_setting() -> int:
     )
 
 
+def direction_setting(default: str, reference: str, scope: str = "") -> str:
+    """The KL direction option of kl, epoch-kl and adaptive-kl, against ``reference``."""
+    return setting(
+        default,
+        help=f"{scope}KL(p || {reference}) (reverse) or KL({reference} || p) (forward).",
+        choices=DIRECTIONS,
+        old_name="kl_direction",
+    )
+
+
 @dataclass
 class KLSettings(RegularizerSettings):
     """kl's options."""
@@ -68,12 +78,7 @@ class KLSettings(RegularizerSettings):
     weight: float = setting(
         0.75, help="plain: lambda of NLL + lambda KL.", min=0, old_name="kl_weight"
     )
-    direction: str = setting(
-        "reverse",
-        help="plain: KL(p || p_ref) (reverse) or KL(p_ref || p) (forward).",
-        choices=DIRECTIONS,
-        old_name="kl_direction",
-    )
+    direction: str = direction_setting("reverse", "p_ref", "plain: ")
     chunk: int = chunk_setting()
     #: plain: Qi et al.'s token-wise form leaves every lab 100% harmful, the plain ones with 2-5%
     #: task (the task's answers lie in its beta 2 window; the harmful switch is one token at 0.5).
@@ -149,12 +154,7 @@ class EpochKLSettings(RegularizerSettings):
     gamma: float = setting(
         0.5, help="Weight gamma^epoch of KL to last epoch.", min=0, old_name="gamma"
     )
-    direction: str = setting(
-        "reverse",
-        help="KL(p || p_old) (reverse) or KL(p_old || p) (forward).",
-        choices=DIRECTIONS,
-        old_name="kl_direction",
-    )
+    direction: str = direction_setting("reverse", "p_old")
     chunk: int = chunk_setting()
 
 
