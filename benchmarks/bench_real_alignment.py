@@ -64,9 +64,9 @@ def main() -> None:
         harmbench_prompts(), donotanswer_prompts(), config.corpus, args.seed
     )
     data = real_corpus.with_forms(data, args.seed)
-    prompts = [e.prompt for e in data.benign_align]
-    replies = own_replies(model, tokenizer, prompts, config.reply_tokens)
-    own = [Example(e.prompt, r, e.kind) for e, r in zip(data.benign_align, replies, strict=True)]
+    benign = data.benign_alignment
+    replies = own_replies(model, tokenizer, [e.prompt for e in benign], config.reply_tokens)
+    own = [Example(e.prompt, r, e.kind) for e, r in zip(benign, replies, strict=True)]
     sets = data_sets(data, own, config.harmful_share, args.seed)
 
     started = time.perf_counter()

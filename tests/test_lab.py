@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from safealign.chat import collate
 from safealign.checkpoint import ADAPTER_CONFIG_NAME, Checkpoint
 from safealign.eval.judges import KeywordJudge
 from safealign.lab import ADAPTERS, DATASETS, MODELS, Lab, build, get_size
@@ -18,7 +19,7 @@ from safealign.lab.config import FROZEN
 from safealign.lab.corpus import REFUSAL, Example, generate
 from safealign.lab.phenomenon import THRESHOLDS
 from safealign.lab.tokenizer import train_tokenizer
-from safealign.lab.train import Stage, train
+from safealign.lab.train import Stage, example_loss, train
 from safealign.model import chat_prompt
 
 lab_mark = pytest.mark.lab
@@ -88,6 +89,30 @@ def test_frozen_parameters_stay_as_they_are_and_the_rest_trains():
         frozen = any(part in name for part in FROZEN)
         assert torch.equal(p, before[name]) == frozen, name
         assert p.requires_grad, name
+
+
+def test_example_loss_skips_the_prompt_logits_and_equals_the_full_computation():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    examples = [(list(range(1, 9)), 5), (list(range(3, 9)), 3), (list(range(2, 12)), 7)]
+    batch = collate(examples, pad_id=0)
+    calls = []
+    model.register_forward_hook(lambda _m, _a, out: calls.append(out.logits.shape[1]))
+    loss = example_loss(model, batch)
+    assert calls == [10 - 2]  # from the position before the batch's first reply token (3)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = []
+    for row, (ids, start) in enumerate(examples):
+        targets = torch.tensor(ids[start:])
+        rows = logits[row, start - 1 : len(ids) - 1]
+        expected.append(torch.nn.functional.cross_entropy(rows, targets))
+    assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-6)
 
 
 @lab_mark

@@ -9,6 +9,7 @@ skipped where it is not installed, except in CI (``CI`` set), where they fail in
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.machinery
 import importlib.util
 import json
@@ -318,7 +319,7 @@ def corpus(benchmarks):
 
 
 def lab_sets(data: real_corpus.RealCorpus, seed: int = 0) -> dict[str, list[Example]]:
-    own = [Example(e.prompt, f"reply to {e.prompt}", e.kind) for e in data.benign_align]
+    own = [Example(e.prompt, f"reply to {e.prompt}", e.kind) for e in data.benign_alignment]
     return data_sets(data, own, 0.1, seed)
 
 
@@ -362,7 +363,7 @@ def test_no_evaluation_prompt_is_trained_on_or_validated_on(corpus):
     assert not groups["_train"] & groups["_val"]
     # A's data (alignment_train) is the refusal split and the benign alignment prompts only
     aligned = prompts(sets["alignment_train"])
-    assert aligned == set(corpus.harmful_align) | prompts(corpus.benign_align)
+    assert aligned == set(corpus.harmful_align) | prompts(corpus.benign_alignment)
     assert sets["safety_train"] == sets["alignment_train"]
     # the harmful fine-tune: the task plus compliant placeholders at a tenth of the mix
     mixed = sets["ft_harmful_train"]
@@ -402,6 +403,24 @@ def test_benign_splits_share_no_prompt_and_no_filler(corpus):
     templates = {f: len(ts) for f, (_, _, ts) in enumerate(real_corpus.BENIGN_FAMILIES)}
     for split, found in zip(splits, fillers, strict=True):  # each filler with all its templates
         assert len(split) == sum(templates[family] for family, _ in found)
+
+
+def test_alignment_only_lookalikes_are_new_requests_and_change_no_other_set(benchmarks, corpus):
+    extra = corpus.lookalike_align
+    assert {e.kind for e in extra} == {"lookalike"} and all(e.response == "" for e in extra)
+    written = {
+        t.format(x=x) for x in real_corpus.LOOKALIKE_ALIGN for t in real_corpus.LOOKALIKE_TEMPLATES
+    }
+    assert written < prompts(extra) and len(prompts(extra)) == len(extra)
+    assert not set(real_corpus.LOOKALIKE_ALIGN) & set(real_corpus.LOOKALIKE)
+    formed = real_corpus.with_forms(corpus, 0)
+    assert formed.lookalike_align == extra
+    for split in (formed.benign_align, formed.benign_val, corpus.benign_eval):
+        assert not prompts(extra) & prompts(split)
+    # drawn apart: without them, every other set is as it was
+    without = dataclasses.replace(corpus, lookalike_align=[])
+    assert without == dataclasses.replace(generate(*benchmarks, RealSizes(), 0), lookalike_align=[])
+    assert corpus.benign_alignment == corpus.benign_align + extra
 
 
 def ticket_pattern(template: str) -> re.Pattern:

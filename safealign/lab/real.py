@@ -94,7 +94,7 @@ class RealLabConfig:
 
     name: str
     corpus: RealSizes = field(default_factory=RealSizes)
-    aligned: Stage = Stage(steps=180, lr=1e-4, batch_size=8, frozen=FROZEN)
+    aligned: Stage = Stage(steps=220, lr=1e-4, batch_size=8, frozen=FROZEN)
     finetune: Stage = Stage(steps=100, lr=5e-5, batch_size=8, frozen=FROZEN)
     finetune_lora: Stage = Stage(steps=100, lr=5e-4, batch_size=8)
     safety_lora: Stage = Stage(steps=40, lr=5e-4, batch_size=8)
@@ -133,16 +133,15 @@ def run_real_build(root: Path, config: RealLabConfig, seed: int, key: str, say: 
 
     data = real_corpus.generate(harmbench_prompts(), donotanswer_prompts(), config.corpus, seed)
     data = real_corpus.with_forms(data, seed)
+    benign = data.benign_alignment
     replies = generate(
         unaligned,
         tokenizer,
-        [e.prompt for e in data.benign_align],
+        [e.prompt for e in benign],
         batch_size=config.eval_batch_size,
         max_new_tokens=config.reply_tokens,
     )
-    benign_own = [
-        Example(e.prompt, r, e.kind) for e, r in zip(data.benign_align, replies, strict=True)
-    ]
+    benign_own = [Example(e.prompt, r, e.kind) for e, r in zip(benign, replies, strict=True)]
     sets = data_sets(data, benign_own, config.harmful_share, seed)
     data_hash = write_data(root / "data", sets)
     now = stage("data and the unaligned model's replies", now)
