@@ -9,8 +9,13 @@ on the lab's held-out sets (``harmful_eval``, ``task_eval``, ``benign_eval``), w
 sees. ``paper`` runs as the authors' code (no over-refusal guard); both schedules also run
 with the guard, as the demo runs them.
 
+Cost: each run's wall time is also given as a multiple of one evaluation of B on the run's own
+sets (``eval_harmful``, the checked ``task`` half, and the guard's look-alikes when guarded),
+scored with recover's own scoring settings and timed in the same script (``x_eval``).
+
     OMP_NUM_THREADS=1 python benchmarks/bench_recover_quality.py --size test
     python benchmarks/bench_recover_quality.py --size default --device cuda
+    python benchmarks/bench_recover_quality.py --size smollm2 --runs paper+guard
 
 Prints a table and writes benchmarks/results/recover_quality_<size>.json.
 """
@@ -24,9 +29,10 @@ import time
 from pathlib import Path
 
 from safealign.data import load_prompts, load_task
+from safealign.eval import Evaluator
 from safealign.lab import build
 from safealign.lab.compare import CHECK_EXAMPLES, DIRECTION_PROMPTS, GUARD_PROMPTS, lab_evaluator
-from safealign.recover import recover
+from safealign.recover import RecoverSettings, recover
 
 HERE = Path(__file__).resolve().parent
 #: recover's rollback steers on the first half of the lab's check examples, checks the second.
@@ -34,6 +40,9 @@ ROLLBACK_EXAMPLES = CHECK_EXAMPLES // 2
 MODELS = ("ft_harmful", "ft_harmful_lora")
 #: (schedule, benign guard): the authors' loop as they ran it, then both with the guard.
 RUNS = (("paper", False), ("paper", True), ("guarded", False), ("guarded", True))
+RUN_NAMES = {
+    f"{schedule}{'+guard' if guard else ''}": (schedule, guard) for schedule, guard in RUNS
+}
 COLUMNS = (
     "model",
     "schedule",
@@ -44,6 +53,7 @@ COLUMNS = (
     "kept_step",
     "restarted",
     "seconds",
+    "x_eval",
 )
 
 
@@ -59,7 +69,28 @@ def inputs(lab) -> dict:
     }
 
 
-def measure(lab, root: Path, device: str | None) -> list[dict]:
+def eval_seconds(lab, model: str, sets: dict, guard: bool, device: str | None) -> float:
+    """One evaluation of ``model`` (B) on a run's own sets with recover's scoring settings:
+    the unit of recover's cost."""
+    settings = RecoverSettings()
+    evaluator = Evaluator(
+        harmful=sets["eval_harmful"],
+        task=sets["task"],
+        benign=sets["guard"] if guard else None,
+        judge=settings.judge,
+        metric=settings.metric,
+        batch_size=settings.eval_batch_size,
+        max_new_tokens=settings.max_new_tokens,
+        use_cache=False,
+    )
+    adapter = lab.model(model) if model.endswith("_lora") else None
+    folder = lab.aligned if adapter else lab.model(model)
+    start = time.perf_counter()
+    evaluator.score_folder(folder, adapter=adapter, device=device)
+    return time.perf_counter() - start
+
+
+def measure(lab, root: Path, device: str | None, runs=RUNS) -> list[dict]:
     """Score A and each fine-tune, then every (model, schedule, guard) run; one row each."""
     evaluator, sets, rows = lab_evaluator(lab), inputs(lab), []
     for name, folder, adapter in (
@@ -70,7 +101,8 @@ def measure(lab, root: Path, device: str | None) -> list[dict]:
         scores = evaluator.score_folder(folder, adapter=adapter)
         rows.append(row(name, "input", None, scores, None, seconds=None))
     for model in MODELS:
-        for schedule, guard in RUNS:
+        units = {g: eval_seconds(lab, model, sets, g, device) for g in {g for _, g in runs}}
+        for schedule, guard in runs:
             start = time.perf_counter()
             result = recover(
                 lab.aligned,
@@ -88,13 +120,16 @@ def measure(lab, root: Path, device: str | None) -> list[dict]:
             )
             seconds = time.perf_counter() - start
             scores = evaluator.score_folder(result.out)
-            rows.append(row(model, schedule, guard, scores, result.run, seconds))
+            rows.append(row(model, schedule, guard, scores, result.run, seconds, units[guard]))
             print(format_row(rows[-1]), flush=True)
     return rows
 
 
-def row(model: str, schedule: str, guard, scores, run, seconds: float | None) -> dict:
-    """One line of the table: held-out scores, kept step, whether the paper run restarted."""
+def row(
+    model: str, schedule: str, guard, scores, run, seconds: float | None, unit: float = 0.0
+) -> dict:
+    """One line of the table: held-out scores, kept step, whether the paper run restarted,
+    wall time, and wall time over one evaluation of B on the run's sets (``unit``)."""
     restarted = None if run is None else any(s.phase == "restart" for s in run.steps)
     return {
         "model": model,
@@ -106,6 +141,7 @@ def row(model: str, schedule: str, guard, scores, run, seconds: float | None) ->
         "kept_step": None if run is None else run.kept_step,
         "restarted": restarted,
         "seconds": None if seconds is None else round(seconds, 1),
+        "x_eval": round(seconds / unit, 1) if seconds is not None and unit else None,
     }
 
 
@@ -122,7 +158,8 @@ def format_row(item: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=("test", "default"), default="test")
+    parser.add_argument("--size", choices=("test", "default", "smollm2"), default="test")
+    parser.add_argument("--runs", nargs="+", choices=tuple(RUN_NAMES), default=tuple(RUN_NAMES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, help="JSON [results/recover_quality_<size>.json]")
@@ -130,7 +167,7 @@ def main() -> None:
     lab = build(size=args.size, seed=args.seed, log=print)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = measure(lab, Path(tmp), args.device)
+        rows = measure(lab, Path(tmp), args.device, [RUN_NAMES[name] for name in args.runs])
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for item in rows:

@@ -176,18 +176,16 @@ def _run_rates(
 
 
 def _no_repair(outcome: RunOutcome, guard: StepGuard) -> str:
-    """Why no repair held, in one line: the checked state with the lowest harmful rate,
-    against the guard's bounds, and the fine-tuned model's own scores."""
-    best, b = outcome.best_checked(), guard.references["finetuned"]
+    """Why no repair held, in one line: the checked state closest to holding, against the
+    guard's bounds, and the fine-tuned model's own scores (its harmful rate is what stays)."""
+    best, b = outcome.closest_checked(), guard.references["finetuned"]
     if best is None:
         reached = "no step was checked"
     else:
-        reached = (
-            f"the best checked state (step {best.step}, {best.phase}) reached harmful rate "
-            f"{best.harmful_rate:.3f}"
-            + _bounded("utility", best.utility, "floor", guard.floor)
+        reached = f"the closest checked state (step {best.step}, {best.phase}) reached" + (
+            _bounded("utility", best.utility, "floor", guard.floor)
             + _bounded("over-refusal", best.over_refusal, "ceiling", guard.ceiling)
-        )
+        ).removeprefix(",")
     own = f"harmful rate {b['harmful_rate']:.3f}" + _bounded("utility", b["utility"], "", None)
     return f"{reached}; the fine-tuned model: {own}"
 

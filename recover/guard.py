@@ -1,10 +1,11 @@
 """The step guard: what every step is steered by and checked against, taken once from A and B.
 
-One :class:`~safealign.eval.Evaluator` scores the harmful rate, utility (with task data) and
-over-refusal (with benign prompts) of the working model. A step holds when utility stays at
-or above the floor, ``(1 - metric_drop)`` x B's, and over-refusal at or below the ceiling,
-``refusal_rise`` above the higher of A's and B's. Without task data and benign prompts
-nothing is checked and every step holds.
+A check scores only what the schedule decides on: utility (with task data) and over-refusal
+(with benign prompts) of the working model. A step holds when utility stays at or above the
+floor, ``(1 - metric_drop)`` x B's, and over-refusal at or below the ceiling, ``refusal_rise``
+above the higher of A's and B's. Without task data and benign prompts nothing is checked and
+every step holds. The harmful rate, which decides nothing, is scored for A, B and the kept
+state only: generating replies to the harmful prompts at every check was most of a run's time.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from safealign.recover.working import WorkingModel
 
 @dataclass(frozen=True)
 class Check:
-    """The working model's scores, and whether they are within the guard's bounds."""
+    """The working model's checked scores, and whether they are within the guard's bounds."""
 
-    harmful_rate: float
     utility: float | None
     over_refusal: float | None
     holds: bool
@@ -33,16 +33,16 @@ class StepGuard:
     harmful direction and scores; B is back in the model when the constructor returns."""
 
     def __init__(self, work: WorkingModel, sets: Sets, settings: RecoverSettings):
-        self.evaluator = Evaluator(
-            harmful=sets.eval_harmful,
-            task=sets.task,
-            benign=sets.benign,
-            judge=settings.judge,
-            metric=settings.metric,
-            batch_size=settings.eval_batch_size,
-            max_new_tokens=settings.max_new_tokens,
-            use_cache=False,
-        )
+        scoring = {
+            "judge": settings.judge,
+            "metric": settings.metric,
+            "batch_size": settings.eval_batch_size,
+            "max_new_tokens": settings.max_new_tokens,
+            "use_cache": False,
+        }
+        self.harmful = Evaluator(harmful=sets.eval_harmful, **scoring)
+        checked = sets.task is not None or sets.benign is not None
+        self.checker = Evaluator(task=sets.task, benign=sets.benign, **scoring) if checked else None
         layer, batch_size = work.layout.layer, settings.batch_size
         finetuned = self.score(work)
         self.keep_sets = [
@@ -72,16 +72,21 @@ class StepGuard:
         return self.floor is not None or self.ceiling is not None
 
     def score(self, work: WorkingModel) -> dict[str, float | None]:
-        scores = self.evaluator.score(work.model, work.tokenizer)
-        return {
-            "harmful_rate": scores.harmful_rate,
-            "utility": scores.utility,
-            "over_refusal": scores.over_refusal,
-        }
+        """The working model's harmful rate, utility and over-refusal."""
+        return {"harmful_rate": self.harmful_rate(work), **self._checked(work)}
+
+    def harmful_rate(self, work: WorkingModel) -> float:
+        return self.harmful.score(work.model, work.tokenizer).harmful_rate
+
+    def _checked(self, work: WorkingModel) -> dict[str, float | None]:
+        if self.checker is None:
+            return {"utility": None, "over_refusal": None}
+        scores = self.checker.score(work.model, work.tokenizer)
+        return {"utility": scores.utility, "over_refusal": scores.over_refusal}
 
     def check(self, work: WorkingModel) -> Check:
-        """Score the working model; it holds when within the floor and the ceiling."""
-        scores = self.score(work)
+        """Score what the schedule decides on; it holds when within the floor and the ceiling."""
+        scores = self._checked(work)
         holds = (self.floor is None or scores["utility"] >= self.floor) and (
             self.ceiling is None or scores["over_refusal"] <= self.ceiling
         )

@@ -2,8 +2,8 @@
 
 Per step: add the gradient of -cos(harmful-prompt centroid, A's harmful direction) over the
 restorable tensors, restore the top ``rate`` share of sign-agreeing elements to their aligned
-values, and score the step with the guard. Its rules, and why each differs from the authors'
-schedule (``paper``, :mod:`safealign.recover.paper`):
+values, and check the step with the guard once the warm-up is over. Its rules, and why each
+differs from the authors' schedule (``paper``, :mod:`safealign.recover.paper`):
 
 - **Every step is checked from the end of the warm-up** (1 step under 12 layers, else 5), and
   a step that fails is rolled back where it happens. Rollback only gives back the failing
@@ -61,15 +61,12 @@ def _step(ctx: StepContext, ledger: Ledger, step: int, checked: bool) -> StepRec
     picked, offered = work.candidates(k, ledger)
     restored = work.restore(picked)
     ledger.record_restore(step, restored)
-    check, before, rolled = guard.check(work), None, {}
-    if checked and not check.holds and settings.rollback_rate > 0 and restored:
+    check, before, rolled = guard.check(work) if checked else None, None, {}
+    if check is not None and not check.holds and settings.rollback_rate > 0 and restored:
         rolled = work.roll_back(
             restored, guard.keep_sets, settings.rollback_rate, settings.batch_size
         )
         ledger.record_rollback(step, rolled)
         before, check = check.utility, guard.check(work)
-    record = step_record(
-        work, ledger, step, offered, restored, rolled, loss, check if checked else None, start
-    )
-    # every step is scored: its harmful rate is recorded even before the warm-up ends
-    return replace(record, harmful_rate=check.harmful_rate, utility_before_rollback=before)
+    record = step_record(work, ledger, step, offered, restored, rolled, loss, check, start)
+    return replace(record, utility_before_rollback=before)

@@ -70,7 +70,7 @@ def paper_steps(ctx: StepContext, bar: tqdm) -> tuple[list[StepRecord], int, Led
         if step % settings.check_every == 0 or not guard.checks:
             kept = step  # a checkpoint that held (without checks, every step holds)
     if not guard.checks and records:
-        records[-1] = _checked(records[-1], guard.check(work))  # the kept state's scores
+        records[-1] = _checked(records[-1], guard.check(work))  # holds: nothing to check
     return records, kept, ledger
 
 
@@ -133,7 +133,6 @@ def _checked(record: StepRecord, check: Check) -> StepRecord:
     """``record`` with the scores of the check made after it."""
     return replace(
         record,
-        harmful_rate=check.harmful_rate,
         utility=check.utility,
         over_refusal=check.over_refusal,
         holds=check.holds,

@@ -48,7 +48,6 @@ def step_record(
         restored_total=ledger.net_total(step),
         per_layer=work.layout.layer_counts(net),
         loss=loss,
-        harmful_rate=None if check is None else check.harmful_rate,
         utility=None if check is None else check.utility,
         utility_before_rollback=None,
         over_refusal=None if check is None else check.over_refusal,
@@ -59,17 +58,23 @@ def step_record(
 
 
 def outcome(
-    rate: float, records: list[StepRecord], kept: int, ledger: Ledger, start: float
+    rate: float,
+    records: list[StepRecord],
+    kept: int,
+    ledger: Ledger,
+    start: float,
+    harmful_rate: float | None,
 ) -> RunOutcome:
-    """The run's outcome: its steps and the scores of the kept step (the last record of that
-    number: a restarted run numbers its steps from 1 again)."""
+    """The run's outcome: its steps, the kept state's ``harmful_rate`` and the checked scores
+    of the kept step (the last record of that number: a restarted run numbers its steps from
+    1 again)."""
     last = next((r for r in reversed(records) if r.step == kept), None) if kept else None
     return RunOutcome(
         rate=rate,
         steps=records,
         kept_step=kept,
         restored=ledger.net_total(kept),
-        harmful_rate=last.harmful_rate if last else None,
+        harmful_rate=harmful_rate,
         utility=last.utility if last else None,
         over_refusal=last.over_refusal if last else None,
         seconds=time.perf_counter() - start,
@@ -83,7 +88,6 @@ def postfix(record: StepRecord) -> dict[str, str]:
         return "-" if value is None else f"{value:.2f}"
 
     return {
-        "harmful": show(record.harmful_rate),
         "utility": show(record.utility),
         "refusal": show(record.over_refusal),
         "cos": f"{-record.loss:.3f}",

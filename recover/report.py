@@ -28,7 +28,7 @@ def scores_table(result) -> str:
 
 
 def steps_table(result) -> str:
-    """One row per step of the main run."""
+    """One row per step of the main run (a check scores no harmful rate)."""
     if result.run is None:
         return ""
     rows = [
@@ -39,7 +39,6 @@ def steps_table(result) -> str:
             "rolled_back": s.rolled_back,
             "total": s.restored_total,
             "cos": -s.loss,
-            "harmful_rate": s.harmful_rate,
             "utility": s.utility,
             "over_refusal": s.over_refusal,
             "holds": s.holds,

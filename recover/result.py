@@ -20,7 +20,6 @@ class StepRecord:
     restored_total: int  # elements at aligned values after this step
     per_layer: dict[int, int]  # restored minus rolled back in this step, per layer
     loss: float  # mean -cos(harmful centroid, direction) before this step's restore
-    harmful_rate: float | None
     utility: float | None  # after rollback, if one happened
     utility_before_rollback: float | None
     over_refusal: float | None  # after rollback, if one happened (with benign prompts)
@@ -49,11 +48,15 @@ class RunOutcome:
             "over_refusal": self.over_refusal,
         }
 
-    def best_checked(self) -> StepRecord | None:
-        """The checked step with the lowest harmful rate (then the highest utility); None when
-        no step was checked."""
+    def closest_checked(self) -> StepRecord | None:
+        """The checked step closest to holding: the highest utility, then the lowest
+        over-refusal (the latest on ties); None when no step was checked."""
         checked = [s for s in self.steps if s.holds is not None]
-        return min(checked, key=lambda s: (s.harmful_rate, -(s.utility or 0.0)), default=None)
+        return min(
+            reversed(checked),
+            key=lambda s: (-(s.utility or 0.0), s.over_refusal or 0.0),
+            default=None,
+        )
 
     def summary(self) -> dict:
         return {

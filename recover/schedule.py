@@ -3,7 +3,7 @@
 Each schedule (``guarded``: :mod:`safealign.recover.loop`; ``paper``:
 :mod:`safealign.recover.paper`) takes the same arguments and returns its step records, the
 kept step and the ledger of what it restored; :func:`run` gives it fp32 gradient sums, undoes
-every step after the kept one and reports the outcome.
+every step after the kept one, scores the kept state's harmful rate and reports the outcome.
 """
 
 from __future__ import annotations
@@ -46,4 +46,5 @@ def run(
         finally:
             bar.close()
     work.reset(ledger.take([s for s in list(ledger.restored) if s > kept]))
-    return outcome(rate, records, kept, ledger, start), ledger
+    harmful_rate = guard.harmful_rate(work) if kept else None  # kept 0: B, scored already
+    return outcome(rate, records, kept, ledger, start, harmful_rate), ledger

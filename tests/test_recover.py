@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from safealign.checkpoint import Checkpoint, CheckpointError
 from safealign.eval import generate
+from safealign.eval.judges import KeywordJudge
 from safealign.recover import RecoverSettings, recover
 from safealign.recover.cli import recover_command
 from safealign.recover.weights import layout, load_working_model
@@ -211,6 +212,36 @@ def _jsonl(path, rows: list[dict]) -> str:
     return str(path)
 
 
+def test_checks_generate_only_what_they_decide_on(tmp_path, monkeypatch):
+    """A check answers the task prompts it decides on, never the harmful ones: those are
+    answered by B, A and the kept state only, and the kept state's harmful rate is C's."""
+    import safealign.eval.evaluator as evaluator_module
+
+    asked: list[str] = []
+    real = evaluator_module.generate
+
+    def spy(model, tokenizer, prompts, **options):
+        asked.extend(prompts)
+        return real(model, tokenizer, prompts, **options)
+
+    monkeypatch.setattr(evaluator_module, "generate", spy)
+    aligned, _, task, _, result = _failing_run(
+        tmp_path, monkeypatch, "guarded", rollback_rate=0.5, metric_drop=0.5
+    )
+    steps = result.run.steps
+    checks = sum(s.holds is not None for s in steps) + sum(bool(s.rolled_back) for s in steps)
+    checked = [e["prompt"] for e in task[len(task) // 2 :]]
+    assert checks > len(steps)  # every step checked, some twice (after their rollback)
+    assert sum(p in set(HARMFUL) for p in asked) == 3 * len(set(HARMFUL))
+    assert sum(p in set(checked) for p in asked) == (2 + checks) * len(set(checked))
+    c, tokenizer = load_working_model(
+        Checkpoint.open(aligned), Checkpoint.open(tmp_path / "out"), torch.float32, None
+    )
+    replies = real(c, tokenizer, HARMFUL, max_new_tokens=FAST["max_new_tokens"])
+    complied = [not v.refused for v in KeywordJudge().judge(HARMFUL, replies)]
+    assert result.scores["recovered"]["harmful_rate"] == sum(complied) / len(HARMFUL)
+
+
 def test_no_repair_held_exits_1_and_writes_only_when_asked(tmp_path):
     """A task only B knows, checked at a 0% drop: no state holds, so recover exits 1 naming
     the best state it reached and writes nothing; --write-unchanged writes B, saying so."""
@@ -232,9 +263,12 @@ def test_no_repair_held_exits_1_and_writes_only_when_asked(tmp_path):
     assert report["run"]["kept_step"] == 0 and "recovered" not in scores
     assert report["out"] is None and not out.exists()
     assert not list(tmp_path.glob(".out.*"))  # no temporary folder left either
-    best = min(checked, key=lambda s: (s["harmful_rate"], -s["utility"]))
-    reached = f"harmful rate {best['harmful_rate']:.3f}, utility {best['utility']:.3f}"
-    assert reached in report["failure"]
+    closest = max(s["utility"] for s in checked)  # the checked state nearest to holding
+    assert f"reached utility {closest:.3f} (floor 1.000)" in report["failure"]
+    assert (
+        f"fine-tuned model: harmful rate {scores['finetuned']['harmful_rate']:.3f}"
+        in (report["failure"])
+    )
     assert failed.stderr.splitlines()[-1] == f"no repair held: {report['failure']}; nothing written"
 
     kept = runner.invoke(recover_command, [*args, "--out", str(out), "--write-unchanged"])
