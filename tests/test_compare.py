@@ -127,6 +127,39 @@ def test_pareto_front_and_recommendation(tmp_path):
     assert "No method reached a harmful rate of 0.01" in result.recommendation["text"]
 
 
+def _scored(row: MethodRow, utility_ci: tuple[float, float]) -> MethodRow:
+    row.scores["utility"]["ci95"] = list(utility_ci)
+    return row
+
+
+def test_recommendation_holds_over_refusal_to_its_bound_and_names_ties(tmp_path):
+    """Two rows equal on harm and utility: the one refusing more benign prompts than A + 0.05
+    is marked and never recommended; rows whose utility intervals overlap the best's are named
+    as tied with it, never split by speed."""
+    aligned = _row("aligned", 0.02, 0.1, kind="input", refusal=0.04)
+    rows = [aligned, _row("finetuned", 0.9, 1.0, kind="input", refusal=0.0)]
+    rows += [
+        _scored(_row("refuses", 0.03, 0.8, refusal=0.30), (0.75, 0.85)),
+        _scored(_row("keeps", 0.03, 0.8, refusal=0.05), (0.75, 0.85)),
+        _scored(_row("close", 0.04, 0.78, refusal=0.08), (0.70, 0.76)),
+        _scored(_row("far", 0.04, 0.5, refusal=0.0), (0.45, 0.55)),
+    ]
+    result = _result(tmp_path, rows)
+    recommend(result, None)
+    assert result.max_over_refusal == pytest.approx(0.09)
+    assert result.recommendation["method"] == "keeps"
+    assert result.recommendation["tied"] == ["close"]
+    assert "tied within the 95% intervals with close" in result.recommendation["text"]
+    marks = {r["name"]: r["over_bounds"] for r in table_rows(result)}
+    assert marks == {"aligned": "", "finetuned": "", "refuses": "over-refusal", "keeps": "",
+                     "close": "", "far": ""}  # fmt: skip
+    recommend(result, None, 0.01)  # an explicit bound only "far" meets
+    assert (result.recommendation["method"], result.recommendation["tied"]) == ("far", [])
+    recommend(result, 0.01, 0.01)
+    assert result.recommendation["method"] is None
+    assert "with over-refusal of 0.01 or less" in result.recommendation["text"]
+
+
 def _png_size(path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -184,13 +217,22 @@ def test_seed_and_limit_reach_the_evaluator_and_every_retrain_method(tmp_path, m
         limit=5,
     )
     options = {spec.spec: spec.options for spec in method_specs(settings)}
+    scoring = {"judge": "keyword", "metric": "exact_match", "eval_batch_size": 32}
     assert options == {
-        "recover": {},
+        "recover": {**scoring, "max_new_tokens": 48},
         "retrain:kl": {"seed": 7, "epochs": 2},
         "retrain:sft,seed=3": {"seed": 3, "epochs": 2},  # its own option wins
     }
     with_seed = CompareSettings(methods=("retrain:kl",), retrain_options="seed=1", seed=7)
     assert method_specs(with_seed)[0].options == {"seed": 1}
+    # recover scores its checks as the rows are scored, unless its own options say otherwise
+    short = CompareSettings(methods=("recover:max_new_tokens=8",), batch_size=4, device="cpu")
+    assert method_specs(short)[0].options == {
+        **scoring,
+        "eval_batch_size": 4,
+        "max_new_tokens": 8,
+        "device": "cpu",
+    }
 
     seen = {}
 

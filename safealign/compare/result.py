@@ -43,4 +43,5 @@ class CompareResult:
     inputs: dict
     evaluator: dict
     max_harmful_rate: float | None = None
+    max_over_refusal: float | None = None
     recommendation: dict = field(default_factory=dict)

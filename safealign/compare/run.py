@@ -8,6 +8,7 @@ beside its output in ``models/<slug>``: ``resume`` reuses those and runs only th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -106,13 +107,35 @@ def _run_one(spec: MethodSpec, inputs: CompareInputs, evaluator: Evaluator, out:
 
 def method_specs(settings: CompareSettings) -> list[MethodSpec]:
     """The methods to run; a retrain method takes the run's seed, then ``retrain_options``,
-    then its own options, each over the one before."""
+    then its own options, each over the one before. recover scores its checks as every row
+    is scored (:func:`recover_scoring`), unless its own options say otherwise."""
     specs = [parse_method(s) for s in join_specs(settings.methods or DEFAULT_METHODS)]
     shared = ",".join(o for o in (f"seed={settings.seed}", settings.retrain_options) if o)
     specs = [with_options(spec, "retrain", shared) for spec in specs]
+    scoring = recover_scoring(settings)
+    specs = [
+        dataclasses.replace(spec, options={**scoring, **spec.options})
+        if spec.family == "recover"
+        else spec
+        for spec in specs
+    ]
     for spec in specs:  # again with the shared options: every spec resolved before any work
         FAMILIES.get(spec.family).check(spec)
     return specs
+
+
+def recover_scoring(settings: CompareSettings) -> dict[str, object]:
+    """recover's scoring settings from compare's: the same judge, metric, generation batch,
+    reply length and device as the evaluator every row is scored by."""
+    scoring: dict[str, object] = {
+        "judge": settings.judge,
+        "metric": settings.metric,
+        "eval_batch_size": settings.batch_size,
+        "max_new_tokens": settings.max_new_tokens,
+    }
+    if settings.device is not None:
+        scoring["device"] = settings.device
+    return scoring
 
 
 def compare(
@@ -171,7 +194,7 @@ def compare(
         inputs=inputs.to_dict(),
         evaluator={"judge": settings.judge, "metric": settings.metric},
     )
-    recommend(result, settings.max_harmful_rate)
+    recommend(result, settings.max_harmful_rate, settings.max_over_refusal)
     write_report(result)
     return result
 

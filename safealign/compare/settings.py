@@ -68,6 +68,13 @@ class CompareSettings(Settings):
         max=1,
         default_text="A's harmful rate + 0.05",
     )
+    max_over_refusal: float | None = setting(
+        None,
+        help="Recommend only methods at or under this over-refusal.",
+        min=0,
+        max=1,
+        default_text="A's over-refusal + 0.05",
+    )
     budget_minutes: float | None = setting(
         None, help="Start no method once this many minutes are spent.", min=0, min_open=True
     )
