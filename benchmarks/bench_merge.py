@@ -47,14 +47,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MEASURED_MERGE = """
 import json, resource, sys, time
 import torch
-from safealign.merge import return_freed_tensors_to_os, run_merge
+from safealign.merge import MergeSettings, return_freed_tensors_to_os, run_merge
 config, out, device = sys.argv[1:4]
 return_freed_tensors_to_os()
 if device.startswith("cuda"):
     torch.zeros(1, device=device)  # CUDA context made before the clock starts
 start = time.perf_counter()
 if config != "-":
-    run_merge(config, out, device=device, progress=False)
+    run_merge(config, MergeSettings(device=device), out)
 seconds = time.perf_counter() - start
 cuda = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -127,7 +127,7 @@ def run_grid(
     rows = []
     for i, (method, parameters, roles) in enumerate(GRID):
         config = grid_config(lab, finetuned, method, parameters, roles)
-        result = run_merge(config, work / f"{i:02d}-{method}", progress=False)
+        result = run_merge(config, None, work / f"{i:02d}-{method}")
         scores = score_output(evaluator, result.out, lab.aligned)
         report = result.report
         resolved = {p.name: report["parameters"][p.name] for p in METHODS.get(method).parameters}

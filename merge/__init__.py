@@ -3,9 +3,9 @@
 Python API::
 
     from safealign.merge import run_merge, load_config
-    result = run_merge("merge.yaml", "out/merged")          # or a dict / MergeConfig
-    result = run_merge(safety_config("safemerge", aligned=A, unaligned=U, finetuned=B), "out/C")
-    result = run_merge(config, "out/C", MergeSettings(seed=1), output="model")
+    result = run_merge("merge.yaml", MergeSettings(), "out/merged")  # or a dict / MergeConfig
+    config = safety_config("safemerge", aligned=A, unaligned=U, finetuned=B)
+    result = run_merge(config, MergeSettings(seed=1, output_type="model"), "out/C", print)
 """
 
 from safealign.merge.config import MergeConfig, MergeConfigError, load_config, parameter_problems

@@ -28,10 +28,10 @@ from safealign.merge.engine import MergeResult, return_freed_tensors_to_os, run_
 from safealign.merge.methods import ALIGNED, ROLES
 from safealign.merge.report import REPORT_NAME, layer_table, summary
 from safealign.merge.settings import MergeSettings
-from safealign.merge.shortcuts import flag, role_problem, safety_config
+from safealign.merge.shortcuts import SHORTCUT_METHODS, flag, role_problem, safety_config
 from safealign.model import resolve_dtype
 from safealign.registry import split_spec
-from safealign.settings import click_options, from_cli
+from safealign.settings import SettingsError, click_options, from_cli
 
 SHORTCUT_ROLES = (ALIGNED, *ROLES.values())
 FOLDER = click.Path(file_okay=False, path_type=Path)
@@ -67,27 +67,41 @@ def _parse_sets(values: tuple[str, ...]) -> dict:
     return params
 
 
+def _check_method(method: str | None) -> None:
+    """``--method`` names a shortcut method (its options are checked with the config)."""
+    if method is not None and split_spec(method)[0] not in SHORTCUT_METHODS:
+        raise SettingsError(
+            f"--method must be one of {', '.join(SHORTCUT_METHODS)}, got {split_spec(method)[0]!r}"
+        )
+
+
 def _config(
-    path: Path | None, settings: MergeSettings, roles: dict[str, Any], sets: tuple[str, ...]
+    path: Path | None,
+    method: str | None,
+    dtype: str | None,
+    roles: dict[str, Any],
+    sets: tuple[str, ...],
 ) -> MergeConfig:
     """The config file (its dtype overridden by --dtype), or the ``--method`` shortcut's."""
     given = {role: value for role, value in roles.items() if value is not None}
     if path is not None:
-        if settings.method or given or sets:
+        if method or given or sets:
             raise click.UsageError("give a CONFIG file or the --method shortcut, not both")
         config = load_config(path)
-        if settings.dtype:
-            resolve_dtype(settings.dtype)
-            config = dataclasses.replace(config, dtype=settings.dtype, out_dtype=None)
+        if dtype:
+            resolve_dtype(dtype)
+            config = dataclasses.replace(config, dtype=dtype, out_dtype=None)
         return config
-    if not settings.method:
+    if not method:
         raise click.UsageError("give a CONFIG file, or --method with its models")
-    problem = role_problem(split_spec(settings.method)[0], given)
+    problem = role_problem(split_spec(method)[0], given)
     if problem:
         raise click.UsageError(problem)
-    return safety_config(
-        settings.method, **given, parameters=_parse_sets(sets), dtype=settings.dtype
-    )
+    return safety_config(method, **given, parameters=_parse_sets(sets), dtype=dtype)
+
+
+def _say(line: str) -> None:
+    click.echo(f"merge: {line}", err=True)
 
 
 def _print(result: MergeResult, as_json: bool) -> None:
@@ -118,17 +132,26 @@ def _print(result: MergeResult, as_json: bool) -> None:
 )
 @click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out_folder", metavar="[OUT]", required=False, type=FOLDER)
+@option(
+    "--method",
+    group="Merge",
+    help=f"Shortcut: a safety method ({', '.join(SHORTCUT_METHODS)}), "
+    "as NAME or NAME:key=value,...",
+)
 @click_options(MergeSettings, group="Merge")
 @_role_options
 @shared("--out", "Also the second argument, as mergekit-yaml takes it.", type=FOLDER)
+@shared("--dtype", "Output dtype (overrides a CONFIG's).", show_default="the inputs'")
 @shared("--json", "Prints merge_report.json.", name="as_json")
 @shared("--quiet")
 @deprecated("--set", "--method NAME:key=value,...", "sets", multiple=True, metavar="KEY=VALUE")
 @deprecated("--score", "--dry-run", "dry_run", is_flag=True)
-@deprecated("--output", "--output-type", "output", type=click.Choice(["auto", "model", "adapter"]))
+@deprecated(
+    "--output", "--output-type", "output_type", type=click.Choice(["auto", "model", "adapter"])
+)
 @reads_checkpoints
 @handles_bad_input
-def merge_command(config, out_folder, out, as_json, quiet, sets=(), **values):
+def merge_command(config, out_folder, method, out, dtype, as_json, quiet, sets=(), **values):
     """Merge checkpoints: a mergekit-style CONFIG, or a safety method by role.
 
     CONFIG is mergekit's YAML (linear, task_arithmetic, ties, dare_*, slerp, and the safety
@@ -139,13 +162,13 @@ def merge_command(config, out_folder, out, as_json, quiet, sets=(), **values):
     if out_folder is not None and out is not None and out_folder != out:
         raise click.UsageError(f"two output folders: {out_folder} and --out {out}")
     out = out or out_folder
+    _check_method(method)
     settings, roles = from_cli(MergeSettings, values)
-    cfg = _config(config, settings, roles, sets)
-    settings = settings.replace(method=None, dtype=None)
+    cfg = _config(config, method, dtype, roles, sets)
     if not settings.dry_run and out is None:
         raise click.UsageError("--out is required (or use --dry-run)")
     # Process-wide and permanent, so the CLI (a process that only merges) opts in and the
     # API does not: see return_freed_tensors_to_os.
     return_freed_tensors_to_os()
-    result = run_merge(cfg, out, settings, progress=not quiet)
+    result = run_merge(cfg, settings, out, None if quiet else _say)
     _print(result, as_json)

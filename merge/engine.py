@@ -28,6 +28,7 @@ from safealign.merge.methods import LayerScore, LowRank
 from safealign.merge.plan import MergePlan, TensorWork, plan_merge, tensor_params, tensor_work
 from safealign.merge.report import REPORT_NAME, merge_report, model_card
 from safealign.merge.settings import MergeSettings
+from safealign.progress import ProgressCallback
 from safealign.report import write_json
 from safealign.resources import streaming_estimate, tensor_bytes
 
@@ -126,12 +127,13 @@ def layer_names(plan: MergePlan) -> list[str]:
 
 
 def score_layers(
-    plan: MergePlan, *, device: str | None = None, progress: bool = True
+    plan: MergePlan, *, device: str | None = None, bars: bool = False
 ) -> list[LayerScore]:
-    """ρ and norms for every tensor the method scores (``device``: the plan's by default)."""
+    """ρ and norms for every tensor the method scores (``device``: the plan's by default;
+    ``bars``: a progress bar on stderr)."""
     device = device or plan.settings.device
     scores = []
-    for name in tqdm(layer_names(plan), desc="scoring layers", disable=not progress):
+    for name in tqdm(layer_names(plan), desc="scoring layers", disable=not bars):
         tensors, base = tensor_inputs(plan, name, device)
         scores.append(plan.method.score(name, tensors, base))
         del tensors, base
@@ -143,33 +145,32 @@ def score_layers(
 
 def run_merge(
     config: MergeConfig | str | Path | dict,
-    out: str | Path | None = None,
     settings: MergeSettings | None = None,
-    *,
-    progress: bool = True,
-    **changes: Any,
+    out: str | Path | None = None,
+    progress: ProgressCallback = None,
 ) -> MergeResult:
-    """Run a merge from a config (YAML path, data, or :class:`MergeConfig`).
+    """Run a merge from a config (YAML path, data, or :class:`MergeConfig`: the inputs).
 
-    ``settings`` (a :class:`MergeSettings`), or its fields as keywords (``device``,
-    ``out_shard_size``, ``dry_run``, ``seed``, ``overwrite``, ``output``), which override it.
-    ``dry_run`` validates, scores layers (layer-wise methods) and returns the report without
-    writing anything. Otherwise the merged model (or LoRA adapter) is written to ``out`` with its
-    model card and ``merge_report.json``.
+    ``settings``: a :class:`MergeSettings` (default: the defaults). ``settings.dry_run``
+    validates, scores layers (layer-wise methods) and returns the report without writing
+    anything (``out`` may then be None). Otherwise the merged model (or LoRA adapter) is
+    written to ``out`` with its model card and ``merge_report.json``. ``progress``: with a
+    callback, progress bars on stderr (the merge has no status lines of its own).
 
     The CLI also tunes the allocator (:func:`return_freed_tensors_to_os`); the API does not, as
     that setting is process-wide and permanent: call it first in a process that only merges.
     """
     start = time.perf_counter()
-    plan = plan_merge(config, settings, **changes)
+    plan = plan_merge(config, settings)
     settings = plan.settings
+    bars = progress is not None
     if not settings.dry_run and out is None:
         raise MergeConfigError("an output folder is required (out)")
     written = tensor_bytes(plan.layout) if plan.output != "adapter" else 0
     needs = streaming_estimate(list(plan.inputs.values()), written, None if out is None else out)
     if not settings.dry_run:
         needs.check("merge")  # before scoring and merging: a clear refusal, not an OOM kill
-    scores = score_layers(plan, progress=progress)
+    scores = score_layers(plan, bars=bars)
     selected = plan.method.select(scores, tensor_params(plan, "")) if scores else set()
     report = merge_report(plan, scores, selected)
     if settings.dry_run:
@@ -179,9 +180,9 @@ def run_merge(
     work = tensor_work(plan, selected)
     with _writer(plan, Path(out)) as writer:
         if plan.output == "adapter":
-            _merge_adapter(plan, writer, work, progress)
+            _merge_adapter(plan, writer, work, bars)
         else:
-            _merge_model(plan, writer, work, progress)
+            _merge_model(plan, writer, work, bars)
         report["seconds"] = round(time.perf_counter() - start, 3)
         write_json(writer.folder / REPORT_NAME, report)
         path = writer.finish(model_card(plan, report, Path(out)))
@@ -203,9 +204,9 @@ def _writer(plan: MergePlan, out: Path) -> AdapterWriter | CheckpointWriter:
     )
 
 
-def _merge_model(plan: MergePlan, writer, work: list[TensorWork], progress: bool) -> None:
+def _merge_model(plan: MergePlan, writer, work: list[TensorWork], bars: bool) -> None:
     method, device, copy_from = plan.method, plan.settings.device, plan.copy_source
-    for item in tqdm(work, desc=f"merging ({method.name})", disable=not progress):
+    for item in tqdm(work, desc=f"merging ({method.name})", disable=not bars):
         if item.params is None:
             writer.add(item.name, copy_from.get(item.name))
             copy_from.close()
@@ -216,9 +217,9 @@ def _merge_model(plan: MergePlan, writer, work: list[TensorWork], progress: bool
         del tensors, base, merged
 
 
-def _merge_adapter(plan: MergePlan, writer, work: list[TensorWork], progress: bool) -> None:
+def _merge_adapter(plan: MergePlan, writer, work: list[TensorWork], bars: bool) -> None:
     method, device = plan.method, plan.settings.device
-    for item in tqdm(work, desc=f"merging ({method.name}, LoRA)", disable=not progress):
+    for item in tqdm(work, desc=f"merging ({method.name}, LoRA)", disable=not bars):
         tensors, base = tensor_inputs(plan, item.name, device)
         merged = method.merge_lowrank(item.name, tensors, base, item.params)
         writer.add(item.name, merged.A.float().cpu(), merged.B.float().cpu(), merged.scale)

@@ -97,18 +97,11 @@ def model_id(method: MergeMethod, entry: ModelEntry) -> str:
 
 
 def plan_merge(
-    config: MergeConfig | str | Path | dict, settings: MergeSettings | None = None, **changes: Any
+    config: MergeConfig | str | Path | dict, settings: MergeSettings | None = None
 ) -> MergePlan:
-    """Validate a config against the checkpoints on disk (headers only, no tensor data).
-
-    ``settings`` (or its fields as keywords, e.g. ``output="adapter"``) as for :func:`run_merge`.
-    """
-    settings = (settings or MergeSettings()).replace(**changes)
-    if settings.method is not None or settings.dtype is not None:
-        raise MergeConfigError(
-            "method and dtype describe the --method shortcut's config (safety_config); "
-            "a config carries its own merge_method and dtype"
-        )
+    """Validate a config against the checkpoints on disk (headers only, no tensor data);
+    ``settings`` as for :func:`~safealign.merge.run_merge`."""
+    settings = settings or MergeSettings()
     if not isinstance(config, MergeConfig):
         config = load_config(config)
     method = config.method
@@ -126,7 +119,7 @@ def plan_merge(
         m for m in plan.others() if m in method.factor_roles and _lora_on(plan.base, opened[m])
     )
     plan.source = _tokenizer_source(plan)
-    plan.output = _output_kind(plan, settings.output)
+    plan.output = _output_kind(plan, settings.output_type)
     return plan
 
 

@@ -10,6 +10,9 @@ from safealign.merge.config import MergeConfig, MergeConfigError, parse_config, 
 from safealign.merge.methods import ALIGNED, METHODS, ROLES
 from safealign.registry import parse_options, split_spec
 
+#: The methods the ``--method`` shortcut runs: those whose inputs are named by role.
+SHORTCUT_METHODS = tuple(name for name in METHODS if METHODS.get(name).required_roles)
+
 
 def safety_config(
     method: str,

@@ -13,14 +13,15 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import click
 import yaml
 
-from safealign.command import VOCABULARY, Option, shared_help
+from safealign.command import VOCABULARY, OldSpelling, Option, shared_help
 from safealign.registry import split_items
 
 S = TypeVar("S", bound="Settings")
@@ -114,6 +115,10 @@ def _check_field(field: dataclasses.Field, value: Any, label: str) -> str | None
 class Settings:
     """Base of every command's settings; checks every field on construction."""
 
+    #: Former field names (old: new), still accepted by :meth:`from_dict` and :meth:`replace`
+    #: for one release with an :class:`~safealign.command.OldSpelling` warning.
+    RENAMED: ClassVar[dict[str, str]] = {}
+
     def __post_init__(self) -> None:
         self.check()
 
@@ -145,7 +150,7 @@ class Settings:
         known = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
         for key, value in data.items():
-            name = str(key).replace("-", "_")
+            name = cls.current_name(str(key).replace("-", "_"), where)
             if name not in known:
                 raise SettingsError(
                     f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}"
@@ -153,8 +158,18 @@ class Settings:
             values[name] = cls.coerce(name, value)
         return cls(**values)
 
+    @classmethod
+    def current_name(cls, name: str, where: str = "settings") -> str:
+        """``name``, or the field it was renamed to (saying so with an OldSpelling warning)."""
+        new = cls.RENAMED.get(name)
+        if new is None:
+            return name
+        warnings.warn(f"{where}: {name} is now {new}", OldSpelling, stacklevel=3)
+        return new
+
     def replace(self: S, **changes: Any) -> S:
         """A copy with ``changes`` applied (and checked)."""
+        changes = {self.current_name(key): value for key, value in changes.items()}
         return dataclasses.replace(self, **changes)
 
 

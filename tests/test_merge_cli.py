@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from merge_support import build_tiny_models, read_weights
 
 from safealign.checkpoint import ADAPTER_CONFIG_NAME, Checkpoint
+from safealign.command import OldSpelling
 from safealign.merge import MergeConfigError, MergeSettings, run_merge, safety_config
 from safealign.merge.cli import merge_command
 from safealign.settings import SettingsError
@@ -108,22 +109,21 @@ def test_config_and_shortcut_together_are_refused(tiny, tmp_path):
 
 def test_settings_are_checked_and_read_by_the_api(tiny, tmp_path):
     with pytest.raises(SettingsError, match="--output-type must be one of auto, model, adapter"):
-        MergeSettings(output="lora")
-    with pytest.raises(SettingsError, match="--method must be one of"):
-        MergeSettings(method="ties")
+        MergeSettings(output_type="lora")
+    with pytest.warns(OldSpelling, match="output is now output_type"):
+        assert MergeSettings().replace(output="model").output_type == "model"
     config = safety_config("interpolate", aligned=tiny.aligned, finetuned=tiny.lora)
-    settings = MergeSettings(output="model", seed=5)
-    model = run_merge(config, tmp_path / "m", settings, progress=False)
+    settings = MergeSettings(output_type="model", seed=5)
+    model = run_merge(config, settings, tmp_path / "m")
     assert (model.report["output"], model.report["seed"]) == ("model", 5)
     assert set(read_weights(model.out)) == set(read_weights(tiny.aligned))
-    adapter = run_merge(config, tmp_path / "a", settings, output="adapter", progress=False)
+    adapter = run_merge(config, settings.replace(output_type="adapter"), tmp_path / "a")
     assert (adapter.report["output"], adapter.report["seed"]) == ("adapter", 5)
     assert (adapter.out / ADAPTER_CONFIG_NAME).exists()
-    dry = run_merge(config, None, settings, dry_run=True, progress=False)
+    dry = run_merge(config, settings.replace(dry_run=True))
     assert dry.out is None and dry.report["output"] == "model"
-    with pytest.raises(MergeConfigError, match="a config carries its own merge_method and dtype"):
-        run_merge(config, tmp_path / "never", dtype="bfloat16", progress=False)
-    assert not (tmp_path / "never").exists()
+    with pytest.raises(MergeConfigError, match="an output folder is required"):
+        run_merge(config, settings)
 
 
 def test_cli_score_prints_table_and_writes_nothing(tiny, tmp_path):

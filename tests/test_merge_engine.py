@@ -13,6 +13,7 @@ from safealign.checkpoint import Checkpoint
 from safealign.merge import (
     METHODS,
     MergeConfigError,
+    MergeSettings,
     load_config,
     plan_merge,
     run_merge,
@@ -48,7 +49,7 @@ def test_task_arithmetic_end_to_end(tiny, tmp_path):
             "dtype": "bfloat16",
         },
     )
-    result = run_merge(config, tmp_path / "out", progress=False, out_shard_size="20KB")
+    result = run_merge(config, MergeSettings(out_shard_size="20KB"), tmp_path / "out")
     a, b, c = (read_weights(p) for p in (tiny.aligned, tiny.finetuned, tiny.other))
     out = read_weights(result.out)
     assert set(out) == set(a)
@@ -80,7 +81,7 @@ def test_inputs_read_lazily_by_name_and_streamed(tiny, tmp_path, monkeypatch):
         "models": [{"model": str(tiny.finetuned)}, {"model": str(tiny.other)}],
         "parameters": {"weight": 1.0, "density": 0.5},
     }
-    run_merge(config, tmp_path / "out", progress=False)
+    run_merge(config, None, tmp_path / "out")
     names = Checkpoint.open(tiny.aligned).names()
     # TIES streams over the models twice (sign election, then agreeing entries): each model's
     # tensor is read twice, the base's once; nothing else is read.
@@ -89,7 +90,7 @@ def test_inputs_read_lazily_by_name_and_streamed(tiny, tmp_path, monkeypatch):
     assert sorted(reads) == sorted(expected)
     reads.clear()
     config["merge_method"] = "task_arithmetic"
-    run_merge(config, tmp_path / "out2", progress=False)
+    run_merge(config, None, tmp_path / "out2")
     assert sorted(reads) == sorted((m, n) for m in ("aligned", "finetuned", "other") for n in names)
 
 
@@ -101,7 +102,7 @@ def test_slerp_gradient_and_filters_follow_mergekit(tiny, tmp_path):
         "models": [{"model": str(tiny.aligned)}, {"model": str(tiny.finetuned)}],
         "parameters": {"t": t},
     }
-    result = run_merge(config, tmp_path / "out", progress=False)
+    result = run_merge(config, None, tmp_path / "out")
     a, b, out = (read_weights(p) for p in (tiny.aligned, tiny.finetuned, result.out))
     slerp = METHODS.create("slerp")
     for name, t_value in [
@@ -184,7 +185,7 @@ def test_plan_reads_inputs_as_the_method_declares(tiny):
     plan = plan_merge(dense)
     assert plan.factors == frozenset() and plan.output == "model"
     with pytest.raises(MergeConfigError, match="adapter output needs"):
-        plan_merge(dense, output="adapter")
+        plan_merge(dense, MergeSettings(output_type="adapter"))
     ties = {
         "merge_method": "ties",
         "base_model": str(tiny.aligned),
@@ -208,7 +209,7 @@ def dense_rho(a, u, update):
 
 def test_safemerge_peft_linear_refuses_loras_of_two_ranks_in_one_line(tiny, tmp_path):
     with pytest.raises(ValueError, match="one rank .* got ranks \\[2, 4\\]: use combination=exact"):
-        run_merge(safemerge_of_loras(tiny, tau=2.0), tmp_path / "out", progress=False)
+        run_merge(safemerge_of_loras(tiny, tau=2.0), None, tmp_path / "out")
 
 
 def test_safemerge_lora_in_lora_out_equals_dense_merge(tiny, tmp_path):
@@ -221,8 +222,8 @@ def test_safemerge_lora_in_lora_out_equals_dense_merge(tiny, tmp_path):
     half = len(ordered) // 2
     tau = (ordered[half - 1] + ordered[half]) / 2  # selects half the layers
     config = safemerge_of_loras(tiny, tau=tau, combination="exact")  # LoRAs of ranks 4 and 2
-    adapter = run_merge(config, tmp_path / "adapter", progress=False)
-    dense = run_merge(config, tmp_path / "dense", progress=False, output="model")
+    adapter = run_merge(config, None, tmp_path / "adapter")
+    dense = run_merge(config, MergeSettings(output_type="model"), tmp_path / "dense")
     assert adapter.report["output"] == "adapter" and dense.report["output"] == "model"
     rows = {row["name"]: row for row in adapter.report["layers"]}
     assert set(rows) == set(rhos)
@@ -253,7 +254,7 @@ def test_safe_lora_lowest_k_projects_k_layers(tiny, tmp_path):
         finetuned=tiny.lora,
         parameters={"select": "lowest", "k": 2},
     )
-    result = run_merge(config, tmp_path / "out", progress=False)
+    result = run_merge(config, None, tmp_path / "out")
     selected = [row for row in result.report["layers"] if row["selected"]]
     lowest = sorted(row["rho"] for row in result.report["layers"])[:2]
     assert sorted(row["rho"] for row in selected) == lowest
@@ -275,7 +276,7 @@ def test_resta_on_dense_models(tiny, tmp_path):
         finetuned=tiny.finetuned,
         parameters={"beta": 0.3},
     )
-    result = run_merge(config, tmp_path / "out", progress=False)
+    result = run_merge(config, None, tmp_path / "out")
     a, h, b = (read_weights(p) for p in (tiny.aligned, tiny.other, tiny.finetuned))
     out = read_weights(result.out)
     for name in a:

@@ -34,7 +34,7 @@ def merge_harmful_lora(lab, method: str, out, parameters=None):
     """A layer-wise safety merge of ft_harmful_lora (a LoRA adapter on A), with the lab's
     safety LoRA where the method takes one."""
     config = safety_merge_config(method, lab_inputs(lab), parameters)
-    return run_merge(config, out, progress=False)
+    return run_merge(config, None, out)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,14 @@ from typing import Any
 
 from safealign.compare.settings import CompareInputs
 from safealign.data import prompt_set
-from safealign.merge import METHODS, parameter_problems, role_problem, run_merge, safety_config
+from safealign.merge import (
+    METHODS,
+    MergeSettings,
+    parameter_problems,
+    role_problem,
+    run_merge,
+    safety_config,
+)
 from safealign.recover import RecoverSettings, recover
 from safealign.registry import (
     Registry,
@@ -202,7 +209,7 @@ def safety_merge_config(method: str, inputs: CompareInputs, parameters: dict | N
 
 def _merge_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
     config = safety_merge_config(spec.method, inputs, spec.options)
-    return Path(run_merge(config, out, overwrite=True, progress=False).out)
+    return Path(run_merge(config, MergeSettings(overwrite=True), out).out)
 
 
 def _merge_check(spec: MethodSpec) -> None:
