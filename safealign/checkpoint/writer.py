@@ -15,10 +15,10 @@ import shutil
 import signal
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import torch
 from safetensors.torch import save_file
@@ -285,8 +285,10 @@ class CheckpointWriter(FolderWriter):
         max_shard_size: int | str = "5GB",
         overwrite: bool = False,
         inputs: Iterable[Checkpoint | str | Path] = (),
+        config_changes: Mapping[str, Any] | None = None,
     ):
         self.source = Checkpoint.open(source)
+        self.config_changes = dict(config_changes or {})
         self.max_shard_size = parse_size(max_shard_size)
         super().__init__(out, [self.source, *inputs], overwrite)
         # The source's bytes as stored: a lower bound of what the output takes.
@@ -361,8 +363,9 @@ class CheckpointWriter(FolderWriter):
         (self.folder / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     def _write_config(self) -> None:
-        """Copy config.json (dtype updated to what was written) and generation_config.json."""
-        config = dict(self.source.config)
+        """Copy config.json (dtype updated to what was written, ``config_changes`` applied) and
+        generation_config.json."""
+        config = dict(self.source.config) | self.config_changes
         if self._dtype_bytes:
             written = self._dtype_bytes.most_common(1)[0][0]
             config["dtype"] = str(written).removeprefix("torch.")

@@ -1,0 +1,173 @@
+"""SafetyLock on a lab: its cost against one evaluation of B, and its frontier over strength.
+
+For each fine-tune: the lock is built once on A (pairs: A's and B's greedy replies to the
+lab's direction prompts, ``harmful_train``, disjoint from every scored set) and written into a
+checkpoint at the authors' defaults (24 heads, α = 6); the time of that, over one evaluation of
+B on the evaluation sets, is the cost ratio. Then B is scored with the lock applied at run time
+(equal to the baked checkpoint to 1e-5, tests/test_safetylock.py) for each head count and
+strength, on the **validation** splits (``harmful_val``, ``benign_val``, ``task_val``) where the
+lab has them; the setting chosen there (the lowest harmful rate with over-refusal within 0.10 of
+A's, then the highest task accuracy) and the authors' default are scored on the evaluation sets.
+
+Run: python benchmarks/bench_safetylock.py [--size smollm2] [--finetuned ft_harmful_lora ...]
+Writes benchmarks/results/safetylock_<size>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from safealign.eval import Evaluator
+from safealign.lab import build
+from safealign.lab.compare import DIRECTION_PROMPTS
+from safealign.model import load_model
+from safealign.recover.heads import build_lock, shifted
+from safealign.recover.safetylock import (
+    SafetyLockInputs,
+    SafetyLockSettings,
+    check_inputs,
+    contrast_pairs,
+    pair_activations,
+    write_locked,
+)
+from safealign.report import markdown_table, write_json
+
+RESULTS = Path(__file__).parent / "results"
+WORK = Path("runs/bench_safetylock")
+#: Over-refusal allowed above A's when choosing a setting on the validation split.
+OVER_REFUSAL_MARGIN = 0.10
+
+
+def evaluator(lab, split: str) -> Evaluator:
+    """The lab's evaluator on its ``split`` sets (``val`` where it has them, else ``eval``)."""
+    name = split if lab.data(f"harmful_{split}").is_file() else "eval"
+    return Evaluator(
+        harmful=lab.data(f"harmful_{name}"),
+        task=lab.data(f"task_{name}"),
+        benign=lab.data(f"benign_{name}"),
+        judge="keyword",
+        metric="exact_match",
+        batch_size=64,
+        max_new_tokens=24,
+        use_cache=False,
+    )
+
+
+def scores(evaluator: Evaluator, model, tokenizer) -> dict:
+    result = evaluator.score(model, tokenizer)
+    return {
+        "harmful_rate": result.harmful_rate,
+        "utility": result.utility,
+        "over_refusal": result.over_refusal,
+    }
+
+
+def load(lab, name: str):
+    """A fine-tune as one merged model (an adapter merged into A) and its tokenizer."""
+    if name.endswith("_lora"):
+        model, tokenizer = load_model(lab.aligned, adapter=lab.model(name), dtype="float32")
+        return model.merge_and_unload(), tokenizer
+    return load_model(lab.model(name), dtype="float32")
+
+
+def choose(rows: list[dict], aligned: dict) -> dict:
+    """The lowest harmful rate whose over-refusal is within the margin of A's, then the best
+    task accuracy."""
+    bound = aligned["over_refusal"] + OVER_REFUSAL_MARGIN
+    allowed = [r for r in rows if r["over_refusal"] <= bound] or rows
+    return min(allowed, key=lambda r: (r["harmful_rate"], -r["utility"]))
+
+
+def run(lab, finetuned: str, heads: list[int], strengths: list[float]) -> dict:
+    settings = SafetyLockSettings()
+    inputs = SafetyLockInputs(
+        lab.aligned,
+        lab.model(finetuned),
+        harmful=lab.prompts("harmful_train")[:DIRECTION_PROMPTS],
+    )
+    eval_sets, val_sets = evaluator(lab, "eval"), evaluator(lab, "val")
+
+    model, tokenizer = load(lab, finetuned)
+    start = time.perf_counter()
+    b_eval = scores(eval_sets, model, tokenizer)
+    eval_seconds = time.perf_counter() - start
+    del model
+
+    start = time.perf_counter()
+    aligned, b = check_inputs(inputs)
+    pairs = contrast_pairs(inputs, settings, aligned, b, print)
+    activations, labels, n_heads = pair_activations(aligned, pairs, settings)
+    paper = build_lock(activations, labels, n_heads, settings.heads, settings.seed)
+    out = WORK / finetuned / "paper"
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"settings": settings.to_dict(), "pairs": {"count": len(pairs)}}
+    report["lock"] = paper.describe()
+    write_locked(b, aligned, paper.displacement(settings.strength), out, report, start)
+    lock_seconds = time.perf_counter() - start
+    print(f"{finetuned}: lock and write {lock_seconds:.1f} s, one eval of B {eval_seconds:.1f} s")
+
+    a_model, a_tok = load_model(lab.aligned, dtype="float32")
+    a_val = scores(val_sets, a_model, a_tok)
+    del a_model
+    model, tokenizer = load(lab, finetuned)
+    sweep = []
+    for count in heads:
+        lock = build_lock(activations, labels, n_heads, count, settings.seed)
+        for strength in strengths:
+            with shifted(model, lock.displacement(strength)):
+                row = {"heads": count, "strength": strength, **scores(val_sets, model, tokenizer)}
+            print(row)
+            sweep.append(row)
+    chosen = choose(sweep, a_val)
+    finals = {}
+    for label, (count, strength) in {
+        "paper": (settings.heads, settings.strength),
+        "chosen": (chosen["heads"], chosen["strength"]),
+    }.items():
+        lock = build_lock(activations, labels, n_heads, count, settings.seed)
+        with shifted(model, lock.displacement(strength)):
+            finals[label] = {"heads": count, "strength": strength}
+            finals[label] |= scores(eval_sets, model, tokenizer)
+    return {
+        "finetuned": finetuned,
+        "pairs": len(pairs),
+        "seconds": {"lock_and_write": round(lock_seconds, 2), "eval_b": round(eval_seconds, 2)},
+        "cost_ratio": round(lock_seconds / eval_seconds, 3),
+        "b_eval": b_eval,
+        "a_val": a_val,
+        "validation_sweep": sweep,
+        "eval": finals,
+        "paper_heads": paper.describe()["heads"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="smollm2")
+    parser.add_argument("--finetuned", nargs="+", default=["ft_harmful_lora", "ft_harmful"])
+    parser.add_argument("--heads", nargs="+", type=int, default=[24, 48])
+    parser.add_argument("--strengths", nargs="+", type=float, default=[2, 4, 6, 8, 12, 16])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    lab = build(size=args.size, log=print)
+    results = [run(lab, name, args.heads, args.strengths) for name in args.finetuned]
+    rows = [
+        {"finetuned": r["finetuned"], "row": label, **values, "cost_ratio": r["cost_ratio"]}
+        for r in results
+        for label, values in [("B", r["b_eval"]), *r["eval"].items()]
+    ]
+    print(markdown_table(rows))
+    write_json(
+        RESULTS / f"safetylock_{args.size}.json",
+        {"lab": {"size": args.size, "key": lab.info["key"]}, "results": results},
+    )
+
+
+if __name__ == "__main__":
+    main()
