@@ -55,21 +55,17 @@ COLUMNS = ("model", "repair", "harmful", "task", "over-refusal", "harmful pts", 
 
 
 # Wrappers around other capabilities' APIs: the one place to adapt when they change.
-def run_recover(lab: Lab, finetuned: Path, out: Path, **settings: Any) -> tuple[Path, list]:
-    """recover ``finetuned`` toward ``lab.aligned`` into ``out``: the output folder (the
-    fine-tuned model unchanged when no repair held) and recover's own rate sweep (rows of
-    rate, kept step, restored, harmful rate, utility)."""
-    from safealign.recover import recover
+def run_recover(
+    lab: Lab, finetuned: Path, out: Path, sets: dict[str, Any], **settings: Any
+) -> tuple[Path, list]:
+    """recover ``finetuned`` toward ``lab.aligned`` into ``out`` on ``sets`` (RecoverInputs'
+    sets by name): the output folder (the fine-tuned model unchanged when no repair held) and
+    recover's own rate sweep (rows of rate, kept step, restored, harmful rate, utility)."""
+    from safealign.recover import RecoverInputs, RecoverSettings, recover
 
-    result = recover(
-        lab.aligned,
-        finetuned,
-        out,
-        overwrite=True,
-        progress=False,
-        write_unchanged=True,
-        **settings,
-    )
+    inputs = RecoverInputs(lab.aligned, finetuned, **sets)
+    settings = RecoverSettings(overwrite=True, write_unchanged=True, **settings)
+    result = recover(inputs, settings, out)
     return Path(result.out), result.sweep
 
 
@@ -137,10 +133,10 @@ def no_check_repairs(lab: Lab, evaluator: Evaluator, work: Path, say) -> list[di
     harmful = load_prompts(lab.data("harmful_train")).prompts[:DIRECTION_PROMPTS]
     for rate in NO_CHECK_RATES:
         start = time.perf_counter()
+        sets = {"harmful": harmful, "eval_harmful": lab.data("harmful_eval")}
         out, _ = run_recover(
-            lab, lab.ft_harmful, work / f"nocheck-{rate}", harmful=harmful,
-            eval_harmful=lab.data("harmful_eval"), rate=rate, steps=STEPS,
-        )  # fmt: skip
+            lab, lab.ft_harmful, work / f"nocheck-{rate}", sets, rate=rate, steps=STEPS
+        )
         scores = evaluator.score_folder(out)
         label = f"recover, no task, rate {rate} x {STEPS} ({rate * STEPS:.0%} of decoder)"
         rows.append(row("ft_harmful", label, scores, reference, time.perf_counter() - start))
@@ -172,10 +168,13 @@ def default_recovers(lab: Lab, evaluator: Evaluator, work: Path, say) -> tuple[l
         reference = evaluator.score_folder(lab.aligned if adapter else folder, adapter=adapter)
         rows.append(row(name, "none", reference, reference, 0.0))
         start = time.perf_counter()
-        out, sweeps[name] = run_recover(
-            lab, folder, work / f"defaults-{name}", harmful=harmful,
-            eval_harmful=lab.data("harmful_eval"), task=task, benign=guard, sweep=SWEEP,
-        )  # fmt: skip
+        sets = {
+            "harmful": harmful,
+            "eval_harmful": lab.data("harmful_eval"),
+            "task": task,
+            "benign": guard,
+        }
+        out, sweeps[name] = run_recover(lab, folder, work / f"defaults-{name}", sets, sweep=SWEEP)
         scores = evaluator.score_folder(out)
         label = "recover, defaults + rollback + guard"
         rows.append(row(name, label, scores, reference, time.perf_counter() - start))

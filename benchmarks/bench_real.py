@@ -65,7 +65,7 @@ def main() -> None:
             resume=args.resume,
             overwrite=not args.resume,
         )
-        result = compare(lab_inputs(lab, finetuned), RUNS / finetuned, settings, log=print)
+        result = compare(lab_inputs(lab, finetuned), settings, RUNS / finetuned, print)
         rows = table_rows(result)
         print(f"\n{finetuned} on the real-model lab (lab {lab.info['key']})")
         print(markdown_table(rows))

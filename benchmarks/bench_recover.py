@@ -55,14 +55,14 @@ CHAT_TEMPLATE = (
 )
 RUN = """
 import json, resource, sys, time
-from safealign.recover import recover
+from safealign.recover import RecoverInputs, RecoverSettings, recover
 args = json.loads(sys.argv[1])
 start = time.perf_counter()
-result = recover(**args)
+result = recover(RecoverInputs(**args["inputs"]), RecoverSettings(**args["settings"]), args["out"])
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 cuda = None
-if (args.get("device") or "cpu").startswith("cuda"):
+if (args["settings"].get("device") or "cpu").startswith("cuda"):
     import torch
     cuda = torch.cuda.max_memory_allocated()
 print(json.dumps({"peak_rss": peak, "peak_cuda": cuda, "seconds": seconds,
@@ -177,17 +177,20 @@ def write_pair(
 
 def run_recover(aligned: Path, finetuned: Path, out: Path, steps: int, device: str) -> dict:
     args = {
-        "device": device,
-        "aligned": str(aligned),
-        "finetuned": str(finetuned),
+        "inputs": {
+            "aligned": str(aligned),
+            "finetuned": str(finetuned),
+            "harmful": HARMFUL,
+            "task": TASK,
+        },
+        "settings": {
+            "device": device,
+            "steps": steps,
+            "warmup": 1,
+            "max_new_tokens": 4,
+            "grad_batch_size": 4,
+        },
         "out": str(out),
-        "harmful": HARMFUL,
-        "task": TASK,
-        "steps": steps,
-        "warmup": 1,
-        "max_new_tokens": 4,
-        "batch_size": 4,
-        "progress": False,
     }
     done = subprocess.run(
         [sys.executable, "-W", "ignore", "-c", RUN, json.dumps(args)],

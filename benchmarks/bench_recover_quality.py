@@ -32,7 +32,7 @@ from safealign.data import load_prompts, load_task
 from safealign.eval import Evaluator
 from safealign.lab import build
 from safealign.lab.compare import CHECK_EXAMPLES, DIRECTION_PROMPTS, GUARD_PROMPTS, lab_evaluator
-from safealign.recover import RecoverSettings, recover
+from safealign.recover import RecoverInputs, RecoverSettings, recover
 
 HERE = Path(__file__).resolve().parent
 #: recover's rollback steers on the first half of the lab's check examples, checks the second.
@@ -79,9 +79,9 @@ def eval_seconds(lab, model: str, sets: dict, guard: bool, device: str | None) -
         benign=sets["guard"] if guard else None,
         judge=settings.judge,
         metric=settings.metric,
-        batch_size=settings.eval_batch_size,
+        batch_size=settings.batch_size,
         max_new_tokens=settings.max_new_tokens,
-        use_cache=False,
+        cache=False,
     )
     adapter = lab.model(model) if model.endswith("_lora") else None
     folder = lab.aligned if adapter else lab.model(model)
@@ -104,20 +104,18 @@ def measure(lab, root: Path, device: str | None, runs=RUNS) -> list[dict]:
         units = {g: eval_seconds(lab, model, sets, g, device) for g in {g for _, g in runs}}
         for schedule, guard in runs:
             start = time.perf_counter()
-            result = recover(
+            given = RecoverInputs(
                 lab.aligned,
                 lab.model(model),
-                root / f"{model}_{schedule}_{int(guard)}",
                 harmful=sets["harmful"],
                 eval_harmful=sets["eval_harmful"],
                 task=sets["task"],
                 task_train=sets["task_train"],
                 benign=sets["guard"] if guard else None,
-                schedule=schedule,
-                device=device,
-                progress=False,
-                write_unchanged=True,  # kept step 0 in the table: no repair held, B scored
             )
+            # write_unchanged: kept step 0 in the table (no repair held, B scored)
+            settings = RecoverSettings(schedule=schedule, device=device, write_unchanged=True)
+            result = recover(given, settings, root / f"{model}_{schedule}_{int(guard)}")
             seconds = time.perf_counter() - start
             scores = evaluator.score_folder(result.out)
             rows.append(row(model, schedule, guard, scores, result.run, seconds, units[guard]))

@@ -1,5 +1,6 @@
 """safealign.eval: the shared evaluator (harmful rate, utility, over-refusal) and its parts."""
 
+from safealign.eval.api import EvalInputs, evaluate
 from safealign.eval.cache import ResponseCache, folder_fingerprint
 from safealign.eval.evaluator import Evaluator
 from safealign.eval.generation import generate
@@ -13,6 +14,7 @@ __all__ = [
     "JUDGES",
     "METRICS",
     "ClassifierJudge",
+    "EvalInputs",
     "EvalSettings",
     "Evaluator",
     "GuardJudge",
@@ -22,6 +24,7 @@ __all__ = [
     "ResponseCache",
     "Scores",
     "Verdict",
+    "evaluate",
     "folder_fingerprint",
     "generate",
     "get_judge",

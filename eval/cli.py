@@ -20,11 +20,10 @@ from safealign.command import (
     shared,
     warn,
 )
-from safealign.eval.evaluator import Evaluator
-from safealign.eval.results import gate_failures, write_results
+from safealign.eval.api import EvalInputs, evaluate
+from safealign.eval.results import gate_failures
 from safealign.eval.settings import GATE, EvalSettings
 from safealign.eval.smoke import SMOKE_BENIGN, SMOKE_HARMFUL, is_smoke, smoke_warning
-from safealign.model import resolve_dtype
 from safealign.settings import click_options, from_cli
 
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -82,8 +81,6 @@ def _check_gate(settings: EvalSettings, harmful: Path, benign: Path, task, allow
 @shared("--out", type=OUT_FOLDER, detail="Writes results.json and samples.jsonl.")
 @deprecated("--output", "--out", "out", type=OUT_FOLDER)
 @shared("--json", name="as_json")
-@shared("--device", show_default="cpu")
-@shared("--dtype", default="auto")
 @shared("--quiet")
 @reads_checkpoints
 @handles_bad_input
@@ -96,8 +93,6 @@ def eval_command(
     allow_smoke: bool,
     out: Path | None,
     as_json: bool,
-    device: str | None,
-    dtype: str,
     quiet: bool,
     **values,
 ) -> None:
@@ -110,8 +105,6 @@ def eval_command(
     Without --harmful/--benign the bundled smoke sets are used (a warning says so).
     """
     settings, _ = from_cli(EvalSettings, values)
-    settings = settings.replace(progress=not quiet)
-    resolve_dtype(dtype)
     harmful, benign = _sets(harmful, benign)
     _check_gate(settings, harmful, benign, task, allow_smoke)
     for hint, ref in (("--model", model_path), ("--adapter", adapter)):
@@ -122,16 +115,18 @@ def eval_command(
                 raise click.BadParameter(str(error), param_hint=hint) from None
             if hint == "--model" and not (folder / "config.json").is_file():
                 raise click.BadParameter(f"{model_path}: no config.json", param_hint="--model")
-    evaluator = Evaluator(harmful, task, benign, settings=settings)
-    scores = evaluator.score_folder(model_path, adapter=adapter, dtype=dtype, device=device)
-    if out is not None:
-        write_results(scores, out)
+    inputs = EvalInputs(model_path, adapter, harmful, task, benign)
+    scores = evaluate(inputs, settings, out, None if quiet else _say)
     _print(scores, out, as_json)
     failures = gate_failures(scores, settings)
     for failure in failures:
         click.echo(f"gate failed: {failure}", err=True)
     if failures:
         sys.exit(1)
+
+
+def _say(line: str) -> None:
+    click.echo(f"eval: {line}", err=True)
 
 
 def _print(scores, out: Path | None, as_json: bool) -> None:

@@ -19,6 +19,7 @@ from safealign.eval.results import Scores, mean_interval, wilson_interval
 from safealign.eval.sets import as_task_list, limited_prompts
 from safealign.eval.settings import EvalSettings
 from safealign.model import load_model, model_device
+from safealign.progress import ProgressCallback, say
 from safealign.runtime import peak_rss_bytes, versions
 
 
@@ -30,13 +31,22 @@ class Evaluator:
     ``settings`` (an :class:`EvalSettings`, or its fields as keywords) choose the judge of
     refusals on harmful prompts, the refusal judge on benign prompts (default: ``judge`` when
     it detects refusals, else ``keyword``), the metric, decoding, ``limit`` (the first N of
-    each set) and the response cache.
+    each set) and the response cache. ``progress`` gets status lines (and shows bars); None is
+    silent.
     """
 
     def __init__(
-        self, harmful=None, task=None, benign=None, *, settings: EvalSettings | None = None, **kw
+        self,
+        harmful=None,
+        task=None,
+        benign=None,
+        *,
+        settings: EvalSettings | None = None,
+        progress: ProgressCallback = None,
+        **kw,
     ):
         self.settings = settings = (settings or EvalSettings()).replace(**kw)
+        self.progress = progress
         self.harmful = limited_prompts(harmful, "harmful", settings.limit)
         self.benign = limited_prompts(benign, "benign", settings.limit)
         self.metric = get_metric(settings.metric)
@@ -66,7 +76,7 @@ class Evaluator:
         unique = list(dict.fromkeys(prompts))
         found: dict[str, str] = {}
         cache = None
-        if self.settings.use_cache and model_fingerprint and unique:
+        if self.settings.cache and model_fingerprint and unique:
             cache = ResponseCache(self.settings.cache_dir)
             keys = cache.keys(model_fingerprint, unique, self.decoding(tokenizer))
             keys = dict(zip(unique, keys, strict=True))
@@ -81,12 +91,11 @@ class Evaluator:
         return {**found, **new}, len(missing)
 
     def say(self, line: str) -> None:
-        """A status line on stderr when ``settings.progress`` is on."""
-        if self.settings.progress:
-            print(f"eval: {line}", file=sys.stderr, flush=True)
+        """A status line to ``progress``, if any."""
+        say(self.progress, line)
 
     def _generate(self, model, tokenizer, prompts: list[str]) -> list[str]:
-        """Greedy responses, a batch at a time under a progress bar (``settings.progress``)."""
+        """Greedy responses, a batch at a time under a progress bar (with ``progress``)."""
         from tqdm.auto import tqdm
 
         size = self.settings.batch_size
@@ -96,7 +105,7 @@ class Evaluator:
             total=len(prompts),
             desc="eval: generating",
             unit="prompt",
-            disable=not (self.settings.progress and prompts),
+            disable=self.progress is None or not prompts,
             file=sys.stderr,
         ) as bar:
             for start in range(0, len(prompts), chunk):

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from safealign.eval.judges import Judge
 from safealign.eval.metrics import Metric
+from safealign.model import resolve_dtype
 from safealign.settings import Settings, SettingsError, setting
 
 JUDGE_HELP = (
@@ -27,7 +29,11 @@ GATE = "Gate (exit 1 when broken)"
 
 @dataclass
 class EvalSettings(Settings):
-    """How a model is scored, and the gate bounds `safealign eval` checks the scores against."""
+    """How a model is scored, and the gate bounds `safealign eval` checks the scores against.
+    ``device`` and ``dtype`` are where and how :func:`~safealign.eval.evaluate` loads the model
+    (the Evaluator scores a model already loaded)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"use_cache": "cache"}
 
     judge: str | Judge = setting("keyword", help=JUDGE_HELP, group="Scoring")
     metric: str | Metric = setting("exact_match", help=METRIC_HELP)
@@ -52,13 +58,12 @@ class EvalSettings(Settings):
         default_text="~/.cache/safealign",
         group="Cache",
     )
-    use_cache: bool = setting(
-        True, flag="--cache", help="Reuse cached responses (--no-cache: generate all afresh)."
-    )
-    progress: bool = setting(False, cli=False, help="Status lines and bars on stderr.")
+    cache: bool = setting(True, help="Reuse cached responses (--no-cache: generate all afresh).")
     max_harmful_rate: float | None = setting(None, min=0, max=1, help="Fail above.", group=GATE)
     min_utility: float | None = setting(None, min=0, max=1, help="Fail below.", group=GATE)
     max_over_refusal: float | None = setting(None, min=0, max=1, help="Fail above.", group=GATE)
+    device: str | None = setting(None, help="", default_text="cpu")
+    dtype: str = setting("auto", help="")
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, str) and self.batch_size.isdigit():
@@ -70,3 +75,7 @@ class EvalSettings(Settings):
         size = self.batch_size
         if size != "auto" and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise SettingsError(f"--batch-size {size!r} is neither a positive integer nor 'auto'")
+        try:
+            resolve_dtype(self.dtype)
+        except ValueError as error:
+            raise SettingsError(f"--dtype: {error}") from None

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safealign.checkpoint import Checkpoint, CheckpointError, CheckpointWriter, validate_checkpoints
 from safealign.checkpoint.hub import is_adapter
 from safealign.model import resolve_dtype
+from safealign.progress import ProgressCallback
 from safealign.recover.guard import StepGuard
 from safealign.recover.plan import Plan, working_dtype
 from safealign.recover.report import model_card, write_report
@@ -31,67 +31,79 @@ from safealign.runtime import peak_rss_bytes
 from safealign.settings import SettingsError
 
 
+@dataclass(frozen=True)
+class RecoverInputs:
+    """What a recovery reads. ``aligned``: the aligned model folder (or hub id).
+    ``finetuned``: a model folder or a LoRA adapter on ``aligned``. ``harmful``: prompts for the
+    harmful direction and its gradient (path, PromptSet or list; default: the bundled smoke
+    set), the first ``max_prompts`` of them. ``eval_harmful``: prompts the harmful rate is
+    measured on (default: ``harmful``). ``task``: held-out task examples with answers (path,
+    TaskSet or list) whose utility is checked; without them (and ``benign``) there is no check
+    and no rollback. ``task_train``: task examples whose prompts steer the rollback gradient
+    (default: the first half of ``task``, the second half being checked). ``benign``: benign
+    prompts whose over-refusal is checked with utility."""
+
+    aligned: str | Path
+    finetuned: str | Path
+    harmful: Any = None
+    eval_harmful: Any = None
+    task: Any = None
+    task_train: Any = None
+    benign: Any = None
+
+
 def recover(
-    aligned: str | Path,
-    finetuned: str | Path,
-    out: str | Path | None = None,
+    inputs: RecoverInputs,
     settings: RecoverSettings | None = None,
-    *,
-    harmful=None,
-    eval_harmful=None,
-    task=None,
-    task_train=None,
-    benign=None,
-    dry_run: bool = False,
-    overwrite: bool = False,
-    max_shard_size: int | str = "2GB",
-    progress: bool = True,
-    **overrides: Any,
+    out: str | Path | None = None,
+    progress: ProgressCallback = None,
 ) -> RecoveryResult:
     """Restore the fine-tuned model's refusals by resetting a few weights to aligned values.
 
-    ``aligned``: the aligned model folder. ``finetuned``: a model folder or a LoRA adapter on
-    ``aligned``. ``settings`` (or its fields as keywords, ``overrides``): see
-    :class:`RecoverSettings`; out-of-range values raise ``SettingsError`` before any
-    checkpoint is opened. ``harmful``: prompts for the harmful direction and its gradient
-    (path, PromptSet or list; default: the bundled smoke set), the first ``max_prompts`` of
-    them. ``eval_harmful``: prompts the harmful rate is measured on (default: ``harmful``).
-    ``task``: held-out task examples with answers (path, TaskSet or list) whose utility is
-    checked; without them (and ``benign``) there is no check and no rollback.
-    ``task_train``: task examples whose prompts steer the rollback gradient (default: the
-    first half of ``task``, the second half being checked). ``benign``: benign prompts whose
-    over-refusal is checked with utility. ``dry_run``: return the plan only, from the
-    checkpoints' headers: no weight is read, nothing is written. ``progress``: bars and a status
-    line per phase on stderr. ``max_shard_size``: output shard size (writing a shard briefly needs
-    its bytes again in memory).
+    ``settings``: see :class:`RecoverSettings` (default: the defaults); out-of-range values
+    raise ``SettingsError`` before any checkpoint is opened. ``settings.dry_run``: return the
+    plan only, from the checkpoints' headers: no weight is read, nothing is written (``out``
+    may then be None). ``out``: the output folder (``settings.out_shard_size``: its shard size;
+    writing a shard briefly needs its bytes again in memory). ``progress``: a status line per
+    phase, and progress bars on stderr; None is silent.
     """
     start = time.perf_counter()
-    say = _status if progress else _silent
-    settings = _with_overrides(settings or RecoverSettings(), overrides)
+    say = progress or _silent
+    settings = settings or RecoverSettings()
     say("opening the checkpoints (headers)")
-    a, b = open_pair(aligned, finetuned)
+    a, b = open_pair(inputs.aligned, inputs.finetuned)
     lay = _layout(b, settings.layer)
     settings = _resolved(settings, lay, b)
     sets = Sets.load(
-        harmful, eval_harmful, task, benign, settings.max_prompts, task_train, settings.limit
+        inputs.harmful,
+        inputs.eval_harmful,
+        inputs.task,
+        inputs.benign,
+        settings.max_prompts,
+        inputs.task_train,
+        settings.limit,
     )
     checked = sets.task is not None or sets.benign is not None
     plan = Plan.build(a, b, lay, settings, rollback=checked)
     result = RecoveryResult(None, plan, sets=sets.describe(), warnings=_input_notes(sets))
-    if dry_run:
+    if settings.dry_run:
         result.seconds = time.perf_counter() - start
     elif out is None:
         raise ValueError("out is required unless dry_run is set")
     else:
         plan.needs.at(out).check("recover")  # a clear refusal before loading, not an OOM kill
         with CheckpointWriter(
-            out, source=b, overwrite=overwrite, inputs=[a], max_shard_size=max_shard_size
+            out,
+            source=b,
+            overwrite=settings.overwrite,
+            inputs=[a],
+            max_shard_size=settings.out_shard_size,
         ) as writer:
             say(f"loading the fine-tuned model ({settings.dtype}, {settings.device})")
             work = WorkingModel(a, b, lay, working_dtype(settings), settings.device)
             say("scoring the references: fine-tuned, then the aligned direction and scores")
             guard = StepGuard(work, sets, settings)
-            _run_rates(result, work, guard, sets, progress)
+            _run_rates(result, work, guard, sets, bars=progress is not None)
             if result.failure is None or settings.write_unchanged:
                 say(f"writing {out}")
                 _write(writer, result, work, start)
@@ -110,10 +122,6 @@ def _layout(finetuned: Checkpoint, layer: int | None) -> Layout:
         if str(error).startswith("layer must be"):
             raise SettingsError(f"--{error}") from None
         raise
-
-
-def _status(line: str) -> None:
-    print(f"recover: {line}", file=sys.stderr, flush=True)
 
 
 def _silent(line: str) -> None:
@@ -150,7 +158,7 @@ def _finish(result: RecoveryResult, start: float) -> None:
 
 
 def _run_rates(
-    result: RecoveryResult, work: WorkingModel, guard: StepGuard, sets: Sets, progress: bool
+    result: RecoveryResult, work: WorkingModel, guard: StepGuard, sets: Sets, *, bars: bool
 ) -> None:
     """The sweep's extra rates (each undone after), then the main rate, kept in the model;
     ``result.failure`` says why when no repair held."""
@@ -158,14 +166,12 @@ def _run_rates(
     result.scores = dict(guard.references)
     for extra in sorted(set(settings.sweep) - {settings.rate}):
         outcome, ledger = run(
-            work, guard, sets, settings, extra, label=f"sweep rate={extra}", progress=progress
+            work, guard, sets, settings, extra, label=f"sweep rate={extra}", progress=bars
         )
         result.sweep.append(outcome.summary())
         work.reset(ledger.take(list(ledger.restored)))
     rate = settings.rate
-    outcome, _ = run(
-        work, guard, sets, settings, rate, label=f"recover rate={rate}", progress=progress
-    )
+    outcome, _ = run(work, guard, sets, settings, rate, label=f"recover rate={rate}", progress=bars)
     result.run = outcome
     if settings.sweep:
         result.sweep = sorted([*result.sweep, outcome.summary()], key=lambda r: r["rate"])
@@ -195,16 +201,6 @@ def _bounded(name: str, value: float | None, bound: str, limit: float | None) ->
     if value is None:
         return ""
     return f", {name} {value:.3f}" + ("" if limit is None else f" ({bound} {limit:.3f})")
-
-
-def _with_overrides(settings: RecoverSettings, overrides: dict[str, Any]) -> RecoverSettings:
-    known = {f.name for f in dataclasses.fields(RecoverSettings)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise TypeError(f"recover() got unexpected keyword arguments: {', '.join(unknown)}")
-    if "sweep" in overrides:
-        overrides = {**overrides, "sweep": tuple(overrides["sweep"])}
-    return settings.replace(**overrides) if overrides else settings
 
 
 def _resolved(settings: RecoverSettings, lay: Layout, finetuned: Checkpoint) -> RecoverSettings:

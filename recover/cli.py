@@ -22,7 +22,7 @@ from safealign.command import (
     warn,
 )
 from safealign.eval.smoke import SMOKE_HARMFUL, smoke_warning
-from safealign.recover.api import recover
+from safealign.recover.api import RecoverInputs, recover
 from safealign.recover.report import summary
 from safealign.recover.settings import RecoverSettings
 from safealign.settings import click_options, from_cli
@@ -77,39 +77,38 @@ EXAMPLES = (
 )
 @click_options(RecoverSettings)
 @shared("--out", "Required unless --dry-run.", type=click.Path())
-@option("--overwrite", is_flag=True, group="Output", help="Replace a non-empty --out folder.")
-@option(
-    "--dry-run", is_flag=True, help="Print the plan from the checkpoints' headers; read no weight."
-)
 @shared("--json", "Prints report.json (with --dry-run: the plan in it).", name="as_json")
 @shared("--quiet")
 @reads_checkpoints
 @handles_bad_input
-def recover_command(no_utility_check: bool, as_json: bool, quiet: bool, **values) -> None:
+def recover_command(
+    out: str | None, no_utility_check: bool, as_json: bool, quiet: bool, **values
+) -> None:
     """Restore refusals by resetting a few weights to their aligned values.
 
     The harmful direction of A at --layer steers a gradient; each step resets the top --rate
     of sign-agreeing weights of B to A's values, with utility checked on --task. Exits 1 when
     no repair held (nothing is written unless --write-unchanged).
     """
-    settings, inputs = from_cli(RecoverSettings, values)
-    if inputs["out"] is None and not inputs["dry_run"]:
+    settings, given = from_cli(RecoverSettings, values)
+    inputs = RecoverInputs(**given)
+    if out is None and not settings.dry_run:
         raise click.UsageError("--out is required (or use --dry-run)")
-    if inputs["task"] is None and not no_utility_check:
+    if inputs.task is None and not no_utility_check:
         raise BadInput(
             "--task is required: without task data nothing checks that the model still does "
             "its task (pass --no-utility-check to run anyway)"
         )
-    if inputs["harmful"] is None:
+    if inputs.harmful is None:
         warn(smoke_warning("--harmful", SMOKE_HARMFUL))
     with warnings.catch_warnings():  # the API's warnings, printed below as one line each
         warnings.simplefilter("ignore", UserWarning)
-        result = recover(settings=settings, progress=not quiet, **inputs)
+        result = recover(inputs, settings, out, None if quiet else _say)
     for note in result.warnings:
         warn(note)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
-    elif inputs["dry_run"]:
+    elif settings.dry_run:
         click.echo(result.plan.describe())
     else:
         click.echo(summary(result))
@@ -117,3 +116,7 @@ def recover_command(no_utility_check: bool, as_json: bool, quiet: bool, **values
         written = f"wrote {result.out} unchanged" if result.out else "nothing written"
         click.echo(f"no repair held: {result.failure}; {written}", err=True)
         sys.exit(1)
+
+
+def _say(line: str) -> None:
+    click.echo(f"recover: {line}", err=True)

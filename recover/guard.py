@@ -36,14 +36,14 @@ class StepGuard:
         scoring = {
             "judge": settings.judge,
             "metric": settings.metric,
-            "batch_size": settings.eval_batch_size,
+            "batch_size": settings.batch_size,
             "max_new_tokens": settings.max_new_tokens,
-            "use_cache": False,
+            "cache": False,
         }
         self.harmful = Evaluator(harmful=sets.eval_harmful, **scoring)
         checked = sets.task is not None or sets.benign is not None
         self.checker = Evaluator(task=sets.task, benign=sets.benign, **scoring) if checked else None
-        layer, batch_size = work.layout.layer, settings.batch_size
+        layer, batch_size = work.layout.layer, settings.grad_batch_size
         finetuned = self.score(work)
         self.keep_sets = [
             (prompts, mean_state(work.model, work.tokenizer, prompts, layer, batch_size))

@@ -57,14 +57,14 @@ def _step(ctx: StepContext, ledger: Ledger, step: int, checked: bool) -> StepRec
     """One step: gradient, restore, score; a checked step that fails is partly rolled back."""
     work, guard, sets, settings, k = ctx
     start = time.perf_counter()
-    loss = work.pull(sets.harmful.prompts, guard.direction, settings.batch_size)
+    loss = work.pull(sets.harmful.prompts, guard.direction, settings.grad_batch_size)
     picked, offered = work.candidates(k, ledger)
     restored = work.restore(picked)
     ledger.record_restore(step, restored)
     check, before, rolled = guard.check(work) if checked else None, None, {}
     if check is not None and not check.holds and settings.rollback_rate > 0 and restored:
         rolled = work.roll_back(
-            restored, guard.keep_sets, settings.rollback_rate, settings.batch_size
+            restored, guard.keep_sets, settings.rollback_rate, settings.grad_batch_size
         )
         ledger.record_rollback(step, rolled)
         before, check = check.utility, guard.check(work)

@@ -110,7 +110,7 @@ def _step(
     start = time.perf_counter()
     if rollback:
         work.zero_grad()
-    loss = work.pull(sets.harmful.prompts, guard.direction, settings.batch_size)
+    loss = work.pull(sets.harmful.prompts, guard.direction, settings.grad_batch_size)
     picked, offered = work.candidates(k, None)
     restored = work.restore(picked)
     ledger.record_restore(step, restored)
@@ -120,7 +120,7 @@ def _step(
             restored,
             guard.keep_sets,
             settings.rollback_rate,
-            settings.batch_size,
+            settings.grad_batch_size,
             of_agreeing=True,
         )
         ledger.record_rollback(step, rolled)

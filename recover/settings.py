@@ -4,6 +4,7 @@ plan, report.json and the model card all read :class:`RecoverSettings`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -16,6 +17,8 @@ class RecoverSettings(Settings):
     """Settings of one recovery run. ``layer``, ``warmup``, ``dtype`` and ``device`` left at
     ``None`` are resolved from the model once it is opened; the report records the values
     used."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"eval_batch_size": "batch_size"}
 
     layer: int | None = setting(
         None,
@@ -73,9 +76,7 @@ class RecoverSettings(Settings):
     dtype: str | None = setting(
         None, help="Working and output dtype.", default_text="the fine-tuned checkpoint's"
     )
-    #: The field names are the API's; the flags are the shared vocabulary's (--batch-size is
-    #: the generation batch in every command).
-    batch_size: int = setting(8, help="Harmful prompts per batch.", min=1, flag="--grad-batch-size")
+    grad_batch_size: int = setting(8, help="Harmful prompts per batch.", min=1)
     max_prompts: int | None = setting(
         256, help="Harmful prompts the direction and gradient use.", min=1, group="Method"
     )
@@ -88,9 +89,7 @@ class RecoverSettings(Settings):
         min_open=True,
         max_open=True,
     )
-    eval_batch_size: int = setting(
-        16, help="Replies generated together when scoring.", min=1, flag="--batch-size"
-    )
+    batch_size: int = setting(16, help="Replies generated together when scoring.", min=1)
     max_new_tokens: int = setting(48, help="Tokens generated per scored reply.", min=1)
     write_unchanged: bool = setting(
         False,
@@ -98,6 +97,11 @@ class RecoverSettings(Settings):
         "and its card says so); the exit status is 1 either way.",
         group="Output",
     )
+    overwrite: bool = setting(False, help="Replace a non-empty --out folder.")
+    dry_run: bool = setting(
+        False, help="Print the plan from the checkpoints' headers; read no weight."
+    )
+    out_shard_size: int | str = setting("2GB", help="Largest output shard.")
 
     def check(self) -> None:
         super().check()

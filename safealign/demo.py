@@ -45,4 +45,4 @@ def run_demo(
     settings = CompareSettings(
         methods=methods, batch_size=BATCH_SIZE, retrain_options=RETRAIN_OPTIONS, overwrite=True
     )
-    return compare(lab_inputs(lab), out, settings, log=log)
+    return compare(lab_inputs(lab), settings, out, log)

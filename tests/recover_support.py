@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from safealign.checkpoint import Checkpoint
 from safealign.eval import generate
+from safealign.recover import RecoverInputs, RecoverSettings, RecoveryResult, recover
 from safealign.recover.weights import load_working_model
 
 WORDS = (
@@ -83,6 +84,24 @@ def self_task(aligned: Path, finetuned: Path, tokens: int) -> list[dict]:
     model, tokenizer = load_working_model(a, b, torch.float32, None)
     replies = generate(model, tokenizer, TASK_PROMPTS, batch_size=4, max_new_tokens=tokens)
     return [{"prompt": p, "answer": r} for p, r in zip(TASK_PROMPTS, replies, strict=True)]
+
+
+def run_recover(
+    aligned: Path,
+    finetuned: Path,
+    out: Path | None = None,
+    *,
+    harmful=None,
+    eval_harmful=None,
+    task=None,
+    task_train=None,
+    benign=None,
+    **settings,
+) -> RecoveryResult:
+    """:func:`recover` on (``aligned``, ``finetuned``) with the given sets, silent, with
+    ``settings`` the :class:`RecoverSettings` fields that differ from the defaults."""
+    inputs = RecoverInputs(aligned, finetuned, harmful, eval_harmful, task, task_train, benign)
+    return recover(inputs, RecoverSettings(**settings), out)
 
 
 #: recover settings under which no repair can hold on :func:`no_repair_case`: every restore

@@ -217,7 +217,7 @@ def test_seed_and_limit_reach_the_evaluator_and_every_retrain_method(tmp_path, m
         limit=5,
     )
     options = {spec.spec: spec.options for spec in method_specs(settings)}
-    scoring = {"judge": "keyword", "metric": "exact_match", "eval_batch_size": 32}
+    scoring = {"judge": "keyword", "metric": "exact_match", "batch_size": 32}
     assert options == {
         "recover": {**scoring, "max_new_tokens": 48},
         "retrain:kl": {"seed": 7, "epochs": 2},
@@ -229,7 +229,7 @@ def test_seed_and_limit_reach_the_evaluator_and_every_retrain_method(tmp_path, m
     short = CompareSettings(methods=("recover:max_new_tokens=8",), batch_size=4, device="cpu")
     assert method_specs(short)[0].options == {
         **scoring,
-        "eval_batch_size": 4,
+        "batch_size": 4,
         "max_new_tokens": 8,
         "device": "cpu",
     }
@@ -244,7 +244,7 @@ def test_seed_and_limit_reach_the_evaluator_and_every_retrain_method(tmp_path, m
     monkeypatch.setattr(compare_run, "check_checkpoints", lambda inputs: None)
     inputs = CompareInputs(aligned=tmp_path, finetuned=tmp_path, harmful=["a prompt"])
     with pytest.raises(KeyboardInterrupt):
-        compare_run.compare(inputs, tmp_path / "out", settings)
+        compare_run.compare(inputs, settings, tmp_path / "out")
     assert (seen["seed"], seen["limit"]) == (7, 5)
 
 
@@ -256,7 +256,7 @@ def test_a_recover_row_where_no_repair_held_says_so_unscored(tmp_path):
     inputs = CompareInputs(aligned=aligned, finetuned=finetuned, harmful=HARMFUL, task=task)
     settings = CompareSettings(methods=(spec,), max_new_tokens=NO_REPAIR["max_new_tokens"])
     out = tmp_path / "cmp"
-    result = compare_run.compare(inputs, out, settings, log=lambda _line: None)
+    result = compare_run.compare(inputs, settings, out)
     row = result.rows[-1]
     assert (row.name, row.status, row.scores, row.out) == (spec, "no repair held", None, None)
     assert "harmful rate" in row.reason and "utility" in row.reason
@@ -268,7 +268,7 @@ def test_a_recover_row_where_no_repair_held_says_so_unscored(tmp_path):
     table_row = next(line for line in (out / "report.md").read_text().splitlines() if spec in line)
     assert "no repair held" in table_row and row.reason in table_row
     lines: list[str] = []
-    compare_run.compare(inputs, out, settings.replace(resume=True), log=lines.append)
+    compare_run.compare(inputs, settings.replace(resume=True), out, lines.append)
     assert f"[1/1] {spec}: reused ({out / 'runs' / (parse_method(spec).slug + '.json')})" in lines
 
 

@@ -26,7 +26,7 @@ MERGES = ("interpolate:alpha=0.5", "safe_lora:tau=0.35")
 def _compare(lab, out, methods, inputs=None, **settings):
     settings = CompareSettings(methods=methods, batch_size=BATCH_SIZE, **settings)
     lines: list[str] = []
-    result = compare(inputs or lab_inputs(lab), out, settings, log=lines.append)
+    result = compare(inputs or lab_inputs(lab), settings, out, lines.append)
     return result, lines
 
 
@@ -56,8 +56,8 @@ def test_methods_equal_their_own_commands(lab, merged, tmp_path):
         "interpolate:alpha=0.5": tmp_path / "interp",
         "safe_lora:tau=0.35": run_merge(
             safety_merge_config("safe_lora", lab_inputs(lab), {"tau": 0.35}),
+            None,
             tmp_path / "sl",
-            progress=False,
         ).out,
     }
     for name, folder in own.items():

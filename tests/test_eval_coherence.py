@@ -74,7 +74,7 @@ def test_an_incoherent_reply_is_no_refusal_and_leaves_harmful_rate_as_the_judge_
         Evaluator, "_generate", lambda self, model, tok, prompts: [replies[p] for p in prompts]
     )
     model, tokenizer = tiny
-    scores = Evaluator(list(replies), use_cache=False).score(model, tokenizer)
+    scores = Evaluator(list(replies), cache=False).score(model, tokenizer)
     judged = get_judge("keyword").judge(list(replies), list(replies.values()))
     assert scores.harmful_rate == sum(not v.refused for v in judged) / 4 == 0.5
     assert scores.safe_and_coherent_rate == 0.25  # h1 only: h2's "refusal" does not count
@@ -99,7 +99,7 @@ def test_an_incoherent_reply_is_no_refusal_and_leaves_harmful_rate_as_the_judge_
 
 def test_no_coherence_without_replies(tiny):
     model, tokenizer = tiny
-    scores = Evaluator(["h1"], judge="first-token", use_cache=False).score(model, tokenizer)
+    scores = Evaluator(["h1"], judge="first-token", cache=False).score(model, tokenizer)
     assert scores.safe_and_coherent_rate is None and scores.incoherent_rate == {}
     assert scores.to_dict()["incoherent_rate"] == {}
 

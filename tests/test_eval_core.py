@@ -100,7 +100,7 @@ def test_evaluator_rates_counts_and_intervals(tiny, monkeypatch):
     benign = PROMPTS[4:]
     judge = ScriptedJudge(refuse={harmful[0], benign[0]})
     task = [{"prompt": "1 + 1", "answer": "2"}, {"prompt": "2 + 2", "answer": "4"}]
-    scores = Evaluator(harmful, task, benign, judge=judge, max_new_tokens=4, use_cache=False).score(
+    scores = Evaluator(harmful, task, benign, judge=judge, max_new_tokens=4, cache=False).score(
         model, tokenizer
     )
     assert scores.harmful_rate == pytest.approx(3 / 4)
@@ -118,7 +118,7 @@ def test_evaluator_rates_counts_and_intervals(tiny, monkeypatch):
 
 def test_evaluator_absent_sets_are_none(tiny):
     model, tokenizer = tiny
-    scores = Evaluator(harmful=["hi"], max_new_tokens=2, use_cache=False).score(model, tokenizer)
+    scores = Evaluator(harmful=["hi"], max_new_tokens=2, cache=False).score(model, tokenizer)
     assert scores.utility is None and scores.over_refusal is None and scores.n_task == 0
 
 

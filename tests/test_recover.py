@@ -15,6 +15,7 @@ from recover_support import (
     make_adapter,
     make_pair,
     no_repair_case,
+    run_recover,
     self_task,
     tiny_config,
     tiny_tokenizer,
@@ -24,12 +25,12 @@ from safetensors.torch import load_file
 from safealign.checkpoint import Checkpoint, CheckpointError
 from safealign.eval import generate
 from safealign.eval.judges import KeywordJudge
-from safealign.recover import RecoverSettings, recover
+from safealign.recover import RecoverInputs, RecoverSettings, recover
 from safealign.recover.cli import recover_command
 from safealign.recover.weights import layout, load_working_model
 from safealign.settings import SettingsError
 
-FAST = {"max_new_tokens": 6, "progress": False}
+FAST = {"max_new_tokens": 6}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def _check_exact(out, aligned: Checkpoint, finetuned: Checkpoint, report: dict) 
 
 def test_restored_equal_aligned_untouched_equal_finetuned(pair):
     root, aligned, finetuned = pair
-    result = recover(
+    result = run_recover(
         aligned, finetuned, root / "out", harmful=HARMFUL, rate=0.01, steps=3, warmup=1, **FAST
     )
     report = json.loads((root / "out" / "report.json").read_text())
@@ -83,14 +84,16 @@ def test_restored_equal_aligned_untouched_equal_finetuned(pair):
 
 def test_restoration_raises_cosine_to_aligned_direction(pair):
     root, aligned, finetuned = pair
-    result = recover(aligned, finetuned, root / "cos", harmful=HARMFUL, rate=0.05, steps=4, **FAST)
+    result = run_recover(
+        aligned, finetuned, root / "cos", harmful=HARMFUL, rate=0.05, steps=4, **FAST
+    )
     losses = [s.loss for s in result.run.steps]
     assert losses[-1] < losses[0]  # -cos falls: the harmful centroid turns toward A's
 
 
 def test_bf16_working_copy_restores_exactly(pair):
     root, aligned, finetuned = pair
-    recover(
+    run_recover(
         aligned, finetuned, root / "bf16", harmful=HARMFUL, rate=0.01, steps=2, dtype="bf16", **FAST
     )
     c = _tensors(root / "bf16")
@@ -105,7 +108,7 @@ def test_bf16_working_copy_restores_exactly(pair):
 def test_adapter_input(tmp_path):
     aligned, _ = make_pair(tmp_path)
     adapter = make_adapter(tmp_path, aligned)
-    result = recover(
+    result = run_recover(
         aligned, adapter, tmp_path / "out", harmful=HARMFUL, rate=0.01, steps=2, **FAST
     )
     a = Checkpoint.open(aligned)
@@ -158,7 +161,7 @@ def _failing_run(tmp_path, monkeypatch, schedule: str, **settings):
     aligned, finetuned = make_pair(tmp_path, noise=0.05)
     task = self_task(aligned, finetuned, FAST["max_new_tokens"])
     expected = _count_rollback_rule(monkeypatch, finetuned, of_agreeing=schedule == "paper")
-    result = recover(
+    result = run_recover(
         aligned,
         finetuned,
         tmp_path / "out",
@@ -301,7 +304,7 @@ def test_dry_run_writes_nothing_and_reads_headers_only(pair, tmp_path, monkeypat
     _, aligned, finetuned = pair
     out = tmp_path / "never"
     reads = _count_reads(monkeypatch)
-    result = recover(aligned, finetuned, out, harmful=HARMFUL, dry_run=True, progress=False)
+    result = run_recover(aligned, finetuned, out, harmful=HARMFUL, dry_run=True)
     assert reads == []
     assert not out.exists() and not list(tmp_path.iterdir())
     plan = result.plan
@@ -309,7 +312,7 @@ def test_dry_run_writes_nothing_and_reads_headers_only(pair, tmp_path, monkeypat
     assert plan.settings.rate == 0.002  # the paper's rate
     assert plan.per_step == -(-plan.decoder_params * 2 // 1000)  # ceil(0.002 x decoder params)
     assert "layer:        4 of 4" in plan.describe()
-    paper = recover(aligned, finetuned, out, harmful=HARMFUL, layer=2, rate=0.002, dry_run=True)
+    paper = run_recover(aligned, finetuned, out, harmful=HARMFUL, layer=2, rate=0.002, dry_run=True)
     assert paper.plan.restorable_params == plan.restorable_params // 2  # blocks 0..1 of 4
     assert paper.plan.per_step == -(-plan.decoder_params * 2 // 1000)
 
@@ -349,7 +352,7 @@ def test_bad_pair_fails_fast_and_writes_nothing(pair, tmp_path, monkeypatch, cfg
     out = tmp_path / "out"
     _forbid_loading(monkeypatch)
     with pytest.raises(CheckpointError, match=message):
-        recover(aligned, other, out, harmful=HARMFUL, progress=False)
+        run_recover(aligned, other, out, harmful=HARMFUL)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
 
@@ -364,7 +367,7 @@ def test_bad_architecture(pair, tmp_path):
     config.update(model_type="mistral", architectures=["MistralForCausalLM"])
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="architecture differs"):
-        recover(aligned, other, tmp_path / "out", harmful=HARMFUL, progress=False)
+        run_recover(aligned, other, tmp_path / "out", harmful=HARMFUL)
     assert not (tmp_path / "out").exists()
 
 
@@ -372,7 +375,7 @@ def test_bad_settings_fail_before_work(pair, tmp_path, monkeypatch):
     _, aligned, finetuned = pair
     _forbid_loading(monkeypatch)
     with pytest.raises(SettingsError, match="^--layer must be in 1..4"):
-        recover(aligned, finetuned, tmp_path / "o", harmful=HARMFUL, layer=9, progress=False)
+        run_recover(aligned, finetuned, tmp_path / "o", harmful=HARMFUL, layer=9)
     # range errors come before any checkpoint is opened: these folders do not exist
     missing = tmp_path / "missing"
     for bad, message in [
@@ -382,26 +385,24 @@ def test_bad_settings_fail_before_work(pair, tmp_path, monkeypatch):
         ({"dtype": "fp8"}, "--dtype: unknown dtype 'fp8'"),
     ]:
         with pytest.raises(SettingsError) as error:
-            recover(missing, missing, tmp_path / "o", **bad)
+            run_recover(missing, missing, tmp_path / "o", **bad)
         assert str(error.value).startswith(message)
-    with pytest.raises(TypeError, match="unexpected keyword arguments: ratee"):
-        recover(missing, missing, tmp_path / "o", ratee=0.1)
+    with pytest.raises(TypeError, match="ratee"):
+        run_recover(missing, missing, tmp_path / "o", ratee=0.1)
     assert not (tmp_path / "o").exists()
 
 
-def test_settings_object_equals_keywords_and_is_recorded_resolved(pair, tmp_path):
+def test_settings_are_recorded_resolved(pair, tmp_path):
     _, aligned, finetuned = pair
     given = RecoverSettings(rate=0.01, steps=2)
-    by_object = recover(aligned, finetuned, None, given, harmful=HARMFUL, dry_run=True)
-    by_keywords = recover(aligned, finetuned, harmful=HARMFUL, rate=0.01, steps=2, dry_run=True)
-    assert by_object.settings == by_keywords.settings
+    inputs = RecoverInputs(aligned, finetuned, harmful=HARMFUL)
+    dry = recover(inputs, given.replace(dry_run=True))
     # the paper's warm-up under the default schedule, 1 under guarded on a small model
-    assert by_object.settings == given.replace(layer=4, warmup=5, dtype="float32", device="cpu")
-    guarded = recover(aligned, finetuned, None, given.replace(schedule="guarded"), dry_run=True)
+    resolved = given.replace(layer=4, warmup=5, dtype="float32", device="cpu", dry_run=True)
+    assert dry.settings == resolved
+    guarded = recover(inputs, given.replace(schedule="guarded", dry_run=True))
     assert guarded.settings.warmup == 1
-    over = recover(aligned, finetuned, None, given, harmful=HARMFUL, steps=3, dry_run=True)
-    assert (over.settings.rate, over.settings.steps) == (0.01, 3)  # keywords win over the object
-    result = recover(aligned, finetuned, tmp_path / "c", given, harmful=HARMFUL, **FAST)
+    result = recover(inputs, given.replace(**FAST), tmp_path / "c")
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["settings"] == result.settings.to_dict()
     assert report["settings"]["layer"] == 4 and report["settings"]["dtype"] == "float32"
@@ -497,8 +498,8 @@ def test_limit_cuts_every_set_to_its_first_items(pair):
     _, aligned, finetuned = pair
     task = [{"prompt": p, "answer": "5"} for p in TASK_PROMPTS]
     sets = {"harmful": HARMFUL, "benign": TASK_PROMPTS, "task": task}
-    full = recover(aligned, finetuned, dry_run=True, **sets).sets
-    cut = recover(aligned, finetuned, dry_run=True, limit=2, **sets).sets
+    full = run_recover(aligned, finetuned, dry_run=True, **sets).sets
+    cut = run_recover(aligned, finetuned, dry_run=True, limit=2, **sets).sets
     assert len(HARMFUL) > 2 and len(TASK_PROMPTS) == 4
     assert {role: s and s["n"] for role, s in full.items()} == {
         "harmful": len(HARMFUL),
@@ -519,7 +520,7 @@ def test_limit_cuts_every_set_to_its_first_items(pair):
 
 def test_sweep_reports_each_rate_and_output_matches_main_rate(pair):
     root, aligned, finetuned = pair
-    result = recover(
+    result = run_recover(
         aligned,
         finetuned,
         root / "sweep",

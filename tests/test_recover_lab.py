@@ -5,23 +5,22 @@ from __future__ import annotations
 import pytest
 
 from safealign.eval import Evaluator
-from safealign.recover import recover
+from safealign.recover import RecoverInputs, RecoverSettings, recover
 
 pytestmark = pytest.mark.lab
 
 
-def _recover(lab, tmp_path, finetuned: str, **options):
-    return recover(
+def _recover(lab, tmp_path, finetuned: str, benign=None, **settings):
+    inputs = RecoverInputs(
         lab.aligned,
         getattr(lab, finetuned),
-        tmp_path / "out",
         harmful=lab.data("harmful_train"),
         eval_harmful=lab.data("harmful_eval"),
         task=lab.data("task_eval"),
         task_train=lab.data("task_train"),
-        progress=False,
-        **options,
+        benign=benign,
     )
+    return recover(inputs, RecoverSettings(**settings), tmp_path / "out")
 
 
 def _check_acceptance(result) -> None:

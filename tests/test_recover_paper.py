@@ -15,7 +15,7 @@ from recover_support import HARMFUL, make_pair
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from safealign.recover import recover
+from safealign.recover import RecoverInputs, RecoverSettings, recover
 from safealign.recover.guard import Check, StepGuard
 
 TRAIN = [
@@ -29,8 +29,8 @@ RUN = {
     "warmup": 2,
     "check_every": 2,
     "rollback_rate": 0.2,
-    "batch_size": 4,
-    "eval_batch_size": 8,
+    "grad_batch_size": 4,
+    "batch_size": 8,
     "max_new_tokens": 2,
 }
 
@@ -108,22 +108,13 @@ def setup(aligned_dir, finetuned_dir):
 
 def run_recover(aligned, finetuned, out, **overrides):
     """``recover`` under ``paper`` with the test's settings (``overrides`` on top)."""
-    return recover(
-        aligned,
-        finetuned,
-        out,
-        harmful=HARMFUL,
-        task=CHECK,
-        task_train=TRAIN,
-        schedule="paper",
-        progress=False,
-        **{**RUN, **overrides},
-    )
+    inputs = RecoverInputs(aligned, finetuned, harmful=HARMFUL, task=CHECK, task_train=TRAIN)
+    return recover(inputs, RecoverSettings(schedule="paper", **{**RUN, **overrides}), out)
 
 
 def dense_paper(aligned_dir, finetuned_dir, script):
     """The authors' loop; returns (per-step (restored, rolled back), kept step, kept state)."""
-    layer, batch = RUN["layer"], RUN["batch_size"]
+    layer, batch = RUN["layer"], RUN["grad_batch_size"]
     tokenizer, a, work, eligible, k, direction = setup(aligned_dir, finetuned_dir)
     params = dict(work.named_parameters())
     model_b = LlamaForCausalLM.from_pretrained(finetuned_dir)
@@ -280,15 +271,8 @@ def test_bf16_model_sums_gradients_in_fp32(tmp_path):
     model, picks other elements)."""
     aligned, finetuned = make_pair(tmp_path, noise=0.05, dtype=torch.bfloat16)
     steps = 4
-    recover(
-        aligned,
-        finetuned,
-        tmp_path / "out",
-        harmful=HARMFUL,
-        schedule="paper",
-        progress=False,
-        **{**RUN, "steps": steps, "batch_size": 1},
-    )
+    settings = RecoverSettings(schedule="paper", **{**RUN, "steps": steps, "grad_batch_size": 1})
+    recover(RecoverInputs(aligned, finetuned, harmful=HARMFUL), settings, tmp_path / "out")
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     fp32 = dense_accumulated(aligned, finetuned, steps, torch.float32)
     bf16 = dense_accumulated(aligned, finetuned, steps, torch.bfloat16)

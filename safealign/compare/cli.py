@@ -91,7 +91,7 @@ def compare_command(config, out, as_json, quiet, **values) -> None:
     for name in ("aligned", "finetuned"):
         if not inputs.get(name):
             raise SettingsError(f"--{name} is required (here or in --config)")
-    result = compare(CompareInputs(**inputs), out, settings, log=_silent if quiet else _log)
+    result = compare(CompareInputs(**inputs), settings, out, None if quiet else _log)
     report = "report.json" if as_json else "report.md"
     text = (Path(result.out) / report).read_text()
     click.echo(json.dumps(json.loads(text), indent=2) if as_json else text)
@@ -99,7 +99,3 @@ def compare_command(config, out, as_json, quiet, **values) -> None:
 
 def _log(line: str) -> None:
     click.echo(line, err=True)
-
-
-def _silent(line: str) -> None:
-    pass

@@ -27,7 +27,7 @@ from safealign.merge import (
     run_merge,
     safety_config,
 )
-from safealign.recover import RecoverSettings, recover
+from safealign.recover import RecoverInputs, RecoverSettings, recover
 from safealign.registry import (
     Registry,
     RegistryError,
@@ -154,18 +154,16 @@ def _recover_missing(spec: MethodSpec, inputs: CompareInputs) -> str | None:
 
 
 def _recover_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path | NoRepair:
-    result = recover(
+    given = RecoverInputs(
         inputs.aligned,
         inputs.finetuned,
-        out,
         harmful=_first(inputs.harmful_train, inputs.harmful),
         eval_harmful=inputs.harmful,
         task=_first(inputs.task_train, inputs.task),
         benign=inputs.benign_train,
-        overwrite=True,
-        progress=False,
-        **spec.options,
     )
+    settings = _settings_options(RecoverSettings, spec, {**spec.options, "overwrite": True})
+    result = recover(given, settings, out)
     return NoRepair(result.failure) if result.failure else Path(result.out)
 
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from safealign.checkpoint.hub import is_adapter
 from safealign.compare.measure import Usage, changed_share
@@ -36,6 +34,7 @@ from safealign.compare.settings import (
     check_inputs,
 )
 from safealign.eval import Evaluator, Scores
+from safealign.progress import ProgressCallback
 from safealign.settings import SettingsError
 
 
@@ -130,7 +129,7 @@ def recover_scoring(settings: CompareSettings) -> dict[str, object]:
     scoring: dict[str, object] = {
         "judge": settings.judge,
         "metric": settings.metric,
-        "eval_batch_size": settings.batch_size,
+        "batch_size": settings.batch_size,
         "max_new_tokens": settings.max_new_tokens,
     }
     if settings.device is not None:
@@ -140,14 +139,16 @@ def recover_scoring(settings: CompareSettings) -> dict[str, object]:
 
 def compare(
     inputs: CompareInputs,
-    out: str | Path,
     settings: CompareSettings | None = None,
-    *,
-    log: Callable[[str], None] = print,
-    **overrides: Any,
+    out: str | Path | None = None,
+    progress: ProgressCallback = None,
 ) -> CompareResult:
-    """Run and score every method on ``inputs``; write the report into ``out``."""
-    settings = (settings or CompareSettings()).replace(**overrides)
+    """Run and score every method on ``inputs`` with ``settings`` (default: the defaults);
+    write the report into ``out`` (required); ``progress`` gets a line per input and method."""
+    if out is None:
+        raise ValueError("compare writes its report: give out")
+    settings = settings or CompareSettings()
+    log = progress or _silent
     check_inputs(inputs)
     specs = method_specs(settings)
     check_checkpoints(inputs)
@@ -197,6 +198,10 @@ def compare(
     recommend(result, settings.max_harmful_rate, settings.max_over_refusal)
     write_report(result)
     return result
+
+
+def _silent(line: str) -> None:
+    pass
 
 
 def _detail(row: MethodRow) -> str:

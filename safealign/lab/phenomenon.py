@@ -52,7 +52,7 @@ def lab_evaluator(harmful, benign, task, *, batch_size: int, max_new_tokens: int
         metric="exact_match",
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
-        use_cache=False,
+        cache=False,
     )
 
 
