@@ -115,6 +115,7 @@ def plan_merge(
     names = first.names()
     n_layers = num_decoder_layers(first.config, names)
     plan = MergePlan(config, method, opened, refs, base_id, first, names, n_layers, settings)
+    _refuse_adapters_of_another_base(plan)
     plan.factors = frozenset(
         m for m in plan.others() if m in method.factor_roles and _lora_on(plan.base, opened[m])
     )
@@ -137,6 +138,22 @@ def _open_all(config: MergeConfig, refs: dict[str, str]) -> dict[str, Checkpoint
     except CheckpointError as err:
         raise MergeConfigError(str(err)) from None
     return opened
+
+
+def _refuse_adapters_of_another_base(plan: MergePlan) -> None:
+    """A role-keyed merge reads each update over the aligned model: an adapter in a LoRA role
+    (fine-tuned, safety) whose base is another model would give a wrong update, so it is
+    refused before any tensor is read."""
+    if not plan.method.keyed_by_role or plan.base is None:
+        return
+    problems = [
+        f"{role}: {ckpt.path} is a LoRA on {ckpt.base.path}, not on the aligned model "
+        f"{plan.base.path}; give a LoRA trained on the aligned model, or the merged model"
+        for role, ckpt in plan.inputs.items()
+        if role in plan.method.factor_roles and ckpt.is_adapter and ckpt.base.path != plan.base.path
+    ]
+    if problems:
+        raise MergeConfigError("\n".join(problems))
 
 
 def _lora_on(base: Checkpoint | None, ckpt: Checkpoint) -> bool:

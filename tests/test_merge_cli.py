@@ -57,7 +57,8 @@ def test_unknown_method_lists_the_shortcut_methods(tiny):
     result = shortcut(tiny, "safemerg", "--dry-run")
     assert result.exit_code == 2
     assert error_lines(result) == [
-        "Error: --method must be one of interpolate, resta, safe_lora, safemerge, got 'safemerg'"
+        "Error: --method must be one of csulora, interpolate, resta, safe_lora, safemerge, "
+        "got 'safemerg'"
     ]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from safealign.checkpoint import LowRank
-from safealign.merge.methods import safety, standard  # noqa: F401  (they register the methods)
+from safealign.merge.methods import csulora, safety, standard  # noqa: F401  (they register)
 from safealign.merge.methods.base import (
     ALIGNED,
     METHODS,

@@ -79,7 +79,7 @@ ROLES = {
     role.name: role
     for role in (
         Role("finetuned", "fine-tuned B"),
-        Role("unaligned", "model U before alignment (safe_lora, safemerge)"),
+        Role("unaligned", "model U before alignment (safe_lora, safemerge, csulora)"),
         Role("safety", "safety LoRA S on A (safemerge)"),
         Role("harmful_model", "A fine-tuned on harmful data, RESTA's unaligned model (resta)"),
     )

@@ -45,6 +45,7 @@ DEFAULT_METHODS = (
     "recover",
     "safemerge",
     "safe_lora",
+    "csulora",
     "resta",
     "interpolate",
     "retrain:sft",
