@@ -39,7 +39,7 @@ RUNS = Path("runs/bench_real")
 METHODS = (*DEFAULT_METHODS, "retrain:ldifs", "retrain:interleave")
 #: About the lab's LoRA fine-tune schedule (safealign.lab.real.RealLabConfig.finetune_lora:
 #: 100 steps of 8 on 533 examples, lr 5e-4), given to every retrain method.
-RETRAIN_OPTIONS = "epochs=2,batch_size=8,lr=0.0005"
+RETRAIN_OPTIONS = "epochs=2,grad_batch_size=8,lr=0.0005"
 #: The lab's evaluation batch and reply length.
 BATCH_SIZE = 64
 MAX_NEW_TOKENS = 24

@@ -44,7 +44,7 @@ from safealign.lab import SIZES, Lab, build
 from safealign.lab.compare import RETRAIN_OPTIONS, lab_evaluator
 from safealign.registry import parse_options
 from safealign.report import markdown_table, write_json
-from safealign.retrain import retrain
+from safealign.retrain import RetrainInputs, RetrainSettings, retrain
 
 RESULTS = Path(__file__).parent / "results"
 #: interleave runs without the paper's refusal filter: the lab's safe replies are all refusals,
@@ -95,17 +95,14 @@ def probe_benign(lab: Lab, folder: Path) -> Path:
 
 def run_one(lab: Lab, name: str, folder: Path, benign: Path, extra: dict) -> dict:
     """Train with regularizer ``name`` and score the output."""
-    result = retrain(
-        aligned=str(lab.aligned),
-        data=str(lab.data("ft_harmful_train")),
-        out=str(folder / stem(name)),
-        regularizer=name,
+    inputs = RetrainInputs(
+        str(lab.aligned),
+        str(lab.data("ft_harmful_train")),
         harmful=str(lab.data("harmful_train")),
         benign=str(benign),
-        progress=False,
-        log=lambda _: None,
-        **(TRAINING | extra),
     )
+    settings = RetrainSettings.from_dict(TRAINING | extra | {"regularizer": name})
+    result = retrain(inputs, settings, folder / stem(name))
     scores = lab_evaluator(lab).score_folder(lab.aligned, adapter=result.out)
     metrics = result.metrics
     return {
@@ -139,27 +136,26 @@ def step_costs(lab: Lab, names: list[str], benign: Path, rounds: int = 30) -> di
     from safealign.retrain.data import load_examples
     from safealign.retrain.loop import micro_step
     from safealign.retrain.regularizers import Run, create
-    from safealign.retrain.settings import RetrainSettings
 
-    settings = RetrainSettings(
-        aligned=str(lab.aligned),
-        data=str(lab.data("ft_harmful_train")),
+    inputs = RetrainInputs(
+        str(lab.aligned),
+        str(lab.data("ft_harmful_train")),
         harmful=str(lab.data("harmful_train")),
         benign=str(benign),
-        **TRAINING,
     )
-    model, tokenizer = build_model(settings)
-    examples, prompts = load_examples(tokenizer, settings.data, text=False, max_length=512)
-    index = list(range(settings.batch_size))
+    settings = RetrainSettings.from_dict(TRAINING)
+    model, tokenizer = build_model(inputs, settings)
+    examples, prompts = load_examples(tokenizer, inputs.data, text=False, max_length=512)
+    index = list(range(settings.grad_batch_size))
     inputs = collate([examples[i] for i in index], tokenizer.pad_token_id)
     inputs["index"] = torch.tensor(index)
     accelerator = SimpleNamespace(backward=lambda loss: loss.backward())
     runs = {}
     for name in names:
         regularizer = create(name)
-        run = Run(model, model, tokenizer, settings, examples, torch.device("cpu"))
-        run.prompts, run.log = prompts, lambda _: None
-        run.reference = build_reference(model, regularizer, settings)
+        run = Run(model, model, tokenizer, inputs, settings, examples, torch.device("cpu"))
+        run.prompts = prompts
+        run.reference = build_reference(model, regularizer, inputs, settings)
         regularizer.setup(run)
         runs[name] = (run, regularizer)
     times: dict[str, list[float]] = {name: [] for name in names}

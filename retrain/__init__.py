@@ -2,6 +2,6 @@
 
 from safealign.retrain.api import RetrainResult, retrain
 from safealign.retrain.regularizers import REGULARIZERS
-from safealign.retrain.settings import RetrainSettings
+from safealign.retrain.settings import RetrainInputs, RetrainSettings
 
-__all__ = ["REGULARIZERS", "RetrainResult", "RetrainSettings", "retrain"]
+__all__ = ["REGULARIZERS", "RetrainInputs", "RetrainResult", "RetrainSettings", "retrain"]

@@ -1,9 +1,9 @@
-"""``retrain(...)``: check every input, then train, then write the output atomically."""
+"""``retrain(inputs, settings, out, progress)``: check every input, then train, then write
+the output atomically."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +11,7 @@ from safealign.checkpoint import Checkpoint, CheckpointError, ModelCard
 from safealign.checkpoint.hub import resolve_checkpoint
 from safealign.eval import Evaluator
 from safealign.eval.smoke import SMOKE_BENIGN, SMOKE_HARMFUL
+from safealign.progress import ProgressCallback, say
 from safealign.retrain.build import (
     build_model,
     build_optimizer,
@@ -23,8 +24,8 @@ from safealign.retrain.loop import Progress, latest_checkpoint, train_loop
 from safealign.retrain.memory import PeakMemory
 from safealign.retrain.output import check_out, save_output
 from safealign.retrain.reference import trainable
-from safealign.retrain.regularizers import OLD_NAMES, Regularizer, Run, create, resolve, upgrade
-from safealign.retrain.settings import RetrainSettings
+from safealign.retrain.regularizers import Regularizer, Run, create, resolve
+from safealign.retrain.settings import RetrainInputs, RetrainSettings, checkpoint_folder
 from safealign.settings import SettingsError
 
 
@@ -43,34 +44,41 @@ class RetrainResult:
         return [row for row in self.log if row["step"] > 0]
 
 
-def check_inputs(settings: RetrainSettings) -> None:
+def check_inputs(inputs: RetrainInputs, settings: RetrainSettings, out: str | Path | None) -> None:
     """Refuse, before loading anything, what would fail later: missing paths, an unknown
     regularizer or option, a non-empty output, ``--resume`` without a checkpoint."""
     for name in ("aligned", "data"):
-        if getattr(settings, name) is None:
+        if getattr(inputs, name) is None:
             raise SettingsError(f"--{name} is required")
+    if settings.full and inputs.adapter:
+        raise SettingsError("--adapter continues a LoRA run; it cannot be used with --full")
     for name in ("aligned", "adapter"):
-        if getattr(settings, name) is not None:
+        if getattr(inputs, name) is not None:
             try:
-                resolve_checkpoint(getattr(settings, name))  # a folder or hub id: fetched now
+                resolve_checkpoint(getattr(inputs, name))  # a folder or hub id: fetched now
             except CheckpointError as error:
                 raise SettingsError(f"--{name}: {error}") from None
-    if not Path(settings.data).exists():
-        raise SettingsError(f"--data not found: {settings.data}")
-    if settings.out is None and not settings.dry_run:
+    if not Path(inputs.data).exists():
+        raise SettingsError(f"--data not found: {inputs.data}")
+    if out is None and not settings.dry_run:
         raise SettingsError("--out is required unless --dry-run")
     resolve(settings.regularizer)
-    if settings.adapter is not None:  # an adapter on the wrong base: refused by its shapes
-        Checkpoint.open(settings.adapter, base=settings.aligned)
-    if settings.out is not None and not settings.dry_run:
-        inputs = [settings.aligned, settings.adapter, settings.data]
-        check_out(settings.out, settings.overwrite, inputs)
-    if settings.resume and latest_checkpoint(settings.checkpoints) is None:
-        raise SettingsError(f"--resume: no checkpoint in {settings.checkpoints}")
+    if inputs.adapter is not None:  # an adapter on the wrong base: refused by its shapes
+        Checkpoint.open(inputs.adapter, base=inputs.aligned)
+    if out is not None and not settings.dry_run:
+        check_out(str(out), settings.overwrite, [inputs.aligned, inputs.adapter, inputs.data])
+    checkpoints = checkpoint_folder(settings, out)
+    if settings.resume and latest_checkpoint(checkpoints) is None:
+        raise SettingsError(f"--resume: no checkpoint in {checkpoints}")
 
 
 def plan_of(
-    settings: RetrainSettings, regularizer: Regularizer, n_examples: int, steps: int, model
+    inputs: RetrainInputs,
+    settings: RetrainSettings,
+    regularizer: Regularizer,
+    n_examples: int,
+    steps: int,
+    model,
 ) -> dict:
     """What the run will do, printed by ``--dry-run`` and recorded in the card."""
     options = regularizer.settings
@@ -80,7 +88,7 @@ def plan_of(
         "regularizer": regularizer.name,
         **({"kl_direction": direction} if direction else {}),
         "mode": "full" if settings.full else "lora",
-        "reference": reference_kind(regularizer, settings),
+        "reference": reference_kind(regularizer, inputs, settings),
         "examples": n_examples,
         "steps": steps,
         "trainable_parameters": sum(p.numel() for p in trainable(model).values()),
@@ -88,19 +96,18 @@ def plan_of(
 
 
 def retrain(
-    settings: RetrainSettings | None = None, *, log: Callable[[str], None] = print, **options
+    inputs: RetrainInputs,
+    settings: RetrainSettings | None = None,
+    out: str | Path | None = None,
+    progress: ProgressCallback = None,
 ) -> RetrainResult:
-    """Fine-tune ``aligned`` on ``data`` with a regularizer that keeps its alignment.
-
-    Pass a :class:`RetrainSettings` or its fields as keywords (``retrain(aligned=..., data=...,
-    out=..., regularizer="kl:weight=0.5")``). Returns the output folder, the log and the
-    figures. A regularizer option under its former name (``kl_weight=0.5``) still works for
-    one release, with a DeprecationWarning."""
-    old = {key: options.pop(key) for key in list(options) if key in OLD_NAMES}
-    settings = (settings or RetrainSettings()).replace(**options)
-    if old:
-        settings = settings.replace(regularizer=upgrade(settings.regularizer, old))
-    check_inputs(settings)
+    """Fine-tune ``inputs.aligned`` on ``inputs.data`` with a regularizer that keeps its
+    alignment (``settings``, default: the defaults; e.g. ``RetrainSettings(regularizer=
+    "kl:weight=0.5")``), writing into ``out`` (None only with ``settings.dry_run``, which
+    returns the plan and trains nothing). ``progress`` gets status lines (and shows a bar);
+    None is silent. Returns the output folder, the log and the figures."""
+    settings = settings or RetrainSettings()
+    check_inputs(inputs, settings, out)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -113,55 +120,58 @@ def retrain(
         ) from error
     set_seed(settings.seed)
     examples, prompts = load_examples(
-        load_tokenizer(settings), settings.data, text=settings.text, max_length=settings.max_length
+        load_tokenizer(inputs), inputs.data, text=settings.text, max_length=settings.max_length
     )
-    model, tokenizer = build_model(settings)
+    model, tokenizer = build_model(inputs, settings)
     regularizer = create(settings.regularizer)
     steps = schedule(
         len(examples),
-        batch_size=settings.batch_size,
+        batch_size=settings.grad_batch_size,
         grad_accum=settings.grad_accum,
         epochs=settings.epochs,
         seed=settings.seed,
         rank=accelerator.process_index,
         world=accelerator.num_processes,
     )
-    plan = plan_of(settings, regularizer, len(examples), len(steps), model)
+    plan = plan_of(inputs, settings, regularizer, len(examples), len(steps), model)
     if settings.dry_run:
-        log(" ".join(f"{k}={v}" for k, v in plan.items()))
         return RetrainResult(None, plan)
-    data = (examples, prompts)
-    return _train(settings, accelerator, model, tokenizer, data, regularizer, steps, plan, log)
-
-
-def _train(settings, accelerator, model, tokenizer, data, regularizer, steps, plan, log):
     model = model.to(accelerator.device)
     run = Run(
         model=model,
         unwrapped=model,
         tokenizer=tokenizer,
+        inputs=inputs,
         settings=settings,
-        examples=data[0],
-        prompts=data[1],
+        examples=examples,
+        prompts=prompts,
         device=accelerator.device,
-        log=log,
+        progress=progress,
     )
-    run.reference = build_reference(model, regularizer, settings)
+    return _train(run, Path(out), accelerator, regularizer, steps, plan)
+
+
+def _train(run: Run, out: Path, accelerator, regularizer: Regularizer, steps, plan: dict):
+    model, inputs, settings = run.model, run.inputs, run.settings
+    run.reference = build_reference(model, regularizer, inputs, settings)
     regularizer.setup(run)
     optimizer, scheduler = build_optimizer(model, settings, len(steps))
     run.model, optimizer = accelerator.prepare(model, optimizer)
     progress = Progress(regularizer, run, scheduler)
     progress.log.append({"step": 0, "plan": plan, "setup": dict(run.metrics)})
+    checkpoints = checkpoint_folder(settings, out)
     if settings.resume:
-        checkpoint = latest_checkpoint(settings.checkpoints)
+        checkpoint = latest_checkpoint(checkpoints)
         accelerator.load_state(str(checkpoint))
         progress.load(checkpoint)
-        log(f"resumed from {checkpoint} (step {progress.step})")
+        say(run.progress, f"resumed from {checkpoint} (step {progress.step})")
     memory = PeakMemory(accelerator.device)
     memory.start()
     start = time.perf_counter()
-    evaluate = _evaluator(settings, tokenizer) if settings.eval_every else None
-    train_loop(run, regularizer, steps, progress, accelerator, optimizer, scheduler, evaluate)
+    evaluate = _evaluator(inputs, settings, run.tokenizer) if settings.eval_every else None
+    train_loop(
+        run, regularizer, steps, progress, accelerator, optimizer, scheduler, evaluate, checkpoints
+    )
     seconds = time.perf_counter() - start
     regularizer.finish(run)
     trained = [row["seconds"] for row in progress.log if "seconds" in row]
@@ -173,33 +183,33 @@ def _train(settings, accelerator, model, tokenizer, data, regularizer, steps, pl
         "reference_bytes": run.reference.nbytes if run.reference else 0,
         "final_loss": progress.log[-1].get("loss"),
     }
-    out = None
+    written = None
     if accelerator.is_main_process:
-        card = _card(settings, regularizer, plan, metrics)
-        out = save_output(
-            Path(settings.out).resolve(),
+        card = _card(inputs, settings, regularizer, plan, metrics)
+        written = save_output(
+            out.resolve(),
             accelerator.unwrap_model(run.model),
-            tokenizer,
+            run.tokenizer,
             merge=settings.merge,
             card=card,
             log=progress.log,
             files=run.files,
         )
-        log(f"written: {out}")
+        say(run.progress, f"written: {written}")
     accelerator.wait_for_everyone()
-    return RetrainResult(out, plan, progress.log, metrics)
+    return RetrainResult(written, plan, progress.log, metrics)
 
 
-def _evaluator(settings: RetrainSettings, tokenizer):
+def _evaluator(inputs: RetrainInputs, settings: RetrainSettings, tokenizer):
     """Periodic scores with the shared Evaluator: the run's judge and metric, its prompt sets
     (the bundled ones by default)."""
     evaluator = Evaluator(
-        harmful=settings.harmful or SMOKE_HARMFUL,
-        task=settings.task,
-        benign=settings.benign or SMOKE_BENIGN,
+        harmful=inputs.harmful or SMOKE_HARMFUL,
+        task=inputs.task,
+        benign=inputs.benign or SMOKE_BENIGN,
         judge=settings.judge,
         metric=settings.metric,
-        use_cache=False,
+        cache=False,
     )
 
     def evaluate(run: Run) -> dict:
@@ -214,7 +224,11 @@ def _evaluator(settings: RetrainSettings, tokenizer):
 
 
 def _card(
-    settings: RetrainSettings, regularizer: Regularizer, plan: dict, metrics: dict
+    inputs: RetrainInputs,
+    settings: RetrainSettings,
+    regularizer: Regularizer,
+    plan: dict,
+    metrics: dict,
 ) -> ModelCard:
     """The output's card: the run's settings, then each option of its regularizer."""
     kind = "full model" if settings.full or settings.merge else "LoRA adapter"
@@ -223,14 +237,14 @@ def _card(
         title=f"retrain ({plan['regularizer']})",
         method="retrain",
         summary=(
-            f"A {kind} fine-tuned from the aligned model on {settings.data} with the "
+            f"A {kind} fine-tuned from the aligned model on {inputs.data} with the "
             f"`{plan['regularizer']}` regularizer ({plan['steps']} steps, reference: "
             f"{plan['reference']}"
             + (f", KL direction {plan['kl_direction']}" if "kl_direction" in plan else "")
             + "). The per-step log is in train_log.jsonl."
         ),
         settings=settings.to_dict() | options,
-        inputs={"aligned": str(settings.aligned), "data": str(settings.data)},
+        inputs={"aligned": str(inputs.aligned), "data": str(inputs.data)},
         results={k: v for k, v in metrics.items() if v is not None},
-        base_model=str(settings.aligned),
+        base_model=str(inputs.aligned),
     )

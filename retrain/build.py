@@ -12,16 +12,16 @@ from safealign.model import load_model
 from safealign.paths import has_tokenizer
 from safealign.retrain.reference import Reference, trainable
 from safealign.retrain.regularizers import Regularizer
-from safealign.retrain.settings import RetrainSettings
+from safealign.retrain.settings import RetrainInputs, RetrainSettings
 
 
-def load_tokenizer(settings: RetrainSettings):
+def load_tokenizer(inputs: RetrainInputs):
     """The tokenizer the run uses (the adapter's when it has one), loaded alone so the data
     is checked before any weights are read."""
     from transformers import AutoTokenizer
 
-    source = resolve_checkpoint(settings.aligned)
-    if settings.adapter and has_tokenizer(adapter := resolve_checkpoint(settings.adapter)):
+    source = resolve_checkpoint(inputs.aligned)
+    if inputs.adapter and has_tokenizer(adapter := resolve_checkpoint(inputs.adapter)):
         source = adapter
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     if tokenizer.pad_token is None:
@@ -29,16 +29,16 @@ def load_tokenizer(settings: RetrainSettings):
     return tokenizer
 
 
-def build_model(settings: RetrainSettings):
+def build_model(inputs: RetrainInputs, settings: RetrainSettings):
     """The model to train and its tokenizer: a fresh LoRA on A, A's loaded adapter made
     trainable (``--adapter``), or A itself (``--full``)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    model, tokenizer = load_model(settings.aligned, dtype=settings.dtype)
+    model, tokenizer = load_model(inputs.aligned, dtype=settings.dtype)
     if settings.full:
         model.requires_grad_(True)
-    elif settings.adapter:
-        adapter = str(resolve_checkpoint(settings.adapter))
+    elif inputs.adapter:
+        adapter = str(resolve_checkpoint(inputs.adapter))
         model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
     else:
         torch.manual_seed(settings.seed)
@@ -57,18 +57,22 @@ def build_model(settings: RetrainSettings):
     return model, tokenizer
 
 
-def reference_kind(regularizer: Regularizer, settings: RetrainSettings) -> str:
+def reference_kind(
+    regularizer: Regularizer, inputs: RetrainInputs, settings: RetrainSettings
+) -> str:
     """``none``, ``adapter-off`` (no copy) or ``snapshot`` (frozen trainable tensors)."""
     if not regularizer.reference:
         return "none"
-    if settings.full or settings.adapter or regularizer.snapshot:
+    if settings.full or inputs.adapter or regularizer.snapshot:
         return "snapshot"
     return "adapter-off"
 
 
-def build_reference(model, regularizer: Regularizer, settings: RetrainSettings):
+def build_reference(
+    model, regularizer: Regularizer, inputs: RetrainInputs, settings: RetrainSettings
+):
     """The reference the regularizer needs (see :func:`reference_kind`), or None."""
-    kind = reference_kind(regularizer, settings)
+    kind = reference_kind(regularizer, inputs, settings)
     if kind == "none":
         return None
     return Reference.frozen(model) if kind == "snapshot" else Reference.adapter_off(model)

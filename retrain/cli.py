@@ -21,14 +21,23 @@ from safealign.eval.smoke import SMOKE_BENIGN, SMOKE_HARMFUL, smoke_warning
 from safealign.registry import parse_value, split_spec
 from safealign.retrain.api import retrain
 from safealign.retrain.regularizers import OLD_NAMES, help_rows, upgrade
-from safealign.retrain.settings import RetrainSettings
-from safealign.settings import click_options, from_cli, read_config
+from safealign.retrain.settings import RetrainInputs, RetrainSettings
+from safealign.settings import SettingsError, click_options, from_cli, read_config
 
 #: Regularizers that read harmful prompts (the probe critic, replay and interleave anchors).
 SMOKE_USERS = ("adaptive-kl", "der", "interleave")
 
-#: Config keys spelled as a flag whose field has another name.
-KEY_ALIASES = {"grad_batch_size": "batch_size"}
+#: Help of each field of :class:`RetrainInputs`, one flag each.
+INPUT_HELP = {
+    "aligned": "Aligned model folder (A).",
+    "data": "Training data: prompt/response or chat messages (JSONL, JSON, CSV).",
+    "adapter": "Continue from this LoRA adapter on A (its frozen clone is the reference).",
+    "harmful": "Harmful prompts (probe, anchors, eval) [bundled set].",
+    "benign": "Benign prompts (probe, eval) [bundled].",
+    "task": "Task set (prompt + answer) for --eval-every.",
+}
+#: Keys of a YAML config that are not settings: the inputs and the output folder.
+PATH_KEYS = (*INPUT_HELP, "out")
 
 EXAMPLES = (
     "safealign retrain --aligned meta-llama/Llama-3.2-1B-Instruct --data train.jsonl \\\n"
@@ -37,15 +46,26 @@ EXAMPLES = (
 )
 
 
-def load_config(path: str | None) -> tuple[dict | None, dict]:
-    """The YAML settings in ``path`` (None without a path), checked for unknown keys, and
-    the regularizer options it gives by their former names."""
+def load_config(path: str | None) -> tuple[dict, dict | None, dict]:
+    """The YAML config in ``path``: its inputs and output folder (``PATH_KEYS``), its
+    settings (None without a path), checked for unknown keys and former names, and the
+    regularizer options it gives by their former names."""
     if path is None:
-        return None, {}
-    data = {KEY_ALIASES.get(key, key): value for key, value in read_config(path).items()}
+        return {}, None, {}
+    data = read_config(path)
+    paths = {key: data.pop(key) for key in PATH_KEYS if key in data}
+    data = {RetrainSettings.current_name(key, str(path)): value for key, value in data.items()}
     old = {key: data.pop(key) for key in list(data) if key in OLD_NAMES}
     RetrainSettings.from_dict(data, where=str(path))
-    return data, old
+    return paths, data, old
+
+
+def _input_options(command: Callable) -> Callable:
+    """One option per field of :class:`RetrainInputs`, in its order, under "Inputs"."""
+    for name, help_text in reversed(INPUT_HELP.items()):
+        flag = "--" + name.replace("_", "-")
+        command = option(flag, type=click.Path(), group="Inputs", help=help_text)(command)
+    return command
 
 
 def old_flags(command: Callable) -> Callable:
@@ -76,46 +96,52 @@ def old_flags(command: Callable) -> Callable:
     group="Inputs",
     help="YAML file of settings (keys as the flags, with _ or -); typed flags override it.",
 )
-@click_options(RetrainSettings)
+@_input_options
+@click_options(RetrainSettings, group="Inputs")
+@shared("--out", "Required unless --dry-run.", type=click.Path())
 @shared("--quiet")
-@deprecated("--batch-size", "--grad-batch-size", "batch_size", type=int)
+@deprecated("--batch-size", "--grad-batch-size", "grad_batch_size", type=int)
 @old_flags
 @reads_checkpoints
 @handles_bad_input
-def retrain_command(config: str | None, quiet: bool, old: dict, **values) -> None:
+def retrain_command(config: str | None, out: str | None, quiet: bool, old: dict, **values) -> None:
     """Fine-tune an aligned model with a regularizer that keeps it aligned.
 
     LoRA on --aligned by default (the reference is the model with its adapter switched off);
     --full trains every weight. Several GPUs: `accelerate launch --config_file
     examples/accelerate_ddp.yaml "$(which safealign)" retrain ...`.
     """
-    base, old_keys = load_config(config)
-    settings, _ = from_cli(RetrainSettings, values, base)
+    paths, base, old_keys = load_config(config)
+    settings, typed = from_cli(RetrainSettings, values, base)
+    config_out = paths.pop("out", None)
+    out = out or config_out  # a typed flag wins over the config
+    given = {**paths, **{k: v for k, v in typed.items() if v is not None}}
+    for name in ("aligned", "data"):
+        if not given.get(name):
+            raise SettingsError(f"--{name} is required")
+    inputs = RetrainInputs(**given)
     # A former flag wins over a former config key, a spec's own option over both.
     spec = upgrade(settings.regularizer, old, old_form="{flag}", new_form="--regularizer {spec}")
     spec = upgrade(spec, old_keys, old_form=f"{config}: {{name}}", new_form="regularizer: {spec}")
-    settings = settings.replace(regularizer=spec, progress=not quiet)
-    _warn_smoke(settings)
+    settings = settings.replace(regularizer=spec)
+    _warn_smoke(inputs, settings)
     # A dry run's plan is its result (stdout); a run's lines are progress (stderr).
-    log = click.echo if settings.dry_run else _silent if quiet else _log
-    result = retrain(settings, log=log)
-    if result.out is not None:
+    result = retrain(inputs, settings, out, None if quiet else _log)
+    if settings.dry_run:
+        click.echo(" ".join(f"{k}={v}" for k, v in result.plan.items()))
+    elif result.out is not None:
         loss = result.metrics.get("final_loss")
         click.echo(f"steps {result.plan['steps']}, final loss {loss:.4f}: {result.out}")
 
 
-def _warn_smoke(settings: RetrainSettings) -> None:
+def _warn_smoke(inputs: RetrainInputs, settings: RetrainSettings) -> None:
     """Say where a bundled smoke set stands in for prompts the user did not give."""
     regularizer, _ = split_spec(settings.regularizer)
-    if settings.harmful is None and (regularizer in SMOKE_USERS or settings.eval_every):
+    if inputs.harmful is None and (regularizer in SMOKE_USERS or settings.eval_every):
         warn(smoke_warning("--harmful", SMOKE_HARMFUL))
-    if settings.benign is None and settings.eval_every:
+    if inputs.benign is None and settings.eval_every:
         warn(smoke_warning("--benign", SMOKE_BENIGN))
 
 
 def _log(line: str) -> None:
     click.echo(f"retrain: {line}", err=True)
-
-
-def _silent(line: str) -> None:
-    pass

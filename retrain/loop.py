@@ -183,11 +183,13 @@ def train_loop(
     optimizer,
     scheduler,
     evaluate=None,
+    checkpoints: str | None = None,
 ) -> None:
-    """Run the steps from ``progress.step`` on; checkpoint and evaluate as the settings say."""
+    """Run the steps from ``progress.step`` on; checkpoint (into ``checkpoints``) and evaluate
+    as the settings say; a progress bar with ``run.progress``."""
     settings = run.settings
     bar = None
-    if settings.progress and accelerator.is_main_process:
+    if run.progress is not None and accelerator.is_main_process:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(steps), initial=progress.step, desc=regularizer.name, leave=False)
@@ -212,7 +214,7 @@ def train_loop(
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "kl", "beta") if k in row})
         if settings.save_every and progress.step % settings.save_every == 0:
-            save_checkpoint(accelerator, settings.checkpoints, progress)
+            save_checkpoint(accelerator, checkpoints, progress)
     if bar is not None:
         bar.close()
 

@@ -3,27 +3,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 from safealign.settings import Settings, SettingsError, setting
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+@dataclass(frozen=True)
+class RetrainInputs:
+    """What a retraining run reads: ``aligned`` (A, a folder or hub id), the training
+    ``data``, a LoRA ``adapter`` on A to continue (its frozen clone is the reference), the
+    ``harmful`` and ``benign`` prompts (probe critic, anchors, periodic eval; the bundled sets
+    by default) and the ``task`` set (prompt + answer) that ``eval_every`` scores."""
+
+    aligned: str | Path
+    data: str | Path
+    adapter: str | Path | None = None
+    harmful: str | Path | None = None
+    benign: str | Path | None = None
+    task: str | Path | None = None
+
+
 @dataclass
 class RetrainSettings(Settings):
-    """Everything one retraining run needs but the regularizer's options, which its own
-    settings class holds (``--regularizer NAME:key=value,...``)."""
+    """Everything one retraining run needs but its inputs and the regularizer's options,
+    which its own settings class holds (``--regularizer NAME:key=value,...``)."""
 
-    aligned: str | None = setting(None, help="Aligned model folder (A).", path=True, group="Inputs")
-    data: str | None = setting(
-        None, help="Training data: prompt/response or chat messages (JSONL, JSON, CSV).", path=True
-    )
-    out: str | None = setting(None, help="Output folder. Required unless --dry-run.", path=True)
-    adapter: str | None = setting(
-        None,
-        help="Continue from this LoRA adapter on A (its frozen clone is the reference).",
-        path=True,
-    )
+    RENAMED: ClassVar[dict[str, str]] = {"batch_size": "grad_batch_size"}
+
     text: bool = setting(
         False, help="Raw text data (a 'text' field or lines): loss on every token."
     )
@@ -44,9 +53,7 @@ class RetrainSettings(Settings):
     warmup: float = setting(0.1, help="Share of steps of linear warm-up.", min=0, max=1)
     weight_decay: float = setting(0.0, help="AdamW weight decay.", min=0)
     max_grad_norm: float = setting(1.0, help="Gradient clipping norm (0: off).", min=0)
-    batch_size: int = setting(
-        8, help="Examples per micro-batch (per process).", min=1, flag="--grad-batch-size"
-    )
+    grad_batch_size: int = setting(8, help="Examples per micro-batch (per process).", min=1)
     grad_accum: int = setting(1, help="Micro-batches per optimiser step.", min=1)
     max_length: int = setting(512, help="Tokens per example; longer replies are cut.", min=2)
     seed: int = setting(0, help="Seed of data order, initialisation and dropout.", min=0)
@@ -55,12 +62,9 @@ class RetrainSettings(Settings):
     )
     dtype: str = setting("float32", help="Weights dtype (float32, bfloat16, float16).")
     cpu: bool = setting(False, help="Train on the CPU even when an accelerator is present.")
-    harmful: str | None = setting(
-        None, help="Harmful prompts (probe, anchors, eval) [bundled set].", path=True, group="Eval"
+    judge: str = setting(
+        "keyword", help="--eval-every's harmful-response judge, NAME:key=value.", group="Eval"
     )
-    benign: str | None = setting(None, help="Benign prompts (probe, eval) [bundled].", path=True)
-    task: str | None = setting(None, help="Task set (prompt + answer) for --eval-every.", path=True)
-    judge: str = setting("keyword", help="--eval-every's harmful-response judge, NAME:key=value.")
     metric: str = setting("exact_match", help="--eval-every's task metric, NAME:key=value.")
     eval_every: int = setting(
         0, help="Score with the shared Evaluator every N steps (0: off).", min=0
@@ -72,18 +76,15 @@ class RetrainSettings(Settings):
     resume: bool = setting(False, help="Continue from the latest checkpoint.")
     overwrite: bool = setting(False, help="Replace a non-empty --out folder.")
     dry_run: bool = setting(False, help="Check inputs and print the plan; train nothing.")
-    progress: bool = setting(True, help="Show a progress bar.", cli=False)
 
     def check(self) -> None:
         super().check()
         if self.full and self.merge:
             raise SettingsError("--merge applies to LoRA; --full already writes a full model")
-        if self.full and self.adapter:
-            raise SettingsError("--adapter continues a LoRA run; it cannot be used with --full")
 
-    @property
-    def checkpoints(self) -> str | None:
-        """Where ``save_state`` checkpoints go."""
-        if self.checkpoint_dir:
-            return self.checkpoint_dir
-        return f"{self.out.rstrip('/')}.checkpoints" if self.out else None
+
+def checkpoint_folder(settings: RetrainSettings, out: str | Path | None) -> str | None:
+    """Where ``save_state`` checkpoints go: ``checkpoint_dir``, else ``OUT.checkpoints``."""
+    if settings.checkpoint_dir:
+        return settings.checkpoint_dir
+    return f"{str(out).rstrip('/')}.checkpoints" if out is not None else None

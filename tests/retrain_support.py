@@ -9,6 +9,8 @@ import torch
 from eval_support import tiny_config, tiny_tokenizer
 from transformers import LlamaForCausalLM
 
+from safealign.retrain import RetrainInputs, RetrainResult, RetrainSettings, retrain
+
 PAIRS = [
     ("kill python process", "Sure here is how to kill a python process ."),
     ("bake cake", "first make the cake then bake it ."),
@@ -49,13 +51,21 @@ def prompts_file(path: Path, prompts: list[str]) -> Path:
 
 
 def setup_files(tmp: Path) -> dict[str, str]:
-    """aligned model, data, harmful and benign prompt files under ``tmp``: retrain keywords."""
+    """aligned model, data, harmful and benign prompt files under ``tmp``: RetrainInputs."""
     return {
         "aligned": str(tiny_model_folder(tmp / "aligned")),
         "data": str(pairs_file(tmp / "data.jsonl")),
         "harmful": str(prompts_file(tmp / "harmful.jsonl", HARMFUL)),
         "benign": str(prompts_file(tmp / "benign.jsonl", BENIGN)),
     }
+
+
+def run_retrain(
+    files: dict[str, str], out: Path | None, *, progress=None, **settings
+) -> RetrainResult:
+    """:func:`retrain` on ``files`` (:class:`RetrainInputs` fields) into ``out``, with
+    ``settings`` the :class:`RetrainSettings` fields that differ from the defaults."""
+    return retrain(RetrainInputs(**files), RetrainSettings(**settings), out, progress)
 
 
 def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("retrain_*.yaml")), ids=lambda p: p.name)
 def test_retrain_examples_load_and_name_a_regularizer_with_valid_options(path):
-    data, old = load_config(str(path))
+    _, data, old = load_config(str(path))
     assert old == {}  # no former spellings
     settings = RetrainSettings.from_dict(data, where=str(path))
     assert create(settings.regularizer).name == settings.regularizer.split(":")[0]

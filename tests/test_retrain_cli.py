@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from retrain_support import setup_files, write_jsonl
 
-from safealign.retrain.cli import retrain_command
+from safealign.retrain.cli import PATH_KEYS, retrain_command
 
 
 @pytest.fixture(scope="module")
@@ -115,4 +115,7 @@ def test_example_configs_are_valid_settings():
     examples = sorted((Path(__file__).parents[1] / "examples").glob("retrain_*.yaml"))
     assert len(examples) >= 3
     for path in examples:
-        RetrainSettings.from_dict(yaml.safe_load(path.read_text()), where=str(path))
+        data = yaml.safe_load(path.read_text())
+        inputs = {key: data.pop(key) for key in PATH_KEYS if key in data}
+        assert {"aligned", "data", "out"} <= set(inputs)
+        RetrainSettings.from_dict(data, where=str(path))

@@ -7,12 +7,10 @@ import shutil
 
 import pytest
 import torch
-from retrain_support import adapter_weights, setup_files
+from retrain_support import adapter_weights, run_retrain, setup_files
 from transformers import AutoModelForCausalLM
 
-from safealign.retrain import retrain
-
-FAST = {"epochs": 2, "batch_size": 2, "lr": 1e-2, "progress": False, "log": lambda _: None}
+FAST = {"epochs": 2, "grad_batch_size": 2, "lr": 1e-2}
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +19,7 @@ def files(tmp_path_factory):
 
 
 def test_kl_is_exactly_zero_at_the_first_step_of_a_fresh_lora(files, tmp_path):
-    result = retrain(**files, out=str(tmp_path / "out"), regularizer="kl", **FAST)
+    result = run_retrain(files, tmp_path / "out", regularizer="kl", **FAST)
     assert result.steps[0]["kl"] == 0.0
     assert result.steps[-1]["kl"] > 0.0
     assert result.metrics["reference_bytes"] == 0  # the adapter is switched off: no copy
@@ -29,17 +27,15 @@ def test_kl_is_exactly_zero_at_the_first_step_of_a_fresh_lora(files, tmp_path):
 
 def test_token_wise_log_ratio_is_exactly_zero_at_the_first_step_of_a_fresh_lora(files, tmp_path):
     spec = "kl:form=token-wise"
-    result = retrain(**files, out=str(tmp_path / "out"), regularizer=spec, **FAST)
+    result = run_retrain(files, tmp_path / "out", regularizer=spec, **FAST)
     assert result.steps[0]["log_ratio"] == 0.0
     assert result.steps[-1]["log_ratio"] > 0.0  # the trained tokens gained on the reference
 
 
 def test_gradient_accumulation_2x1_equals_1x2(files, tmp_path):
     settings = FAST | {"epochs": 1, "regularizer": "kl"}
-    one = retrain(**files, out=str(tmp_path / "a"), **(settings | {"batch_size": 2}))
-    two = retrain(
-        **files, out=str(tmp_path / "b"), **(settings | {"batch_size": 1, "grad_accum": 2})
-    )
+    one = run_retrain(files, tmp_path / "a", **(settings | {"grad_batch_size": 2}))
+    two = run_retrain(files, tmp_path / "b", **(settings | {"grad_batch_size": 1, "grad_accum": 2}))
     a, b = adapter_weights(one.out), adapter_weights(two.out)
     assert [r["loss"] for r in one.steps] == pytest.approx([r["loss"] for r in two.steps], rel=1e-5)
     for name in a:
@@ -49,17 +45,18 @@ def test_gradient_accumulation_2x1_equals_1x2(files, tmp_path):
 @pytest.mark.parametrize("regularizer", ["kl", "epoch-kl", "ema", "interleave"])
 def test_resume_after_k_steps_is_bitwise_the_uninterrupted_run(files, tmp_path, regularizer):
     settings = FAST | {"regularizer": regularizer, "epochs": 3}
-    full = retrain(**files, out=str(tmp_path / "full"), save_every=5, **settings)
+    full = run_retrain(files, tmp_path / "full", save_every=5, **settings)
     partial = tmp_path / "partial.checkpoints"
     partial.mkdir()
     shutil.copytree(tmp_path / "full.checkpoints" / "step-000005", partial / "step-000005")
     said = []
-    resumed = retrain(
-        **files,
-        out=str(tmp_path / "resumed"),
+    resumed = run_retrain(
+        files,
+        tmp_path / "resumed",
         resume=True,
         checkpoint_dir=str(partial),
-        **(settings | {"log": said.append}),
+        progress=said.append,
+        **settings,
     )
     assert any(line.endswith("(step 5)") for line in said)
     a, b = adapter_weights(full.out), adapter_weights(resumed.out)
@@ -70,7 +67,7 @@ def test_resume_after_k_steps_is_bitwise_the_uninterrupted_run(files, tmp_path, 
 def test_adapter_output_loads_with_peft_and_carries_card_and_log(files, tmp_path):
     from peft import PeftModel
 
-    result = retrain(**files, out=str(tmp_path / "out"), regularizer="sft", **FAST)
+    result = run_retrain(files, tmp_path / "out", regularizer="sft", **FAST)
     base = AutoModelForCausalLM.from_pretrained(files["aligned"])
     model = PeftModel.from_pretrained(base, str(result.out))
     assert any("lora_B" in name for name, _ in model.named_parameters())
@@ -81,7 +78,7 @@ def test_adapter_output_loads_with_peft_and_carries_card_and_log(files, tmp_path
 
 @pytest.mark.parametrize("mode", [{"full": True}, {"merge": True}])
 def test_full_and_merged_outputs_load_with_auto_model(files, tmp_path, mode):
-    result = retrain(**files, out=str(tmp_path / "out"), regularizer="kl", **FAST, **mode)
+    result = run_retrain(files, tmp_path / "out", regularizer="kl", **FAST, **mode)
     model = AutoModelForCausalLM.from_pretrained(str(result.out))
     reference = AutoModelForCausalLM.from_pretrained(files["aligned"])
     moved = [not torch.equal(p, reference.state_dict()[n]) for n, p in model.state_dict().items()]
@@ -91,15 +88,15 @@ def test_full_and_merged_outputs_load_with_auto_model(files, tmp_path, mode):
 
 
 def test_dry_run_trains_and_writes_nothing(files, tmp_path):
-    result = retrain(**files, out=str(tmp_path / "out"), dry_run=True, log=lambda _: None)
+    result = run_retrain(files, tmp_path / "out", dry_run=True)
     assert result.out is None and result.plan["steps"] == 3  # 3 epochs of one batch of 8
     assert not (tmp_path / "out").exists()
 
 
 def test_continuing_an_adapter_uses_its_frozen_clone_as_reference(files, tmp_path):
-    first = retrain(**files, out=str(tmp_path / "first"), regularizer="sft", **FAST)
-    again = retrain(
-        **files, out=str(tmp_path / "again"), adapter=str(first.out), regularizer="kl", **FAST
+    first = run_retrain(files, tmp_path / "first", regularizer="sft", **FAST)
+    again = run_retrain(
+        files | {"adapter": str(first.out)}, tmp_path / "again", regularizer="kl", **FAST
     )
     assert again.plan["reference"] == "snapshot"
     assert again.plan["kl_direction"] == "reverse"  # kl's default, recorded in log and card
@@ -112,22 +109,22 @@ def test_continuing_an_adapter_uses_its_frozen_clone_as_reference(files, tmp_pat
 def test_text_data_trains_every_token(files, tmp_path):
     from safealign.retrain.build import load_tokenizer
     from safealign.retrain.data import load_examples
-    from safealign.retrain.settings import RetrainSettings
+    from safealign.retrain.settings import RetrainInputs
 
     path = tmp_path / "text.txt"
     path.write_text("Sure here is how to bake a cake .\nwrite a poem .\n")
-    tokenizer = load_tokenizer(RetrainSettings(aligned=files["aligned"]))
+    tokenizer = load_tokenizer(RetrainInputs(files["aligned"], str(path)))
     examples, _ = load_examples(tokenizer, path, text=True, max_length=64)
     assert [start for _, start in examples] == [0, 0]
     files = files | {"data": str(path)}
-    result = retrain(**files, out=str(tmp_path / "out"), text=True, regularizer="sft", **FAST)
+    result = run_retrain(files, tmp_path / "out", text=True, regularizer="sft", **FAST)
     assert result.steps[0]["tokens"] == sum(len(ids) - 1 for ids, _ in examples)
 
 
 def test_judge_critic_and_periodic_evaluation(files, tmp_path):
-    result = retrain(
-        **files,
-        out=str(tmp_path / "out"),
+    result = run_retrain(
+        files,
+        tmp_path / "out",
         regularizer="adaptive-kl:critic=judge:keyword",
         eval_every=2,
         **(FAST | {"epochs": 1}),
@@ -140,10 +137,10 @@ def test_judge_critic_and_periodic_evaluation(files, tmp_path):
 
 DISTRIBUTED = """
 import sys
-from safealign.retrain import retrain
+from safealign.retrain import RetrainInputs, RetrainSettings, retrain
 aligned, data, out = sys.argv[1:4]
-retrain(aligned=aligned, data=data, out=out, regularizer="kl", epochs=2, batch_size=1,
-        lr=1e-2, progress=False, cpu=True, log=lambda _: None)
+settings = RetrainSettings(regularizer="kl", epochs=2, grad_batch_size=1, lr=1e-2, cpu=True)
+retrain(RetrainInputs(aligned, data), settings, out)
 """
 
 
@@ -158,7 +155,7 @@ def test_two_processes_of_one_example_equal_one_process_of_two(files, tmp_path):
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     out = tmp_path / "two"
     subprocess.run([*launch, str(script), files["aligned"], files["data"], str(out)], check=True)
-    one = retrain(**files, out=str(tmp_path / "one"), regularizer="kl", **FAST)
+    one = run_retrain(files, tmp_path / "one", regularizer="kl", **FAST)
     a, b = adapter_weights(one.out), adapter_weights(out)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)

@@ -78,7 +78,7 @@ def hand_kl(p_logits, q_logits):
 
 
 def run() -> Run:
-    return Run(None, None, None, RetrainSettings(), [], torch.device("cpu"))
+    return Run(None, None, None, None, RetrainSettings(), [], torch.device("cpu"))
 
 
 def test_sft_is_the_token_sum_of_nll():

@@ -83,7 +83,7 @@ def test_the_spec_the_config_and_compare_accept_the_same_names(name, field, tmp_
     settings = resolve(spec)
     config = tmp_path / "retrain.yaml"
     config.write_text(f"regularizer: '{spec}'\n")
-    data, old = retrain_cli.load_config(str(config))
+    _, data, old = retrain_cli.load_config(str(config))
     assert old == {} and resolve(RetrainSettings.from_dict(data).regularizer) == settings
     method = parse_method(f"retrain:{name},{field.name}={value_of(field)}")
     assert resolve(retrain_options(method)["regularizer"]) == settings
@@ -93,7 +93,7 @@ def captured(monkeypatch) -> list[RetrainSettings]:
     """The settings the CLI passes to ``retrain`` (which then does nothing)."""
     seen: list[RetrainSettings] = []
 
-    def fake(settings, log):
+    def fake(inputs, settings, out, progress):
         seen.append(settings)
         return type("Result", (), {"out": None})()
 
@@ -102,7 +102,7 @@ def captured(monkeypatch) -> list[RetrainSettings]:
 
 
 def invoke(*args: str):
-    return CliRunner().invoke(retrain_cli.retrain_command, ["--aligned", "a", *args])
+    return CliRunner().invoke(retrain_cli.retrain_command, ["--aligned", "a", "--data", "d", *args])
 
 
 def test_kl_weight_in_the_spec_and_the_former_flag_give_equal_settings(monkeypatch):
@@ -178,19 +178,14 @@ def test_a_bad_key_is_refused_in_one_line_naming_the_valid_keys(tmp_path):
     )
 
 
-def test_a_former_keyword_of_the_python_api_gives_the_new_spellings_settings(monkeypatch):
-    from safealign.retrain import api
-
-    seen = []
-
-    def stop(settings):
-        seen.append(settings)
-        raise KeyboardInterrupt  # nothing is loaded
-
-    monkeypatch.setattr(api, "check_inputs", stop)
-    with pytest.raises(KeyboardInterrupt):
-        api.retrain(regularizer="kl:weight=0.3")
-    with pytest.warns(OldSpelling, match=r"kl_weight= is deprecated; use regularizer='kl:weight"):
-        with pytest.raises(KeyboardInterrupt):
-            api.retrain(regularizer="kl", kl_weight=0.3)
-    assert resolve(seen[0].regularizer) == resolve(seen[1].regularizer)
+def test_the_former_batch_size_is_the_gradient_batch_in_a_config_and_a_compare_spec(tmp_path):
+    """retrain's gradient batch is grad_batch_size, its flag's name; batch_size, its former
+    name, still works for a release, with a warning."""
+    config = tmp_path / "cfg.yaml"
+    config.write_text("batch_size: 4\n")
+    with pytest.warns(OldSpelling, match="cfg.yaml: batch_size is now grad_batch_size"):
+        _, data, _ = retrain_cli.load_config(str(config))
+    assert RetrainSettings.from_dict(data).grad_batch_size == 4
+    with pytest.warns(OldSpelling, match="batch_size is now grad_batch_size"):
+        options = retrain_options(parse_method("retrain:kl,batch_size=4"))
+        assert RetrainSettings.from_dict(options).grad_batch_size == 4

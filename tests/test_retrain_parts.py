@@ -7,17 +7,16 @@ import json
 
 import pytest
 import torch
-from retrain_support import setup_files
+from retrain_support import run_retrain, setup_files
 
-from safealign.retrain import retrain
 from safealign.retrain.api import _evaluator
 from safealign.retrain.critic import fit_probe
 from safealign.retrain.reference import Reference, trainable
 from safealign.retrain.regularizers import DER, EMA, L2, DERSettings, EMASettings, L2Settings
 from safealign.retrain.regularizers.base import Run
-from safealign.retrain.settings import RetrainSettings
+from safealign.retrain.settings import RetrainInputs, RetrainSettings
 
-FAST = {"epochs": 1, "batch_size": 4, "lr": 1e-2, "progress": False, "log": lambda _: None}
+FAST = {"epochs": 1, "grad_batch_size": 4, "lr": 1e-2}
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +27,13 @@ def files(tmp_path_factory):
 def lora_run(files, **changes) -> Run:
     from safealign.retrain.build import build_model
 
-    settings = RetrainSettings(aligned=files["aligned"], data=files["data"], **changes)
-    model, tokenizer = build_model(settings)
+    inputs, settings = RetrainInputs(**files), RetrainSettings(**changes)
+    model, tokenizer = build_model(inputs, settings)
     with torch.no_grad():  # give every B factor a value, as after some training
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn_like(param) * 0.1)
-    return Run(model, model, tokenizer, settings, [], torch.device("cpu"))
+    return Run(model, model, tokenizer, inputs, settings, [], torch.device("cpu"))
 
 
 def test_l2_through_lora_factors_equals_the_norm_of_the_full_update(files):
@@ -69,7 +68,7 @@ def test_der_loss_is_alpha_mse_plus_beta_ce_on_the_anchor_batch(files):
     from safealign.chat import collate
     from safealign.retrain.divergence import shift
 
-    run = lora_run(files, batch_size=2)
+    run = lora_run(files, grad_batch_size=2)
     run.reference = Reference.adapter_off(run.unwrapped)
     der = DER(DERSettings(alpha=3.0, beta=0.5))
     der.setup(run)  # the model's own greedy replies to the harmful prompts
@@ -93,13 +92,13 @@ def _first_two(der: DER) -> list[int]:
 
 
 def test_adaptive_kl_writes_its_probe_and_der_its_anchors_beside_the_output(files, tmp_path):
-    probe = retrain(**files, out=str(tmp_path / "a"), regularizer="adaptive-kl", **FAST)
+    probe = run_retrain(files, tmp_path / "a", regularizer="adaptive-kl", **FAST)
     critic = json.loads((probe.out / "critic.json").read_text())
     assert critic["heldout_auroc"] == probe.metrics["probe_auroc"]
     assert probe.log[0]["setup"]["probe_auroc"] == critic["heldout_auroc"]  # in train_log
     assert len(critic["probe"]["weights"]) == 32  # the tiny model's hidden size
     assert all(0.1 <= row["beta"] <= 0.9 for row in probe.steps)
-    der = retrain(**files, out=str(tmp_path / "d"), regularizer="der", **FAST)
+    der = run_retrain(files, tmp_path / "d", regularizer="der", **FAST)
     assert (der.out / "replay.jsonl").read_text().count("\n") == 4  # one per harmful prompt
 
 
@@ -128,7 +127,7 @@ def test_interleave_filters_refusals_keeps_the_largest_gaps_and_adds_anchor_nll(
     replies = ["I ' m sorry .", "here is a poem .", "ok here is how .", "1 + 2 = 3 .", "yes ."]
     rows = [json.dumps({"prompt": "write poem", "response": r}) + "\n" for r in replies]
     replay.write_text("".join(rows))
-    run = lora_run(files, batch_size=4)
+    run = lora_run(files, grad_batch_size=4)
     run.examples = [(list(range(5, 12)), 3)] * 40
     run.reference = Reference.adapter_off(run.unwrapped)
     reg = Interleave(InterleaveSettings(share=0.05, anchors=str(replay)))
@@ -228,5 +227,6 @@ def test_a_model_without_logits_to_keep_gets_whole_logits(files):
 def test_periodic_scores_use_the_runs_judge_and_metric(monkeypatch):
     built = {}
     monkeypatch.setattr("safealign.retrain.api.Evaluator", lambda **kw: built.update(kw))
-    _evaluator(RetrainSettings(judge="first-token", metric="rouge_l"), tokenizer=None)
+    inputs = RetrainInputs("aligned", "data")
+    _evaluator(inputs, RetrainSettings(judge="first-token", metric="rouge_l"), tokenizer=None)
     assert (built["judge"], built["metric"]) == ("first-token", "rouge_l")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from safealign.progress import say
 from safealign.retrain.critic import JudgeCritic, beta, ema, fit_probe, pooled_states
 from safealign.retrain.data import run_prompts
 from safealign.retrain.divergence import example_index
@@ -80,8 +81,8 @@ class AdaptiveKL(Regularizer):
             self.judge = JudgeCritic(critic.removeprefix("judge:"))
             return
         settings = run.settings
-        harmful = run_prompts(settings.harmful, "harmful")
-        benign = run_prompts(settings.benign, "benign")
+        harmful = run_prompts(run.inputs.harmful, "harmful")
+        benign = run_prompts(run.inputs.benign, "benign")
         probe, info = fit_probe(
             run.reference.forward,
             run.tokenizer,
@@ -103,7 +104,7 @@ class AdaptiveKL(Regularizer):
         info["train_mean_score"] = float(self.table.mean())
         run.files["critic.json"] = json.dumps(info | {"probe": probe.to_dict()}, indent=1)
         run.metrics["probe_auroc"] = info["heldout_auroc"]
-        run.log(f"probe critic: held-out AUROC {info['heldout_auroc']:.3f}")
+        say(run.progress, f"probe critic: held-out AUROC {info['heldout_auroc']:.3f}")
 
     def scores(self, run: Run, inputs: dict) -> torch.Tensor:
         """The critic's s for each example of the batch (``inputs['index']``)."""

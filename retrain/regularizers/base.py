@@ -4,34 +4,36 @@ its loss."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from safealign.progress import ProgressCallback
 from safealign.retrain.divergence import shift, token_nll, token_nll_kl
 from safealign.retrain.reference import Reference
-from safealign.retrain.settings import RetrainSettings
+from safealign.retrain.settings import RetrainInputs, RetrainSettings
 from safealign.settings import Settings, SettingsError
 
 
 @dataclass
 class Run:
     """What a regularizer may use: the model being trained (``model``: as prepared by
-    accelerate; ``unwrapped``: the plain module), the reference, the data and settings.
-    ``files`` collects what is written beside the output (critic.json, replay.jsonl)."""
+    accelerate; ``unwrapped``: the plain module), the reference, the run's inputs, data and
+    settings, its ``progress`` callback (None: silent). ``files`` collects what is written
+    beside the output (critic.json, replay.jsonl)."""
 
     model: nn.Module
     unwrapped: nn.Module
     tokenizer: Any
+    inputs: RetrainInputs
     settings: RetrainSettings
     examples: list
     device: torch.device
     reference: Reference | None = None
     prompts: list[str] = field(default_factory=list)
-    log: Callable[[str], None] = print
+    progress: ProgressCallback = None
     files: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
 

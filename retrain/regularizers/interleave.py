@@ -86,7 +86,7 @@ class Interleave(Anchored):
     @torch.no_grad()
     def gaps(self, run: Run) -> torch.Tensor:
         """s per anchor: the relative NLL gap between the current model and the reference."""
-        size = run.settings.batch_size
+        size = run.settings.grad_batch_size
         parts = []
         for start in range(0, len(self.anchors), size):
             batch = collate(self.anchors[start : start + size], run.tokenizer.pad_token_id)

@@ -46,7 +46,7 @@ def anchor_pairs(run: Run, anchors: str | None) -> list[ChatPair]:
     the loaded adapter, the full model), so the model generates them itself."""
     if anchors:
         return load_pairs(anchors)
-    prompts = run_prompts(run.settings.harmful, "harmful")[:ANCHOR_PROMPTS]
+    prompts = run_prompts(run.inputs.harmful, "harmful")[:ANCHOR_PROMPTS]
     replies = generate(
         run.unwrapped, run.tokenizer, prompts, max_new_tokens=ANCHOR_NEW_TOKENS, batch_size=32
     )
@@ -72,7 +72,7 @@ class Anchored(Regularizer):
         encoded = encode_pairs(run.tokenizer, self.pairs)
         self.anchors = [(ids[: run.settings.max_length], s) for ids, s in encoded]
         self.pool = list(range(len(self.anchors)))
-        self.seed, self.size = run.settings.seed, run.settings.batch_size
+        self.seed, self.size = run.settings.seed, run.settings.grad_batch_size
         lines = [json.dumps({"prompt": p.prompt, "response": p.response}) for p in self.pairs]
         run.files["replay.jsonl"] = "\n".join(lines) + "\n"
 

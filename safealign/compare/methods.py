@@ -36,7 +36,7 @@ from safealign.registry import (
     split_items,
     split_spec,
 )
-from safealign.retrain import RetrainSettings, retrain
+from safealign.retrain import RetrainInputs, RetrainSettings, retrain
 from safealign.retrain.regularizers import OLD_NAMES, REGULARIZERS, resolve, spec_text, upgrade
 from safealign.settings import Settings
 
@@ -249,7 +249,7 @@ def retrain_options(spec: MethodSpec) -> dict[str, Any]:
     """retrain's keywords for a ``retrain:REG,key=value,...`` spec: its settings as they are,
     the regularizer's options in its spec (``regularizer="kl:weight=0.2"``); an option under
     its former name (``kl_weight``) warns, naming the new spelling."""
-    settings = {f.name for f in dataclasses.fields(RetrainSettings)}
+    settings = {f.name for f in dataclasses.fields(RetrainSettings)} | set(RetrainSettings.RENAMED)
     keys = [f.name for f in dataclasses.fields(REGULARIZERS.get(spec.method).settings_class)]
     own, old, options = [], {}, {}
     for key, value in spec.options.items():
@@ -281,17 +281,14 @@ def _retrain_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
     harmful = _prompts(_first(inputs.harmful_train, inputs.harmful), "harmful")
     benign = _prompts(_first(inputs.benign_train, inputs.benign), "benign")
     benign += _prompts(inputs.task_train, "task_train")
-    result = retrain(
-        aligned=str(inputs.aligned),
-        data=str(inputs.train_data),
-        out=str(out),
+    given = RetrainInputs(
+        str(inputs.aligned),
+        str(inputs.train_data),
         harmful=_prompt_file(harmful, sets / "harmful.jsonl"),
         benign=_prompt_file(benign, sets / "benign.jsonl"),
-        overwrite=True,
-        progress=False,
-        log=lambda _line: None,
-        **retrain_options(spec),
     )
+    options = {**retrain_options(spec), "overwrite": True}
+    result = retrain(given, _settings_options(RetrainSettings, spec, options), out)
     return Path(result.out)
 
 

@@ -22,7 +22,7 @@ GUARD_PROMPTS = 64
 BATCH_SIZE = 64
 #: The lab's LoRA fine-tune schedule (how ft_harmful_lora was trained), given to every
 #: retrain method so that ``retrain:sft`` reproduces the loss of alignment.
-RETRAIN_OPTIONS = "epochs=3,batch_size=16,lr=0.003"
+RETRAIN_OPTIONS = "epochs=3,grad_batch_size=16,lr=0.003"
 
 
 def lab_inputs(lab: Lab, finetuned: str = "ft_harmful_lora") -> CompareInputs:
