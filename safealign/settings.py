@@ -43,7 +43,6 @@ def setting(
     path: bool = False,
     default_text: str | None = None,
     group: str | None = None,
-    flag: str | None = None,
     cli: bool = True,
     old_name: str | None = None,
 ) -> Any:
@@ -62,7 +61,6 @@ def setting(
         "path": path,
         "default_text": default_text,
         "group": group,
-        "flag": flag,
         "cli": cli,
         "old_name": old_name,
     }
@@ -72,8 +70,9 @@ def setting(
 
 
 def flag_name(field: dataclasses.Field) -> str:
-    """The CLI flag of a field: ``--`` and the name with dashes, unless ``flag`` says else."""
-    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+    """The CLI flag of a field: ``--`` and its name with dashes (``grad_batch_size`` is
+    ``--grad-batch-size``): a field is named as its flag, in the API, YAML and specs alike."""
+    return "--" + field.name.replace("_", "-")
 
 
 def _bounds_text(meta: Mapping) -> str:
