@@ -1,8 +1,8 @@
 """One settings object per command: defaults, help and range checks written once.
 
 A command's settings are a dataclass deriving from :class:`Settings` whose fields are made
-with :func:`setting`. The CLI options are generated from it (:func:`click_options`), the
-Python API takes it (or its fields as keywords), YAML configs load into it
+with :func:`setting`, each named as its flag. The CLI options are generated from it
+(:func:`click_options`), the capability's entry point takes it, YAML configs load into it
 (:meth:`Settings.from_dict`, unknown keys refused) and reports and model cards record
 :meth:`Settings.to_dict`. A new option is added in one place.
 """
