@@ -9,8 +9,8 @@ strength, on the **validation** splits (``harmful_val``, ``benign_val``, ``task_
 lab has them; the setting chosen there (the lowest harmful rate with over-refusal within 0.10 of
 A's, then the highest task accuracy) and the authors' default are scored on the evaluation sets.
 
-Run: python benchmarks/bench_safetylock.py [--size smollm2] [--finetuned ft_harmful_lora ...]
-Writes benchmarks/results/safetylock_<size>.json.
+Run: python benchmarks/bench_safetylock.py [--size smollm2] [--contrast replies|prompts] [...]
+Writes benchmarks/results/safetylock_<size>_<contrast>.json.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from safealign.recover.safetylock import (
     SafetyLockInputs,
     SafetyLockSettings,
     check_inputs,
-    contrast_pairs,
-    pair_activations,
+    contrast_activations,
+    contrast_samples,
+    describe_samples,
     write_locked,
 )
 from safealign.report import markdown_table, write_json
@@ -83,12 +84,13 @@ def choose(rows: list[dict], aligned: dict) -> dict:
     return min(allowed, key=lambda r: (r["harmful_rate"], -r["utility"]))
 
 
-def run(lab, finetuned: str, heads: list[int], strengths: list[float]) -> dict:
-    settings = SafetyLockSettings()
+def run(lab, finetuned: str, heads: list[int], strengths: list[float], contrast: str) -> dict:
+    settings = SafetyLockSettings(contrast=contrast)
     inputs = SafetyLockInputs(
         lab.aligned,
         lab.model(finetuned),
         harmful=lab.prompts("harmful_train")[:DIRECTION_PROMPTS],
+        benign=lab.prompts("safety_train", kind="lookalike")[:DIRECTION_PROMPTS],
     )
     eval_sets, val_sets = evaluator(lab, "eval"), evaluator(lab, "val")
 
@@ -99,14 +101,15 @@ def run(lab, finetuned: str, heads: list[int], strengths: list[float]) -> dict:
     del model
 
     start = time.perf_counter()
-    aligned, b = check_inputs(inputs)
-    pairs = contrast_pairs(inputs, settings, aligned, b, print)
-    activations, labels, n_heads = pair_activations(aligned, pairs, settings)
+    aligned, b = check_inputs(inputs, settings)
+    samples = contrast_samples(inputs, settings, aligned, b, print)
+    activations, labels, n_heads = contrast_activations(aligned, samples, settings)
     paper = build_lock(activations, labels, n_heads, settings.heads, settings.seed)
-    out = WORK / finetuned / "paper"
+    out = WORK / finetuned / contrast
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"settings": settings.to_dict(), "pairs": {"count": len(pairs)}}
+    report = {"settings": settings.to_dict()}
+    report["samples"] = describe_samples(samples, inputs, settings)
     report["lock"] = paper.describe()
     write_locked(b, aligned, paper.displacement(settings.strength), out, report, start)
     lock_seconds = time.perf_counter() - start
@@ -136,7 +139,7 @@ def run(lab, finetuned: str, heads: list[int], strengths: list[float]) -> dict:
             finals[label] |= scores(eval_sets, model, tokenizer)
     return {
         "finetuned": finetuned,
-        "pairs": len(pairs),
+        "contrast": report["samples"],
         "seconds": {"lock_and_write": round(lock_seconds, 2), "eval_b": round(eval_seconds, 2)},
         "cost_ratio": round(lock_seconds / eval_seconds, 3),
         "b_eval": b_eval,
@@ -152,11 +155,12 @@ def main() -> None:
     parser.add_argument("--size", default="smollm2")
     parser.add_argument("--finetuned", nargs="+", default=["ft_harmful_lora", "ft_harmful"])
     parser.add_argument("--heads", nargs="+", type=int, default=[24, 48])
+    parser.add_argument("--contrast", default="replies", choices=["replies", "prompts"])
     parser.add_argument("--strengths", nargs="+", type=float, default=[2, 4, 6, 8, 12, 16])
     args = parser.parse_args()
     torch.manual_seed(0)
     lab = build(size=args.size, log=print)
-    results = [run(lab, name, args.heads, args.strengths) for name in args.finetuned]
+    results = [run(lab, name, args.heads, args.strengths, args.contrast) for name in args.finetuned]
     rows = [
         {"finetuned": r["finetuned"], "row": label, **values, "cost_ratio": r["cost_ratio"]}
         for r in results
@@ -164,7 +168,7 @@ def main() -> None:
     ]
     print(markdown_table(rows))
     write_json(
-        RESULTS / f"safetylock_{args.size}.json",
+        RESULTS / f"safetylock_{args.size}_{args.contrast}.json",
         {"lab": {"size": args.size, "key": lab.info["key"]}, "results": results},
     )
 

@@ -67,7 +67,7 @@ def _check_gate(settings: EvalSettings, harmful: Path, benign: Path, task, allow
 @command(
     "eval",
     examples=EXAMPLES,
-    short_help="Score harmful rate, coherence, utility, over-refusal; gate a release.",
+    short_help="Score harm, coherence, utility, over-refusal; gate a release.",
 )
 @option("--model", "model_path", required=True, group=INPUTS, help="Model folder or hub id.")
 @option("--adapter", help="PEFT LoRA adapter (folder or hub id) on --model.")

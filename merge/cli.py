@@ -128,7 +128,7 @@ def _print(result: MergeResult, as_json: bool) -> None:
 @command(
     "merge",
     examples=EXAMPLES,
-    short_help="Merge checkpoints: a mergekit CONFIG, or a safety method by role.",
+    short_help="Merge checkpoints: mergekit CONFIG, or a safety method by role.",
 )
 @click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out_folder", metavar="[OUT]", required=False, type=FOLDER)

@@ -15,6 +15,10 @@ an unsafe answer; ``pairs`` takes such a file (``question``/``prompt``,
 ``answer_matching_behavior``/``safe``, ``answer_not_matching_behavior``/``unsafe``). Without
 one, each harmful prompt is answered by the aligned model (safe) and by the fine-tuned model
 (unsafe), greedily. The authors' probe split is unseeded; ours is seeded.
+
+Ours, as an option (``contrast="prompts"``): the heads contrast harmful with benign prompts at
+the last tokens of the chat-formatted prompt (the assistant turn opened), where the model
+decides whether to refuse; no reply is generated.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ from pathlib import Path
 
 import torch
 
+from safealign.chat import encode_chat
 from safealign.checkpoint import (
     Checkpoint,
     CheckpointError,
     CheckpointWriter,
     ModelCard,
+    check_output,
     is_adapter,
     validate_checkpoints,
 )
@@ -64,25 +70,37 @@ class SafetyLockSettings(Settings):
     positions: int = setting(
         5, help="Last reply tokens each pair contributes as samples (the authors' 5).", min=1
     )
-    max_pairs: int = setting(100, help="Pairs read (the authors use the first 100).", min=2)
+    contrast: str = setting(
+        "replies",
+        choices=("replies", "prompts"),
+        help="What the heads contrast: replies (the authors': a harmful question answered "
+        "safely vs unsafely, at the reply's last tokens) or prompts (harmful vs benign prompts "
+        "at the last tokens of the chat-formatted prompt, where the model decides).",
+    )
+    max_pairs: int = setting(
+        100, help="Pairs read, or prompts of each kind (the authors use the first 100).", min=2
+    )
     max_new_tokens: int = setting(
         48, help="Reply length when the pairs are generated from the prompts.", min=1
     )
-    batch_size: int = setting(16, help="Sequences per forward or generation batch.", min=1)
-    seed: int = setting(0, help="Seed of the probes' 60/40 split.")
-    device: str | None = setting(None, help="Device (default cpu).", default_text="cpu")
+    batch_size: int = setting(16, help="", min=1)
+    seed: int = setting(0, help="It draws the probes' 60/40 split.")
+    device: str | None = setting(None, help="", default_text="cpu")
+    overwrite: bool = setting(False, help="Replace a non-empty --out folder.")
+    dry_run: bool = setting(False, help="Build the lock and print its heads; write nothing.")
 
 
 @dataclass(frozen=True)
 class SafetyLockInputs:
-    """What SafetyLock reads: A, B (a model folder or a LoRA adapter on A) and either contrast
-    ``pairs`` (a file of question, safe and unsafe answer) or ``harmful`` prompts that A and B
-    answer."""
+    """What SafetyLock reads: A, B (a model folder or a LoRA adapter on A) and its contrast: for
+    ``replies``, ``pairs`` (a file of question, safe and unsafe answer) or ``harmful`` prompts
+    that A and B answer; for ``prompts``, ``harmful`` and ``benign`` prompts."""
 
     aligned: str | Path
     finetuned: str | Path
     harmful: object = None
     pairs: str | Path | None = None
+    benign: object = None
 
 
 @dataclass
@@ -91,6 +109,16 @@ class SafetyLockResult:
 
     out: Path | None
     report: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One contrast sequence: a prompt, the reply read after it (None: the prompt alone, the
+    assistant turn opened) and its label (1: the side the lock shifts toward)."""
+
+    prompt: str
+    reply: str | None
+    label: int
 
 
 @dataclass(frozen=True)
@@ -120,7 +148,9 @@ def load_contrast_pairs(path: str | Path) -> list[Pair]:
 _FIELDS = (QUESTION_FIELDS, SAFE_FIELDS, UNSAFE_FIELDS)
 
 
-def check_inputs(inputs: SafetyLockInputs) -> tuple[Checkpoint, Checkpoint]:
+def check_inputs(
+    inputs: SafetyLockInputs, settings: SafetyLockSettings
+) -> tuple[Checkpoint, Checkpoint]:
     """Open both checkpoints (headers only) and refuse what SafetyLock cannot bake."""
     aligned = Checkpoint.open(inputs.aligned)
     if aligned.is_adapter:
@@ -134,6 +164,8 @@ def check_inputs(inputs: SafetyLockInputs) -> tuple[Checkpoint, Checkpoint]:
             f"{inputs.finetuned}: SafetyLock bakes its shift as an o_proj bias, and {kind} has "
             "no attention_bias switch in config.json (Llama-like models have)"
         )
+    if settings.contrast == "prompts" and (inputs.harmful is None or inputs.benign is None):
+        raise SettingsError("SafetyLock --contrast prompts needs --harmful and --benign prompts")
     if inputs.pairs is None and inputs.harmful is None:
         raise SettingsError("SafetyLock needs --pairs (question, safe, unsafe) or --harmful")
     return aligned, finetuned
@@ -149,23 +181,60 @@ def safetylock(
     start = time.perf_counter()
     settings = settings or SafetyLockSettings()
     say = partial(report_line, progress)
-    aligned, finetuned = check_inputs(inputs)
-    pairs = contrast_pairs(inputs, settings, aligned, finetuned, say)
-    say(f"head activations of the aligned model on {len(pairs)} pairs")
-    lock = lock_from_pairs(aligned, pairs, settings)
+    aligned, finetuned = check_inputs(inputs, settings)
+    if not settings.dry_run:
+        if out is None:
+            raise SettingsError("SafetyLock needs --out (or --dry-run)")
+        check_output(out, [aligned, finetuned], settings.overwrite)  # before any work
+    samples = contrast_samples(inputs, settings, aligned, finetuned, say)
+    say(f"head activations of the aligned model on {len(samples)} sequences")
+    lock = lock_from_samples(aligned, samples, settings)
     report = {
         "method": "safetylock",
         "settings": settings.to_dict(),
-        "pairs": {"count": len(pairs), "source": str(inputs.pairs or "generated")},
+        "samples": describe_samples(samples, inputs, settings),
         "lock": lock.describe(),
     }
-    if out is None:
+    if settings.dry_run:
         report["seconds"] = round(time.perf_counter() - start, 3)
         return SafetyLockResult(None, report)
     say(f"writing {out}")
     shift = lock.displacement(settings.strength)
-    path = write_locked(finetuned, aligned, shift, Path(out), report, start)
+    path = write_locked(finetuned, aligned, shift, Path(out), report, start, settings.overwrite)
     return SafetyLockResult(path, report)
+
+
+def contrast_samples(
+    inputs: SafetyLockInputs,
+    settings: SafetyLockSettings,
+    aligned: Checkpoint,
+    finetuned: Checkpoint,
+    say: Callable[[str], None],
+) -> list[Sample]:
+    """The sequences the probes and directions read, by ``settings.contrast``."""
+    if settings.contrast == "prompts":
+        harmful = prompt_set(inputs.harmful, "harmful").prompts[: settings.max_pairs]
+        benign = prompt_set(inputs.benign, "benign").prompts[: settings.max_pairs]
+        return [Sample(p, None, 1) for p in harmful] + [Sample(p, None, 0) for p in benign]
+    pairs = contrast_pairs(inputs, settings, aligned, finetuned, say)
+    return [s for p in pairs for s in (Sample(p.prompt, p.safe, 1), Sample(p.prompt, p.unsafe, 0))]
+
+
+def describe_samples(
+    samples: list[Sample], inputs: SafetyLockInputs, settings: SafetyLockSettings
+) -> dict:
+    """The contrast in the report: its kind, where it came from, sequences per label."""
+    if settings.contrast == "prompts":
+        source = "harmful and benign prompts"
+    else:
+        source = str(inputs.pairs) if inputs.pairs is not None else "A's and B's replies"
+    shifted_toward = sum(s.label for s in samples)
+    return {
+        "contrast": settings.contrast,
+        "source": source,
+        "toward": shifted_toward,
+        "away": len(samples) - shifted_toward,
+    }
 
 
 def contrast_pairs(
@@ -204,25 +273,27 @@ def _load(ckpt: Checkpoint, aligned: Checkpoint, device: str | None):
     return load_model(ckpt.path, dtype="float32", device=device)
 
 
-def pair_activations(aligned: Checkpoint, pairs: list[Pair], settings: SafetyLockSettings):
-    """A's head outputs on ``pairs`` (safe and unsafe reply of each), their labels (1 safe, 0
-    unsafe) and A's head count: what :func:`~safealign.recover.heads.build_lock` takes."""
+def contrast_activations(aligned: Checkpoint, samples: list[Sample], settings: SafetyLockSettings):
+    """A's head outputs at the last ``positions`` tokens of each sample, one label per row (1:
+    toward), and A's head count: what :func:`~safealign.recover.heads.build_lock` takes."""
     model, tokenizer = _load(aligned, aligned, settings.device)
-    sequences, labels = [], []
-    for pair in pairs:
-        for reply, label in ((pair.safe, 1), (pair.unsafe, 0)):
-            sequences.append(reply_ids(tokenizer, pair.prompt, reply))
-            labels += [label] * settings.positions
+    sequences = [
+        reply_ids(tokenizer, s.prompt, s.reply)
+        if s.reply is not None
+        else encode_chat(tokenizer, [s.prompt])[0]
+        for s in samples
+    ]
+    labels = torch.tensor([s.label for s in samples]).repeat_interleave(settings.positions)
     pad_id = ensure_pad_token(tokenizer)
     activations = head_activations(
         model, sequences, settings.positions, settings.batch_size, pad_id
     )
-    return activations, torch.tensor(labels), model.config.num_attention_heads
+    return activations, labels, model.config.num_attention_heads
 
 
-def lock_from_pairs(aligned: Checkpoint, pairs: list[Pair], settings: SafetyLockSettings):
-    """The :class:`~safealign.recover.heads.HeadLock` from A's heads on ``pairs``."""
-    activations, labels, n_heads = pair_activations(aligned, pairs, settings)
+def lock_from_samples(aligned: Checkpoint, samples: list[Sample], settings: SafetyLockSettings):
+    """The :class:`~safealign.recover.heads.HeadLock` from A's heads on ``samples``."""
+    activations, labels, n_heads = contrast_activations(aligned, samples, settings)
     top = min(settings.heads, activations.shape[1] * n_heads)
     return build_lock(activations, labels, n_heads, top, settings.seed)
 
@@ -244,6 +315,7 @@ def write_locked(
     out: Path,
     report: dict,
     start: float,
+    overwrite: bool = False,
 ) -> Path:
     """B's tensors, the lock's ``o_proj`` biases (zero q/k/v biases where the config had none),
     the report and the model card, atomically into ``out``."""
@@ -251,7 +323,11 @@ def write_locked(
     biases = o_proj_biases([finetuned.get(name) for name in weights], shift)
     had_bias = bool(finetuned.config.get("attention_bias"))
     with CheckpointWriter(
-        out, source=finetuned, inputs=[aligned], config_changes={"attention_bias": True}
+        out,
+        source=finetuned,
+        inputs=[aligned],
+        overwrite=overwrite,
+        config_changes={"attention_bias": True},
     ) as writer:
         for name in finetuned.names():
             writer.add(name, finetuned.get(name))
@@ -283,7 +359,8 @@ def _card(report: dict) -> ModelCard:
             "The fine-tuned model with a constant shift added to the outputs of "
             f"{len(report['lock']['heads'])} attention heads (layer.head: {heads}), written as "
             "o_proj biases (SafetyLock, Zhu et al., arXiv 2410.10343). The lock was built "
-            f"on the aligned model from {report['pairs']['count']} safe/unsafe reply pairs."
+            f"on the aligned model, contrasting {report['samples']['contrast']} "
+            f"({report['samples']['source']})."
         ),
         settings=report["settings"],
     )

@@ -14,6 +14,7 @@ from safealign.eval.cli import eval_command
 from safealign.lab.cli import lab_command
 from safealign.merge.cli import merge_command
 from safealign.recover.cli import recover_command
+from safealign.recover.lock_cli import safetylock_command
 from safealign.retrain.cli import retrain_command
 
 
@@ -56,6 +57,7 @@ def demo_command(out: str, size: str, seed: int, quiet: bool) -> None:
 main.add_command(lab_command)
 main.add_command(eval_command)
 main.add_command(recover_command)
+main.add_command(safetylock_command)
 main.add_command(merge_command)
 main.add_command(retrain_command)
 main.add_command(compare_command)

@@ -16,17 +16,17 @@ from safealign.command import COMMON, VOCABULARY
 
 #: Which commands take which shared flag.
 TAKEN = {
-    "--out": {"eval", "recover", "merge", "retrain", "compare", "lab build", "demo"},
-    "--device": {"eval", "recover", "merge", "compare"},
+    "--out": {"eval", "recover", "safetylock", "merge", "retrain", "compare", "lab build", "demo"},
+    "--device": {"eval", "recover", "safetylock", "merge", "compare"},
     "--dtype": {"eval", "recover", "merge", "retrain"},
-    "--batch-size": {"eval", "recover", "compare"},
+    "--batch-size": {"eval", "recover", "safetylock", "compare"},
     "--grad-batch-size": {"recover", "retrain"},
     "--limit": {"eval", "recover", "compare"},
-    "--seed": {"eval", "merge", "retrain", "compare", "lab build", "demo"},
-    "--json": {"eval", "recover", "merge", "compare"},
-    "--quiet": {"eval", "recover", "merge", "retrain", "compare", "lab build", "demo"},
-    "--debug": {"eval", "recover", "merge", "retrain", "compare", "lab build", "demo"},
-    "--allow-pickle": {"eval", "recover", "merge", "retrain", "compare"},
+    "--seed": {"eval", "merge", "retrain", "compare", "safetylock", "lab build", "demo"},
+    "--json": {"eval", "recover", "safetylock", "merge", "compare"},
+    "--quiet": {"eval", "recover", "safetylock", "merge", "retrain", "compare", "lab build", "demo"},
+    "--debug": {"eval", "recover", "safetylock", "merge", "retrain", "compare", "lab build", "demo"},
+    "--allow-pickle": {"eval", "recover", "safetylock", "merge", "retrain", "compare"},
 }
 #: A value each flag parses, and what the command's parameter then holds.
 VALUES = {

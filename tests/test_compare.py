@@ -64,7 +64,10 @@ def test_a_retrain_option_under_its_former_name_still_works_with_a_warning():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("ties", "unknown method 'ties': choose recover, retrain:REGULARIZER or one of"),
+        (
+            "ties",
+            "unknown method 'ties': choose recover, safetylock, retrain:REGULARIZER or one of",
+        ),
         ("retrain", "name a regularizer, e.g. retrain:kl"),
         ("recover:rate", "option 'rate' is not key=value"),
     ],

@@ -20,6 +20,8 @@ from safealign.recover.safetylock import (
     REPORT_NAME,
     SafetyLockInputs,
     SafetyLockSettings,
+    contrast_samples,
+    lock_from_samples,
     safetylock,
 )
 from safealign.settings import SettingsError
@@ -94,9 +96,8 @@ def test_the_baked_checkpoint_equals_the_shifted_model(tmp_path, adapter):
     b = Checkpoint.open(finetuned, base=Checkpoint.open(aligned) if adapter else None)
     reference = AutoModelForCausalLM.from_pretrained(aligned, dtype=torch.float32)
     reference.load_state_dict({n: b.get(n) for n in b.names()}, strict=False)
-    from safealign.recover.safetylock import load_contrast_pairs, lock_from_pairs
-
-    lock = lock_from_pairs(Checkpoint.open(aligned), load_contrast_pairs(pairs), settings)
+    samples = contrast_samples(inputs, settings, Checkpoint.open(aligned), b, print)
+    lock = lock_from_samples(Checkpoint.open(aligned), samples, settings)
     ids = torch.randint(0, locked.config.vocab_size, (3, 9))
     with torch.no_grad(), shifted(reference, lock.displacement(4.0)):
         expected = reference(ids).logits
@@ -133,3 +134,59 @@ def test_without_pairs_or_prompts_it_says_what_is_missing(tmp_path):
     aligned, finetuned = make_pair(tmp_path)
     with pytest.raises(SettingsError, match="--pairs"):
         safetylock(SafetyLockInputs(aligned, finetuned), None, tmp_path / "out")
+
+
+def test_the_prompt_contrast_reads_harmful_and_benign_prompts(tmp_path):
+    aligned, finetuned = make_pair(tmp_path)
+    settings = SafetyLockSettings(heads=2, contrast="prompts", positions=3)
+    benign = ["write poem", "sum of two and three", "what is 7 + 2"]
+    inputs = SafetyLockInputs(aligned, finetuned, harmful=HARMFUL, benign=benign)
+    result = safetylock(inputs, settings, tmp_path / "out")
+    samples = result.report["samples"]
+    assert (samples["contrast"], samples["toward"], samples["away"]) == ("prompts", 6, 3)
+    assert len(result.report["lock"]["heads"]) == 2
+    with pytest.raises(SettingsError, match="--benign"):
+        safetylock(SafetyLockInputs(aligned, finetuned, harmful=HARMFUL), settings, None)
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from safealign.recover.lock_cli import safetylock_command
+
+    return CliRunner().invoke(safetylock_command, [str(a) for a in args])
+
+
+def test_the_cli_refuses_bad_input_in_one_line_before_work(tmp_path):
+    aligned, finetuned = make_pair(tmp_path / "one")
+    other, _ = make_pair(tmp_path / "two", seed=5, hidden_size=48)
+    adapter = make_adapter(tmp_path / "two", other)
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HARMFUL))
+    cases = [
+        ("--finetuned", adapter, "--harmful", harmful),
+        ("--finetuned", finetuned, "--harmful", harmful, "--contrast", "prompts"),
+        ("--finetuned", finetuned, "--harmful", harmful, "--heads", 0),
+    ]
+    for case in cases:
+        result = _cli("--aligned", aligned, *case, "--out", tmp_path / "out", "--quiet")
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_dry_run_names_the_heads_and_writes_nothing(tmp_path):
+    aligned, finetuned = make_pair(tmp_path)
+    pairs = _write_pairs(tmp_path / "pairs.jsonl", HARMFUL)
+    args = ("--aligned", aligned, "--finetuned", finetuned, "--pairs", pairs, "--heads", 2)
+    result = _cli(*args, "--positions", 2, "--dry-run", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert len(report["lock"]["heads"]) == 2
+    assert report["samples"] == {
+        "contrast": "replies",
+        "source": str(pairs),
+        "toward": 6,
+        "away": 6,
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aligned", "finetuned", "pairs.jsonl"]

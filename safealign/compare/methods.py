@@ -28,6 +28,7 @@ from safealign.merge import (
     safety_config,
 )
 from safealign.recover import RecoverInputs, RecoverSettings, recover
+from safealign.recover.safetylock import SafetyLockInputs, SafetyLockSettings, safetylock
 from safealign.registry import (
     Registry,
     RegistryError,
@@ -46,6 +47,7 @@ DEFAULT_METHODS = (
     "safemerge",
     "safe_lora",
     "csulora",
+    "safetylock",
     "resta",
     "interpolate",
     "retrain:sft",
@@ -97,7 +99,7 @@ FAMILIES: Registry[Family] = Registry("method family")
 def parse_method(spec: str) -> MethodSpec:
     """Parse a spec; unknown methods and malformed options raise :class:`RegistryError`."""
     head, rest = split_spec(spec)
-    family = head if head in ("recover", "retrain") else "merge"
+    family = head if head in ("recover", "retrain", "safetylock") else "merge"
     options: dict[str, Any] = {}
     method = head
     for item in split_items(rest):
@@ -175,6 +177,40 @@ def _recover_check(spec: MethodSpec) -> None:
 FAMILIES.register("recover")(Family(_recover_check, _recover_missing, _recover_run))
 
 
+# -- safetylock
+
+
+def _safetylock_missing(spec: MethodSpec, inputs: CompareInputs) -> str | None:
+    if not inputs.given("harmful") and not inputs.given("harmful_train"):
+        return "safetylock needs harmful prompts (--harmful)"
+    if (
+        spec.options.get("contrast") == "prompts"
+        and _first(inputs.benign_train, inputs.benign) is None
+    ):
+        return "safetylock:contrast=prompts needs benign prompts (--benign)"
+    return None
+
+
+def _safetylock_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
+    """SafetyLock with the training prompts (the direction's harmful prompts, the guard's
+    benign ones), never the scored sets."""
+    given = SafetyLockInputs(
+        inputs.aligned,
+        inputs.finetuned,
+        harmful=_first(inputs.harmful_train, inputs.harmful),
+        benign=_first(inputs.benign_train, inputs.benign),
+    )
+    settings = _settings_options(SafetyLockSettings, spec, {**spec.options, "overwrite": True})
+    return Path(safetylock(given, settings, out).out)
+
+
+def _safetylock_check(spec: MethodSpec) -> None:
+    _settings_options(SafetyLockSettings, spec, spec.options)
+
+
+FAMILIES.register("safetylock")(Family(_safetylock_check, _safetylock_missing, _safetylock_run))
+
+
 # -- merge
 
 
@@ -214,8 +250,8 @@ def _merge_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
 def _merge_check(spec: MethodSpec) -> None:
     if spec.method not in _safety_merges():
         raise RegistryError(
-            f"unknown method {spec.spec!r}: choose recover, retrain:REGULARIZER or one of "
-            f"{', '.join(_safety_merges())}"
+            f"unknown method {spec.spec!r}: choose recover, safetylock, retrain:REGULARIZER or "
+            f"one of {', '.join(_safety_merges())}"
         )
     problems = parameter_problems(spec.method, spec.options)
     if problems:

@@ -107,14 +107,17 @@ def _run_one(spec: MethodSpec, inputs: CompareInputs, evaluator: Evaluator, out:
 def method_specs(settings: CompareSettings) -> list[MethodSpec]:
     """The methods to run; a retrain method takes the run's seed, then ``retrain_options``,
     then its own options, each over the one before. recover scores its checks as every row
-    is scored (:func:`recover_scoring`), unless its own options say otherwise."""
+    is scored (:func:`recover_scoring`) and safetylock runs on the run's device, unless their
+    own options say otherwise."""
     specs = [parse_method(s) for s in join_specs(settings.methods or DEFAULT_METHODS)]
     shared = ",".join(o for o in (f"seed={settings.seed}", settings.retrain_options) if o)
     specs = [with_options(spec, "retrain", shared) for spec in specs]
     scoring = recover_scoring(settings)
+    device = {"device": settings.device} if settings.device is not None else {}
+    own = {"recover": scoring, "safetylock": device}
     specs = [
-        dataclasses.replace(spec, options={**scoring, **spec.options})
-        if spec.family == "recover"
+        dataclasses.replace(spec, options={**own[spec.family], **spec.options})
+        if spec.family in own
         else spec
         for spec in specs
     ]
