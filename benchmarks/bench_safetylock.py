@@ -1,16 +1,18 @@
 """SafetyLock on a lab: its cost against one evaluation of B, and its frontier over strength.
 
-For each fine-tune: the lock is built once on A (pairs: A's and B's greedy replies to the
-lab's direction prompts, ``harmful_train``, disjoint from every scored set) and written into a
+For each fine-tune and contrast (the authors' ``replies``: A's and B's greedy replies to the
+lab's direction prompts, ``harmful_train``; our ``prompts``: those prompts against the guard's
+look-alikes; both apart from every scored set) the lock is built once on A and written into a
 checkpoint at the authors' defaults (24 heads, α = 6); the time of that, over one evaluation of
 B on the evaluation sets, is the cost ratio. Then B is scored with the lock applied at run time
 (equal to the baked checkpoint to 1e-5, tests/test_safetylock.py) for each head count and
 strength, on the **validation** splits (``harmful_val``, ``benign_val``, ``task_val``) where the
 lab has them; the setting chosen there (the lowest harmful rate with over-refusal within 0.10 of
 A's, then the highest task accuracy) and the authors' default are scored on the evaluation sets.
+The sweep stops raising the strength once over-refusal passes that bound or the task is lost.
 
-Run: python benchmarks/bench_safetylock.py [--size smollm2] [--contrast replies|prompts] [...]
-Writes benchmarks/results/safetylock_<size>_<contrast>.json.
+Run: python benchmarks/bench_safetylock.py [--size smollm2] [--contrast replies prompts] [...]
+Writes benchmarks/results/safetylock_<size>.json (after each contrast).
 """
 
 from __future__ import annotations
@@ -84,22 +86,24 @@ def choose(rows: list[dict], aligned: dict) -> dict:
     return min(allowed, key=lambda r: (r["harmful_rate"], -r["utility"]))
 
 
-def run(lab, finetuned: str, heads: list[int], strengths: list[float], contrast: str) -> dict:
-    settings = SafetyLockSettings(contrast=contrast)
-    inputs = SafetyLockInputs(
+def lock_inputs(lab, finetuned: str) -> SafetyLockInputs:
+    """The lock's prompts: the lab's direction prompts and the guard's look-alikes, apart from
+    every scored set."""
+    return SafetyLockInputs(
         lab.aligned,
         lab.model(finetuned),
         harmful=lab.prompts("harmful_train")[:DIRECTION_PROMPTS],
         benign=lab.prompts("safety_train", kind="lookalike")[:DIRECTION_PROMPTS],
     )
+
+
+def run(lab, finetuned: str, contrast: str, grid: tuple, a_val: dict, b_eval: dict) -> dict:
+    """One contrast on one fine-tune: the lock at the authors' defaults written (timed), the
+    validation sweep, and the authors' and the chosen setting on the evaluation sets."""
+    heads, strengths = grid
+    settings = SafetyLockSettings(contrast=contrast)
+    inputs = lock_inputs(lab, finetuned)
     eval_sets, val_sets = evaluator(lab, "eval"), evaluator(lab, "val")
-
-    model, tokenizer = load(lab, finetuned)
-    start = time.perf_counter()
-    b_eval = scores(eval_sets, model, tokenizer)
-    eval_seconds = time.perf_counter() - start
-    del model
-
     start = time.perf_counter()
     aligned, b = check_inputs(inputs, settings)
     samples = contrast_samples(inputs, settings, aligned, b, print)
@@ -113,12 +117,10 @@ def run(lab, finetuned: str, heads: list[int], strengths: list[float], contrast:
     report["lock"] = paper.describe()
     write_locked(b, aligned, paper.displacement(settings.strength), out, report, start)
     lock_seconds = time.perf_counter() - start
-    print(f"{finetuned}: lock and write {lock_seconds:.1f} s, one eval of B {eval_seconds:.1f} s")
+    print(f"{finetuned} {contrast}: lock and write {lock_seconds:.1f} s")
 
-    a_model, a_tok = load_model(lab.aligned, dtype="float32")
-    a_val = scores(val_sets, a_model, a_tok)
-    del a_model
     model, tokenizer = load(lab, finetuned)
+    bound = a_val["over_refusal"] + OVER_REFUSAL_MARGIN
     sweep = []
     for count in heads:
         lock = build_lock(activations, labels, n_heads, count, settings.seed)
@@ -127,6 +129,8 @@ def run(lab, finetuned: str, heads: list[int], strengths: list[float], contrast:
                 row = {"heads": count, "strength": strength, **scores(val_sets, model, tokenizer)}
             print(row)
             sweep.append(row)
+            if row["over_refusal"] > bound or row["utility"] == 0:
+                break  # stronger shifts only refuse more or break the task further
     chosen = choose(sweep, a_val)
     finals = {}
     for label, (count, strength) in {
@@ -140,37 +144,57 @@ def run(lab, finetuned: str, heads: list[int], strengths: list[float], contrast:
     return {
         "finetuned": finetuned,
         "contrast": report["samples"],
-        "seconds": {"lock_and_write": round(lock_seconds, 2), "eval_b": round(eval_seconds, 2)},
-        "cost_ratio": round(lock_seconds / eval_seconds, 3),
-        "b_eval": b_eval,
-        "a_val": a_val,
+        "lock_seconds": round(lock_seconds, 2),
+        "cost_ratio": round(lock_seconds / b_eval["seconds"], 3),
         "validation_sweep": sweep,
         "eval": finals,
         "paper_heads": paper.describe()["heads"],
     }
 
 
+def timed_scores(lab, name: str, split: str) -> dict:
+    """A model's scores on a split, with the seconds the evaluation took."""
+    model, tokenizer = (
+        load(lab, name) if name != "aligned" else load_model(lab.aligned, dtype="float32")
+    )
+    start = time.perf_counter()
+    result = scores(evaluator(lab, split), model, tokenizer)
+    return result | {"seconds": round(time.perf_counter() - start, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="smollm2")
     parser.add_argument("--finetuned", nargs="+", default=["ft_harmful_lora", "ft_harmful"])
-    parser.add_argument("--heads", nargs="+", type=int, default=[24, 48])
-    parser.add_argument("--contrast", default="replies", choices=["replies", "prompts"])
-    parser.add_argument("--strengths", nargs="+", type=float, default=[2, 4, 6, 8, 12, 16])
+    parser.add_argument("--contrast", nargs="+", default=["replies", "prompts"])
+    parser.add_argument("--heads", nargs="+", type=int, default=[24])
+    parser.add_argument("--strengths", nargs="+", type=float, default=[2, 4, 6, 8, 12])
     args = parser.parse_args()
     torch.manual_seed(0)
     lab = build(size=args.size, log=print)
-    results = [run(lab, name, args.heads, args.strengths, args.contrast) for name in args.finetuned]
-    rows = [
-        {"finetuned": r["finetuned"], "row": label, **values, "cost_ratio": r["cost_ratio"]}
-        for r in results
-        for label, values in [("B", r["b_eval"]), *r["eval"].items()]
-    ]
-    print(markdown_table(rows))
-    write_json(
-        RESULTS / f"safetylock_{args.size}_{args.contrast}.json",
-        {"lab": {"size": args.size, "key": lab.info["key"]}, "results": results},
-    )
+    a_val = timed_scores(lab, "aligned", "val")
+    results, rows = [], []
+    for finetuned in args.finetuned:
+        b_eval = timed_scores(lab, finetuned, "eval")
+        rows.append({"finetuned": finetuned, "row": "B", **b_eval})
+        for contrast in args.contrast:
+            grid = (args.heads, args.strengths)
+            result = run(lab, finetuned, contrast, grid, a_val, b_eval)
+            result["b_eval"] = b_eval
+            results.append(result)
+            for label, values in result["eval"].items():
+                row = {"finetuned": finetuned, "row": f"{contrast} {label}", **values}
+                rows.append(row | {"cost_ratio": result["cost_ratio"]})
+            write_json(
+                RESULTS / f"safetylock_{args.size}.json",
+                {
+                    "lab": {"size": args.size, "key": lab.info["key"]},
+                    "a_val": a_val,
+                    "results": results,
+                },
+            )
+    columns = ["finetuned", "row", "heads", "strength", "harmful_rate", "utility"]
+    print(markdown_table(rows, [*columns, "over_refusal", "seconds", "cost_ratio"]))
 
 
 if __name__ == "__main__":
