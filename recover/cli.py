@@ -34,17 +34,24 @@ EXAMPLES = (
 )
 
 
+def pair_inputs(function):
+    """The --aligned and --finetuned options of the post-hoc commands, in that order."""
+    function = option(
+        "--finetuned",
+        required=True,
+        help="Fine-tuned model B, or a LoRA adapter on A: folder or hub id.",
+    )(function)
+    return option(
+        "--aligned", required=True, group="Inputs", help="Aligned model A: folder or hub id."
+    )(function)
+
+
 @command(
     "recover",
     examples=EXAMPLES,
     short_help="Restore refusals by resetting a few weights to aligned values.",
 )
-@option("--aligned", required=True, group="Inputs", help="Aligned model A: folder or hub id.")
-@option(
-    "--finetuned",
-    required=True,
-    help="Fine-tuned model B, or a LoRA adapter on A: folder or hub id.",
-)
+@pair_inputs
 @option(
     "--harmful",
     type=click.Path(),

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from safealign.chat import encode_chat
+from safealign.chat import encode_chat, left_pad
 from safealign.layers import decoder_layers
 from safealign.model import model_device
 
@@ -72,20 +72,9 @@ def head_activations(
     rows = []
     try:
         for start in range(0, len(sequences), batch_size):
-            batch = sequences[start : start + batch_size]
-            width = max(len(s) for s in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, seq in enumerate(batch):
-                ids[row, width - len(seq) :] = torch.tensor(list(seq))
-                mask[row, width - len(seq) :] = 1
-            positions_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=positions_ids.to(device),
-                use_cache=False,
-            )
+            ids, mask = left_pad(sequences[start : start + batch_size], pad_id, device)
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
             stacked = torch.stack([c for c in captured if c is not None], dim=2)
             rows.append(stacked.reshape(-1, len(projections), stacked.shape[-1]))
     finally:

@@ -11,6 +11,7 @@ import json
 import click
 
 from safealign.command import command, handles_bad_input, option, reads_checkpoints, shared
+from safealign.recover.cli import pair_inputs
 from safealign.recover.safetylock import SafetyLockInputs, SafetyLockSettings, safetylock
 from safealign.settings import click_options, from_cli
 
@@ -26,12 +27,7 @@ EXAMPLES = (
     examples=EXAMPLES,
     short_help="Shift a fine-tune's safety heads toward the aligned model.",
 )
-@option("--aligned", required=True, group="Inputs", help="Aligned model A: folder or hub id.")
-@option(
-    "--finetuned",
-    required=True,
-    help="Fine-tuned model B, or a LoRA adapter on A: folder or hub id.",
-)
+@pair_inputs
 @option(
     "--harmful",
     type=click.Path(),
