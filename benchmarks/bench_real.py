@@ -28,7 +28,7 @@ from safealign import __version__
 from safealign.compare import CompareSettings, compare
 from safealign.compare.methods import DEFAULT_METHODS
 from safealign.compare.report import table_rows
-from safealign.lab import build
+from safealign.lab import Lab, build
 from safealign.lab.compare import lab_inputs
 from safealign.lab.phenomenon import format_table
 from safealign.report import markdown_table, write_json
@@ -51,9 +51,14 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--lab",
+        help="A lab folder built before (its lab.json names its key), instead of building or "
+        "finding the current code's build in the cache",
+    )
     args = parser.parse_args()
 
-    lab = build(size="smollm2", seed=args.seed, log=print)
+    lab = Lab.open(args.lab) if args.lab else build(size="smollm2", seed=args.seed, log=print)
     print(format_table(lab.info["table"], lab.info["checks"]))
     for finetuned in args.finetuned:
         settings = CompareSettings(

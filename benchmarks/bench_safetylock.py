@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from safealign.eval import Evaluator
-from safealign.lab import build
+from safealign.lab import Lab, build
 from safealign.lab.compare import DIRECTION_PROMPTS
 from safealign.model import load_model
 from safealign.recover.heads import build_lock, shifted
@@ -169,9 +169,14 @@ def main() -> None:
     parser.add_argument("--contrast", nargs="+", default=["replies", "prompts"])
     parser.add_argument("--heads", nargs="+", type=int, default=[24])
     parser.add_argument("--strengths", nargs="+", type=float, default=[2, 4, 6, 8, 12])
+    parser.add_argument(
+        "--lab",
+        help="A lab folder built before (its lab.json names its key), instead of building or "
+        "finding the current code's build in the cache",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
-    lab = build(size=args.size, log=print)
+    lab = Lab.open(args.lab) if args.lab else build(size=args.size, log=print)
     a_val = timed_scores(lab, "aligned", "val")
     results, rows = [], []
     for finetuned in args.finetuned:
