@@ -57,7 +57,7 @@ def evaluator(lab, split: str) -> Evaluator:
         metric="exact_match",
         batch_size=64,
         max_new_tokens=24,
-        use_cache=False,
+        cache=False,
     )
 
 

@@ -21,6 +21,8 @@ from safealign.merge.cli import merge_command
 from safealign.progress import ProgressCallback
 from safealign.recover import RecoverInputs, RecoverSettings, recover
 from safealign.recover.cli import recover_command
+from safealign.recover.lock_cli import safetylock_command
+from safealign.recover.safetylock import SafetyLockInputs, SafetyLockSettings, safetylock
 from safealign.retrain import RetrainInputs, RetrainSettings, retrain
 from safealign.retrain.cli import retrain_command
 from safealign.settings import Settings, flag_name
@@ -31,6 +33,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 CAPABILITIES = {
     "eval": (evaluate, EvalInputs, EvalSettings, eval_command),
     "recover": (recover, RecoverInputs, RecoverSettings, recover_command),
+    "safetylock": (safetylock, SafetyLockInputs, SafetyLockSettings, safetylock_command),
     "merge": (run_merge, MergeConfig, MergeSettings, merge_command),
     "retrain": (retrain, RetrainInputs, RetrainSettings, retrain_command),
     "compare": (compare, CompareInputs, CompareSettings, compare_command),
@@ -93,7 +96,7 @@ def test_batch_size_is_the_generation_batch_wherever_it_is_a_setting():
         for name, (_, _, settings, _) in CAPABILITIES.items()
         if "batch_size" in {f.name for f in dataclasses.fields(settings)}
     }
-    assert having == {"eval", "recover", "compare"}
+    assert having == {"eval", "recover", "safetylock", "compare"}
     gradient = {
         name
         for name, (_, _, settings, _) in CAPABILITIES.items()
