@@ -24,8 +24,26 @@ TAKEN = {
     "--limit": {"eval", "recover", "compare"},
     "--seed": {"eval", "merge", "retrain", "compare", "safetylock", "lab build", "demo"},
     "--json": {"eval", "recover", "safetylock", "merge", "compare"},
-    "--quiet": {"eval", "recover", "safetylock", "merge", "retrain", "compare", "lab build", "demo"},
-    "--debug": {"eval", "recover", "safetylock", "merge", "retrain", "compare", "lab build", "demo"},
+    "--quiet": {
+        "eval",
+        "recover",
+        "safetylock",
+        "merge",
+        "retrain",
+        "compare",
+        "lab build",
+        "demo",
+    },
+    "--debug": {
+        "eval",
+        "recover",
+        "safetylock",
+        "merge",
+        "retrain",
+        "compare",
+        "lab build",
+        "demo",
+    },
     "--allow-pickle": {"eval", "recover", "safetylock", "merge", "retrain", "compare"},
 }
 #: A value each flag parses, and what the command's parameter then holds.
