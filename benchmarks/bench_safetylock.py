@@ -30,6 +30,7 @@ from safealign.lab.compare import DIRECTION_PROMPTS
 from safealign.model import load_model
 from safealign.recover.heads import build_lock, shifted
 from safealign.recover.safetylock import (
+    AlignedModel,
     SafetyLockInputs,
     SafetyLockSettings,
     check_inputs,
@@ -106,8 +107,10 @@ def run(lab, finetuned: str, contrast: str, grid: tuple, a_val: dict, b_eval: di
     eval_sets, val_sets = evaluator(lab, "eval"), evaluator(lab, "val")
     start = time.perf_counter()
     aligned, b = check_inputs(inputs, settings)
-    samples = contrast_samples(inputs, settings, aligned, b, print)
-    activations, labels, n_heads = contrast_activations(aligned, samples, settings)
+    model_a = AlignedModel(aligned, settings.device)
+    samples = contrast_samples(inputs, settings, model_a, b, print)
+    activations, labels, n_heads = contrast_activations(model_a, samples, settings)
+    del model_a
     paper = build_lock(activations, labels, n_heads, settings.heads, settings.seed)
     out = WORK / finetuned / contrast
     shutil.rmtree(out, ignore_errors=True)

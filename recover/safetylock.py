@@ -44,7 +44,7 @@ from safealign.checkpoint import (
 )
 from safealign.data import prompt_set, read_rows
 from safealign.eval.generation import generate
-from safealign.layers import num_decoder_layers
+from safealign.layers import layer_index, num_decoder_layers
 from safealign.model import ensure_pad_token, load_model
 from safealign.progress import ProgressCallback
 from safealign.progress import say as report_line
@@ -130,6 +130,21 @@ class Pair:
     unsafe: str
 
 
+class AlignedModel:
+    """A (fp32, with its tokenizer), loaded on first use and kept for the run: its replies and
+    its head activations come from one load."""
+
+    def __init__(self, checkpoint: Checkpoint, device: str | None):
+        self.checkpoint = checkpoint
+        self.device = device
+        self._loaded: tuple | None = None
+
+    def get(self) -> tuple:
+        if self._loaded is None:
+            self._loaded = _load(self.checkpoint, self.checkpoint, self.device)
+        return self._loaded
+
+
 def load_contrast_pairs(path: str | Path) -> list[Pair]:
     """Pairs from a JSON/JSONL file in the authors' format (or prompt/safe/unsafe)."""
     pairs = []
@@ -186,9 +201,10 @@ def safetylock(
         if out is None:
             raise SettingsError("SafetyLock needs --out (or --dry-run)")
         check_output(out, [aligned, finetuned], settings.overwrite)  # before any work
-    samples = contrast_samples(inputs, settings, aligned, finetuned, say)
+    model = AlignedModel(aligned, settings.device)
+    samples = contrast_samples(inputs, settings, model, finetuned, say)
     say(f"head activations of the aligned model on {len(samples)} sequences")
-    lock = lock_from_samples(aligned, samples, settings)
+    lock = lock_from_samples(model, samples, settings)
     report = {
         "method": "safetylock",
         "settings": settings.to_dict(),
@@ -207,7 +223,7 @@ def safetylock(
 def contrast_samples(
     inputs: SafetyLockInputs,
     settings: SafetyLockSettings,
-    aligned: Checkpoint,
+    aligned: AlignedModel,
     finetuned: Checkpoint,
     say: Callable[[str], None],
 ) -> list[Sample]:
@@ -240,7 +256,7 @@ def describe_samples(
 def contrast_pairs(
     inputs: SafetyLockInputs,
     settings: SafetyLockSettings,
-    aligned: Checkpoint,
+    aligned: AlignedModel,
     finetuned: Checkpoint,
     say: Callable[[str], None],
 ) -> list[Pair]:
@@ -249,9 +265,14 @@ def contrast_pairs(
         return load_contrast_pairs(inputs.pairs)[: settings.max_pairs]
     prompts = prompt_set(inputs.harmful, "harmful").prompts[: settings.max_pairs]
     replies = {}
-    for role, ckpt in (("aligned", aligned), ("finetuned", finetuned)):
+    # B first and freed, then A, which stays loaded for its head activations
+    loaders = {
+        "finetuned": lambda: _load(finetuned, aligned.checkpoint, settings.device),
+        "aligned": aligned.get,
+    }
+    for role, load in loaders.items():
         say(f"{role} model's replies to {len(prompts)} harmful prompts")
-        model, tokenizer = _load(ckpt, aligned, settings.device)
+        model, tokenizer = load()
         replies[role] = generate(
             model,
             tokenizer,
@@ -273,10 +294,12 @@ def _load(ckpt: Checkpoint, aligned: Checkpoint, device: str | None):
     return load_model(ckpt.path, dtype="float32", device=device)
 
 
-def contrast_activations(aligned: Checkpoint, samples: list[Sample], settings: SafetyLockSettings):
+def contrast_activations(
+    aligned: AlignedModel, samples: list[Sample], settings: SafetyLockSettings
+):
     """A's head outputs at the last ``positions`` tokens of each sample, one label per row (1:
     toward), and A's head count: what :func:`~safealign.recover.heads.build_lock` takes."""
-    model, tokenizer = _load(aligned, aligned, settings.device)
+    model, tokenizer = aligned.get()
     sequences = [
         reply_ids(tokenizer, s.prompt, s.reply)
         if s.reply is not None
@@ -291,7 +314,7 @@ def contrast_activations(aligned: Checkpoint, samples: list[Sample], settings: S
     return activations, labels, model.config.num_attention_heads
 
 
-def lock_from_samples(aligned: Checkpoint, samples: list[Sample], settings: SafetyLockSettings):
+def lock_from_samples(aligned: AlignedModel, samples: list[Sample], settings: SafetyLockSettings):
     """The :class:`~safealign.recover.heads.HeadLock` from A's heads on ``samples``."""
     activations, labels, n_heads = contrast_activations(aligned, samples, settings)
     top = min(settings.heads, activations.shape[1] * n_heads)
@@ -302,7 +325,7 @@ def o_proj_names(finetuned: Checkpoint) -> list[str]:
     """Each decoder layer's ``o_proj`` weight name, in layer order."""
     n_layers = num_decoder_layers(finetuned.config, finetuned.names())
     names = [n for n in finetuned.names() if n.endswith("self_attn.o_proj.weight")]
-    by_layer = {int(n.split(".layers.")[1].split(".")[0]): n for n in names}
+    by_layer = {layer_index(n): n for n in names}
     if sorted(by_layer) != list(range(n_layers)):
         raise ValueError(f"{finetuned.path}: expected one self_attn.o_proj per decoder layer")
     return [by_layer[i] for i in range(n_layers)]

@@ -18,6 +18,7 @@ from safealign.recover.heads import (
 )
 from safealign.recover.safetylock import (
     REPORT_NAME,
+    AlignedModel,
     SafetyLockInputs,
     SafetyLockSettings,
     contrast_samples,
@@ -96,8 +97,9 @@ def test_the_baked_checkpoint_equals_the_shifted_model(tmp_path, adapter):
     b = Checkpoint.open(finetuned, base=Checkpoint.open(aligned) if adapter else None)
     reference = AutoModelForCausalLM.from_pretrained(aligned, dtype=torch.float32)
     reference.load_state_dict({n: b.get(n) for n in b.names()}, strict=False)
-    samples = contrast_samples(inputs, settings, Checkpoint.open(aligned), b, print)
-    lock = lock_from_samples(Checkpoint.open(aligned), samples, settings)
+    model_a = AlignedModel(Checkpoint.open(aligned), None)
+    samples = contrast_samples(inputs, settings, model_a, b, print)
+    lock = lock_from_samples(model_a, samples, settings)
     ids = torch.randint(0, locked.config.vocab_size, (3, 9))
     with torch.no_grad(), shifted(reference, lock.displacement(4.0)):
         expected = reference(ids).logits
