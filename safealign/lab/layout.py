@@ -39,7 +39,8 @@ class Lab:
 
     ``ft_harmful_lora``, ``safety_lora`` and ``ft_harmful_only_lora`` are PEFT LoRA adapters
     on ``aligned``; the others are full model folders. ``ft_harmful_only(_lora)`` is ``aligned``
-    fine-tuned on harmful data alone: RESTA's harmful model.
+    fine-tuned on harmful data alone: RESTA's harmful model (the real-model lab builds the full
+    one only).
     """
 
     root: Path

@@ -40,14 +40,16 @@ THRESHOLDS = (
 )
 
 METRICS = ("harmful_rate", "over_refusal", "task_acc")
+N_KEYS = ("n_harmful", "n_benign", "n_task")
 
 
 def lab_evaluator(harmful, benign, task, *, batch_size: int, max_new_tokens: int) -> Evaluator:
-    """The evaluator of the lab table: greedy generation, keyword judge, exact match."""
+    """The evaluator of the lab table: greedy generation, keyword judge, exact match; a set
+    given as None is not scored (its rate stays None, shown as "-")."""
     return Evaluator(
-        harmful=[e.prompt for e in harmful],
-        benign=[e.prompt for e in benign],
-        task=[{"prompt": e.prompt, "answer": e.response} for e in task],
+        harmful=None if harmful is None else [e.prompt for e in harmful],
+        benign=None if benign is None else [e.prompt for e in benign],
+        task=None if task is None else [{"prompt": e.prompt, "answer": e.response} for e in task],
         judge="keyword",
         metric="exact_match",
         batch_size=batch_size,
@@ -90,10 +92,8 @@ def format_table(table: dict[str, dict], checks: list[dict] | None = None) -> st
         )
         lines.append(f"{model:<22}{cells}")
     if table:
-        row = next(iter(table.values()))
-        lines.append(
-            f"n: harmful {row['n_harmful']}, benign {row['n_benign']}, task {row['n_task']}"
-        )
+        n = {key: max(row[key] for row in table.values()) for key in N_KEYS}
+        lines.append(f"n: harmful {n['n_harmful']}, benign {n['n_benign']}, task {n['n_task']}")
     failed = [c for c in checks or [] if not c["ok"]]
     if checks is not None:
         lines.append(
