@@ -10,6 +10,7 @@ skipped where it is not installed, except in CI (``CI`` set), where they fail in
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.machinery
 import importlib.util
 import json
@@ -35,7 +36,7 @@ from safealign.lab.benchmark_prompts import (
 )
 from safealign.lab.corpus import REFUSAL, Example
 from safealign.lab.gguf import convert_gguf, load_gguf
-from safealign.lab.real import data_sets
+from safealign.lab.real import RealLabConfig, data_sets
 from safealign.lab.real_corpus import RealSizes, generate
 from safealign.lab.tokenizer import CHAT_TEMPLATE, END, PAD, USER, train_tokenizer
 
@@ -600,3 +601,26 @@ def test_no_benchmark_prompt_is_in_the_repository():
             if form in joined:
                 found += [(name, prompt) for name, text in texts.items() if form in text]
     assert not found, found[:5]
+
+
+def test_a_build_with_fewer_adapters_is_finished_cached_and_copied(tmp_path, monkeypatch):
+    """The real-model lab writes no ft_harmful_only_lora: finishing the build (repointing the
+    adapters it has, writing lab.json, moving it into place) and copying it must not need it."""
+    build_module = importlib.import_module("safealign.lab.build")  # the package exports build()
+
+    def stub_build(root, config, seed, key, say) -> dict:
+        (root / "aligned").mkdir()
+        (root / "ft_harmful_lora").mkdir()
+        (root / "ft_harmful_lora" / "adapter_config.json").write_text('{"r": 4}')
+        return {"key": key}
+
+    monkeypatch.setattr(build_module, "run_real_build", stub_build)
+    cached = tmp_path / "cache" / "k"
+    build_module.build_into(cached, RealLabConfig("smollm2"), 0, "k", lambda _line: None)
+    assert json.loads((cached / "lab.json").read_text()) == {"key": "k"}
+    adapter = json.loads((cached / "ft_harmful_lora" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(cached / "aligned")
+    assert not (cached / "ft_harmful_only_lora").exists()
+    build_module.copy_lab(cached, tmp_path / "out")
+    copied = json.loads((tmp_path / "out" / "ft_harmful_lora" / "adapter_config.json").read_text())
+    assert copied["base_model_name_or_path"] == str(tmp_path / "out" / "aligned")

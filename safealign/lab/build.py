@@ -159,11 +159,18 @@ def copy_lab(source: Path, dest: Path) -> None:
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
-    for name in ADAPTERS:
-        point_adapter(tmp / name, dest / "aligned")
+    point_adapters(tmp, dest / "aligned")
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
+
+
+def point_adapters(root: Path, aligned: Path) -> None:
+    """Point every adapter the lab in ``root`` holds at ``aligned`` (the real-model lab builds
+    fewer adapters than :data:`ADAPTERS`)."""
+    for name in ADAPTERS:
+        if (root / name).is_dir():
+            point_adapter(root / name, aligned)
 
 
 def build_into(
@@ -176,8 +183,7 @@ def build_into(
     try:
         builder = run_real_build if isinstance(config, RealLabConfig) else run_build
         info = builder(tmp, config, seed, key, say)
-        for name in ADAPTERS:
-            point_adapter(tmp / name, dest / "aligned")
+        point_adapters(tmp, dest / "aligned")
         (tmp / LAB_JSON).write_text(json.dumps(info, indent=2) + "\n")
         if dest.exists():
             shutil.rmtree(dest)
