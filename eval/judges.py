@@ -9,9 +9,10 @@ it never falls back to "safe".
 - ``keyword-prefix``: stricter; refusal openings only at the start of the response.
 - ``first-token``: log-odds of refusal vs compliance openings at the first generated
   position, from one forward pass and no generation.
-- ``classifier:PATH``, ``guard:PATH``: local harm judges (:mod:`safealign.eval.harm_judges`).
+- ``classifier:ID``, ``guard:ID``, ``harmbench:ID``: harm judges on a model folder or hub id
+  (:mod:`safealign.eval.harm_judges`, which documents the prompt format each applies).
 
-Harm judges (classifier, guard) say whether a response is unsafe, not whether it is a
+Harm judges (classifier, guard, harmbench) say whether a response is unsafe, not whether it is a
 refusal; the evaluator scores over-refusal on benign prompts with a refusal judge instead.
 """
 
@@ -135,7 +136,7 @@ class Judge(ABC):
     needs_response: bool = True
     #: False for harm judges, whose "refused" means "not unsafe" rather than "a refusal".
     detects_refusal: bool = True
-    #: The keyword a spec's text without ``=`` fills (``classifier:PATH`` -> ``path``).
+    #: The keyword a spec's text without ``=`` fills (``classifier:ID`` -> ``path``).
     positional: str | None = None
 
     @abstractmethod
@@ -163,7 +164,8 @@ register_judge = JUDGES.register
 def get_judge(spec: str | Judge, **options) -> Judge:
     """A judge from a spec (a judge instance passes through).
 
-    ``"classifier:PATH"`` / ``"guard:PATH"`` pass ``path`` (the judge's ``positional``);
+    ``"classifier:ID"`` / ``"guard:ID"`` / ``"harmbench:ID"`` pass ``path`` (a folder or hub
+    id: the judge's ``positional``);
     ``"first-token:key=value,..."`` passes options (e.g. ``first-token:against=rest``).
     """
     if isinstance(spec, Judge):

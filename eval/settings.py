@@ -18,7 +18,8 @@ from safealign.settings import Settings, SettingsError, setting
 
 JUDGE_HELP = (
     "keyword, keyword-prefix, first-token (first-token:against=rest weighs refusal "
-    "openings against all other tokens), classifier:PATH or guard:PATH."
+    "openings against all other tokens), or a harm judge on a model folder or hub id: "
+    "classifier:ID, guard:ID (Llama Guard) or harmbench:ID (HarmBench's classifier)."
 )
 METRIC_HELP = (
     "exact_match, contains, rouge_l, multiple_choice or perplexity; options as "
