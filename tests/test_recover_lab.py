@@ -63,6 +63,8 @@ def test_benign_guard_bounds_over_refusal(lab, tmp_path):
         "ft_harmful_lora",
         benign=lab.prompts("safety_train", kind="lookalike")[:64],
         schedule="guarded",
+        batch_size=64,  # the lab's generation batch: every step is checked
+        max_new_tokens=16,  # a task answer is 4 words; a refusal shows in its first words
     )
     _check_acceptance(result)
     scores = result.scores
