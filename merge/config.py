@@ -14,7 +14,7 @@ The safety methods name each model's part with a per-model ``role`` parameter (`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ class MergeConfigError(ValueError):
     """A merge config cannot run; one line per problem."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelEntry:
     model: str
     parameters: dict[str, Any] = field(default_factory=dict)
@@ -57,9 +57,10 @@ class ModelEntry:
         return self.parameters.get("role")
 
 
-@dataclass
+@dataclass(frozen=True)
 class MergeConfig:
-    """A parsed merge config; :func:`validate_config` checks it against the method and disk."""
+    """A parsed merge config (frozen: a run never changes what it was given);
+    :func:`validate_config` checks it against the method and disk."""
 
     merge_method: str
     models: list[ModelEntry]
@@ -104,8 +105,7 @@ def load_config(source: str | Path | dict) -> MergeConfig:
         except yaml.YAMLError as err:
             raise MergeConfigError(f"invalid YAML ({err}): {path}".replace("\n", " ")) from None
         folder = path.resolve().parent
-    config = parse_config(data, where)
-    config.source_path = folder
+    config = replace(parse_config(data, where), source_path=folder)
     validate_config(config)
     return config
 

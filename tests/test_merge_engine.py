@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -293,3 +294,23 @@ def test_example_configs_fail_only_on_missing_model_folders(name):
     with pytest.raises(MergeConfigError) as err:
         load_config(example)
     assert all("model folder not found" in line for line in str(err.value).splitlines())
+
+
+def test_a_loaded_config_is_frozen_and_knows_its_folder(tiny, tmp_path):
+    """A run never changes the config it was given: assigning a field raises."""
+    path = write_yaml(
+        tmp_path / "linear.yaml",
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(tiny.aligned), "parameters": {"weight": 0.5}},
+                {"model": str(tiny.finetuned), "parameters": {"weight": 0.5}},
+            ],
+        },
+    )
+    config = load_config(path)
+    assert config.source_path == tmp_path.resolve()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.merge_method = "ties"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.models[0].model = str(tiny.other)
