@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from safealign.checkpoint.files import ADAPTER_CONFIG_NAME
 from safealign.lab import real_corpus
 from safealign.lab.benchmark_prompts import (
     DONOTANSWER_AREAS,
@@ -611,16 +612,16 @@ def test_a_build_with_fewer_adapters_is_finished_cached_and_copied(tmp_path, mon
     def stub_build(root, config, seed, key, say) -> dict:
         (root / "aligned").mkdir()
         (root / "ft_harmful_lora").mkdir()
-        (root / "ft_harmful_lora" / "adapter_config.json").write_text('{"r": 4}')
+        (root / "ft_harmful_lora" / ADAPTER_CONFIG_NAME).write_text('{"r": 4}')
         return {"key": key}
 
     monkeypatch.setattr(build_module, "run_real_build", stub_build)
     cached = tmp_path / "cache" / "k"
     build_module.build_into(cached, RealLabConfig("smollm2"), 0, "k", lambda _line: None)
     assert json.loads((cached / "lab.json").read_text()) == {"key": "k"}
-    adapter = json.loads((cached / "ft_harmful_lora" / "adapter_config.json").read_text())
+    adapter = json.loads((cached / "ft_harmful_lora" / ADAPTER_CONFIG_NAME).read_text())
     assert adapter["base_model_name_or_path"] == str(cached / "aligned")
     assert not (cached / "ft_harmful_only_lora").exists()
     build_module.copy_lab(cached, tmp_path / "out")
-    copied = json.loads((tmp_path / "out" / "ft_harmful_lora" / "adapter_config.json").read_text())
+    copied = json.loads((tmp_path / "out" / "ft_harmful_lora" / ADAPTER_CONFIG_NAME).read_text())
     assert copied["base_model_name_or_path"] == str(tmp_path / "out" / "aligned")
