@@ -8,7 +8,6 @@ points at it and ``HF_HUB_OFFLINE`` is set, both in the environment (for subproc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from hub_support import add_repo, commit_of
 from huggingface_hub import constants
 from merge_support import read_weights
 from recover_support import HARMFUL, make_adapter, make_pair
@@ -40,28 +40,6 @@ from safealign.retrain.cli import retrain_command
 from safealign.settings import SettingsError
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
-
-
-def commit_of(name: str) -> str:
-    return hashlib.sha1(name.encode()).hexdigest()
-
-
-def add_repo(cache: Path, repo_id: str, folder: Path, commit: str, refs=("main",)) -> Path:
-    """Store ``folder`` as ``repo_id`` at ``commit`` (named by ``refs``); return the snapshot."""
-    storage = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = storage / "snapshots" / commit
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        data = file.read_bytes()
-        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = snapshot / file.relative_to(folder)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    for ref in refs:
-        (storage / "refs").mkdir(parents=True, exist_ok=True)
-        (storage / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 @pytest.fixture(scope="module")

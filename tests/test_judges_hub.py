@@ -9,9 +9,7 @@ strictly. The expected texts are written out by hand, so a change to a format fa
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from eval_support import save_classifier, save_scripted, scripted_model, word_tokenizer
+from hub_support import add_repo, commit_of
 from huggingface_hub import constants
 
 from safealign.checkpoint import hub as hub_module
@@ -91,29 +90,6 @@ def words_of(*texts: str) -> list[str]:
     """The tokens the tiny word-level tokenizer splits ``texts`` into (white space and
     punctuation), so that a vocabulary of them encodes the texts without an unknown token."""
     return [w for text in texts for w in re.findall(r"[A-Za-z0-9]+|[^A-Za-z0-9\s]", text)]
-
-
-def commit_of(name: str) -> str:
-    return hashlib.sha1(name.encode()).hexdigest()
-
-
-def add_repo(cache: Path, repo_id: str, folder: Path, commit: str, refs=("main",)) -> Path:
-    """Store ``folder`` as ``repo_id`` at ``commit`` (named by ``refs``) in the hub cache
-    layout, as ``test_hub.py`` does; return the snapshot folder."""
-    storage = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = storage / "snapshots" / commit
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        data = file.read_bytes()
-        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = snapshot / file.relative_to(folder)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (storage / "refs").mkdir(parents=True, exist_ok=True)
-    for ref in refs:
-        (storage / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 def save_answering(folder: Path, words: list[str], answer: str, template: str | None) -> Path:
