@@ -14,9 +14,20 @@ import safealign.command as command_module
 from safealign.cli import main
 from safealign.command import COMMON, VOCABULARY
 
+#: The commands that every one of some shared flags (--out, --quiet, --debug) belongs to.
+EVERY_COMMAND = {
+    "eval",
+    "recover",
+    "safetylock",
+    "merge",
+    "retrain",
+    "compare",
+    "lab build",
+    "demo",
+}
 #: Which commands take which shared flag.
 TAKEN = {
-    "--out": {"eval", "recover", "safetylock", "merge", "retrain", "compare", "lab build", "demo"},
+    "--out": EVERY_COMMAND,
     "--device": {"eval", "recover", "safetylock", "merge", "compare"},
     "--dtype": {"eval", "recover", "merge", "retrain"},
     "--batch-size": {"eval", "recover", "safetylock", "compare"},
@@ -24,26 +35,8 @@ TAKEN = {
     "--limit": {"eval", "recover", "compare"},
     "--seed": {"eval", "merge", "retrain", "compare", "safetylock", "lab build", "demo"},
     "--json": {"eval", "recover", "safetylock", "merge", "compare"},
-    "--quiet": {
-        "eval",
-        "recover",
-        "safetylock",
-        "merge",
-        "retrain",
-        "compare",
-        "lab build",
-        "demo",
-    },
-    "--debug": {
-        "eval",
-        "recover",
-        "safetylock",
-        "merge",
-        "retrain",
-        "compare",
-        "lab build",
-        "demo",
-    },
+    "--quiet": EVERY_COMMAND,
+    "--debug": EVERY_COMMAND,
     "--allow-pickle": {"eval", "recover", "safetylock", "merge", "retrain", "compare"},
 }
 #: A value each flag parses, and what the command's parameter then holds.
