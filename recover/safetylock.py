@@ -27,7 +27,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
@@ -137,12 +137,10 @@ class AlignedModel:
     def __init__(self, checkpoint: Checkpoint, device: str | None):
         self.checkpoint = checkpoint
         self.device = device
-        self._loaded: tuple | None = None
 
-    def get(self) -> tuple:
-        if self._loaded is None:
-            self._loaded = _load(self.checkpoint, self.checkpoint, self.device)
-        return self._loaded
+    @cached_property
+    def loaded(self) -> tuple:
+        return _load(self.checkpoint, self.checkpoint, self.device)
 
 
 def load_contrast_pairs(path: str | Path) -> list[Pair]:
@@ -268,7 +266,7 @@ def contrast_pairs(
     # B first and freed, then A, which stays loaded for its head activations
     loaders = {
         "finetuned": lambda: _load(finetuned, aligned.checkpoint, settings.device),
-        "aligned": aligned.get,
+        "aligned": lambda: aligned.loaded,
     }
     for role, load in loaders.items():
         say(f"{role} model's replies to {len(prompts)} harmful prompts")
@@ -299,7 +297,7 @@ def contrast_activations(
 ):
     """A's head outputs at the last ``positions`` tokens of each sample, one label per row (1:
     toward), and A's head count: what :func:`~safealign.recover.heads.build_lock` takes."""
-    model, tokenizer = aligned.get()
+    model, tokenizer = aligned.loaded
     sequences = [
         reply_ids(tokenizer, s.prompt, s.reply)
         if s.reply is not None
