@@ -41,7 +41,9 @@ class RecoverInputs:
     TaskSet or list) whose utility is checked; without them (and ``benign``) there is no check
     and no rollback. ``task_train``: task examples whose prompts steer the rollback gradient
     (default: the first half of ``task``, the second half being checked). ``benign``: benign
-    prompts whose over-refusal is checked with utility."""
+    prompts whose over-refusal is checked with utility. ``benign_train``: benign prompts that
+    steer the rollback gradient (default: the first half of ``benign``, the second half being
+    checked)."""
 
     aligned: str | Path
     finetuned: str | Path
@@ -50,6 +52,7 @@ class RecoverInputs:
     task: Any = None
     task_train: Any = None
     benign: Any = None
+    benign_train: Any = None
 
 
 def recover(
@@ -82,6 +85,7 @@ def recover(
         settings.max_prompts,
         inputs.task_train,
         settings.limit,
+        inputs.benign_train,
     )
     checked = sets.task is not None or sets.benign is not None
     plan = Plan.build(a, b, lay, settings, rollback=checked)

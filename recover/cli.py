@@ -76,7 +76,18 @@ def pair_inputs(function):
     show_default="first half of --task; the check then uses the second half",
     help="Task data whose prompts steer the rollback gradient.",
 )
-@option("--benign", type=click.Path(), help="Benign prompts; over-refusal is checked with utility.")
+@option(
+    "--benign",
+    type=click.Path(),
+    help="Benign prompts whose over-refusal is checked with utility (the second half, "
+    "without --benign-train).",
+)
+@option(
+    "--benign-train",
+    type=click.Path(),
+    show_default="first half of --benign; the check then uses the second half",
+    help="Benign prompts that steer the rollback gradient.",
+)
 @option(
     "--no-utility-check",
     is_flag=True,

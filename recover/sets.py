@@ -12,14 +12,15 @@ from safealign.eval.smoke import SMOKE_HARMFUL
 @dataclass(frozen=True)
 class Sets:
     """``harmful`` steers the direction and its gradient, ``eval_harmful`` is scored, ``task``
-    (utility) and ``benign`` (over-refusal) are checked, ``task_train`` (and ``benign``) steer
-    the rollback gradient."""
+    (utility) and ``benign`` (over-refusal) are checked, ``task_train`` and ``benign_train``
+    steer the rollback gradient: a check never scores the prompts that steer it."""
 
     harmful: PromptSet
     eval_harmful: PromptSet
     task: TaskSet | None
     benign: PromptSet | None
     task_train: TaskSet | None = None
+    benign_train: PromptSet | None = None
 
     @classmethod
     def load(
@@ -31,10 +32,12 @@ class Sets:
         max_prompts: int | None,
         task_train=None,
         limit: int | None = None,
+        benign_train=None,
     ) -> Sets:
         """From paths, loaded sets or lists, each cut to its first ``limit`` items; ``harmful``
         (None: the bundled harmful set) also to its first ``max_prompts``, ``eval_harmful``
-        defaulting to it. Without ``task_train``, ``task`` is split: see :func:`split_task`."""
+        defaulting to it. Without ``task_train``, ``task`` is split, and without
+        ``benign_train``, ``benign``: see :func:`split_half`."""
         harmful_set = first(
             first(prompt_set(harmful or SMOKE_HARMFUL, "harmful"), limit), max_prompts
         )
@@ -42,17 +45,25 @@ class Sets:
         if task_train is not None:
             train = first(task_examples(task_train), limit)
         elif check is not None:
-            train, check = split_task(check)
+            train, check = split_half(check)
         else:
             train = None
+        benign_check = None if benign is None else first(prompt_set(benign, "benign"), limit)
+        if benign_train is not None:
+            benign_steer = first(prompt_set(benign_train, "benign_train"), limit)
+        elif benign_check is not None:
+            benign_steer, benign_check = split_half(benign_check)
+        else:
+            benign_steer = None
         return cls(
             harmful=harmful_set,
             eval_harmful=harmful_set
             if eval_harmful is None
             else first(prompt_set(eval_harmful, "eval_harmful"), limit),
             task=check,
-            benign=None if benign is None else first(prompt_set(benign, "benign"), limit),
+            benign=benign_check,
             task_train=train,
+            benign_train=benign_steer,
         )
 
     @property
@@ -60,7 +71,7 @@ class Sets:
         """The prompt lists whose fine-tuned centroids the rollback steers back toward."""
         train = self.task_train
         task = [e.prompt for e in train.examples] if train is not None else None
-        benign = self.benign.prompts if self.benign is not None else None
+        benign = self.benign_train.prompts if self.benign_train is not None else None
         return [prompts for prompts in (task, benign) if prompts]
 
     def describe(self) -> dict[str, dict | None]:
@@ -73,6 +84,7 @@ class Sets:
                 ("task", self.task),
                 ("task_train", self.task_train),
                 ("benign", self.benign),
+                ("benign_train", self.benign_train),
             )
         }
 
@@ -103,15 +115,16 @@ def task_examples(source) -> TaskSet:
     return source
 
 
-def split_task(task: TaskSet) -> tuple[TaskSet, TaskSet]:
-    """(train, check): the first floor(n/2) examples steer the rollback gradient, the other
-    ceil(n/2) are checked for utility, so the guard never scores the examples that steer it.
-    A single example is both (there is nothing to split)."""
-    examples = task.examples
-    if len(examples) < 2:
-        return task, task
-    half = len(examples) // 2
+def split_half(items: PromptSet | TaskSet) -> tuple[PromptSet | TaskSet, PromptSet | TaskSet]:
+    """(steer, check): the first floor(n/2) task examples or benign prompts steer the rollback
+    gradient, the other ceil(n/2) are checked (utility, over-refusal), so the guard never
+    scores what steers it. A single item is both (there is nothing to split)."""
+    if len(items) < 2:
+        return items, items
+    half = len(items) // 2
+    kind = type(items)
+    values = items.examples if isinstance(items, TaskSet) else items.prompts
     return (
-        TaskSet(examples[:half], f"{task.name}[:{half}]", task.path),
-        TaskSet(examples[half:], f"{task.name}[{half}:]", task.path),
+        kind(values[:half], f"{items.name}[:{half}]", items.path),
+        kind(values[half:], f"{items.name}[{half}:]", items.path),
     )

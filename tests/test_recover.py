@@ -27,6 +27,7 @@ from safealign.eval import generate
 from safealign.eval.judges import KeywordJudge
 from safealign.recover import RecoverInputs, RecoverSettings, recover
 from safealign.recover.cli import recover_command
+from safealign.recover.sets import Sets
 from safealign.recover.weights import layout, load_working_model
 from safealign.settings import SettingsError
 
@@ -556,3 +557,18 @@ def test_paper_rolls_back_share_of_agreeing(tmp_path, monkeypatch):
     assert restart, "the warm-up check held with metric_drop=0"
     assert [s.rolled_back for s in restart] == expected
     assert all(s.rolled_back > 0 for s in restart)
+
+
+def test_benign_prompts_split_into_steering_and_checked_halves():
+    """As the task: without benign_train the first half of benign steers the rollback and the
+    second half is checked; with it, benign is checked whole and benign_train steers."""
+    task = [{"prompt": f"t{i}", "answer": "a"} for i in range(4)]
+    benign = [f"b{i}" for i in range(5)]
+    split = Sets.load(HARMFUL, None, task, benign, None)
+    assert split.benign_train.prompts == ["b0", "b1"]
+    assert split.benign.prompts == ["b2", "b3", "b4"]
+    assert split.keep_prompts == [["t0", "t1"], ["b0", "b1"]]
+    given = Sets.load(HARMFUL, None, task, benign, None, benign_train=["s0"])
+    assert given.benign.prompts == benign
+    assert given.keep_prompts[1] == ["s0"]
+    assert given.describe()["benign_train"]["n"] == 1
