@@ -84,6 +84,41 @@ def generate_from_ids(
     Batches are formed from sequences sorted by length (longest first, so an ``"auto"``
     batch size meets its largest batch early).
     """
+    rows = _greedy_rows(model, tokenizer, encoded, batch_size, max_new_tokens)
+    return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+
+def greedy_reply_ids(
+    model,
+    tokenizer,
+    encoded: Sequence[Sequence[int]],
+    *,
+    batch_size: int | str = 16,
+    max_new_tokens: int = 48,
+) -> list[list[int]]:
+    """The greedy reply token ids to each token-id sequence, as :func:`generate_from_ids`
+    generates them, up to and including the first EOS (never empty: the first token is there
+    even when it is EOS)."""
+    eos = _eos_ids(model, tokenizer)
+    replies = []
+    for row in _greedy_rows(model, tokenizer, encoded, batch_size, max_new_tokens):
+        end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
+        replies.append(row[:end])
+    return replies
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """The token ids that end a reply: the generation config's, else the tokenizer's EOS."""
+    eos_id = model.generation_config.eos_token_id
+    if eos_id is None:
+        eos_id = tokenizer.eos_token_id
+    return set(eos_id) if isinstance(eos_id, list | tuple) else {eos_id}
+
+
+def _greedy_rows(
+    model, tokenizer, encoded: Sequence[Sequence[int]], batch_size: int | str, max_new_tokens: int
+) -> list[list[int]]:
+    """The new token ids generated for each sequence (padded after EOS), in input order."""
     if not encoded:
         return []
     if max_new_tokens < 1:
@@ -95,7 +130,7 @@ def generate_from_ids(
     if eos_id is None:
         eos_id = tokenizer.eos_token_id
 
-    def generate_batch(indices: list[int]) -> list[str]:
+    def generate_batch(indices: list[int]) -> list[list[int]]:
         input_ids, mask = left_pad([encoded[i] for i in indices], pad_id, device)
         with torch.inference_mode():
             output = model.generate(
@@ -111,12 +146,10 @@ def generate_from_ids(
                 top_p=None,
                 top_k=None,
             )
-        new_tokens = output[:, input_ids.shape[1] :]
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return [t.strip() for t in texts]
+        return output[:, input_ids.shape[1] :].tolist()
 
-    responses = run_batched(order, batch_size, generate_batch, device)
-    result = [""] * len(encoded)
-    for index, response in zip(order, responses, strict=True):
-        result[index] = response
+    rows = run_batched(order, batch_size, generate_batch, device)
+    result: list[list[int]] = [[] for _ in encoded]
+    for index, row in zip(order, rows, strict=True):
+        result[index] = row
     return result
