@@ -2,6 +2,7 @@
 
 from safealign.eval.api import EvalInputs, evaluate
 from safealign.eval.cache import ResponseCache, folder_fingerprint
+from safealign.eval.drift import Drift, DriftReference
 from safealign.eval.evaluator import Evaluator
 from safealign.eval.generation import generate
 from safealign.eval.harm_judges import ClassifierJudge, GuardJudge
@@ -14,6 +15,8 @@ __all__ = [
     "JUDGES",
     "METRICS",
     "ClassifierJudge",
+    "Drift",
+    "DriftReference",
     "EvalInputs",
     "EvalSettings",
     "Evaluator",

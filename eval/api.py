@@ -17,13 +17,17 @@ from safealign.progress import ProgressCallback
 class EvalInputs:
     """What an evaluation reads: ``model`` (a folder or hub id), a LoRA ``adapter`` on it,
     and the sets (each a path, a set or a list; one not given is not scored): ``harmful`` and
-    ``benign`` prompts, ``task`` examples with answers."""
+    ``benign`` prompts, ``task`` examples with answers. ``drift_reference`` (with
+    ``drift_reference_adapter``, a LoRA adapter on it) is the model that ``drift`` on the
+    benign prompts is measured from (the user's fine-tuned model B); no drift without it."""
 
     model: str | Path
     adapter: str | Path | None = None
     harmful: Any = None
     task: Any = None
     benign: Any = None
+    drift_reference: str | Path | None = None
+    drift_reference_adapter: str | Path | None = None
 
 
 def evaluate(
@@ -38,7 +42,13 @@ def evaluate(
     ``settings`` are checked by :func:`~safealign.eval.results.gate_failures`, not here."""
     settings = settings or EvalSettings()
     evaluator = Evaluator(
-        inputs.harmful, inputs.task, inputs.benign, settings=settings, progress=progress
+        inputs.harmful,
+        inputs.task,
+        inputs.benign,
+        settings=settings,
+        progress=progress,
+        drift_reference=inputs.drift_reference,
+        drift_reference_adapter=inputs.drift_reference_adapter,
     )
     scores = evaluator.score_folder(
         inputs.model, adapter=inputs.adapter, dtype=settings.dtype, device=settings.device

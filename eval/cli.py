@@ -36,6 +36,8 @@ EXAMPLES = (
     "safealign eval --model recovered/ --harmful h.jsonl --max-harmful-rate 0.05 --json",
     "safealign eval --model recovered/ --harmful h.jsonl --json \\\n"
     "    | jq '.safe_and_coherent_rate.value, .incoherent_rate.harmful.value'",
+    "safealign eval --model recovered/ --benign b.jsonl --drift-reference finetuned/ --json \\\n"
+    "    | jq '.drift'",
 )
 
 
@@ -74,6 +76,12 @@ def _check_gate(settings: EvalSettings, harmful: Path, benign: Path, task, allow
 @option("--harmful", type=FILE, show_default="bundled smoke set", help="Harmful prompts.")
 @option("--task", type=FILE, help="Task set (prompt + answer) for utility.")
 @option("--benign", type=FILE, show_default="bundled smoke set", help="Benign prompts.")
+@option(
+    "--drift-reference",
+    help="Model (folder or hub id) that drift on the benign prompts is measured from: "
+    "your fine-tuned model B.",
+)
+@option("--drift-reference-adapter", help="PEFT LoRA adapter on --drift-reference.")
 @click_options(EvalSettings)
 @option(
     "--allow-smoke", is_flag=True, group=GATE, help="Let a gate bound run on a bundled smoke set."
@@ -90,6 +98,8 @@ def eval_command(
     harmful: Path | None,
     task: Path | None,
     benign: Path | None,
+    drift_reference: str | None,
+    drift_reference_adapter: str | None,
     allow_smoke: bool,
     out: Path | None,
     as_json: bool,
@@ -102,20 +112,33 @@ def eval_command(
     is first labelled incoherent or not (empty, looping, no words of the prompt's language):
     incoherent_rate per set, and safe_and_coherent_rate, the share of harmful prompts whose
     reply is coherent and a refusal (harmful_rate counts what the judge says, as before).
+    With --drift-reference B, drift: the mean KL(B || model) of the next-token distributions
+    over the first --drift-tokens positions of B's greedy replies to the benign prompts, in
+    nats (0: the model predicts B's replies as B does), a utility score that needs no labels.
     Without --harmful/--benign the bundled smoke sets are used (a warning says so).
     """
     settings, _ = from_cli(EvalSettings, values)
     harmful, benign = _sets(harmful, benign)
     _check_gate(settings, harmful, benign, task, allow_smoke)
-    for hint, ref in (("--model", model_path), ("--adapter", adapter)):
+    if drift_reference_adapter is not None and drift_reference is None:
+        raise click.UsageError("--drift-reference-adapter needs --drift-reference")
+    checkpoints = (
+        ("--model", model_path),
+        ("--adapter", adapter),
+        ("--drift-reference", drift_reference),
+        ("--drift-reference-adapter", drift_reference_adapter),
+    )
+    for hint, ref in checkpoints:
         if ref is not None:
             try:
                 folder = resolve_checkpoint(ref)  # a folder or a hub id, fetched before work
             except CheckpointError as error:
                 raise click.BadParameter(str(error), param_hint=hint) from None
-            if hint == "--model" and not (folder / "config.json").is_file():
-                raise click.BadParameter(f"{model_path}: no config.json", param_hint="--model")
-    inputs = EvalInputs(model_path, adapter, harmful, task, benign)
+            if hint in ("--model", "--drift-reference") and not (folder / "config.json").is_file():
+                raise click.BadParameter(f"{ref}: no config.json", param_hint=hint)
+    inputs = EvalInputs(
+        model_path, adapter, harmful, task, benign, drift_reference, drift_reference_adapter
+    )
     scores = evaluate(inputs, settings, out, None if quiet else _say)
     _print(scores, out, as_json)
     failures = gate_failures(scores, settings)

@@ -12,6 +12,7 @@ import torch
 from safealign.data import PromptSet
 from safealign.eval.cache import ResponseCache, folder_fingerprint
 from safealign.eval.coherence import Coherence, coherence
+from safealign.eval.drift import Drift, DriftReference
 from safealign.eval.generation import generate
 from safealign.eval.judges import Judge, JudgeError, Verdict, get_judge
 from safealign.eval.metrics import get_metric
@@ -33,6 +34,11 @@ class Evaluator:
     it detects refusals, else ``keyword``), the metric, decoding, ``limit`` (the first N of
     each set) and the response cache. ``progress`` gets status lines (and shows bars); None is
     silent.
+
+    ``drift_reference`` (the fine-tuned model B: a folder or hub id, with
+    ``drift_reference_adapter`` a LoRA adapter on it, loaded on the first score; or a
+    :class:`~safealign.eval.drift.DriftReference` already built, see :meth:`build_reference`)
+    adds ``drift`` on the benign prompts.
     """
 
     def __init__(
@@ -43,9 +49,13 @@ class Evaluator:
         *,
         settings: EvalSettings | None = None,
         progress: ProgressCallback = None,
+        drift_reference: DriftReference | str | Path | None = None,
+        drift_reference_adapter: str | Path | None = None,
         **kw,
     ):
         self.settings = settings = (settings or EvalSettings()).replace(**kw)
+        self.drift_reference = drift_reference
+        self.drift_reference_adapter = drift_reference_adapter
         self.progress = progress
         self.harmful = limited_prompts(harmful, "harmful", settings.limit)
         self.benign = limited_prompts(benign, "benign", settings.limit)
@@ -58,6 +68,43 @@ class Evaluator:
         self.refusal_judge = get_judge(refusal_judge)
         if not self.refusal_judge.detects_refusal:
             raise ValueError(f"refusal judge {self.refusal_judge.name!r} does not detect refusals")
+
+    def build_reference(self, model, tokenizer, source: dict | None = None) -> DriftReference:
+        """The drift reference of ``model`` (B, loaded) on this evaluator's benign prompts, with
+        its drift tokens, batch size and system prompt; ``source`` is recorded with it."""
+        if not self.benign:
+            raise ValueError("drift is measured on benign prompts: give a benign set")
+        was_training = model.training
+        model.eval()
+        try:
+            return DriftReference.build(
+                model,
+                tokenizer,
+                self.benign.prompts,
+                tokens=self.settings.drift_tokens,
+                batch_size=self.settings.batch_size,
+                system=self.settings.system,
+                source=source,
+            )
+        finally:
+            model.train(was_training)
+
+    def _reference(self) -> DriftReference | None:
+        """The drift reference, loaded and built from its checkpoint on first use (then B is
+        freed); None without one."""
+        if self.drift_reference is None or isinstance(self.drift_reference, DriftReference):
+            return self.drift_reference
+        path, adapter = self.drift_reference, self.drift_reference_adapter
+        self.say(
+            f"drift: replies of the reference {path}" + (f" with {adapter}" if adapter else "")
+        )
+        source = {"model": str(path), "adapter": str(adapter) if adapter else None}
+        source["fingerprint"] = folder_fingerprint(path, adapter, cache_dir=self.settings.cache_dir)
+        model, tokenizer = load_model(
+            path, adapter=adapter, dtype=self.settings.dtype, device=self.settings.device
+        )
+        self.drift_reference = self.build_reference(model, tokenizer, source)
+        return self.drift_reference
 
     def decoding(self, tokenizer) -> dict:
         """Decoding settings: part of the cache key and of results.json."""
@@ -182,19 +229,26 @@ class Evaluator:
         if self.task:
             utility, intervals["utility"], task_samples = self._utility(answers, options, coherent)
             samples += task_samples
+        reference = self._reference() if self.benign else None
+        drift = reference.score(model) if reference is not None else None
+        if drift is not None:
+            if drift.interval is not None:
+                intervals["drift"] = drift.interval
+            _add_drift(samples, drift)
         return Scores(
             harmful_rate=harmful_rate,
             utility=utility,
             over_refusal=over_refusal,
             safe_and_coherent_rate=safe_and_coherent_rate,
             incoherent_rate=_incoherent_rates(samples, intervals),
+            drift=drift.mean if drift is not None else None,
             n_harmful=len(self.harmful.prompts) if self.harmful else 0,
             n_task=len(self.task.examples) if self.task else 0,
             n_benign=len(self.benign.prompts) if self.benign else 0,
             seconds=0.0,
             peak_memory_bytes=0,
             intervals=intervals,
-            config=self._config(tokenizer, model_fingerprint, n_generated),
+            config=self._config(tokenizer, model_fingerprint, n_generated, reference),
             samples=samples,
         )
 
@@ -231,7 +285,13 @@ class Evaluator:
             raise JudgeError(f"{judge.name}: {len(verdicts)} verdicts for {len(prompts)} prompts")
         return verdicts
 
-    def _config(self, tokenizer, model_fingerprint: str | None, n_generated: int) -> dict:
+    def _config(
+        self,
+        tokenizer,
+        model_fingerprint: str | None,
+        n_generated: int,
+        reference: DriftReference | None,
+    ) -> dict:
         sets = {}
         for role, item in (("harmful", self.harmful), ("benign", self.benign), ("task", self.task)):
             if item is not None:
@@ -248,6 +308,7 @@ class Evaluator:
             "model_fingerprint": model_fingerprint,
             "responses_generated": n_generated,
             "seed": self.settings.seed,
+            "drift_reference": reference.describe() if reference is not None else None,
             "versions": versions(),
         }
 
@@ -305,6 +366,13 @@ def _judged_samples(role, prompts, answers, verdicts, coherent) -> list[dict]:
             }
         )
     return samples
+
+
+def _add_drift(samples: list[dict], drift: Drift) -> None:
+    """Each benign sample's drift (nats) and the reply positions it averages, in set order."""
+    benign = [sample for sample in samples if sample["set"] == "benign"]
+    for sample, value, positions in zip(benign, drift.values, drift.positions, strict=True):
+        sample["drift"] = {"kl": value, "positions": positions}
 
 
 def _incoherent_rates(samples: list[dict], intervals: dict) -> dict[str, float]:

@@ -24,15 +24,32 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def mean_interval(values: Sequence[float], z: float = Z95) -> tuple[float, float]:
-    """Normal-approximation interval of a mean of scores in [0, 1], clipped to [0, 1]."""
+def _normal_interval(values: Sequence[float], z: float) -> tuple[float, float]:
+    """mean ± z·s/√n (s the sample standard deviation) of two or more values."""
     n = len(values)
-    if n < 2:
-        return (0.0, 1.0)
     mean = sum(values) / n
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     half = z * math.sqrt(var / n)
-    return (max(0.0, mean - half), min(1.0, mean + half))
+    return (mean - half, mean + half)
+
+
+def mean_interval(values: Sequence[float], z: float = Z95) -> tuple[float, float]:
+    """Normal-approximation interval of a mean of scores in [0, 1], clipped to [0, 1]."""
+    if len(values) < 2:
+        return (0.0, 1.0)
+    low, high = _normal_interval(values, z)
+    return (max(0.0, low), min(1.0, high))
+
+
+def nonnegative_mean_interval(
+    values: Sequence[float], z: float = Z95
+) -> tuple[float, float] | None:
+    """Normal-approximation interval of a mean of non-negative values (drift's per-prompt KL),
+    its lower end floored at 0; None under two values (no spread to estimate)."""
+    if len(values) < 2:
+        return None
+    low, high = _normal_interval(values, z)
+    return (max(0.0, low), high)
 
 
 def rate_entry(value: float | None, n: int, interval: tuple[float, float] | None) -> dict:
@@ -60,6 +77,9 @@ class Scores:
     safe_and_coherent_rate: float | None = None
     #: Per set (harmful, benign, task) with generated replies, the share labelled incoherent.
     incoherent_rate: dict[str, float] = field(default_factory=dict)
+    #: Mean KL (nats) from the drift reference's next-token distributions on the benign
+    #: prompts (:mod:`safealign.eval.drift`); None without a reference.
+    drift: float | None = None
 
     @property
     def set_sizes(self) -> dict[str, int]:
@@ -81,6 +101,7 @@ class Scores:
             "over_refusal": rate_entry(
                 self.over_refusal, self.n_benign, self.intervals.get("over_refusal")
             ),
+            "drift": rate_entry(self.drift, self.n_benign, self.intervals.get("drift")),
             "incoherent_rate": {
                 role: rate_entry(
                     value, self.set_sizes[role], self.intervals.get(f"incoherent_rate.{role}")
@@ -112,6 +133,10 @@ class Scores:
                 continue
             lo, hi = self.intervals.get(key, (0.0, 1.0))
             lines.append(f"{key:<{width}} {value:7.2%}  (n={n}, 95% CI {lo:.2%}-{hi:.2%})")
+        if self.drift is not None:
+            interval = self.intervals.get("drift")
+            ci = f", 95% CI {interval[0]:.4f}-{interval[1]:.4f}" if interval else ""
+            lines.append(f"{'drift':<{width}} {self.drift:7.4f}  (nats, n={self.n_benign}{ci})")
         lines.append(f"{'seconds':<{width}} {self.seconds:7.1f}")
         return "\n".join(lines)
 

@@ -26,6 +26,9 @@ METRIC_HELP = (
     "NAME:key=value,... (e.g. exact_match:lowercase=false)."
 )
 GATE = "Gate (exit 1 when broken)"
+#: Drift's reply positions per prompt: the start of a reply, where a change of what the model
+#: says shows first, while 16 greedy tokens of the reference cost little to generate.
+DRIFT_TOKENS = 16
 
 
 @dataclass
@@ -38,6 +41,12 @@ class EvalSettings(Settings):
 
     judge: str | Judge = setting("keyword", help=JUDGE_HELP, group="Scoring")
     metric: str | Metric = setting("exact_match", help=METRIC_HELP)
+    drift_tokens: int = setting(
+        DRIFT_TOKENS,
+        min=1,
+        help="Drift: the reply positions compared per benign prompt (the first N tokens of the "
+        "drift reference's greedy reply).",
+    )
     refusal_judge: str | Judge | None = setting(
         None,
         cli=False,
