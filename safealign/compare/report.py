@@ -1,9 +1,12 @@
 """The comparison's report: report.md (table, Pareto rows, recommendation), report.json and
-tradeoff.png (harmful rate against utility, the front drawn, over-refusal as colour)."""
+tradeoff.png (harmful rate against utility, the front drawn, over-refusal as colour).
+
+Utility is the task metric, or drift from B (``--utility drift``, lower is better): the one
+chosen sets the plot's axis, the Pareto front and the recommendation."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from safealign.compare.result import CompareResult, MethodRow
@@ -19,6 +22,7 @@ COLUMNS = (
     "over_refusal",
     "incoherent_harmful",
     "incoherent_benign",
+    "drift",
     "changed_share",
     "seconds",
     "peak_memory_mib",
@@ -28,17 +32,45 @@ COLUMNS = (
 )
 
 
-def _point(row: MethodRow) -> tuple[float, float] | None:
-    harmful, utility = row.rate("harmful_rate"), row.rate("utility")
-    if row.status != "done" or harmful is None or utility is None:
+@dataclass(frozen=True)
+class Utility:
+    """A utility axis: the score it reads, whether higher is better, its words."""
+
+    key: str
+    higher_is_better: bool
+    label: str
+    noun: str
+    form: str
+
+    def goodness(self, value: float) -> float:
+        """``value`` turned so that higher is better."""
+        return value if self.higher_is_better else -value
+
+    def shown(self, value: float) -> str:
+        return self.form.format(value)
+
+
+UTILITIES = {
+    "task": Utility("utility", True, "utility (%, higher is better)", "the most utility", "{:.3f}"),
+    "drift": Utility(
+        "drift", False, "drift from B (nats, lower is better)", "the least drift", "{:.4f} nats"
+    ),
+}
+
+
+def _point(row: MethodRow, utility: str = "task") -> tuple[float, float] | None:
+    """(harmful rate, utility turned so that higher is better), None when unscored."""
+    axis = UTILITIES[utility]
+    harmful, value = row.rate("harmful_rate"), row.rate(axis.key)
+    if row.status != "done" or harmful is None or value is None:
         return None
-    return harmful, utility
+    return harmful, axis.goodness(value)
 
 
-def pareto_names(rows: list[MethodRow]) -> set[str]:
-    """Rows no other row beats: none is at most as harmful with at least the utility, and
-    strictly better in one of the two."""
-    points = {row.name: p for row in rows if (p := _point(row)) is not None}
+def pareto_names(rows: list[MethodRow], utility: str = "task") -> set[str]:
+    """Rows no other row beats: none is at most as harmful with at least the utility (``task``,
+    or the least ``drift``), and strictly better in one of the two."""
+    points = {row.name: p for row in rows if (p := _point(row, utility)) is not None}
     front = set()
     for name, (h, u) in points.items():
         beaten = any(
@@ -88,16 +120,20 @@ def _interval(row: MethodRow, key: str) -> tuple[float, float]:
 def recommend(
     result: CompareResult, max_harmful_rate: float | None, max_over_refusal: float | None = None
 ) -> None:
-    """The method keeping the most utility among those within both bounds: harmful rate and
-    over-refusal each at most the aligned model's + 0.05 unless given. Methods whose utility
-    intervals overlap the best one's are named as tied with it (no tie is broken by speed);
-    with none within the bounds, a plain statement that none was."""
+    """The method keeping the most utility (``result.utility``: the task's, or the least drift)
+    among those within both bounds: harmful rate and over-refusal each at most the aligned
+    model's + 0.05 unless given. Methods whose utility intervals overlap the best one's are
+    named as tied with it (no tie is broken by speed); with none within the bounds, a plain
+    statement that none was."""
     result.max_harmful_rate = default_bound(result, "harmful_rate", max_harmful_rate)
     result.max_over_refusal = default_bound(result, "over_refusal", max_over_refusal)
+    axis = UTILITIES[result.utility]
     fits = [
         r
         for r in result.rows
-        if r.kind != "input" and _point(r) is not None and not broken_bounds(r, result)
+        if r.kind != "input"
+        and _point(r, result.utility) is not None
+        and not broken_bounds(r, result)
     ]
     if not fits:
         result.recommendation = {
@@ -113,11 +149,10 @@ def recommend(
             + ".",
         }
         return
-    best = max(fits, key=lambda r: (r.rate("utility"), -r.rate("harmful_rate")))
-    low = _interval(best, "utility")[0]
-    tied = [r.name for r in fits if r is not best and _interval(r, "utility")[1] >= low]
+    best = max(fits, key=lambda r: (_point(r, result.utility)[1], -r.rate("harmful_rate")))
+    tied = [r.name for r in fits if r is not best and _overlap(r, best, axis.key)]
     text = (
-        f"{best.name}: the most utility ({best.rate('utility'):.3f}) among the methods within "
+        f"{best.name}: {axis.noun} ({axis.shown(best.rate(axis.key))}) among the methods within "
         f"the bounds (harmful rate <= {result.max_harmful_rate}"
         + (
             ""
@@ -131,9 +166,16 @@ def recommend(
     result.recommendation = {"method": best.name, "tied": tied, "text": text + "."}
 
 
+def _overlap(row: MethodRow, other: MethodRow, key: str) -> bool:
+    """Whether two rows' 95% intervals of a score overlap."""
+    low, high = _interval(row, key)
+    other_low, other_high = _interval(other, key)
+    return high >= other_low and other_high >= low
+
+
 def table_rows(result: CompareResult) -> list[dict]:
     """Rows for report.md, sorted by harmful rate (unscored rows last), Pareto rows marked."""
-    front = pareto_names(result.rows)
+    front = pareto_names(result.rows, result.utility)
 
     def key(row: MethodRow):
         harmful = row.rate("harmful_rate")
@@ -155,6 +197,7 @@ def table_rows(result: CompareResult) -> list[dict]:
                 "over_refusal": row.rate("over_refusal"),
                 "incoherent_harmful": row.rate("incoherent_rate.harmful"),
                 "incoherent_benign": row.rate("incoherent_rate.benign"),
+                "drift": row.rate("drift"),
                 "changed_share": row.changed_share,
                 "seconds": row.seconds,
                 "peak_memory_mib": (
@@ -177,7 +220,8 @@ def to_dict(result: CompareResult) -> dict:
         "evaluator": result.evaluator,
         "max_harmful_rate": result.max_harmful_rate,
         "max_over_refusal": result.max_over_refusal,
-        "pareto": sorted(pareto_names(result.rows)),
+        "utility": result.utility,
+        "pareto": sorted(pareto_names(result.rows, result.utility)),
         "recommendation": result.recommendation,
         "rows": [asdict(row) for row in result.rows],
     }
@@ -201,9 +245,10 @@ def write_report(result: CompareResult) -> None:
 
 
 def plot_tradeoff(report: dict, path: str | Path) -> Path | None:
-    """Utility against harmful rate from a report.json's content: one marker per row, the
-    inputs as open markers, the Pareto front as a step line, over-refusal as colour, names in
-    a legend beside the axes (coinciding points never get overlapping labels).
+    """Utility (the report's: task utility, or drift) against harmful rate from a
+    report.json's content: one marker per row, the inputs as open markers, the Pareto front as
+    a step line, over-refusal as colour, names in a legend beside the axes (coinciding points
+    never get overlapping labels).
 
     Returns the PNG path, or None without matplotlib (the ``plot`` extra).
     """
@@ -214,14 +259,16 @@ def plot_tradeoff(report: dict, path: str | Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    axis = UTILITIES[report.get("utility", "task")]
+    scale_y = 100 if axis.key == "utility" else 1
     points = []
     for row in report["rows"]:
         scores = row.get("scores") or {}
         harmful = (scores.get("harmful_rate") or {}).get("value")
-        utility = (scores.get("utility") or {}).get("value")
+        utility = (scores.get(axis.key) or {}).get("value")
         if row["status"] == "done" and harmful is not None and utility is not None:
             refusal = (scores.get("over_refusal") or {}).get("value")
-            points.append((row["name"], row["kind"], 100 * harmful, 100 * utility, refusal))
+            points.append((row["name"], row["kind"], 100 * harmful, scale_y * utility, refusal))
     fig, ax = plt.subplots(figsize=(9.5, 5))
     cmap = plt.get_cmap("viridis")  # 0% over-refusal dark, so markers stand out on white
     markers = "osD^v<>PX*hH8p"
@@ -244,9 +291,13 @@ def plot_tradeoff(report: dict, path: str | Path) -> Path | None:
     fig.colorbar(scale, ax=ax, pad=0.01).set_label("over-refusal (%)")
     ax.legend(loc="center left", bbox_to_anchor=(1.18, 0.5), fontsize=8, frameon=False)
     ax.set_xlabel("harmful rate (%, lower is safer)")
-    ax.set_ylabel("utility (%, higher is better)")
+    ax.set_ylabel(axis.label)
     ax.set_xlim(-5, 105)
-    ax.set_ylim(-5, 105)
+    if axis.key == "utility":
+        ax.set_ylim(-5, 105)
+    else:  # drift: from 0 (B itself) up, in nats
+        top = 1.1 * max((y for *_, y, _ in points), default=0.0) or 1.0
+        ax.set_ylim(-0.05 * top, top)
     ax.grid(alpha=0.3)
     ax.set_title("safety against utility (open markers: the input models)")
     fig.tight_layout()

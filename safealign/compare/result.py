@@ -45,3 +45,5 @@ class CompareResult:
     max_harmful_rate: float | None = None
     max_over_refusal: float | None = None
     recommendation: dict = field(default_factory=dict)
+    #: The utility the front and the recommendation read: "task" or "drift" (report.UTILITIES).
+    utility: str = "task"

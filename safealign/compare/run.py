@@ -153,6 +153,8 @@ def compare(
     settings = settings or CompareSettings()
     log = progress or _silent
     check_inputs(inputs)
+    if settings.utility == "drift" and inputs.benign is None:
+        raise SettingsError("--utility drift needs --benign (drift is measured on its prompts)")
     specs = method_specs(settings)
     check_checkpoints(inputs)
     evaluator = Evaluator(
@@ -165,6 +167,8 @@ def compare(
         max_new_tokens=settings.max_new_tokens,
         limit=settings.limit,
         seed=settings.seed,
+        drift_tokens=settings.drift_tokens,
+        **drift_reference(inputs),
     )
     out = Path(out)
     _check_out(out, settings)
@@ -198,9 +202,21 @@ def compare(
         inputs=inputs.to_dict(),
         evaluator={"judge": settings.judge, "metric": settings.metric},
     )
+    result.utility = settings.utility
     recommend(result, settings.max_harmful_rate, settings.max_over_refusal)
     write_report(result)
     return result
+
+
+def drift_reference(inputs: CompareInputs) -> dict[str, Path | None]:
+    """The Evaluator's drift reference: the fine-tuned model B (an adapter on A when it is
+    one), when there are benign prompts to measure drift on."""
+    if inputs.benign is None:
+        return {}
+    finetuned = Path(inputs.finetuned)
+    if is_adapter(finetuned):
+        return {"drift_reference": Path(inputs.aligned), "drift_reference_adapter": finetuned}
+    return {"drift_reference": finetuned}
 
 
 def _silent(line: str) -> None:
@@ -210,7 +226,7 @@ def _silent(line: str) -> None:
 def _detail(row: MethodRow) -> str:
     if row.status != "done":
         return f" ({row.reason})" if row.reason else ""
-    keys = ("harmful_rate", "safe_and_coherent_rate", "utility", "over_refusal")
+    keys = ("harmful_rate", "safe_and_coherent_rate", "utility", "over_refusal", "drift")
     rates = {key: row.rate(key) for key in keys}
     parts = [f"{key} {value:.3f}" for key, value in rates.items() if value is not None]
     if row.seconds is not None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from safealign.checkpoint import Checkpoint, CheckpointError, validate_checkpoints
 from safealign.checkpoint.hub import is_adapter, is_hub_id, resolve_checkpoint
+from safealign.eval.settings import DRIFT_TOKENS
 from safealign.settings import Settings, SettingsError, setting
 
 #: Inputs that name a checkpoint: a folder or a hub id.
@@ -84,6 +85,17 @@ class CompareSettings(Settings):
     )
     judge: str = setting("keyword", help="Harmful-response judge, shared by every score.")
     metric: str = setting("exact_match", help="Task metric, shared by every score.")
+    drift_tokens: int = setting(
+        DRIFT_TOKENS,
+        min=1,
+        help="Drift from B on the benign prompts: reply positions compared per prompt.",
+    )
+    utility: str = setting(
+        "task",
+        choices=("task", "drift"),
+        help="What the plot, the Pareto front and the recommendation take as utility: task "
+        "(the task metric, higher is better) or drift (from B on --benign, lower is better).",
+    )
     batch_size: int = setting(32, help="Generation batch size.", min=1)
     max_new_tokens: int = setting(48, help="Tokens generated per reply.", min=1)
     device: str | None = setting(None, help="cpu, cuda, cuda:1, ...", default_text="cpu")
