@@ -36,6 +36,8 @@ EXAMPLES = (
     "safealign compare --aligned A --finetuned B --unaligned U --harmful h.jsonl \\\n"
     "    --task t.jsonl --benign b.jsonl --out runs/cmp",
     "safealign compare --config compare.yaml --methods recover,safe_lora:tau=0.35 --out runs/c",
+    "safealign compare --aligned A --finetuned B --harmful h.jsonl --benign b.jsonl \\\n"
+    "    --utility drift --out runs/no-task",
 )
 
 
