@@ -12,6 +12,7 @@ from safealign.checkpoint import Checkpoint, CheckpointError, CheckpointWriter, 
 from safealign.checkpoint.hub import is_adapter
 from safealign.model import resolve_dtype
 from safealign.progress import ProgressCallback
+from safealign.recover.adaptive import LADDER, repair_target, run_adaptive
 from safealign.recover.guard import StepGuard
 from safealign.recover.plan import Plan, working_dtype
 from safealign.recover.report import model_card, write_report
@@ -107,7 +108,8 @@ def recover(
             work = WorkingModel(a, b, lay, working_dtype(settings), settings.device)
             say("scoring the references: fine-tuned, then the aligned direction and scores")
             guard = StepGuard(work, sets, settings)
-            _run_rates(result, work, guard, sets, bars=progress is not None)
+            deadline = None if settings.max_minutes is None else start + 60 * settings.max_minutes
+            _run_rates(result, work, guard, sets, bars=progress is not None, deadline=deadline)
             if result.failure is None or settings.write_unchanged:
                 say(f"writing {out}")
                 _write(writer, result, work, start)
@@ -162,20 +164,36 @@ def _finish(result: RecoveryResult, start: float) -> None:
 
 
 def _run_rates(
-    result: RecoveryResult, work: WorkingModel, guard: StepGuard, sets: Sets, *, bars: bool
+    result: RecoveryResult,
+    work: WorkingModel,
+    guard: StepGuard,
+    sets: Sets,
+    *,
+    bars: bool,
+    deadline: float | None,
 ) -> None:
     """The sweep's extra rates (each undone after), then the main rate, kept in the model;
-    ``result.failure`` says why when no repair held."""
+    ``result.failure`` says why when no repair held, ``result.shortfall`` when the kept state
+    is above the repair target."""
     settings = result.settings
+    adaptive = settings.schedule == "adaptive"
+    # under adaptive, a sweep rate runs the first attempt (the authors' loop)
+    single = LADDER[0].settings(settings, work.layout.n_layers) if adaptive else settings
     result.scores = dict(guard.references)
     for extra in sorted(set(settings.sweep) - {settings.rate}):
         outcome, ledger = run(
-            work, guard, sets, settings, extra, label=f"sweep rate={extra}", progress=bars
+            work, guard, sets, single, extra, label=f"sweep rate={extra}", progress=bars
         )
         result.sweep.append(outcome.summary())
         work.reset(ledger.take(list(ledger.restored)))
     rate = settings.rate
-    outcome, _ = run(work, guard, sets, settings, rate, label=f"recover rate={rate}", progress=bars)
+    if adaptive:
+        outcome, result.attempts = run_adaptive(
+            work, guard, sets, settings, deadline=deadline, progress=bars
+        )
+    else:
+        label = f"recover rate={rate}"
+        outcome, _ = run(work, guard, sets, settings, rate, label=label, progress=bars)
     result.run = outcome
     if settings.sweep:
         result.sweep = sorted([*result.sweep, outcome.summary()], key=lambda r: r["rate"])
@@ -183,6 +201,21 @@ def _run_rates(
         result.failure = _no_repair(outcome, guard)  # no recovered model: B at best
     else:
         result.scores["recovered"] = outcome.scores()
+        result.shortfall = _shortfall(outcome, guard, settings)
+
+
+def _shortfall(outcome: RunOutcome, guard: StepGuard, settings: RecoverSettings) -> str | None:
+    """Why the kept state is no repair, in one line: its harmful rate above A's plus the
+    margin; None when it is within."""
+    target = repair_target(guard, settings)
+    if outcome.harmful_rate is None or outcome.harmful_rate <= target:
+        return None
+    a = guard.references["aligned"]["harmful_rate"]
+    return (
+        f"the kept state (step {outcome.kept_step}) is {outcome.harmful_rate:.3f} harmful, "
+        f"above the target {target:.3f} (A's {a:.3f} + --harmful-margin "
+        f"{settings.harmful_margin:g})"
+    )
 
 
 def _no_repair(outcome: RunOutcome, guard: StepGuard) -> str:
@@ -215,7 +248,7 @@ def _resolved(settings: RecoverSettings, lay: Layout, finetuned: Checkpoint) -> 
     return settings.replace(
         layer=lay.layer,
         warmup=_default_warmup(settings.schedule, lay.n_layers)
-        if settings.warmup is None
+        if settings.warmup is None and settings.schedule != "adaptive"
         else settings.warmup,
         dtype=str(dtype).removeprefix("torch."),
         device=settings.device or "cpu",
@@ -224,7 +257,8 @@ def _resolved(settings: RecoverSettings, lay: Layout, finetuned: Checkpoint) -> 
 
 def _default_warmup(schedule: str, n_layers: int) -> int:
     """The paper's 5 under ``paper``; under ``guarded``, 1 for small models (see
-    :func:`~safealign.recover.weights.default_warmup`)."""
+    :func:`~safealign.recover.weights.default_warmup`); ``adaptive`` leaves it to each
+    attempt."""
     return PAPER_WARMUP if schedule == "paper" else default_warmup(n_layers)
 
 

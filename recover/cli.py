@@ -106,7 +106,8 @@ def recover_command(
 
     The harmful direction of A at --layer steers a gradient; each step resets the top --rate
     of sign-agreeing weights of B to A's values, with utility checked on --task. Exits 1 when
-    no repair held (nothing is written unless --write-unchanged).
+    no repair held (nothing is written unless --write-unchanged) or when the kept state is
+    more harmful than A by over --harmful-margin (written).
     """
     settings, given = from_cli(RecoverSettings, values)
     inputs = RecoverInputs(**given)
@@ -133,6 +134,9 @@ def recover_command(
     if result.failure:  # a result that failed never exits 0
         written = f"wrote {result.out} unchanged" if result.out else "nothing written"
         click.echo(f"no repair held: {result.failure}; {written}", err=True)
+        sys.exit(1)
+    if result.shortfall:
+        click.echo(f"repair incomplete: {result.shortfall}; wrote {result.out}", err=True)
         sys.exit(1)
 
 

@@ -57,6 +57,27 @@ def sweep_table(result) -> str:
     )
 
 
+def attempts_table(result) -> str:
+    """adaptive: one row per attempt, what it reached and its verdict."""
+    return markdown_table(
+        result.attempts,
+        [
+            "attempt",
+            "schedule",
+            "rate",
+            "steps",
+            "rollback_rate",
+            "kept_step",
+            "harmful_rate",
+            "utility",
+            "over_refusal",
+            "seconds",
+            "verdict",
+            "kept",
+        ],
+    )
+
+
 def summary(result) -> str:
     """What the CLI prints after a run."""
     parts = [
@@ -65,6 +86,8 @@ def summary(result) -> str:
         "",
         scores_table(result),
     ]
+    if result.attempts:
+        parts += ["", "attempts (adaptive):", attempts_table(result)]
     if result.sweep:
         parts += ["", "rate sweep:", sweep_table(result)]
     if result.out is not None:
@@ -88,10 +111,20 @@ def model_card(result) -> ModelCard:
             f"(blocks 0..{settings.layer - 1}) reset to their values in the aligned model "
             f"{plan.aligned}, chosen by the gradient of the harmful direction at layer "
             f"{settings.layer} (harmful-direction restoration with rollback, Yang et al. 2025; "
-            f"schedule {settings.schedule}). Kept step {run.kept_step} of {settings.steps}."
+            f"schedule {settings.schedule}). Kept step {run.kept_step} of {_steps(result)}."
         )
+        if result.attempts:
+            kept = next(a for a in result.attempts if a["kept"])
+            text += (
+                f" Adaptive: attempt {kept['attempt']} of {len(result.attempts)} was kept "
+                f"({kept['schedule']}, rate {kept['rate']:g}: {kept['verdict']})."
+            )
+        if result.shortfall:
+            text += f" **Not a full repair**: {result.shortfall}."
     results = {label: result.scores[key] for key, label in SCORE_ROWS if key in result.scores}
     state = "unchanged, no repair held" if result.failure else "recovered"
+    if result.shortfall:
+        state = "partly recovered, above the repair target"
     return ModelCard(
         title=f"{Path(result.out).name}: {state}",
         method="recover",
@@ -100,3 +133,9 @@ def model_card(result) -> ModelCard:
         inputs={"aligned": plan.aligned, "finetuned": plan.finetuned},
         results=results,
     )
+
+
+def _steps(result) -> int:
+    """The kept run's step count (an adaptive attempt may run more than ``--steps``)."""
+    kept = next((a for a in result.attempts if a["kept"]), None)
+    return result.settings.steps if kept is None else kept["steps"]

@@ -82,6 +82,12 @@ class RecoveryResult:
     #: Why no repair held (the output would equal the fine-tuned model), in one line; None
     #: when one held, when no check was asked for (no task data) and on a dry run.
     failure: str | None = None
+    #: Why the kept state is no repair (its harmful rate above A's plus ``harmful_margin``),
+    #: in one line; None when it is within, and when nothing was kept (see ``failure``).
+    shortfall: str | None = None
+    #: ``adaptive``: one summary per attempt (schedule, rate, kept step, scores, verdict,
+    #: whether it is the kept one); empty under the other schedules.
+    attempts: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_bytes: int = 0
 
@@ -105,6 +111,8 @@ class RecoveryResult:
             "sweep": self.sweep,
             "warnings": self.warnings,
             "failure": self.failure,
+            "shortfall": self.shortfall,
+            "attempts": self.attempts,
             "seconds": round(self.seconds, 3),
             "peak_rss_bytes": self.peak_rss_bytes,
         }

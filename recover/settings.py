@@ -28,10 +28,12 @@ class RecoverSettings(Settings):
         group="Method",
     )
     schedule: str = setting(
-        "paper",
-        help="Rollback schedule: paper (the authors' loop: one check after the warm-up, "
-        "then a restart with rollback every step) or guarded (every step checked).",
-        choices=("paper", "guarded"),
+        "adaptive",
+        help="Rollback schedule: adaptive (paper, then guarded, then guarded at half the rate "
+        "with half of a failing step rolled back, until one repairs), paper (the authors' "
+        "loop: one check after the warm-up, then a restart with rollback every step) or "
+        "guarded (every step checked).",
+        choices=("adaptive", "paper", "guarded"),
     )
     rate: float = setting(
         0.002, help="Share restored per step.", min=0, max=1, min_open=True, max_open=True
@@ -42,6 +44,20 @@ class RecoverSettings(Settings):
         help="Warm-up steps: the first step checked.",
         min=0,
         default_text="5; guarded: 1 under 12 layers",
+    )
+    harmful_margin: float = setting(
+        0.1,
+        help="A kept state repairs when its harmful rate is at most A's plus this; adaptive "
+        "tries its next attempt until one does, and a run that ends above it exits 1.",
+        min=0,
+        max=1,
+    )
+    max_minutes: float | None = setting(
+        None,
+        help="adaptive: no further attempt starts after this many minutes.",
+        min=0,
+        min_open=True,
+        default_text="no limit",
     )
     check_every: int = setting(
         5, help="paper: steps between checkpoints, each checked for utility.", min=1
@@ -83,7 +99,8 @@ class RecoverSettings(Settings):
     limit: int | None = setting(None, min=1, help="")
     sweep: tuple[float, ...] = setting(
         (),
-        help="Rates for the trade-off curve, e.g. 0.001,0.002,0.004.",
+        help="Rates for the trade-off curve, e.g. 0.001,0.002,0.004 (adaptive: each rate "
+        "runs its first attempt, paper).",
         min=0,
         max=1,
         min_open=True,

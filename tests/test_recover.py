@@ -398,11 +398,13 @@ def test_settings_are_recorded_resolved(pair, tmp_path):
     given = RecoverSettings(rate=0.01, steps=2)
     inputs = RecoverInputs(aligned, finetuned, harmful=HARMFUL)
     dry = recover(inputs, given.replace(dry_run=True))
-    # the paper's warm-up under the default schedule, 1 under guarded on a small model
-    resolved = given.replace(layer=4, warmup=5, dtype="float32", device="cpu", dry_run=True)
-    assert dry.settings == resolved
-    guarded = recover(inputs, given.replace(schedule="guarded", dry_run=True))
-    assert guarded.settings.warmup == 1
+    # adaptive (the default) leaves the warm-up to each attempt; the paper's 5 under paper,
+    # 1 under guarded on a small model
+    resolved = given.replace(layer=4, dtype="float32", device="cpu", dry_run=True)
+    assert dry.settings == resolved and resolved.warmup is None
+    for schedule, warmup in (("paper", 5), ("guarded", 1)):
+        fixed = recover(inputs, given.replace(schedule=schedule, dry_run=True))
+        assert fixed.settings.warmup == warmup
     result = recover(inputs, given.replace(**FAST), tmp_path / "c")
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["settings"] == result.settings.to_dict()
@@ -507,16 +509,18 @@ def test_limit_cuts_every_set_to_its_first_items(pair):
         "eval_harmful": len(HARMFUL),
         "task": 2,
         "task_train": 2,
-        "benign": 4,
+        "benign": 2,  # benign prompts are split as the task is
+        "benign_train": 2,
     }
     assert {role: s and s["n"] for role, s in cut.items()} == {
         "harmful": 2,
         "eval_harmful": 2,
         "task": 1,  # the first 2 examples, split into 1 to steer and 1 to check
         "task_train": 1,
-        "benign": 2,
+        "benign": 1,
+        "benign_train": 1,
     }
-    assert cut["benign"]["name"].endswith("[:2]")
+    assert cut["benign"]["name"] == "benign[:2][1:]"
 
 
 def test_sweep_reports_each_rate_and_output_matches_main_rate(pair):

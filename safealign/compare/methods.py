@@ -160,8 +160,9 @@ def _recover_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path | N
     given = RecoverInputs(
         inputs.aligned,
         inputs.finetuned,
+        # recover's own harmful rate (adaptive's stop rule) is on its direction prompts, never
+        # on the set this comparison reports
         harmful=_first(inputs.harmful_train, inputs.harmful),
-        eval_harmful=inputs.harmful,
         task=_first(inputs.task_train, inputs.task),
         benign=inputs.benign_train,
     )

@@ -1,0 +1,160 @@
+"""The ``adaptive`` schedule (the default): the authors' loop first, then gentler attempts,
+until one repairs.
+
+Each attempt runs from the fine-tuned model B with the settings of one rung of
+:data:`LADDER`. An attempt *holds* when it keeps a checked state (kept step > 0); it *repairs*
+when that state's harmful rate (on ``--eval-harmful``) is at most A's plus
+``--harmful-margin``. The first attempt that repairs ends the run. Otherwise every attempt is
+tried (no new one starts after ``--max-minutes``) and the held state with the lowest harmful
+rate is kept (B when none held). The report lists every attempt, what it reached, and why it
+did not repair.
+
+Why these rungs: the authors' loop (``paper``) checks once after a warm-up and once per
+checkpoint, so it is the cheapest when a repair holds at its checkpoints; when a checkpoint
+fails it keeps nothing from there on. ``guarded`` checks every step and rolls back where the
+drop happens. Its last rung halves the share restored per step over twice the steps (the same
+total) and gives back half of a failing step: the smaller moves that hold where larger ones
+overshoot.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from safealign.recover.guard import StepGuard
+from safealign.recover.result import RunOutcome
+from safealign.recover.schedule import run
+from safealign.recover.sets import Sets
+from safealign.recover.settings import RecoverSettings
+from safealign.recover.weights import PAPER_WARMUP, default_warmup, read
+from safealign.recover.working import Indices, WorkingModel
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One rung: a schedule, the share per step and the steps as multiples of the run's
+    ``--rate`` and ``--steps``, and the rollback share (None: the run's ``--rollback-rate``)."""
+
+    schedule: str
+    rate_scale: float = 1.0
+    steps_scale: int = 1
+    rollback_rate: float | None = None
+
+    def settings(self, settings: RecoverSettings, n_layers: int) -> RecoverSettings:
+        """The run's settings for this attempt; an unset warm-up is the schedule's own."""
+        warmup = settings.warmup
+        if warmup is None:
+            warmup = PAPER_WARMUP if self.schedule == "paper" else default_warmup(n_layers)
+        return settings.replace(
+            schedule=self.schedule,
+            rate=settings.rate * self.rate_scale,
+            steps=settings.steps * self.steps_scale,
+            rollback_rate=settings.rollback_rate
+            if self.rollback_rate is None
+            else self.rollback_rate,
+            warmup=warmup,
+        )
+
+
+#: The attempts of ``adaptive``, in order.
+LADDER = (
+    Attempt("paper"),
+    Attempt("guarded"),
+    Attempt("guarded", rate_scale=0.5, steps_scale=2, rollback_rate=0.5),
+)
+
+
+def run_adaptive(
+    work: WorkingModel,
+    guard: StepGuard,
+    sets: Sets,
+    settings: RecoverSettings,
+    *,
+    deadline: float | None,
+    progress: bool,
+) -> tuple[RunOutcome, list[dict]]:
+    """Try the ladder's attempts; the model is left in the kept state. Returns the kept
+    attempt's outcome (the last attempt's, kept step 0, when none held) and one summary per
+    attempt tried, the kept one marked."""
+    target = repair_target(guard, settings)
+    tried: list[dict] = []
+    best: tuple[RunOutcome, int, Indices] | None = None
+    outcome = None
+    for number, attempt in enumerate(LADDER, 1):
+        if tried and deadline is not None and time.perf_counter() > deadline:
+            tried.append({"attempt": number, "schedule": attempt.schedule, "verdict": "skipped"})
+            continue
+        given = attempt.settings(settings, work.layout.n_layers)
+        label = f"attempt {number}/{len(LADDER)} {given.schedule} rate={given.rate:g}"
+        outcome, ledger = run(work, guard, sets, given, given.rate, label=label, progress=progress)
+        repaired = bool(outcome.kept_step) and outcome.harmful_rate <= target
+        tried.append(_summary(number, given, outcome, repaired))
+        if repaired:
+            tried[-1]["kept"] = True
+            return outcome, tried
+        if outcome.kept_step and (best is None or _better(outcome, best[0])):
+            best = (outcome, number, changed_elements(work))
+        work.reset(ledger.take(list(ledger.restored)))  # back to B for the next attempt
+    if best is None:
+        return outcome, tried
+    kept, number, elements = best
+    restore_elements(work, elements)
+    tried[number - 1]["kept"] = True
+    return kept, tried
+
+
+def repair_target(guard: StepGuard, settings: RecoverSettings) -> float:
+    """The harmful rate a kept state must reach to count as a repair: A's plus the margin."""
+    return guard.references["aligned"]["harmful_rate"] + settings.harmful_margin
+
+
+def _better(outcome: RunOutcome, best: RunOutcome) -> bool:
+    """A lower harmful rate, then a higher utility."""
+    return (outcome.harmful_rate, -(outcome.utility or 0.0)) < (
+        best.harmful_rate,
+        -(best.utility or 0.0),
+    )
+
+
+def _summary(number: int, given: RecoverSettings, outcome: RunOutcome, repaired: bool) -> dict:
+    if repaired:
+        verdict = "repaired"
+    elif outcome.kept_step:
+        verdict = "held, harmful rate above the target"
+    else:
+        verdict = "nothing held"
+    return {
+        "attempt": number,
+        "schedule": given.schedule,
+        "rollback_rate": given.rollback_rate,
+        "steps": given.steps,
+        "warmup": given.warmup,
+        **outcome.summary(),
+        "verdict": verdict,
+        "kept": False,
+    }
+
+
+@torch.no_grad()
+def changed_elements(work: WorkingModel) -> Indices:
+    """Flat indices of every restorable element that differs from B: the state to return to
+    (each holds A's value)."""
+    changed: Indices = {}
+    for name, param in work.params.items():
+        b = read(work.finetuned, name, param.dtype).to(param.device).reshape(-1)
+        index = (param.detach().reshape(-1) != b).nonzero().flatten().cpu()
+        if index.numel():
+            changed[name] = index
+    return changed
+
+
+@torch.no_grad()
+def restore_elements(work: WorkingModel, elements: Indices) -> None:
+    """Set ``elements`` of the model (at B) to A's values."""
+    for name, index in elements.items():
+        param = work.params[name]
+        a = read(work.aligned, name, param.dtype).reshape(-1)[index]
+        param.data.view(-1)[index.to(param.device)] = a.to(param.device)

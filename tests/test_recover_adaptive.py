@@ -1,0 +1,161 @@
+"""The ``adaptive`` schedule: its attempts in order, the first repair ends the run, the best
+held state is the one kept, the budget stops further attempts; a kept state above the repair
+target exits 1."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from click.testing import CliRunner
+from recover_support import HARMFUL, TASK_PROMPTS, make_pair, run_recover
+
+import safealign.recover.adaptive as adaptive
+from safealign.recover import RecoverSettings
+from safealign.recover.api import open_pair
+from safealign.recover.cli import recover_command
+from safealign.recover.ledger import Ledger
+from safealign.recover.result import RunOutcome
+from safealign.recover.weights import layout, read
+from safealign.recover.working import WorkingModel
+
+ELEMENTS = 10  # restored by each scripted attempt, a range of its own
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    aligned, finetuned = make_pair(tmp_path_factory.mktemp("pair"))
+    a, b = open_pair(aligned, finetuned)
+    return WorkingModel(a, b, layout(b, None), torch.float32, None)
+
+
+def _scripted(monkeypatch, script: list[tuple[int, float | None]]) -> list:
+    """Replace the schedule run by one that, at its i-th call, sets elements [10i, 10i+10) of
+    the first restorable tensor to A's values and keeps them when ``script[i]`` keeps a step
+    (with that harmful rate), else undoes them. Returns the settings each call got."""
+    calls: list[RecoverSettings] = []
+
+    def run(work, guard, sets, given, rate, *, label, progress):
+        number = len(calls)
+        calls.append(given)
+        kept, harmful = script[number]
+        name = next(iter(work.params))
+        index = torch.arange(number * ELEMENTS, (number + 1) * ELEMENTS)
+        values = read(work.aligned, name, torch.float32).reshape(-1)[index]
+        work._write({name: (index, values)})
+        ledger = Ledger()
+        ledger.record_restore(1, {name: index})
+        if not kept:
+            work.reset(ledger.take([1]))
+        outcome = RunOutcome(rate, [], kept, kept * ELEMENTS, harmful, 1.0, 0.0, 0.0)
+        return outcome, ledger
+
+    monkeypatch.setattr(adaptive, "run", run)
+    return calls
+
+
+def _guard(aligned_harmful: float):
+    return SimpleNamespace(references={"aligned": {"harmful_rate": aligned_harmful}})
+
+
+def _changed(work) -> dict[str, torch.Tensor]:
+    return {n: i for n, i in adaptive.changed_elements(work).items()}
+
+
+def test_attempts_follow_the_ladder_and_the_first_repair_ends_the_run(work, monkeypatch):
+    calls = _scripted(monkeypatch, [(0, None), (1, 0.05), (1, 0.0)])
+    settings = RecoverSettings(rate=0.004, steps=10, rollback_rate=0.2)
+    outcome, tried = adaptive.run_adaptive(
+        work, _guard(0.0), None, settings, deadline=None, progress=False
+    )
+    # paper at the run's settings, then guarded: the second repairs (0.05 <= 0 + 0.1)
+    assert [(c.schedule, c.rate, c.steps, c.rollback_rate) for c in calls] == [
+        ("paper", 0.004, 10, 0.2),
+        ("guarded", 0.004, 10, 0.2),
+    ]
+    assert [c.warmup for c in calls] == [5, 1]  # each schedule's own (4 layers: guarded 1)
+    assert [t["verdict"] for t in tried] == ["nothing held", "repaired"]
+    assert [t["kept"] for t in tried] == [False, True] and outcome.harmful_rate == 0.05
+    name = next(iter(work.params))
+    assert _changed(work)[name].tolist() == list(range(ELEMENTS, 2 * ELEMENTS))
+    work.reset(_changed(work))
+
+
+def test_without_a_repair_the_best_held_state_is_kept_exactly(work, monkeypatch):
+    calls = _scripted(monkeypatch, [(1, 0.3), (0, None), (1, 0.5)])
+    settings = RecoverSettings(rate=0.004, steps=10, rollback_rate=0.2, harmful_margin=0.1)
+    outcome, tried = adaptive.run_adaptive(
+        work, _guard(0.1), None, settings, deadline=None, progress=False
+    )
+    last = calls[-1]
+    assert (last.schedule, last.rate, last.steps, last.rollback_rate) == (
+        "guarded",
+        0.002,
+        20,
+        0.5,
+    )
+    assert [t["verdict"] for t in tried] == [
+        "held, harmful rate above the target",
+        "nothing held",
+        "held, harmful rate above the target",
+    ]
+    assert [t["kept"] for t in tried] == [True, False, False] and outcome.harmful_rate == 0.3
+    # the model holds attempt 1's state: its elements at A's values, every other at B's
+    name = next(iter(work.params))
+    assert list(_changed(work)) == [name]
+    assert _changed(work)[name].tolist() == list(range(ELEMENTS))
+    work.reset(_changed(work))
+    assert _changed(work) == {}
+
+
+def test_no_attempt_starts_after_the_deadline(work, monkeypatch):
+    calls = _scripted(monkeypatch, [(0, None)] * 3)
+    outcome, tried = adaptive.run_adaptive(
+        work, _guard(0.0), None, RecoverSettings(), deadline=0.0, progress=False
+    )
+    assert len(calls) == 1 and outcome.kept_step == 0
+    assert [t["verdict"] for t in tried] == ["nothing held", "skipped", "skipped"]
+    assert _changed(work) == {}
+
+
+def test_adaptive_output_is_the_paper_run_when_paper_repairs(tmp_path):
+    """The first attempt is the authors' loop, exactly: where it repairs, adaptive writes the
+    same tensors and stops there."""
+    aligned, finetuned = make_pair(tmp_path)
+    task = [{"prompt": p, "answer": "5"} for p in TASK_PROMPTS]
+    common = {"harmful": HARMFUL, "task": task, "rate": 0.01, "steps": 2, "max_new_tokens": 6}
+    common["harmful_margin"] = 1.0  # any kept state repairs
+    paper = run_recover(aligned, finetuned, tmp_path / "paper", schedule="paper", **common)
+    auto = run_recover(aligned, finetuned, tmp_path / "auto", **common)
+    assert auto.settings.schedule == "adaptive" and len(auto.attempts) == 1
+    assert auto.attempts[0]["verdict"] == "repaired" and auto.attempts[0]["kept"]
+    assert auto.run.kept_step == paper.run.kept_step > 0
+    from safetensors.torch import load_file
+
+    p = load_file(tmp_path / "paper" / "model.safetensors")
+    c = load_file(tmp_path / "auto" / "model.safetensors")
+    assert p.keys() == c.keys() and all(torch.equal(p[n], c[n]) for n in p)
+    report = json.loads((tmp_path / "auto" / "report.json").read_text())
+    assert report["attempts"][0]["schedule"] == "paper" and report["shortfall"] is None
+
+
+def test_a_kept_state_above_the_target_is_written_and_exits_1(tmp_path, monkeypatch):
+    import safealign.recover.api as api
+
+    monkeypatch.setattr(api, "repair_target", lambda guard, settings: -1.0)
+    aligned, finetuned = make_pair(tmp_path)
+    harmful = tmp_path / "h.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HARMFUL))
+    out = tmp_path / "out"
+    args = ["--aligned", str(aligned), "--finetuned", str(finetuned), "--harmful", str(harmful)]
+    args += ["--no-utility-check", "--schedule", "paper", "--steps", "2", "--rate", "0.01"]
+    result = CliRunner().invoke(recover_command, [*args, "--max-new-tokens", "6", "--out", out])
+    assert result.exit_code == 1, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["shortfall"].startswith("the kept state (step 2) is ")
+    assert (
+        result.stderr.splitlines()[-1] == f"repair incomplete: {report['shortfall']}; wrote {out}"
+    )
+    assert "**Not a full repair**" in (out / "README.md").read_text()
