@@ -88,9 +88,13 @@ def recover(
         settings.limit,
         inputs.benign_train,
     )
+    if settings.drift_max is not None and sets.benign is None:
+        raise SettingsError(
+            "--utility drift needs benign prompts (--benign): drift is measured on them"
+        )
     checked = sets.task is not None or sets.benign is not None
     plan = Plan.build(a, b, lay, settings, rollback=checked)
-    result = RecoveryResult(None, plan, sets=sets.describe(), warnings=_input_notes(sets))
+    result = RecoveryResult(None, plan, sets=sets.describe(), warnings=_input_notes(sets, settings))
     if settings.dry_run:
         result.seconds = time.perf_counter() - start
     elif out is None:
@@ -134,9 +138,9 @@ def _silent(line: str) -> None:
     pass
 
 
-def _input_notes(sets: Sets) -> list[str]:
+def _input_notes(sets: Sets, settings: RecoverSettings) -> list[str]:
     """Warnings about missing inputs (also issued as Python warnings)."""
-    if sets.task is not None:
+    if sets.task is not None or settings.drift_max is not None:
         return []
     note = "no task data given: recovery runs without utility checks" + (
         "" if sets.benign is not None else " or rollback"
@@ -228,6 +232,7 @@ def _no_repair(outcome: RunOutcome, guard: StepGuard) -> str:
         reached = f"the closest checked state (step {best.step}, {best.phase}) reached" + (
             _bounded("utility", best.utility, "floor", guard.floor)
             + _bounded("over-refusal", best.over_refusal, "ceiling", guard.ceiling)
+            + _bounded("drift", best.drift, "bound", guard.drift_max)
         ).removeprefix(",")
     own = f"harmful rate {b['harmful_rate']:.3f}" + _bounded("utility", b["utility"], "", None)
     return f"{reached}; the fine-tuned model: {own}"

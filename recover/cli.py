@@ -68,7 +68,7 @@ def pair_inputs(function):
     "--task",
     type=click.Path(),
     help="Held-out task data with answers: utility is checked on it (required, or "
-    "--no-utility-check).",
+    "--utility drift, or --no-utility-check).",
 )
 @option(
     "--task-train",
@@ -113,10 +113,10 @@ def recover_command(
     inputs = RecoverInputs(**given)
     if out is None and not settings.dry_run:
         raise click.UsageError("--out is required (or use --dry-run)")
-    if inputs.task is None and not no_utility_check:
+    if inputs.task is None and not no_utility_check and settings.drift_max is None:
         raise BadInput(
             "--task is required: without task data nothing checks that the model still does "
-            "its task (pass --no-utility-check to run anyway)"
+            "its task (pass --utility drift with --benign, or --no-utility-check to run anyway)"
         )
     if inputs.harmful is None:
         warn(smoke_warning("--harmful", SMOKE_HARMFUL))

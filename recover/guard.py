@@ -1,11 +1,13 @@
 """The step guard: what every step is steered by and checked against, taken once from A and B.
 
 A check scores only what the schedule decides on: utility (with task data) and over-refusal
-(with benign prompts) of the working model. A step holds when utility stays at or above the
-floor, ``(1 - metric_drop)`` x B's, and over-refusal at or below the ceiling, ``refusal_rise``
-above the higher of A's and B's. Without task data and benign prompts nothing is checked and
-every step holds. The harmful rate, which decides nothing, is scored for A, B and the kept
-state only: generating replies to the harmful prompts at every check was most of a run's time.
+(with benign prompts) of the working model, and with ``--utility drift`` its drift from B on the
+checked benign prompts. A step holds when utility stays at or above the floor,
+``(1 - metric_drop)`` x B's, over-refusal at or below the ceiling, ``refusal_rise`` above the
+higher of A's and B's, and drift at or below its bound. Without task data and benign prompts
+nothing is checked and every step holds. The harmful rate, which decides nothing, is scored for
+A, B and the kept state only: generating replies to the harmful prompts at every check was most
+of a run's time.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Check:
 
     utility: float | None
     over_refusal: float | None
+    drift: float | None
     holds: bool
 
 
@@ -43,6 +46,9 @@ class StepGuard:
         self.harmful = Evaluator(harmful=sets.eval_harmful, **scoring)
         checked = sets.task is not None or sets.benign is not None
         self.checker = Evaluator(task=sets.task, benign=sets.benign, **scoring) if checked else None
+        self.drift_max = settings.drift_max
+        if self.drift_max is not None:  # B's replies and log-probabilities, B in the model
+            self.checker.drift_reference = self.checker.build_reference(work.model, work.tokenizer)
         layer, batch_size = work.layout.layer, settings.grad_batch_size
         finetuned = self.score(work)
         self.keep_sets = [
@@ -69,7 +75,7 @@ class StepGuard:
     @property
     def checks(self) -> bool:
         """Whether steps are checked at all (task data or benign prompts given)."""
-        return self.floor is not None or self.ceiling is not None
+        return self.floor is not None or self.ceiling is not None or self.drift_max is not None
 
     def score(self, work: WorkingModel) -> dict[str, float | None]:
         """The working model's harmful rate, utility and over-refusal."""
@@ -80,14 +86,21 @@ class StepGuard:
 
     def _checked(self, work: WorkingModel) -> dict[str, float | None]:
         if self.checker is None:
-            return {"utility": None, "over_refusal": None}
+            return {"utility": None, "over_refusal": None, "drift": None}
         scores = self.checker.score(work.model, work.tokenizer)
-        return {"utility": scores.utility, "over_refusal": scores.over_refusal}
+        return {
+            "utility": scores.utility,
+            "over_refusal": scores.over_refusal,
+            "drift": scores.drift,
+        }
 
     def check(self, work: WorkingModel) -> Check:
-        """Score what the schedule decides on; it holds when within the floor and the ceiling."""
+        """Score what the schedule decides on; it holds when within the floor, the ceiling and
+        the drift bound."""
         scores = self._checked(work)
-        holds = (self.floor is None or scores["utility"] >= self.floor) and (
-            self.ceiling is None or scores["over_refusal"] <= self.ceiling
+        holds = (
+            (self.floor is None or scores["utility"] >= self.floor)
+            and (self.ceiling is None or scores["over_refusal"] <= self.ceiling)
+            and (self.drift_max is None or scores["drift"] <= self.drift_max)
         )
         return Check(**scores, holds=holds)

@@ -135,5 +135,6 @@ def _checked(record: StepRecord, check: Check) -> StepRecord:
         record,
         utility=check.utility,
         over_refusal=check.over_refusal,
+        drift=check.drift,
         holds=check.holds,
     )

@@ -94,7 +94,7 @@ class Plan:
                 f"{self.restorable_params:,} elements",
                 f"per step:     {self.per_step:,} elements (rate {s.rate} x "
                 f"{self.decoder_params:,} decoder-layer elements), {s.steps} steps, "
-                f"warm-up {s.warmup}, schedule {s.schedule}",
+                f"warm-up {_warmup(s)}, schedule {s.schedule}",
                 f"at most:      {most:,} elements restored",
                 f"rollback:     {rollback}",
                 f"dtype:        {s.dtype}",
@@ -123,3 +123,8 @@ def memory_estimate(
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+def _warmup(settings: RecoverSettings) -> str:
+    """The warm-up as the plan shows it (``adaptive``'s attempts each take their schedule's)."""
+    return "per attempt" if settings.warmup is None else str(settings.warmup)

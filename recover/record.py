@@ -54,6 +54,7 @@ def step_record(
         holds=None if check is None else check.holds,
         seconds=round(time.perf_counter() - start, 3),
         phase=phase,
+        drift=None if check is None else check.drift,
     )
 
 
@@ -78,6 +79,7 @@ def outcome(
         utility=last.utility if last else None,
         over_refusal=last.over_refusal if last else None,
         seconds=time.perf_counter() - start,
+        drift=last.drift if last else None,
     )
 
 

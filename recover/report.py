@@ -24,7 +24,9 @@ def scores_table(result) -> str:
     rows = [
         {"model": label, **result.scores[key]} for key, label in SCORE_ROWS if key in result.scores
     ]
-    return markdown_table(rows, ["model", "harmful_rate", "utility", "over_refusal"])
+    return markdown_table(
+        rows, ["model", "harmful_rate", "utility", "over_refusal", *_drift(result)]
+    )
 
 
 def steps_table(result) -> str:
@@ -41,6 +43,7 @@ def steps_table(result) -> str:
             "cos": -s.loss,
             "utility": s.utility,
             "over_refusal": s.over_refusal,
+            **({"drift": s.drift} if _drift(result) else {}),
             "holds": s.holds,
             "seconds": s.seconds,
         }
@@ -53,7 +56,15 @@ def sweep_table(result) -> str:
     """The trade-off curve: harmful rate and utility per rate."""
     return markdown_table(
         result.sweep,
-        ["rate", "kept_step", "restored", "harmful_rate", "utility", "over_refusal"],
+        [
+            "rate",
+            "kept_step",
+            "restored",
+            "harmful_rate",
+            "utility",
+            "over_refusal",
+            *_drift(result),
+        ],
     )
 
 
@@ -71,6 +82,7 @@ def attempts_table(result) -> str:
             "harmful_rate",
             "utility",
             "over_refusal",
+            *_drift(result),
             "seconds",
             "verdict",
             "kept",
@@ -139,3 +151,8 @@ def _steps(result) -> int:
     """The kept run's step count (an adaptive attempt may run more than ``--steps``)."""
     kept = next((a for a in result.attempts if a["kept"]), None)
     return result.settings.steps if kept is None else kept["steps"]
+
+
+def _drift(result) -> list[str]:
+    """The drift column, when the check held drift (``--utility drift``)."""
+    return ["drift"] if result.settings.drift_max is not None else []

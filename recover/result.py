@@ -23,9 +23,10 @@ class StepRecord:
     utility: float | None  # after rollback, if one happened
     utility_before_rollback: float | None
     over_refusal: float | None  # after rollback, if one happened (with benign prompts)
-    holds: bool | None  # utility (and over-refusal) within bounds
+    holds: bool | None  # utility (and over-refusal, drift) within bounds
     seconds: float
     phase: str = "steps"  # paper: "warm-up", then "steps" (check held) or "restart" (failed)
+    drift: float | None = None  # --utility drift: mean KL from B on the checked benign prompts
 
 
 @dataclass
@@ -40,21 +41,23 @@ class RunOutcome:
     utility: float | None
     over_refusal: float | None
     seconds: float
+    drift: float | None = None
 
     def scores(self) -> dict[str, float | None]:
         return {
             "harmful_rate": self.harmful_rate,
             "utility": self.utility,
             "over_refusal": self.over_refusal,
+            "drift": self.drift,
         }
 
     def closest_checked(self) -> StepRecord | None:
-        """The checked step closest to holding: the highest utility, then the lowest
-        over-refusal (the latest on ties); None when no step was checked."""
+        """The checked step closest to holding: the highest utility, then the lowest drift,
+        then the lowest over-refusal (the latest on ties); None when no step was checked."""
         checked = [s for s in self.steps if s.holds is not None]
         return min(
             reversed(checked),
-            key=lambda s: (-(s.utility or 0.0), s.over_refusal or 0.0),
+            key=lambda s: (-(s.utility or 0.0), s.drift or 0.0, s.over_refusal or 0.0),
             default=None,
         )
 

@@ -11,6 +11,9 @@ import torch
 from safealign.model import resolve_dtype
 from safealign.settings import Settings, SettingsError, setting
 
+#: ``--utility drift``'s default bound (nats): see README "Recover", chosen on validation splits.
+DRIFT_MAX = 0.05
+
 
 @dataclass
 class RecoverSettings(Settings):
@@ -77,6 +80,12 @@ class RecoverSettings(Settings):
         min=0,
         max=1,
     )
+    utility: str = setting(
+        "task",
+        help="What the check holds: task (utility on --task, within --metric-drop of B's) or "
+        "drift:max=X (mean KL from B on the checked --benign prompts at most X nats; "
+        f"drift alone: max={DRIFT_MAX:g}), which needs no labelled task data.",
+    )
     refusal_rise: float = setting(
         0.05,
         help="Allowed over-refusal rise above max(A, B), with --benign.",
@@ -122,9 +131,29 @@ class RecoverSettings(Settings):
 
     def check(self) -> None:
         super().check()
+        _ = self.drift_max  # a malformed --utility is refused with the other settings
         if isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
             return  # a torch dtype's own name, as recorded once resolved (e.g. float64)
         try:
             resolve_dtype(self.dtype)
         except ValueError as error:
             raise SettingsError(f"--dtype: {error}") from None
+
+    @property
+    def drift_max(self) -> float | None:
+        """The drift bound of ``--utility drift[:max=X]``; None under ``task``."""
+        name, _, rest = self.utility.partition(":")
+        if name == "task" and not rest:
+            return None
+        if name != "drift":
+            raise SettingsError(f"--utility: {self.utility!r} is not task or drift[:max=X]")
+        if not rest:
+            return DRIFT_MAX
+        key, _, value = rest.partition("=")
+        try:
+            bound = float(value)
+        except ValueError:
+            bound = -1.0
+        if key.strip() != "max" or not bound > 0:
+            raise SettingsError(f"--utility: {self.utility!r}: give drift:max=X with X > 0 nats")
+        return bound
