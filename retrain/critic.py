@@ -4,8 +4,17 @@
   the prompt's tokens, averaged over the chosen layers), trained on harmful vs benign
   prompts; 20% of each set is held out for its AUROC. The reference is frozen, so every
   training example is scored once, before the first step.
-- ``judge:NAME``: the current model answers the example's prompt (greedy), a judge of
-  ``safealign.eval`` decides; a reply that is not refused, or a judge that fails, scores 1.
+- ``judge:NAME``: A-Reg's judge critic. The current model and the reference each answer the
+  example's prompt (greedy); a judge of ``safealign.eval`` rates each reply's harm h in [0, 1]
+  and s = max(0, h_current - h_reference): s rises where the current model complies with
+  what the reference would refuse, and stays 0 where both answer (a benign task example) or
+  both refuse. h is, with a harm judge (``classifier:``, ``guard:``, ``harmbench:``), 1 for an
+  unsafe reply and 0 for a safe one (a classifier's probability of its unsafe label where it
+  gives one); with a refusal judge (``keyword``, ``first-token``, ...), 1 for a reply that is
+  not a refusal, so that s = 1 exactly where the reference refused and the current model did
+  not. The reference is frozen, so its replies are judged once, before the first step (when
+  the model still equals it). A judge that fails on the current replies scores s = 1; one that
+  fails on the reference's counts the reference as safe (h_reference = 0).
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from safealign.chat import encode_chat
-from safealign.eval import JudgeError, generate, get_judge
+from safealign.eval import Judge, JudgeError, generate, get_judge
 
 PROBE_MAX_PROMPTS = 1000  # per class: enough for a linear probe, bounded setup time
 HELDOUT_SHARE = 0.2
@@ -145,16 +154,37 @@ def fit_probe(
 
 
 class JudgeCritic:
-    """Scores the current model's greedy replies with a judge; unsafe or failed = 1."""
+    """s = max(0, h(current reply) - h(reference reply)) per prompt (see the module's
+    docstring); ``judge`` is a judge spec of ``safealign.eval`` or a judge."""
 
-    def __init__(self, name: str, max_new_tokens: int = 32):
-        self.judge = get_judge(name)
+    def __init__(self, judge: str | Judge, max_new_tokens: int = 32):
+        self.judge = get_judge(judge)
         self.max_new_tokens = max_new_tokens
 
-    def scores(self, model, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
-        replies = generate(model, tokenizer, list(prompts), max_new_tokens=self.max_new_tokens)
+    def harm(self, model, tokenizer, prompts: Sequence[str]) -> torch.Tensor | None:
+        """h in [0, 1] of ``model``'s greedy reply to each prompt; None if the judge fails."""
+        replies = None
+        if self.judge.needs_response:
+            replies = generate(model, tokenizer, list(prompts), max_new_tokens=self.max_new_tokens)
         try:
             verdicts = self.judge.judge(list(prompts), replies, model=model, tokenizer=tokenizer)
         except JudgeError:
+            return None
+        graded = not self.judge.detects_refusal  # a harm classifier's unsafe probability
+        return torch.tensor(
+            [v.score if graded and v.score is not None else float(not v.refused) for v in verdicts]
+        )
+
+    def reference_harm(self, reference, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+        """h of the reference's replies; 0 (safe) where the judge fails."""
+        harm = self.harm(reference, tokenizer, prompts)
+        return torch.zeros(len(prompts)) if harm is None else harm
+
+    def scores(
+        self, model, tokenizer, prompts: Sequence[str], reference: torch.Tensor
+    ) -> torch.Tensor:
+        """s of the current model's replies against the reference's harm ``reference``."""
+        harm = self.harm(model, tokenizer, prompts)
+        if harm is None:
             return torch.ones(len(prompts))
-        return torch.tensor([0.0 if v.refused else 1.0 for v in verdicts])
+        return (harm - reference).clamp(min=0)

@@ -129,8 +129,9 @@ def test_judge_critic_and_periodic_evaluation(files, tmp_path):
         eval_every=2,
         **(FAST | {"epochs": 1}),
     )
-    # The random model never writes a refusal: every example scores 1, beta its maximum.
-    assert [row["beta"] for row in result.steps] == pytest.approx([0.9] * len(result.steps))
+    # At the first step the model still equals its reference, so its replies are the
+    # reference's: no rise in harm, s = 0 on every example, beta its minimum.
+    assert result.steps[0]["beta"] == pytest.approx(0.1)
     evaluated = [row["eval"] for row in result.steps if "eval" in row]
     assert len(evaluated) == 2 and evaluated[0]["harmful_rate"] == 1.0
 

@@ -74,11 +74,17 @@ class AdaptiveKL(Regularizer):
         self.last: float | None = None
         self.table: torch.Tensor | None = None
         self.judge: JudgeCritic | None = None
+        self.reference_harm: torch.Tensor | None = None
 
     def setup(self, run: Run) -> None:
         critic = self.settings.critic
         if critic.startswith("judge:"):
             self.judge = JudgeCritic(critic.removeprefix("judge:"))
+            # before the first step the model equals its reference: its replies are the reference's
+            self.reference_harm = self.judge.reference_harm(
+                run.unwrapped, run.tokenizer, run.prompts
+            )
+            run.metrics["reference_harm"] = float(self.reference_harm.mean())
             return
         settings = run.settings
         harmful = run_prompts(run.inputs.harmful, "harmful")
@@ -111,7 +117,8 @@ class AdaptiveKL(Regularizer):
         index = inputs["index"].tolist()
         if self.judge is not None:
             prompts = [run.prompts[i] for i in index]
-            return self.judge.scores(run.unwrapped, run.tokenizer, prompts)
+            reference = self.reference_harm[index]
+            return self.judge.scores(run.unwrapped, run.tokenizer, prompts, reference)
         return self.table[index]
 
     def loss(self, run: Run, inputs: dict, out, ref):
