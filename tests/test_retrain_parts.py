@@ -64,31 +64,39 @@ def test_ema_keeps_the_average_of_the_iterates(files):
         torch.testing.assert_close(p, start[name] + 0.25)
 
 
-def test_der_loss_is_alpha_mse_plus_beta_ce_on_the_anchor_batch(files):
+def test_der_plus_plus_draws_its_cross_entropy_batch_apart_from_the_mse_batch(files, tmp_path):
+    """Two anchors, batches of one: a cycle draws each once, so whichever anchor the MSE term
+    gets, the CE term gets the other (DER++), never the same one."""
     from safealign.chat import collate
-    from safealign.retrain.divergence import shift
 
-    run = lora_run(files, grad_batch_size=2)
+    anchors = tmp_path / "anchors.jsonl"
+    rows = [("break into house", "I ' m sorry ."), ("kill house", "no , I cannot help .")]
+    anchors.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in rows))
+    run = lora_run(files, grad_batch_size=1)
     run.reference = Reference.adapter_off(run.unwrapped)
-    der = DER(DERSettings(alpha=3.0, beta=0.5))
-    der.setup(run)  # the model's own greedy replies to the harmful prompts
-    assert json.loads(run.files["replay.jsonl"].splitlines()[0])["prompt"]
-    batch = collate([der.anchors[i] for i in _first_two(der)], 0)
-    out = run.unwrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    with run.unwrapped.disable_adapter():
-        ref = run.unwrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    rows, targets = shift(out.logits, batch["labels"])
-    ref_rows, _ = shift(ref.logits, batch["labels"])
-    mse = ((rows - ref_rows) ** 2).mean()
-    ce = torch.nn.functional.cross_entropy(rows, targets)
+    der = DER(DERSettings(alpha=3.0, beta=0.5, anchors=str(anchors)))
+    der.setup(run)
+    mse, ce = [], []
+    for anchor in der.anchors:
+        batch = collate([anchor], 0)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        trained = batch["labels"][0, 1:] != -100
+        logits = run.unwrapped(input_ids=ids, attention_mask=mask).logits[0, :-1][trained]
+        with run.unwrapped.disable_adapter():
+            ref = run.unwrapped(input_ids=ids, attention_mask=mask).logits[0, :-1][trained]
+        mse.append(((logits - ref) ** 2).mean().item())
+        targets = batch["labels"][0, 1:][trained]
+        ce.append((logits.logsumexp(-1) - logits.gather(1, targets[:, None])[:, 0]).mean().item())
+    assert mse[0] != pytest.approx(mse[1]) and ce[0] != pytest.approx(ce[1])
     loss, _, _ = der.replay_loss(run)
-    assert loss.item() == pytest.approx((3.0 * mse + 0.5 * ce).item(), rel=1e-5)
+    apart = [3.0 * mse[0] + 0.5 * ce[1], 3.0 * mse[1] + 0.5 * ce[0]]
+    assert any(loss.item() == pytest.approx(x, rel=1e-5) for x in apart)
     assert der.drawn == 2
-
-
-def _first_two(der: DER) -> list[int]:
-    generator = torch.Generator().manual_seed(der.seed * 7919)
-    return torch.randperm(len(der.anchors), generator=generator)[:2].tolist()
+    plain = DER(DERSettings(alpha=3.0, anchors=str(anchors)))  # beta 0, the default: one batch
+    plain.setup(run)
+    loss, _, _ = plain.replay_loss(run)
+    assert any(loss.item() == pytest.approx(3.0 * x, rel=1e-5) for x in mse)
+    assert plain.drawn == 1
 
 
 def test_adaptive_kl_writes_its_probe_and_der_its_anchors_beside_the_output(files, tmp_path):

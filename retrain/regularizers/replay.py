@@ -117,8 +117,8 @@ class DERSettings(RegularizerSettings):
 
 class DER(Anchored):
     """NLL + alpha MSE(logits, logits_ref) on a replayed anchor batch per micro-batch
-    (mean over the anchors' reply tokens and the vocabulary), + beta CE on the anchors
-    (DER++)."""
+    (mean over the anchors' reply tokens and the vocabulary), + beta CE on a second anchor
+    batch, drawn after the first (DER++)."""
 
     settings_class = DERSettings
     settings: DERSettings
@@ -126,14 +126,21 @@ class DER(Anchored):
     batch_reference = False
 
     def replay_loss(self, run: Run) -> tuple[torch.Tensor, float, float]:
+        """alpha MSE on one anchor batch, + beta CE on the next one (DER++ draws the CE term's
+        replay batch separately, Buzzega et al. 2020)."""
         batch = self.next_batch(run)
         out = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         ref = run.reference.forward(batch)
-        rows, targets = shift(out.logits, batch["labels"])
+        rows, _ = shift(out.logits, batch["labels"])
         ref_rows, _ = shift(ref.logits, batch["labels"])
         mse = F.mse_loss(rows.float(), ref_rows.float())
         alpha, beta = self.settings.alpha, self.settings.beta
-        ce = F.cross_entropy(rows.float(), targets) if beta else torch.zeros(())
+        ce = torch.zeros(())
+        if beta:
+            batch = self.next_batch(run)
+            out = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            ce_rows, targets = shift(out.logits, batch["labels"])
+            ce = F.cross_entropy(ce_rows.float(), targets)
         return alpha * mse + beta * ce, mse.item(), ce.item()
 
     def loss(self, run: Run, inputs: dict, out, ref):
