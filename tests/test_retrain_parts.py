@@ -49,8 +49,83 @@ def test_l2_through_lora_factors_equals_the_norm_of_the_full_update(files):
     assert L2(L2Settings(weight=1.0)).distance(run).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_ema_keeps_the_average_of_the_iterates(files):
+def _lora(model) -> dict[str, torch.nn.Module]:
+    return {
+        n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A
+    }
+
+
+def _update(module) -> torch.Tensor:
+    a, b = module.lora_A["default"].weight.detach(), module.lora_B["default"].weight.detach()
+    return module.scaling["default"] * b @ a
+
+
+def _ema_over_three_iterates(run) -> tuple[EMA, dict, dict]:
+    """EMA (decay 0.5) over the start and two random iterates of the factors; the average of
+    the updates s B A by hand, and the update of the averaged factors."""
+    layers = _lora(run.unwrapped)
+    ema = EMA(EMASettings(decay=0.5))
+    ema.setup(run)
+    exact = {n: _update(m) for n, m in layers.items()}
+    factors = {
+        n: (m.lora_A["default"].weight.clone(), m.lora_B["default"].weight.clone())
+        for n, m in layers.items()
+    }
+    torch.manual_seed(1)
+    for _ in range(2):
+        with torch.no_grad():
+            for name, module in layers.items():
+                for factor in (module.lora_A["default"], module.lora_B["default"]):
+                    factor.weight.copy_(torch.randn_like(factor.weight))
+                a, b = factors[name]
+                factors[name] = (
+                    0.5 * a + 0.5 * module.lora_A["default"].weight,
+                    0.5 * b + 0.5 * module.lora_B["default"].weight,
+                )
+                exact[name] = 0.5 * exact[name] + 0.5 * _update(module)
+        ema.after_step(run)
+    of_factors = {
+        n: m.scaling["default"] * factors[n][1] @ factors[n][0] for n, m in layers.items()
+    }
+    return ema, exact, of_factors
+
+
+def test_ema_on_lora_merged_is_the_average_of_the_weights(files):
+    from transformers import AutoModelForCausalLM
+
+    run = lora_run(files, merge=True)
+    ema, exact, of_factors = _ema_over_three_iterates(run)
+    ema.finish(run)
+    merged = run.unwrapped.merge_and_unload().state_dict()
+    aligned = AutoModelForCausalLM.from_pretrained(files["aligned"]).state_dict()
+    for name, update in exact.items():
+        key = name.removeprefix("base_model.model.") + ".weight"
+        torch.testing.assert_close(merged[key], aligned[key] + update, rtol=1e-5, atol=1e-5)
+        # averaging A and B apart gives another update: measured, at least 10% of it off
+        assert (of_factors[name] - update).norm() > 0.1 * update.norm()
+
+
+def test_ema_on_lora_writes_the_best_rank_r_adapter_of_the_average(files):
     run = lora_run(files)
+    ema, exact, of_factors = _ema_over_three_iterates(run)
+    ema.finish(run)
+    left, total = 0.0, 0.0
+    for name, module in _lora(run.unwrapped).items():
+        sigma = torch.linalg.svdvals(exact[name])
+        tail = float((sigma[8:] ** 2).sum())  # rank 8: Eckart-Young's error
+        assert float(((_update(module) - exact[name]) ** 2).sum()) == pytest.approx(tail, rel=1e-4)
+        assert float(((of_factors[name] - exact[name]) ** 2).sum()) > tail
+        left, total = left + tail, total + float((exact[name] ** 2).sum())
+    assert left > 0  # three iterates of rank 8 exceed rank 8
+    assert run.metrics["ema_rank_residual"] == pytest.approx((left / total) ** 0.5, rel=1e-4)
+
+
+def test_ema_of_full_weights_keeps_the_average_of_the_iterates(files):
+    from safealign.retrain.build import build_model
+
+    inputs, settings = RetrainInputs(**files), RetrainSettings(full=True)
+    model, tokenizer = build_model(inputs, settings)
+    run = Run(model, model, tokenizer, inputs, settings, [], torch.device("cpu"))
     ema = EMA(EMASettings(decay=0.75))
     ema.setup(run)
     params = trainable(run.unwrapped)
