@@ -32,6 +32,16 @@ def test_token_wise_log_ratio_is_exactly_zero_at_the_first_step_of_a_fresh_lora(
     assert result.steps[-1]["log_ratio"] > 0.0  # the trained tokens gained on the reference
 
 
+def test_epoch_kl_is_exactly_zero_at_the_first_step_of_each_epoch(files, tmp_path):
+    """Each epoch's reference is the model as the previous epoch ended."""
+    result = run_retrain(files, tmp_path / "out", regularizer="epoch-kl", **(FAST | {"epochs": 3}))
+    epochs = [row["epoch"] for row in result.steps]
+    first = [i for i, epoch in enumerate(epochs) if i == 0 or epoch != epochs[i - 1]]
+    assert len(first) == 3 and len(epochs) == 12  # 4 steps per epoch
+    assert [result.steps[i]["kl"] for i in first] == [0.0] * 3
+    assert all(row["kl"] > 0.0 for i, row in enumerate(result.steps) if i not in first)
+
+
 def test_gradient_accumulation_2x1_equals_1x2(files, tmp_path):
     settings = FAST | {"epochs": 1, "regularizer": "kl"}
     one = run_retrain(files, tmp_path / "a", **(settings | {"grad_batch_size": 2}))

@@ -13,7 +13,6 @@ from safealign.retrain.critic import auroc, beta, ema
 from safealign.retrain.divergence import (
     position_betas,
     reply_positions,
-    shift,
     token_nll,
     token_nll_kl,
 )
@@ -123,17 +122,20 @@ def test_token_wise_kl_is_qi_et_al_objective_with_beta_by_reply_position():
 
 def test_token_wise_gradient_is_nll_gradient_times_the_authors_weight():
     """Qi et al.'s code multiplies the NLL by 2 * (1 - sigmoid(beta * ratio)), detached: the
-    same gradient."""
+    same gradient, by hand d/dlogits = weight * (softmax - one-hot of the token)."""
     logits, ref, inputs = batch(7)
     reg = KL(KLSettings(weight=1.0, form="token-wise", betas=(0.5, 2.0)))
     loss, _ = reg.loss(run(), inputs, SimpleNamespace(logits=logits), SimpleNamespace(logits=ref))
     (grad,) = torch.autograd.grad(loss, logits)
-    rows, targets = shift(logits, inputs["labels"])
-    ref_rows, _ = shift(ref, inputs["labels"])
-    ratio = token_nll(ref_rows, targets) - token_nll(rows, targets)
-    betas = position_betas(reply_positions(inputs["labels"]), (0.5, 2.0))
-    weight = 2 * (1 - torch.sigmoid(betas * ratio))
-    (expected,) = torch.autograd.grad((weight.detach() * token_nll(rows, targets)).sum(), logits)
+    expected = torch.zeros_like(grad)
+    for b, t, k in trained(inputs):
+        position = t if b == 0 else t - 1  # the replies start at t 1 and 2
+        beta = (0.5, 2.0)[min(position, 2) - 1]
+        ratio = hand_nll(ref, b, t, k) - hand_nll(logits, b, t, k)
+        weight = 2 * (1 - 1 / (1 + math.exp(-beta * ratio)))
+        row = [math.exp(x) for x in logits[b, t].tolist()]
+        for v in range(V):
+            expected[b, t, v] = weight * (row[v] / sum(row) - (v == k))
     torch.testing.assert_close(grad, expected)
 
 
@@ -214,12 +216,16 @@ def test_fused_nll_and_kl_equal_the_separate_ones_chunked_or_dense():
     assert torch.equal(grads[0], grads[1])
 
 
-def test_kl_of_identical_distributions_is_zero():
-    rows = torch.randn(4, 9)
-    targets = torch.zeros(4, dtype=torch.long)
-    for direction in ("forward", "reverse"):
-        _, kl = token_nll_kl(rows, rows.clone(), targets, direction=direction)
-        assert kl.abs().max().item() == 0.0
+def test_kl_of_two_known_distributions_in_both_directions():
+    """p = (1/2, 1/2) and q = (1/4, 3/4): KL(p || q) = ln 2 / 2 + ln(2/3) / 2 and
+    KL(q || p) = ln(1/2) / 4 + 3 ln(3/2) / 4, in nats."""
+    p = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
+    q = torch.tensor([[0.0, math.log(3)]], dtype=torch.float64)
+    targets = torch.zeros(1, dtype=torch.long)
+    _, forward = token_nll_kl(q, p, targets, direction="forward")  # KL(p_ref || p_model)
+    _, reverse = token_nll_kl(q, p, targets, direction="reverse")  # KL(p_model || p_ref)
+    assert forward.item() == pytest.approx(math.log(2) / 2 + math.log(2 / 3) / 2, rel=1e-6)
+    assert reverse.item() == pytest.approx(math.log(0.5) / 4 + 3 * math.log(1.5) / 4, rel=1e-6)
 
 
 def test_adaptive_kl_weighs_each_example_by_its_beta():
