@@ -110,7 +110,10 @@ class DERSettings(RegularizerSettings):
         10.0, help="alpha of alpha MSE(logits, ref).", min=0, old_name="replay_weight"
     )
     beta: float = setting(
-        0.0, help="beta of DER++ cross-entropy on anchors.", min=0, old_name="replay_ce"
+        0.0,
+        help="beta of DER++ cross-entropy on its own anchor batch.",
+        min=0,
+        old_name="replay_ce",
     )
     anchors: str | None = anchors_setting()
 
