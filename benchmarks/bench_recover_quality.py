@@ -1,13 +1,15 @@
-"""safealign recover: the ``paper`` and ``guarded`` schedules side by side on the lab.
+"""safealign recover: the ``adaptive`` (default), ``paper`` and ``guarded`` schedules side by
+side on the lab.
 
 Each schedule repairs the lab's ``ft_harmful`` (full fine-tune) and ``ft_harmful_lora``, fed
 as the demo feeds ``recover`` (safealign/lab/compare.py): the first 128 ``harmful_train`` prompts
-for the direction, ``task_train`` examples for the rollback gradient (the first 64) and the
-utility check (the next 64, so the check never scores what steers it), and, with the benign
-guard, 64 ``safety_train`` look-alikes. Every output is then scored by the demo's evaluator
-on the lab's held-out sets (``harmful_eval``, ``task_eval``, ``benign_eval``), which no run
-sees. ``paper`` runs as the authors' code (no over-refusal guard); both schedules also run
-with the guard, as the demo runs them.
+for the direction (and recover's own harmful rate, adaptive's stop rule), ``task_train``
+examples for the rollback gradient (the first 64) and the utility check (the next 64, so the
+check never scores what steers it), and, with the benign guard, 64 ``safety_train`` look-alikes
+(the first 32 steer the rollback, the other 32 are checked). Every output is then scored by
+the demo's evaluator on the lab's held-out sets (``harmful_eval``, ``task_eval``,
+``benign_eval``), which no run sees. ``paper`` runs as the authors' code (no over-refusal
+guard); every schedule also runs with the guard, as the demo runs them.
 
 Cost: each run's wall time is also given as a multiple of one evaluation of B on the run's own
 sets (``eval_harmful``, the checked ``task`` half, and the guard's look-alikes when guarded),
@@ -15,7 +17,9 @@ scored with recover's own scoring settings and timed in the same script (``x_eva
 
     OMP_NUM_THREADS=1 python benchmarks/bench_recover_quality.py --size test
     python benchmarks/bench_recover_quality.py --size default --device cuda
-    python benchmarks/bench_recover_quality.py --size smollm2 --runs paper+guard
+    python benchmarks/bench_recover_quality.py --size test-prior
+    python benchmarks/bench_recover_quality.py --size smollm2 --runs adaptive+guard \
+        --models ft_harmful_lora --max-minutes 12
 
 Prints a table and writes benchmarks/results/recover_quality_<size>.json.
 """
@@ -38,8 +42,15 @@ HERE = Path(__file__).resolve().parent
 #: recover's rollback steers on the first half of the lab's check examples, checks the second.
 ROLLBACK_EXAMPLES = CHECK_EXAMPLES // 2
 MODELS = ("ft_harmful", "ft_harmful_lora")
-#: (schedule, benign guard): the authors' loop as they ran it, then both with the guard.
-RUNS = (("paper", False), ("paper", True), ("guarded", False), ("guarded", True))
+#: (schedule, benign guard): the default as the demo runs it, the authors' loop as they ran
+#: it, then the fixed schedules with the guard and guarded without.
+RUNS = (
+    ("adaptive", True),
+    ("paper", False),
+    ("paper", True),
+    ("guarded", False),
+    ("guarded", True),
+)
 RUN_NAMES = {
     f"{schedule}{'+guard' if guard else ''}": (schedule, guard) for schedule, guard in RUNS
 }
@@ -51,6 +62,7 @@ COLUMNS = (
     "utility",
     "over_refusal",
     "kept_step",
+    "attempt",
     "restarted",
     "seconds",
     "x_eval",
@@ -62,7 +74,6 @@ def inputs(lab) -> dict:
     examples = load_task(lab.data("task_train")).examples
     return {
         "harmful": load_prompts(lab.data("harmful_train")).prompts[:DIRECTION_PROMPTS],
-        "eval_harmful": lab.data("harmful_eval"),
         "task_train": examples[:ROLLBACK_EXAMPLES],
         "task": examples[ROLLBACK_EXAMPLES : 2 * ROLLBACK_EXAMPLES],
         "guard": lab.prompts("safety_train", kind="lookalike")[:GUARD_PROMPTS],
@@ -70,13 +81,15 @@ def inputs(lab) -> dict:
 
 
 def eval_seconds(lab, model: str, sets: dict, guard: bool, device: str | None) -> float:
-    """One evaluation of ``model`` (B) on a run's own sets with recover's scoring settings:
+    """One evaluation of ``model`` (B) on a run's own sets with recover's scoring settings
+    (its harmful prompts, the checked task half, the checked half of the guard's prompts):
     the unit of recover's cost."""
     settings = RecoverSettings()
+    guarded = sets["guard"][len(sets["guard"]) // 2 :]
     evaluator = Evaluator(
-        harmful=sets["eval_harmful"],
+        harmful=sets["harmful"],
         task=sets["task"],
-        benign=sets["guard"] if guard else None,
+        benign=guarded if guard else None,
         judge=settings.judge,
         metric=settings.metric,
         batch_size=settings.batch_size,
@@ -90,17 +103,22 @@ def eval_seconds(lab, model: str, sets: dict, guard: bool, device: str | None) -
     return time.perf_counter() - start
 
 
-def measure(lab, root: Path, device: str | None, runs=RUNS) -> list[dict]:
+def measure(
+    lab,
+    root: Path,
+    device: str | None,
+    runs=RUNS,
+    models=MODELS,
+    max_minutes: float | None = None,
+) -> list[dict]:
     """Score A and each fine-tune, then every (model, schedule, guard) run; one row each."""
     evaluator, sets, rows = lab_evaluator(lab), inputs(lab), []
-    for name, folder, adapter in (
-        ("aligned", lab.aligned, None),
-        ("ft_harmful", lab.ft_harmful, None),
-        ("ft_harmful_lora", lab.aligned, lab.ft_harmful_lora),
-    ):
+    for name in ("aligned", *models):
+        lora = name.endswith("_lora")
+        folder, adapter = (lab.aligned, lab.model(name)) if lora else (lab.model(name), None)
         scores = evaluator.score_folder(folder, adapter=adapter)
         rows.append(row(name, "input", None, scores, None, seconds=None))
-    for model in MODELS:
+    for model in models:
         units = {g: eval_seconds(lab, model, sets, g, device) for g in {g for _, g in runs}}
         for schedule, guard in runs:
             start = time.perf_counter()
@@ -108,27 +126,31 @@ def measure(lab, root: Path, device: str | None, runs=RUNS) -> list[dict]:
                 lab.aligned,
                 lab.model(model),
                 harmful=sets["harmful"],
-                eval_harmful=sets["eval_harmful"],
                 task=sets["task"],
                 task_train=sets["task_train"],
                 benign=sets["guard"] if guard else None,
             )
             # write_unchanged: kept step 0 in the table (no repair held, B scored)
-            settings = RecoverSettings(schedule=schedule, device=device, write_unchanged=True)
+            settings = RecoverSettings(
+                schedule=schedule, device=device, write_unchanged=True, max_minutes=max_minutes
+            )
             result = recover(given, settings, root / f"{model}_{schedule}_{int(guard)}")
             seconds = time.perf_counter() - start
             scores = evaluator.score_folder(result.out)
-            rows.append(row(model, schedule, guard, scores, result.run, seconds, units[guard]))
+            rows.append(row(model, schedule, guard, scores, result, seconds, units[guard]))
             print(format_row(rows[-1]), flush=True)
     return rows
 
 
 def row(
-    model: str, schedule: str, guard, scores, run, seconds: float | None, unit: float = 0.0
+    model: str, schedule: str, guard, scores, result, seconds: float | None, unit: float = 0.0
 ) -> dict:
-    """One line of the table: held-out scores, kept step, whether the paper run restarted,
-    wall time, and wall time over one evaluation of B on the run's sets (``unit``)."""
+    """One line of the table: held-out scores, kept step, the adaptive attempt kept, whether a
+    paper run restarted, wall time, and wall time over one evaluation of B on the run's sets
+    (``unit``)."""
+    run = None if result is None else result.run
     restarted = None if run is None else any(s.phase == "restart" for s in run.steps)
+    attempt = next((a["attempt"] for a in (result.attempts if result else []) if a["kept"]), None)
     return {
         "model": model,
         "schedule": schedule,
@@ -137,9 +159,11 @@ def row(
         "utility": scores.utility,
         "over_refusal": scores.over_refusal,
         "kept_step": None if run is None else run.kept_step,
+        "attempt": attempt,
         "restarted": restarted,
         "seconds": None if seconds is None else round(seconds, 1),
         "x_eval": round(seconds / unit, 1) if seconds is not None and unit else None,
+        "attempts": result.attempts if result else [],
     }
 
 
@@ -156,8 +180,14 @@ def format_row(item: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=("test", "default", "smollm2"), default="test")
+    parser.add_argument(
+        "--size",
+        choices=("test", "default", "test-prior", "default-prior", "smollm2"),
+        default="test",
+    )
     parser.add_argument("--runs", nargs="+", choices=tuple(RUN_NAMES), default=tuple(RUN_NAMES))
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS)
+    parser.add_argument("--max-minutes", type=float, help="recover's --max-minutes (adaptive)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, help="JSON [results/recover_quality_<size>.json]")
@@ -165,7 +195,8 @@ def main() -> None:
     lab = build(size=args.size, seed=args.seed, log=print)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = measure(lab, Path(tmp), args.device, [RUN_NAMES[name] for name in args.runs])
+        runs = [RUN_NAMES[name] for name in args.runs]
+        rows = measure(lab, Path(tmp), args.device, runs, args.models, args.max_minutes)
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for item in rows:
@@ -177,9 +208,10 @@ def main() -> None:
             "direction_prompts": DIRECTION_PROMPTS,
             "task_train": f"task_train[:{ROLLBACK_EXAMPLES}]",
             "task_check": f"task_train[{ROLLBACK_EXAMPLES}:{2 * ROLLBACK_EXAMPLES}]",
-            "guard": f"safety_train lookalikes[:{GUARD_PROMPTS}]",
+            "guard": f"safety_train lookalikes[:{GUARD_PROMPTS}] (first half steers)",
             "scored_on": ["harmful_eval", "task_eval", "benign_eval"],
         },
+        "max_minutes": args.max_minutes,
         "rows": rows,
         "seconds": round(time.perf_counter() - start, 1),
     }
