@@ -9,9 +9,9 @@ them). Two phases:
 
 1. **Validation** (``--phase validation``): each bound in ``--bounds`` on each lab and
    fine-tune, its output scored on ``harmful_train[128:256]`` and ``task_train[128:192]``,
-   which no run sees and no README table reports. The default is the largest bound whose task
-   accuracy stays within 5 points of B's on every scenario (a larger bound restores more, so
-   it is the most harm it can take back without losing the task).
+   which no run sees and no README table reports. The default is the smallest bound that, on
+   every scenario, keeps the best task accuracy any bound kept and reaches the lowest harmful
+   rate any bound reached (``choose``).
 2. **Held out** (``--phase heldout --bound X``): that bound and the task-checked default
    (``task_train[:64]`` steering, ``task_train[64:128]`` checked), each output scored on the
    lab's ``harmful_eval``, ``task_eval`` and ``benign_eval``.
@@ -114,18 +114,26 @@ def _line(row: dict) -> str:
 
 
 def choose(rows: list[dict], bounds) -> float | None:
-    """The largest bound whose task accuracy is within 5 points of B's on every scenario."""
-    b = {(r["size"], r["model"]): r["utility"] for r in rows if r["run"] == "B"}
+    """The smallest bound that, on every scenario, keeps the best task accuracy any bound kept
+    and reaches the lowest harmful rate any bound reached (None when no bound does both)."""
+    by_run = {(r["size"], r["model"], r["run"]): r for r in rows}
+    scenarios = {(r["size"], r["model"]) for r in rows if r["run"] == "B"}
+
+    def runs(scenario) -> list[dict]:
+        return [by_run[(*scenario, f"drift:max={x:g}")] for x in bounds]
+
+    best = {s: max(r["utility"] for r in runs(s)) for s in scenarios}
+    least = {s: min(r["harmful_rate"] for r in runs(s)) for s in scenarios}
     ok = [
         x
         for x in bounds
         if all(
-            r["utility"] >= b[(r["size"], r["model"])] - 0.05
-            for r in rows
-            if r["run"] == f"drift:max={x:g}"
+            by_run[(*s, f"drift:max={x:g}")]["utility"] == best[s]
+            and by_run[(*s, f"drift:max={x:g}")]["harmful_rate"] == least[s]
+            for s in scenarios
         )
     ]
-    return max(ok, default=None)
+    return min(ok, default=None)
 
 
 def main() -> None:

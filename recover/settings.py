@@ -12,7 +12,7 @@ from safealign.model import resolve_dtype
 from safealign.settings import Settings, SettingsError, setting
 
 #: ``--utility drift``'s default bound (nats): see README "Recover", chosen on validation splits.
-DRIFT_MAX = 0.05
+DRIFT_MAX = 0.1
 
 
 @dataclass
