@@ -8,6 +8,7 @@ import struct
 
 import pytest
 from click.testing import CliRunner
+from compare_support import stop_at_evaluator
 from recover_support import HARMFUL, NO_REPAIR, no_repair_case
 
 from safealign.command import OldSpelling
@@ -237,14 +238,7 @@ def test_seed_and_limit_reach_the_evaluator_and_every_retrain_method(tmp_path, m
         "device": "cpu",
     }
 
-    seen = {}
-
-    def evaluator(*sets, **kwargs):
-        seen.update(kwargs)
-        raise KeyboardInterrupt  # stop here: nothing is scored
-
-    monkeypatch.setattr(compare_run, "Evaluator", evaluator)
-    monkeypatch.setattr(compare_run, "check_checkpoints", lambda inputs: None)
+    seen = stop_at_evaluator(monkeypatch)
     inputs = CompareInputs(aligned=tmp_path, finetuned=tmp_path, harmful=["a prompt"])
     with pytest.raises(KeyboardInterrupt):
         compare_run.compare(inputs, settings, tmp_path / "out")

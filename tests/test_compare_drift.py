@@ -8,6 +8,7 @@ import json
 import struct
 
 import pytest
+from compare_support import stop_at_evaluator
 from eval_support import save_tiny
 
 from safealign.compare import MethodRow, pareto_names, plot_tradeoff
@@ -94,14 +95,7 @@ def test_b_is_the_drift_reference_an_adapter_on_a_when_it_is_one(tmp_path):
 
 
 def test_compare_scores_drift_from_b_and_refuses_drift_without_benign(tmp_path, monkeypatch):
-    seen = {}
-
-    def evaluator(*sets, **kwargs):
-        seen.update(kwargs)
-        raise KeyboardInterrupt  # stop here: nothing is scored
-
-    monkeypatch.setattr(compare_run, "Evaluator", evaluator)
-    monkeypatch.setattr(compare_run, "check_checkpoints", lambda inputs: None)
+    seen = stop_at_evaluator(monkeypatch)
     inputs = CompareInputs(aligned=tmp_path, finetuned=tmp_path, harmful=["a prompt"])
     settings = CompareSettings(utility="drift", drift_tokens=8)
     with pytest.raises(SettingsError, match="--utility drift needs --benign"):
