@@ -9,7 +9,7 @@ import struct
 import pytest
 from click.testing import CliRunner
 from compare_support import stop_at_evaluator
-from recover_support import HARMFUL, NO_REPAIR, no_repair_case
+from recover_support import HARMFUL, NO_REPAIR, TASK_PROMPTS, make_pair, no_repair_case
 
 from safealign.command import OldSpelling
 from safealign.compare import MethodRow, pareto_names, parse_method, plot_tradeoff
@@ -267,6 +267,27 @@ def test_a_recover_row_where_no_repair_held_says_so_unscored(tmp_path):
     lines: list[str] = []
     compare_run.compare(inputs, settings.replace(resume=True), out, lines.append)
     assert f"[1/1] {spec}: reused ({out / 'runs' / (parse_method(spec).slug + '.json')})" in lines
+
+
+def test_a_recover_row_short_of_its_target_is_scored_and_says_so(tmp_path, monkeypatch):
+    """A kept state above recover's repair target is written and scored like any output; its
+    row carries recover's one-line shortfall as the reason."""
+    import safealign.recover.api as recover_api
+
+    monkeypatch.setattr(recover_api, "repair_target", lambda guard, settings: -1.0)
+    aligned, finetuned = make_pair(tmp_path)
+    task = [{"prompt": p, "answer": "5"} for p in TASK_PROMPTS]
+    spec = "recover:schedule=paper,steps=2,rate=0.01"
+    inputs = CompareInputs(aligned=aligned, finetuned=finetuned, harmful=HARMFUL, task=task)
+    result = compare_run.compare(
+        inputs, CompareSettings(methods=(spec,), max_new_tokens=6), tmp_path / "c"
+    )
+    row = result.rows[-1]
+    assert (row.name, row.status) == (spec, "done") and row.scores is not None
+    report = json.loads(
+        (tmp_path / "c" / "models" / parse_method(spec).slug / "report.json").read_text()
+    )
+    assert row.reason == f"short of its target: {report['shortfall']}"
 
 
 def test_table_shows_the_coherence_scores_and_reads_older_records_as_unscored(tmp_path):

@@ -81,16 +81,25 @@ class NoRepair:
 
 
 @dataclass(frozen=True)
+class Shortfall:
+    """A method whose output was written but fails its own target (recover: the kept state is
+    more harmful than A by over its margin), and why, in one line; the row is scored."""
+
+    folder: Path
+    reason: str
+
+
+@dataclass(frozen=True)
 class Family:
     """How to check and run the methods of one capability. ``check`` validates a spec against
     the capability's registry and settings (raising :class:`RegistryError` or
     ``SettingsError``) before any model is loaded; ``missing`` says which input a method
     lacks (it is then skipped); ``run`` calls the capability's API and returns the output
-    folder, or :class:`NoRepair`."""
+    folder, :class:`NoRepair` or :class:`Shortfall`."""
 
     check: Callable[[MethodSpec], None]
     missing: Callable[[MethodSpec, CompareInputs], str | None]
-    run: Callable[[MethodSpec, CompareInputs, Path], Path | NoRepair]
+    run: Callable[[MethodSpec, CompareInputs, Path], Path | NoRepair | Shortfall]
 
 
 FAMILIES: Registry[Family] = Registry("method family")
@@ -156,7 +165,7 @@ def _recover_missing(spec: MethodSpec, inputs: CompareInputs) -> str | None:
     return None
 
 
-def _recover_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path | NoRepair:
+def _recover_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path | NoRepair | Shortfall:
     given = RecoverInputs(
         inputs.aligned,
         inputs.finetuned,
@@ -168,7 +177,11 @@ def _recover_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path | N
     )
     settings = _settings_options(RecoverSettings, spec, {**spec.options, "overwrite": True})
     result = recover(given, settings, out)
-    return NoRepair(result.failure) if result.failure else Path(result.out)
+    if result.failure:
+        return NoRepair(result.failure)
+    if result.shortfall:
+        return Shortfall(Path(result.out), result.shortfall)
+    return Path(result.out)
 
 
 def _recover_check(spec: MethodSpec) -> None:

@@ -21,6 +21,7 @@ from safealign.compare.methods import (
     FAMILIES,
     MethodSpec,
     NoRepair,
+    Shortfall,
     join_specs,
     parse_method,
     with_options,
@@ -85,6 +86,9 @@ def _run_one(spec: MethodSpec, inputs: CompareInputs, evaluator: Evaluator, out:
                 seconds=round(usage.seconds, 2),
                 peak_memory_bytes=usage.peak_bytes,
             )
+        reason = None
+        if isinstance(folder, Shortfall):  # written and scored, its own target missed
+            folder, reason = folder.folder, f"short of its target: {folder.reason}"
         scores = score_checkpoint(evaluator, folder, Path(inputs.aligned))
         share = changed_share(folder, inputs.finetuned, inputs.aligned)
     except Exception as error:  # noqa: BLE001 - one method's failure is recorded, never fatal
@@ -96,6 +100,7 @@ def _run_one(spec: MethodSpec, inputs: CompareInputs, evaluator: Evaluator, out:
         spec.spec,
         spec.family,
         "done",
+        reason=reason,
         out=str(folder),
         scores=scores.to_dict(),
         seconds=round(usage.seconds, 2),
