@@ -5,7 +5,7 @@ from safealign.eval.cache import ResponseCache, folder_fingerprint
 from safealign.eval.drift import Drift, DriftReference
 from safealign.eval.evaluator import Evaluator
 from safealign.eval.generation import generate
-from safealign.eval.harm_judges import ClassifierJudge, GuardJudge
+from safealign.eval.harm_judges import ClassifierJudge, GuardJudge, HarmBenchJudge
 from safealign.eval.judges import JUDGES, Judge, JudgeError, Verdict, get_judge, register_judge
 from safealign.eval.metrics import METRICS, Metric, get_metric, register_metric
 from safealign.eval.results import Scores, wilson_interval, write_results
@@ -21,6 +21,7 @@ __all__ = [
     "EvalSettings",
     "Evaluator",
     "GuardJudge",
+    "HarmBenchJudge",
     "Judge",
     "JudgeError",
     "Metric",
