@@ -177,7 +177,7 @@ def scripted_checks(monkeypatch, script):
 
     def check(self, work):
         holds = next(answers)
-        return Check(utility=1.0 if holds else 0.0, over_refusal=None, holds=holds)
+        return Check(utility=1.0 if holds else 0.0, over_refusal=None, drift=None, holds=holds)
 
     monkeypatch.setattr(StepGuard, "check", check)
 
