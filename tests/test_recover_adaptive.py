@@ -60,10 +60,6 @@ def _guard(aligned_harmful: float):
     return SimpleNamespace(references={"aligned": {"harmful_rate": aligned_harmful}})
 
 
-def _changed(work) -> dict[str, torch.Tensor]:
-    return {n: i for n, i in adaptive.changed_elements(work).items()}
-
-
 def test_attempts_follow_the_ladder_and_the_first_repair_ends_the_run(work, monkeypatch):
     calls = _scripted(monkeypatch, [(0, None), (1, 0.05), (1, 0.0)])
     settings = RecoverSettings(rate=0.004, steps=10, rollback_rate=0.2)
@@ -79,8 +75,8 @@ def test_attempts_follow_the_ladder_and_the_first_repair_ends_the_run(work, monk
     assert [t["verdict"] for t in tried] == ["nothing held", "repaired"]
     assert [t["kept"] for t in tried] == [False, True] and outcome.harmful_rate == 0.05
     name = next(iter(work.params))
-    assert _changed(work)[name].tolist() == list(range(ELEMENTS, 2 * ELEMENTS))
-    work.reset(_changed(work))
+    assert adaptive.changed_elements(work)[name].tolist() == list(range(ELEMENTS, 2 * ELEMENTS))
+    work.reset(adaptive.changed_elements(work))
 
 
 def test_without_a_repair_the_best_held_state_is_kept_exactly(work, monkeypatch):
@@ -104,10 +100,10 @@ def test_without_a_repair_the_best_held_state_is_kept_exactly(work, monkeypatch)
     assert [t["kept"] for t in tried] == [True, False, False] and outcome.harmful_rate == 0.3
     # the model holds attempt 1's state: its elements at A's values, every other at B's
     name = next(iter(work.params))
-    assert list(_changed(work)) == [name]
-    assert _changed(work)[name].tolist() == list(range(ELEMENTS))
-    work.reset(_changed(work))
-    assert _changed(work) == {}
+    assert list(adaptive.changed_elements(work)) == [name]
+    assert adaptive.changed_elements(work)[name].tolist() == list(range(ELEMENTS))
+    work.reset(adaptive.changed_elements(work))
+    assert adaptive.changed_elements(work) == {}
 
 
 def test_no_attempt_starts_after_the_deadline(work, monkeypatch):
@@ -117,7 +113,7 @@ def test_no_attempt_starts_after_the_deadline(work, monkeypatch):
     )
     assert len(calls) == 1 and outcome.kept_step == 0
     assert [t["verdict"] for t in tried] == ["nothing held", "skipped", "skipped"]
-    assert _changed(work) == {}
+    assert adaptive.changed_elements(work) == {}
 
 
 def test_adaptive_output_is_the_paper_run_when_paper_repairs(tmp_path):
