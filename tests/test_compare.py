@@ -322,3 +322,31 @@ def test_table_shows_the_coherence_scores_and_reads_older_records_as_unscored(tm
     assert cells["m1"]["safe_and_coherent_rate"] == "0.750"
     assert cells["m1"]["incoherent_benign"] == "0.050"
     assert cells["m2"]["incoherent_harmful"] == "-"
+
+
+def test_resume_reuses_a_row_only_when_measured_as_the_run_would(tmp_path):
+    """A stored row is reused when the method, inputs and score-changing settings match; a
+    changed --limit, reply length or task file runs it again, a changed bound does not."""
+    aligned, finetuned = make_pair(tmp_path)
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": p, "answer": "5"}) + "\n" for p in TASK_PROMPTS))
+    inputs = CompareInputs(aligned=aligned, finetuned=finetuned, harmful=HARMFUL, task=task)
+    spec = "interpolate:alpha=0.5"
+    settings = CompareSettings(methods=(spec,), max_new_tokens=4, batch_size=4)
+    out = tmp_path / "cmp"
+    compare_run.compare(inputs, settings, out)
+
+    def status(given: CompareSettings) -> str:
+        lines: list[str] = []
+        compare_run.compare(inputs, given.replace(resume=True), out, lines.append)
+        line = next(line for line in lines if line.startswith(f"[1/1] {spec}: r"))
+        return line.split(": ")[1].split(" ")[0]
+
+    assert status(settings) == "reused"
+    assert status(settings.replace(max_harmful_rate=0.5, budget_minutes=60)) == "reused"
+    assert status(settings.replace(limit=2)) == "running"
+    assert status(settings.replace(limit=2)) == "reused"  # the rerun's row was stored
+    assert status(settings.replace(max_new_tokens=5)) == "running"
+    task.write_text(task.read_text().replace('"5"', '"6"'))
+    assert status(settings.replace(max_new_tokens=5)) == "running"
+    assert status(settings.replace(max_new_tokens=5)) == "reused"

@@ -3,7 +3,8 @@
 A method whose inputs are missing is skipped with the reason, one that fails is recorded with
 its one-line error and the others go on; one whose result failed (recover: no repair held) is
 recorded unscored, with what it reached. Each finished method leaves ``runs/<slug>.json``
-beside its output in ``models/<slug>``: ``resume`` reuses those and runs only the rest.
+beside its output in ``models/<slug>``: ``resume`` reuses those measured as this run would
+measure them (:mod:`safealign.compare.fingerprint`) and runs the rest.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from safealign.checkpoint.hub import is_adapter
+from safealign.compare.fingerprint import row_fingerprint, run_fingerprint
 from safealign.compare.measure import Usage, changed_share
 from safealign.compare.methods import (
     DEFAULT_METHODS,
@@ -61,12 +63,13 @@ def _prepare_out(out: Path) -> None:
     (out / "models").mkdir(exist_ok=True)
 
 
-def _finished(record: Path, spec: MethodSpec) -> MethodRow | None:
+def _finished(record: Path, spec: MethodSpec, fingerprint: str) -> MethodRow | None:
+    """The stored row of ``spec``, when it finished and was measured as this run would."""
     if not record.is_file():
         return None
     data = json.loads(record.read_text())
-    finished = data.get("status") in ("done", NO_REPAIR)
-    return MethodRow(**data) if finished and data["name"] == spec.spec else None
+    same = data.pop("fingerprint", None) == fingerprint and data["name"] == spec.spec
+    return MethodRow(**data) if same and data.get("status") in ("done", NO_REPAIR) else None
 
 
 def _run_one(spec: MethodSpec, inputs: CompareInputs, evaluator: Evaluator, out: Path) -> MethodRow:
@@ -184,20 +187,25 @@ def compare(
     if inputs.unaligned is not None:
         rows.append(_input_row("unaligned", evaluator, Path(inputs.unaligned), aligned))
     _prepare_out(out)  # only now: an input refused while scored leaves no folder behind
+    run_print = run_fingerprint(inputs, settings)
     start = time.perf_counter()
     for index, spec in enumerate(specs, 1):
         record = out / "runs" / f"{spec.slug}.json"
         spent = (time.perf_counter() - start) / 60
-        row = _finished(record, spec) if settings.resume else None
+        fingerprint = row_fingerprint(spec, run_print)
+        row = _finished(record, spec, fingerprint) if settings.resume else None
         if row is not None:
             log(f"[{index}/{len(specs)}] {spec.spec}: reused ({record})")
         elif settings.budget_minutes is not None and spent >= settings.budget_minutes:
             reason = f"budget of {settings.budget_minutes:g} minutes spent"
             row = MethodRow(spec.spec, spec.family, "not run", reason=reason)
         else:
-            log(f"[{index}/{len(specs)}] {spec.spec}: running ({spent:.1f} min elapsed)")
+            stale = settings.resume and record.is_file()
+            note = "; its stored row was measured otherwise or unfinished" if stale else ""
+            log(f"[{index}/{len(specs)}] {spec.spec}: running ({spent:.1f} min elapsed{note})")
             row = _run_one(spec, inputs, evaluator, out)
-            record.write_text(json.dumps(asdict(row), indent=2) + "\n")
+            stored = {"fingerprint": fingerprint, **asdict(row)}
+            record.write_text(json.dumps(stored, indent=2) + "\n")
         log(f"[{index}/{len(specs)}] {spec.spec}: {row.status}" + _detail(row))
         rows.append(row)
     result = CompareResult(
