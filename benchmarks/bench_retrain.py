@@ -6,7 +6,10 @@ default settings, and scores the adapter with the demo's evaluator (held-out har
 benign sets). Step time and peak training memory are also given relative to ``sft`` in the
 same run. The probe critic of adaptive-kl and the harmful prompts der answers for its anchors
 use the lab's harmful_train prompts; the probe's benign side is the lab's benign look-alikes
-and task prompts from its training data (none of the evaluation sets).
+from its safety data. Neither holds a prompt of an evaluation set (dropped here) or of the
+fine-tune's data (retrain drops those: on the tiny labs harmful_train holds the fine-tune's
+harmful prompts). "probe AUROC" is the probe's on its own held-out split, "fine-tune AUROC"
+on the fine-tune's examples, harmful vs task (the data's ``kind``).
 
 Columns: harmful / task / over-refusal rates; points against sft; training seconds; the run's
 median step seconds; "micro-batch s": one micro-batch (forward, regularizer, backward) timed
@@ -77,7 +80,10 @@ COLUMNS = (
     "memory MB",
     "memory x sft",
     "probe AUROC",
+    "fine-tune AUROC",
 )
+#: The lab's evaluation sets: the probe's and the anchors' prompts hold none of theirs.
+EVAL_SETS = ("harmful_eval", "benign_eval", "task_eval")
 
 
 def stem(name: str) -> str:
@@ -85,22 +91,36 @@ def stem(name: str) -> str:
     return name.replace(":", "_").replace("=", "-").replace(",", "_")
 
 
-def probe_benign(lab: Lab, folder: Path) -> Path:
-    """Benign prompts for the probe from the lab's training data: look-alikes and task."""
-    prompts = lab.prompts("safety_train", kind="lookalike") + lab.prompts("task_train")
-    path = folder / "probe_benign.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    return path
+def probe_prompts(lab: Lab, folder: Path) -> tuple[Path, Path]:
+    """The probe's and anchors' prompt files, harmful and benign, from the lab's training data
+    (harmful_train; the safety data's look-alikes), without any evaluation prompt."""
+    held = {p for name in EVAL_SETS for p in lab.prompts(name)}
+    sets = {
+        "harmful": lab.prompts("harmful_train"),
+        "benign": lab.prompts("safety_train", kind="lookalike"),
+    }
+    paths = []
+    for role, prompts in sets.items():
+        path = folder / f"probe_{role}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts if p not in held))
+        paths.append(path)
+    return paths[0], paths[1]
 
 
-def run_one(lab: Lab, name: str, folder: Path, benign: Path, extra: dict) -> dict:
-    """Train with regularizer ``name`` and score the output."""
-    inputs = RetrainInputs(
+def lab_inputs(lab: Lab, folder: Path) -> RetrainInputs:
+    """The aligned model, the fine-tune's data and the probe's prompts (:func:`probe_prompts`)."""
+    harmful, benign = probe_prompts(lab, folder)
+    return RetrainInputs(
         str(lab.aligned),
         str(lab.data("ft_harmful_train")),
-        harmful=str(lab.data("harmful_train")),
+        harmful=str(harmful),
         benign=str(benign),
     )
+
+
+def run_one(lab: Lab, name: str, folder: Path, extra: dict) -> dict:
+    """Train with regularizer ``name`` and score the output."""
+    inputs = lab_inputs(lab, folder)
     settings = RetrainSettings.from_dict(TRAINING | extra | {"regularizer": name})
     result = retrain(inputs, settings, folder / stem(name))
     scores = lab_evaluator(lab).score_folder(lab.aligned, adapter=result.out)
@@ -114,6 +134,7 @@ def run_one(lab: Lab, name: str, folder: Path, benign: Path, extra: dict) -> dic
         "step s": metrics["step_seconds"],
         "memory MB": metrics["peak_memory_bytes"] / 2**20,
         "probe AUROC": metrics.get("probe_auroc"),
+        "fine-tune AUROC": metrics.get("probe_finetune_auroc"),
         "final loss": metrics["final_loss"],
         "step times": [row["seconds"] for row in result.steps],
     }
@@ -127,7 +148,7 @@ def in_subprocess(size: str, name: str, extra: str, folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def step_costs(lab: Lab, names: list[str], benign: Path, rounds: int = 30) -> dict[str, float]:
+def step_costs(lab: Lab, names: list[str], folder: Path, rounds: int = 30) -> dict[str, float]:
     """Seconds of one micro-batch (forward, regularizer, backward) per regularizer, timed
     round-robin on the same model and batch so a shared CPU's load falls on all alike;
     the median over ``rounds``."""
@@ -137,15 +158,11 @@ def step_costs(lab: Lab, names: list[str], benign: Path, rounds: int = 30) -> di
     from safealign.retrain.loop import micro_step
     from safealign.retrain.regularizers import Run, create
 
-    inputs = RetrainInputs(
-        str(lab.aligned),
-        str(lab.data("ft_harmful_train")),
-        harmful=str(lab.data("harmful_train")),
-        benign=str(benign),
-    )
+    inputs = lab_inputs(lab, folder)
     settings = RetrainSettings.from_dict(TRAINING)
     model, tokenizer = build_model(inputs, settings)
-    examples, prompts = load_examples(tokenizer, inputs.data, text=False, max_length=512)
+    data = load_examples(tokenizer, inputs.data, text=False, max_length=512)
+    examples = data.examples
     index = list(range(settings.grad_batch_size))
     inputs = collate([examples[i] for i in index], tokenizer.pad_token_id)
     inputs["index"] = torch.tensor(index)
@@ -154,7 +171,7 @@ def step_costs(lab: Lab, names: list[str], benign: Path, rounds: int = 30) -> di
     for name in names:
         regularizer = create(name)
         run = Run(model, model, tokenizer, inputs, settings, examples, torch.device("cpu"))
-        run.prompts = prompts
+        run.prompts, run.kinds = data.prompts, data.kinds
         run.reference = build_reference(model, regularizer, inputs, settings)
         regularizer.setup(run)
         runs[name] = (run, regularizer)
@@ -196,6 +213,7 @@ def sweep(size: str, specs: list[str], extra: str, lab: Lab) -> dict:
         for spec in specs:
             row = in_subprocess(size, spec, extra, Path(tmp))
             keys = ("regularizer", "harmful", "task", "over-refusal", "train s")
+            keys += ("probe AUROC", "fine-tune AUROC")
             rows.append({k: row[k] for k in keys} | {"set": extra or None})
             print(f"{spec}: harmful {row['harmful']:.3f} task {row['task']:.3f}", flush=True)
     command = f"python benchmarks/bench_retrain.py --size {size} --sweep '{';'.join(specs)}'"
@@ -223,8 +241,7 @@ def main() -> None:
     extra = parse_options(args.set)
     if args.one:
         with tempfile.TemporaryDirectory() as tmp:
-            benign = probe_benign(lab, Path(tmp))
-            write_json(args.out, run_one(lab, args.one, Path(tmp), benign, extra))
+            write_json(args.out, run_one(lab, args.one, Path(tmp), extra))
         return
     if args.sweep:
         info = sweep(args.size, args.sweep.split(";"), args.set, lab)
@@ -236,7 +253,7 @@ def main() -> None:
         for name in names:
             rows.append(in_subprocess(args.size, name, args.set, Path(tmp)))
             print(f"{name}: harmful {rows[-1]['harmful']:.3f} task {rows[-1]['task']:.3f}")
-        costs = step_costs(lab, list(names), probe_benign(lab, Path(tmp)))
+        costs = step_costs(lab, list(names), Path(tmp))
     for row in rows:
         row["micro-batch s"] = costs[row["regularizer"]]
     relative(rows)

@@ -119,13 +119,13 @@ def retrain(
             "accelerate with other settings; use one process per setting"
         ) from error
     set_seed(settings.seed)
-    examples, prompts = load_examples(
+    data = load_examples(
         load_tokenizer(inputs), inputs.data, text=settings.text, max_length=settings.max_length
     )
     model, tokenizer = build_model(inputs, settings)
     regularizer = create(settings.regularizer)
     steps = schedule(
-        len(examples),
+        len(data.examples),
         batch_size=settings.grad_batch_size,
         grad_accum=settings.grad_accum,
         epochs=settings.epochs,
@@ -133,7 +133,7 @@ def retrain(
         rank=accelerator.process_index,
         world=accelerator.num_processes,
     )
-    plan = plan_of(inputs, settings, regularizer, len(examples), len(steps), model)
+    plan = plan_of(inputs, settings, regularizer, len(data.examples), len(steps), model)
     if settings.dry_run:
         return RetrainResult(None, plan)
     model = model.to(accelerator.device)
@@ -143,8 +143,9 @@ def retrain(
         tokenizer=tokenizer,
         inputs=inputs,
         settings=settings,
-        examples=examples,
-        prompts=prompts,
+        examples=data.examples,
+        prompts=data.prompts,
+        kinds=data.kinds,
         device=accelerator.device,
         progress=progress,
     )

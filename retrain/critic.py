@@ -1,9 +1,11 @@
 """Safety critics for adaptive-kl: a score s in [0, 1] per example (1 = unsafe), and beta.
 
-- ``probe``: logistic regression on the reference's hidden states of the prompt (mean over
-  the prompt's tokens, averaged over the chosen layers), trained on harmful vs benign
-  prompts; 20% of each set is held out for its AUROC. The reference is frozen, so every
-  training example is scored once, before the first step.
+- ``probe``: logistic regression on the reference's hidden states of the prompt (pooled over
+  its tokens: the last token, as A-Reg's paper, or the mean, as its public code; averaged over
+  the chosen layers), trained on harmful vs benign prompts that are not fine-tune prompts;
+  20% of each class is held out for its AUROC. The reference is frozen, so every training
+  example is scored once, before the first step; the probe's AUROC on them (harmful vs task
+  examples, where the data labels them) is reported beside the held-out one.
 - ``judge:NAME``: A-Reg's judge critic. The current model and the reference each answer the
   example's prompt (greedy); a judge of ``safealign.eval`` rates each reply's harm h in [0, 1]
   and s = max(0, h_current - h_reference): s rises where the current model complies with
@@ -28,6 +30,9 @@ from safealign.eval import Judge, JudgeError, generate, get_judge
 
 PROBE_MAX_PROMPTS = 1000  # per class: enough for a linear probe, bounded setup time
 HELDOUT_SHARE = 0.2
+#: How a probe pools a prompt's tokens: ``last`` (A-Reg's paper) or ``mean`` (its public code).
+POOLS = ("last", "mean")
+POOLING = {"last": "last prompt token", "mean": "mean over prompt tokens"}
 
 
 def beta(scores: torch.Tensor, beta_min: float, beta_max: float, clamp=(0.1, 0.9)) -> torch.Tensor:
@@ -57,6 +62,17 @@ def auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
     return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
 
 
+def pool_tokens(states: torch.Tensor, mask: torch.Tensor, pool: str) -> torch.Tensor:
+    """``[B, H]`` from hidden states ``[B, T, H]``: each row's last real token (the last 1 of
+    ``mask``, so left and right padding alike) or the mean over its real tokens."""
+    if pool == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (mask * positions).argmax(1)
+        return states[torch.arange(states.shape[0], device=states.device), last]
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    return (states * weights).sum(1) / weights.sum(1)
+
+
 @torch.no_grad()
 def pooled_states(
     forward,
@@ -65,8 +81,10 @@ def pooled_states(
     pad_id: int,
     device,
     batch_size: int = 32,
+    pool: str = "last",
 ) -> torch.Tensor:
-    """Mean over tokens of the hidden states, averaged over ``layers`` (all when empty)."""
+    """The hidden states pooled over each sequence's tokens (:func:`pool_tokens`), averaged
+    over ``layers`` (all when empty); batches are right-padded."""
     rows = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
@@ -79,8 +97,7 @@ def pooled_states(
         states = forward(inputs, hidden=True).hidden_states
         chosen = layers or range(1, len(states))
         mean = torch.stack([states[i].float() for i in chosen]).mean(0)
-        weights = inputs["attention_mask"].unsqueeze(-1).float()
-        rows.append(((mean * weights).sum(1) / weights.sum(1)).cpu())
+        rows.append(pool_tokens(mean, inputs["attention_mask"], pool).cpu())
     return torch.cat(rows).double()
 
 
@@ -122,28 +139,43 @@ class LogisticProbe:
         }
 
 
-def split(n: int, seed: int) -> tuple[list[int], list[int]]:
-    """``(train, held out)`` indices: a seeded shuffle, the last 20% held out."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    cut = max(1, round(n * (1 - HELDOUT_SHARE)))
-    return order[:cut], order[cut:]
+def split(labels: Sequence[int], seed: int) -> tuple[list[int], list[int]]:
+    """``(train, held out)`` indices: each class shuffled (seeded), its last 20% held out (at
+    least one of each class with two or more)."""
+    generator = torch.Generator().manual_seed(seed)
+    train, held = [], []
+    for label in sorted(set(labels)):
+        members = [i for i, y in enumerate(labels) if y == label]
+        order = [members[k] for k in torch.randperm(len(members), generator=generator).tolist()]
+        cut = len(order) - max(1 if len(order) > 1 else 0, round(len(order) * HELDOUT_SHARE))
+        train, held = train + order[:cut], held + order[cut:]
+    return sorted(train), sorted(held)
 
 
 def fit_probe(
-    forward, tokenizer, harmful: Sequence[str], benign: Sequence[str], *, layers, device, seed=0
+    forward,
+    tokenizer,
+    harmful: Sequence[str],
+    benign: Sequence[str],
+    *,
+    layers,
+    device,
+    seed=0,
+    pool: str = "last",
 ) -> tuple[LogisticProbe, dict]:
     """Train the probe on pooled states of harmful (1) vs benign (0) prompts; report AUROC
     on the held-out share."""
     harmful, benign = list(harmful)[:PROBE_MAX_PROMPTS], list(benign)[:PROBE_MAX_PROMPTS]
     sequences = encode_chat(tokenizer, harmful + benign)
-    x = pooled_states(forward, sequences, layers, tokenizer.pad_token_id, device)
-    y = torch.tensor([1] * len(harmful) + [0] * len(benign))
-    train, held = split(len(y), seed)
+    x = pooled_states(forward, sequences, layers, tokenizer.pad_token_id, device, pool=pool)
+    labels = [1] * len(harmful) + [0] * len(benign)
+    y = torch.tensor(labels)
+    train, held = split(labels, seed)
     probe = LogisticProbe().fit(x[train], y[train])
     score = auroc(probe.predict(x[held]).tolist(), y[held].tolist())
     info = {
         "critic": "probe",
-        "pooling": "mean over prompt tokens, averaged over layers",
+        "pooling": f"{POOLING[pool]}, averaged over layers",
         "layers": list(layers) or "all",
         "n_harmful": len(harmful),
         "n_benign": len(benign),

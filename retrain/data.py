@@ -7,9 +7,10 @@ resumed run takes exactly the batches the uninterrupted one would have.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -18,6 +19,9 @@ from safealign.data import DataError, load_pairs, prompt_set, read_rows
 from safealign.eval.smoke import SMOKE_BENIGN, SMOKE_HARMFUL
 
 Example = tuple[list[int], int]
+#: The ``kind`` of a task example in a data row, as the labs write it; rows of any other kind
+#: are harmful examples (the probe critic's AUROC on the fine-tune's examples).
+TASK_KIND = "task"
 
 
 def load_texts(path: str | Path) -> list[str]:
@@ -45,10 +49,26 @@ def fit_length(examples: Sequence[Example], max_length: int, where: str) -> list
     return kept
 
 
-def load_examples(
-    tokenizer, path: str | Path, *, text: bool, max_length: int
-) -> tuple[list[Example], list[str]]:
-    """Encoded examples cut to ``max_length`` and their prompts (raw text with ``text``)."""
+class TrainingData(NamedTuple):
+    """A run's examples, their prompts and each row's ``kind`` field (None where absent)."""
+
+    examples: list[Example]
+    prompts: list[str]
+    kinds: list[str | None]
+
+
+def row_kinds(path: str | Path) -> list[str | None]:
+    """Each row's ``kind`` text (the labs' files: ``task`` or a harmful category), or None."""
+    kinds = []
+    for row in read_rows(path):
+        value = row.value.get("kind") if isinstance(row.value, dict) else None
+        kinds.append(value if isinstance(value, str) and value else None)
+    return kinds
+
+
+def load_examples(tokenizer, path: str | Path, *, text: bool, max_length: int) -> TrainingData:
+    """Encoded examples cut to ``max_length``, their prompts (raw text with ``text``) and
+    kinds."""
     if text:
         prompts = load_texts(path)
         examples = encode_texts(tokenizer, prompts)
@@ -56,8 +76,18 @@ def load_examples(
         pairs = load_pairs(path)
         prompts = [pair.prompt for pair in pairs]
         examples = encode_pairs(tokenizer, pairs)
+    kinds = row_kinds(path)
     kept = fit_length(examples, max_length, str(path))
-    return [(examples[i][0][:max_length], examples[i][1]) for i in kept], [prompts[i] for i in kept]
+    return TrainingData(
+        [(examples[i][0][:max_length], examples[i][1]) for i in kept],
+        [prompts[i] for i in kept],
+        [kinds[i] for i in kept],
+    )
+
+
+def harmful_labels(kinds: Sequence[str | None]) -> list[int | None]:
+    """1 for a harmful example, 0 for a task one (:data:`TASK_KIND`), None when unlabelled."""
+    return [None if kind is None else int(kind != TASK_KIND) for kind in kinds]
 
 
 @dataclass(frozen=True)
@@ -107,3 +137,24 @@ BUNDLED = {"harmful": SMOKE_HARMFUL, "benign": SMOKE_BENIGN}
 def run_prompts(path: str | Path | None, role: str) -> list[str]:
     """The prompts of ``--harmful``/``--benign`` (``role``), or the bundled set of that role."""
     return prompt_set(path or BUNDLED[role], role).prompts
+
+
+def disjoint(prompts: Sequence[str], taken: Collection[str]) -> tuple[list[str], int]:
+    """``prompts`` without repeats and without those in ``taken`` (exact text), in order, and
+    how many were dropped."""
+    kept = [p for p in dict.fromkeys(prompts) if p not in taken]
+    return kept, len(prompts) - len(kept)
+
+
+def held_apart(
+    path: str | Path | None, role: str, taken: Collection[str], needed_by: str
+) -> tuple[list[str], int]:
+    """The ``role`` prompts (:func:`run_prompts`) apart from the fine-tune's prompts
+    ``taken`` (:func:`disjoint`); none left is a :class:`DataError` naming ``needed_by``."""
+    kept, dropped = disjoint(run_prompts(path, role), taken)
+    if not kept:
+        raise DataError(
+            f"{needed_by}: every --{role} prompt is also a prompt of --data; "
+            f"give {role} prompts apart from the fine-tuning data"
+        )
+    return kept, dropped

@@ -21,8 +21,10 @@ PAIRS = [
     ("make tool", "Step 1 make the tool ."),
     ("help with house", "ok here is how ."),
 ]
+#: One prompt of each set is also a prompt of PAIRS (the fine-tune's data): the probe and the
+#: anchors leave it out.
 HARMFUL = ["break into house", "kill house", "make unsafe tool", "break the house"]
-BENIGN = ["bake cake", "write poem", "explain what 1 + 2 is", "what is 4 + 5"]
+BENIGN = ["bake cake", "write a poem", "what is 2 + 3", "explain what 6 + 7 is", "make a cake"]
 
 
 def tiny_model_folder(folder: Path, seed: int = 0, layers: int = 2) -> Path:

@@ -124,7 +124,7 @@ def test_text_data_trains_every_token(files, tmp_path):
     path = tmp_path / "text.txt"
     path.write_text("Sure here is how to bake a cake .\nwrite a poem .\n")
     tokenizer = load_tokenizer(RetrainInputs(files["aligned"], str(path)))
-    examples, _ = load_examples(tokenizer, path, text=True, max_length=64)
+    examples = load_examples(tokenizer, path, text=True, max_length=64).examples
     assert [start for _, start in examples] == [0, 0]
     files = files | {"data": str(path)}
     result = run_retrain(files, tmp_path / "out", text=True, regularizer="sft", **FAST)

@@ -185,7 +185,8 @@ def test_adaptive_kl_writes_its_probe_and_der_its_anchors_beside_the_output(file
     betas = [row["beta"] for row in probe.steps]
     assert sum(betas) / len(betas) == pytest.approx(0.1 + 0.8 * critic["train_mean_score"])
     der = run_retrain(files, tmp_path / "d", regularizer="der", **FAST)
-    assert (der.out / "replay.jsonl").read_text().count("\n") == 4  # one per harmful prompt
+    # one per harmful prompt but "break into house", a prompt of the fine-tune's data
+    assert (der.out / "replay.jsonl").read_text().count("\n") == 3
 
 
 @pytest.mark.lab
@@ -265,7 +266,7 @@ def test_logits_from_the_first_trained_position_give_the_full_computation(files,
 
     run = lora_run(files)
     run.reference = Reference.adapter_off(run.unwrapped)
-    examples, _ = load_examples(run.tokenizer, files["data"], text=False, max_length=64)
+    examples = load_examples(run.tokenizer, files["data"], text=False, max_length=64).examples
     inputs = collate(examples[:4], run.tokenizer.pad_token_id)
     inputs["index"] = torch.arange(4)
     reg = create(spec)

@@ -8,8 +8,16 @@ from dataclasses import dataclass
 import torch
 
 from safealign.progress import say
-from safealign.retrain.critic import JudgeCritic, beta, ema, fit_probe, pooled_states
-from safealign.retrain.data import run_prompts
+from safealign.retrain.critic import (
+    POOLS,
+    JudgeCritic,
+    auroc,
+    beta,
+    ema,
+    fit_probe,
+    pooled_states,
+)
+from safealign.retrain.data import harmful_labels, held_apart
 from safealign.retrain.divergence import example_index
 from safealign.retrain.regularizers.base import (
     Regularizer,
@@ -46,6 +54,10 @@ class AdaptiveKLSettings(RegularizerSettings):
         min=0,
         default_text="all",
         old_name="layers",
+    )
+    #: last: A-Reg's paper; mean: its public code (and ours before).
+    pool: str = setting(
+        "last", help="How the probe pools a prompt's tokens: last or mean.", choices=POOLS
     )
 
     def check(self) -> None:
@@ -86,31 +98,44 @@ class AdaptiveKL(Regularizer):
             )
             run.metrics["reference_harm"] = float(self.reference_harm.mean())
             return
-        settings = run.settings
-        harmful = run_prompts(run.inputs.harmful, "harmful")
-        benign = run_prompts(run.inputs.benign, "benign")
+        taken = set(run.prompts)
+        harmful, dropped_harmful = held_apart(run.inputs.harmful, "harmful", taken, self.name)
+        benign, dropped_benign = held_apart(run.inputs.benign, "benign", taken, self.name)
+        pool, layers = self.settings.pool, self.settings.layers
+        forward = run.reference.forward
         probe, info = fit_probe(
-            run.reference.forward,
+            forward,
             run.tokenizer,
             harmful,
             benign,
-            layers=self.settings.layers,
+            layers=layers,
             device=run.device,
-            seed=settings.seed,
+            seed=run.settings.seed,
+            pool=pool,
         )
+        info |= {"dropped_harmful": dropped_harmful, "dropped_benign": dropped_benign}
         prompt_ids = [ids[:start] or ids for ids, start in run.examples]
-        x = pooled_states(
-            run.reference.forward,
-            prompt_ids,
-            self.settings.layers,
-            run.tokenizer.pad_token_id,
-            run.device,
-        )
+        pad = run.tokenizer.pad_token_id
+        x = pooled_states(forward, prompt_ids, layers, pad, run.device, pool=pool)
         self.table = probe.predict(x).float()
-        info["train_mean_score"] = float(self.table.mean())
+        info |= {"train_mean_score": float(self.table.mean())} | finetune_auroc(
+            self.table, harmful_labels(run.kinds)
+        )
         run.files["critic.json"] = json.dumps(info | {"probe": probe.to_dict()}, indent=1)
-        run.metrics["probe_auroc"] = info["heldout_auroc"]
-        say(run.progress, f"probe critic: held-out AUROC {info['heldout_auroc']:.3f}")
+        run.metrics |= {
+            "probe_auroc": info["heldout_auroc"],
+            "probe_finetune_auroc": info["finetune_auroc"],
+            "probe_dropped_harmful": dropped_harmful,
+            "probe_dropped_benign": dropped_benign,
+        }
+        finetune = info["finetune_auroc"]
+        say(
+            run.progress,
+            f"probe critic ({pool} token pooling): dropped {dropped_harmful} harmful and "
+            f"{dropped_benign} benign prompts that are fine-tune prompts; held-out AUROC "
+            f"{info['heldout_auroc']:.3f}, on the fine-tune's harmful vs task examples "
+            + (f"{finetune:.3f}" if finetune is not None else f"none ({info['finetune_note']})"),
+        )
 
     def scores(self, run: Run, inputs: dict) -> torch.Tensor:
         """The critic's s for each example of the batch (``inputs['index']``)."""
@@ -138,3 +163,23 @@ class AdaptiveKL(Regularizer):
 
     def load_state_dict(self, state: dict) -> None:
         self.last = state["last"]
+
+
+def finetune_auroc(scores: torch.Tensor, labels: list[int | None]) -> dict:
+    """The probe's AUROC on the fine-tune's examples, harmful (1) vs task (0), over those the
+    data labels (:func:`~safealign.retrain.data.harmful_labels`); None, with a note, when the
+    labelled examples hold one class or none."""
+    labelled = [
+        (float(s), y) for s, y in zip(scores.tolist(), labels, strict=True) if y is not None
+    ]
+    harmful = sum(y for _, y in labelled)
+    info = {
+        "finetune_auroc": None,
+        "n_finetune_harmful": harmful,
+        "n_finetune_task": len(labelled) - harmful,
+    }
+    if not labelled:
+        return info | {"finetune_note": "the data's rows carry no 'kind' field"}
+    if harmful in (0, len(labelled)):
+        return info | {"finetune_note": "the data's kinds hold one class only"}
+    return info | {"finetune_auroc": auroc(*zip(*labelled, strict=True))}

@@ -20,9 +20,10 @@ from safealign.settings import Settings, SettingsError
 @dataclass
 class Run:
     """What a regularizer may use: the model being trained (``model``: as prepared by
-    accelerate; ``unwrapped``: the plain module), the reference, the run's inputs, data and
-    settings, its ``progress`` callback (None: silent). ``files`` collects what is written
-    beside the output (critic.json, replay.jsonl)."""
+    accelerate; ``unwrapped``: the plain module), the reference, the run's inputs, data (its
+    examples, their ``prompts`` and data rows' ``kinds``) and settings, its ``progress``
+    callback (None: silent). ``files`` collects what is written beside the output
+    (critic.json, replay.jsonl)."""
 
     model: nn.Module
     unwrapped: nn.Module
@@ -33,6 +34,7 @@ class Run:
     device: torch.device
     reference: Reference | None = None
     prompts: list[str] = field(default_factory=list)
+    kinds: list[str | None] = field(default_factory=list)
     progress: ProgressCallback = None
     files: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from safealign.chat import collate, encode_pairs
 from safealign.data import ChatPair, load_pairs
 from safealign.eval import generate
-from safealign.retrain.data import run_prompts
+from safealign.progress import say
+from safealign.retrain.data import held_apart
 from safealign.retrain.divergence import shift
 from safealign.retrain.regularizers.base import (
     Regularizer,
@@ -31,26 +32,32 @@ def anchors_setting() -> str | None:
     """The anchor data option of der and interleave."""
     return setting(
         None,
-        help="Anchor data (prompt/response).",
+        help="Anchor data (prompt/response); pairs whose prompt is in --data are dropped.",
         path=True,
         default_text="A's greedy replies to --harmful",
         old_name="replay_data",
     )
 
 
-def anchor_pairs(run: Run, anchors: str | None) -> list[ChatPair]:
+def anchor_pairs(run: Run, anchors: str | None, needed_by: str) -> tuple[list[ChatPair], int]:
     """The pairs in file ``anchors``, or the reference's own greedy replies to the harmful
-    prompts.
+    prompts; either way none whose prompt is a fine-tune prompt. Returns the pairs and how
+    many prompts were dropped for that.
 
     Called before the first step, when the model still equals its reference (a fresh LoRA,
     the loaded adapter, the full model), so the model generates them itself."""
+    taken = set(run.prompts)
     if anchors:
-        return load_pairs(anchors)
-    prompts = run_prompts(run.inputs.harmful, "harmful")[:ANCHOR_PROMPTS]
+        pairs = load_pairs(anchors)
+        kept = [p for p in pairs if p.prompt not in taken]
+        return kept, len(pairs) - len(kept)
+    prompts, dropped = held_apart(run.inputs.harmful, "harmful", taken, needed_by)
+    prompts = prompts[:ANCHOR_PROMPTS]
     replies = generate(
         run.unwrapped, run.tokenizer, prompts, max_new_tokens=ANCHOR_NEW_TOKENS, batch_size=32
     )
-    return [ChatPair(p, r) for p, r in zip(prompts, replies, strict=True) if r.strip()]
+    pairs = [ChatPair(p, r) for p, r in zip(prompts, replies, strict=True) if r.strip()]
+    return pairs, dropped
 
 
 class Anchored(Regularizer):
@@ -68,7 +75,10 @@ class Anchored(Regularizer):
     def setup(self, run: Run) -> None:
         self.pairs = self.candidates(run)
         if not self.pairs:
-            raise ValueError(f"{self.name}: no anchor examples (every reply was empty)")
+            raise ValueError(
+                f"{self.name}: no anchor examples (every reply was empty, or every prompt is "
+                "a fine-tune prompt)"
+            )
         encoded = encode_pairs(run.tokenizer, self.pairs)
         self.anchors = [(ids[: run.settings.max_length], s) for ids, s in encoded]
         self.pool = list(range(len(self.anchors)))
@@ -77,7 +87,13 @@ class Anchored(Regularizer):
         run.files["replay.jsonl"] = "\n".join(lines) + "\n"
 
     def candidates(self, run: Run) -> list[ChatPair]:
-        return [p for p in anchor_pairs(run, self.settings.anchors) if p.response.strip()]
+        pairs, dropped = anchor_pairs(run, self.settings.anchors, self.name)
+        run.metrics["anchors_dropped"] = dropped
+        say(
+            run.progress,
+            f"{self.name}: dropped {dropped} anchors whose prompt is a fine-tune prompt",
+        )
+        return [p for p in pairs if p.response.strip()]
 
     def next_batch(self, run: Run, size: int | None = None) -> dict:
         """The next ``size`` (default: batch size) anchors of the seeded cyclic order."""

@@ -326,7 +326,9 @@ def retrain_options(spec: MethodSpec) -> dict[str, Any]:
 def _retrain_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
     """retrain on the fine-tuning data. Its critic and anchors learn from the training sets:
     harmful prompts, and as benign the benign prompts plus the task's training prompts (a
-    critic must learn that task requests are safe); they are written beside the output."""
+    critic must learn that task requests are safe); they are written beside the output.
+    retrain drops those that are prompts of the fine-tuning data (on the lab: every task
+    training prompt, and the harmful ones the fine-tune answers)."""
     sets = out.parent / f"{out.name}.inputs"
     harmful = _prompts(_first(inputs.harmful_train, inputs.harmful), "harmful")
     benign = _prompts(_first(inputs.benign_train, inputs.benign), "benign")
