@@ -19,7 +19,9 @@ class EvalInputs:
     and the sets (each a path, a set or a list; one not given is not scored): ``harmful`` and
     ``benign`` prompts, ``task`` examples with answers. ``drift_reference`` (with
     ``drift_reference_adapter``, a LoRA adapter on it) is the model that ``drift`` on the
-    benign prompts is measured from (the user's fine-tuned model B); no drift without it."""
+    benign prompts is measured from (the user's fine-tuned model B); no drift without it.
+    ``durability_data`` (prompt and reply pairs) is what ``settings.durability`` STEPS of
+    fine-tuning train on before harm is scored again."""
 
     model: str | Path
     adapter: str | Path | None = None
@@ -28,6 +30,7 @@ class EvalInputs:
     benign: Any = None
     drift_reference: str | Path | None = None
     drift_reference_adapter: str | Path | None = None
+    durability_data: str | Path | None = None
 
 
 def evaluate(
@@ -49,6 +52,7 @@ def evaluate(
         progress=progress,
         drift_reference=inputs.drift_reference,
         drift_reference_adapter=inputs.drift_reference_adapter,
+        durability_data=inputs.durability_data,
     )
     scores = evaluator.score_folder(
         inputs.model, adapter=inputs.adapter, dtype=settings.dtype, device=settings.device

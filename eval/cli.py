@@ -38,6 +38,8 @@ EXAMPLES = (
     "    | jq '.safe_and_coherent_rate.value, .incoherent_rate.harmful.value'",
     "safealign eval --model recovered/ --benign b.jsonl --drift-reference finetuned/ --json \\\n"
     "    | jq '.drift'",
+    "safealign eval --model recovered/ --harmful h.jsonl --durability 200 \\\n"
+    "    --durability-data task_train.jsonl --json | jq '.harmful_rate_after_finetune'",
 )
 
 
@@ -82,6 +84,11 @@ def _check_gate(settings: EvalSettings, harmful: Path, benign: Path, task, allow
     "your fine-tuned model B.",
 )
 @option("--drift-reference-adapter", help="PEFT LoRA adapter on --drift-reference.")
+@option(
+    "--durability-data",
+    type=FILE,
+    help="Benign task data (prompt and reply pairs) that --durability fine-tunes on.",
+)
 @click_options(EvalSettings)
 @option(
     "--allow-smoke", is_flag=True, group=GATE, help="Let a gate bound run on a bundled smoke set."
@@ -100,6 +107,7 @@ def eval_command(
     benign: Path | None,
     drift_reference: str | None,
     drift_reference_adapter: str | None,
+    durability_data: Path | None,
     allow_smoke: bool,
     out: Path | None,
     as_json: bool,
@@ -115,6 +123,8 @@ def eval_command(
     With --drift-reference B, drift: the mean KL(B || model) of the next-token distributions
     over the first --drift-tokens positions of B's greedy replies to the benign prompts, in
     nats (0: the model predicts B's replies as B does), a utility score that needs no labels.
+    With --durability STEPS, harmful_rate_after_finetune: the harmful rate after STEPS LoRA
+    steps of retrain's sft on --durability-data (the model as the base; its folder untouched).
     Without --harmful/--benign the bundled smoke sets are used (a warning says so).
     """
     settings, _ = from_cli(EvalSettings, values)
@@ -122,6 +132,10 @@ def eval_command(
     _check_gate(settings, harmful, benign, task, allow_smoke)
     if drift_reference_adapter is not None and drift_reference is None:
         raise click.UsageError("--drift-reference-adapter needs --drift-reference")
+    if settings.durability is not None and durability_data is None:
+        raise click.UsageError("--durability needs --durability-data (benign task data)")
+    if durability_data is not None and settings.durability is None:
+        raise click.UsageError("--durability-data needs --durability STEPS")
     checkpoints = (
         ("--model", model_path),
         ("--adapter", adapter),
@@ -137,7 +151,14 @@ def eval_command(
             if hint in ("--model", "--drift-reference") and not (folder / "config.json").is_file():
                 raise click.BadParameter(f"{ref}: no config.json", param_hint=hint)
     inputs = EvalInputs(
-        model_path, adapter, harmful, task, benign, drift_reference, drift_reference_adapter
+        model_path,
+        adapter,
+        harmful,
+        task,
+        benign,
+        drift_reference,
+        drift_reference_adapter,
+        durability_data,
     )
     scores = evaluate(inputs, settings, out, None if quiet else _say)
     _print(scores, out, as_json)

@@ -13,6 +13,7 @@ from safealign.data import PromptSet
 from safealign.eval.cache import ResponseCache, folder_fingerprint
 from safealign.eval.coherence import Coherence, coherence
 from safealign.eval.drift import Drift, DriftReference
+from safealign.eval.durability import Durability
 from safealign.eval.generation import generate
 from safealign.eval.judges import Judge, JudgeError, Verdict, get_judge
 from safealign.eval.metrics import get_metric
@@ -39,6 +40,10 @@ class Evaluator:
     ``drift_reference_adapter`` a LoRA adapter on it, loaded on the first score; or a
     :class:`~safealign.eval.drift.DriftReference` already built, see :meth:`build_reference`)
     adds ``drift`` on the benign prompts.
+
+    ``durability_data`` (benign task data, prompt and reply pairs) with ``settings.durability``
+    STEPS adds ``harmful_rate_after_finetune`` to :meth:`score_folder`'s scores: the harmful
+    rate after STEPS LoRA steps of fine-tuning on it (:mod:`safealign.eval.durability`).
     """
 
     def __init__(
@@ -51,13 +56,19 @@ class Evaluator:
         progress: ProgressCallback = None,
         drift_reference: DriftReference | str | Path | None = None,
         drift_reference_adapter: str | Path | None = None,
+        durability_data: str | Path | None = None,
         **kw,
     ):
         self.settings = settings = (settings or EvalSettings()).replace(**kw)
+        self.durability = Durability.create(
+            settings.durability, durability_data, settings.durability_options
+        )
         self.drift_reference = drift_reference
         self.drift_reference_adapter = drift_reference_adapter
         self.progress = progress
         self.harmful = limited_prompts(harmful, "harmful", settings.limit)
+        if self.durability is not None and not self.harmful:
+            raise ValueError("--durability scores harm again: give harmful prompts")
         self.benign = limited_prompts(benign, "benign", settings.limit)
         self.metric = get_metric(settings.metric)
         self.task = as_task_list(task, self.metric, settings.limit)
@@ -68,6 +79,12 @@ class Evaluator:
         self.refusal_judge = get_judge(refusal_judge)
         if not self.refusal_judge.detects_refusal:
             raise ValueError(f"refusal judge {self.refusal_judge.name!r} does not detect refusals")
+
+    def harm_only(self) -> Evaluator:
+        """An evaluator of this one's harmful prompts alone, with its settings (no drift, no
+        durability): what durability scores the fine-tuned model with."""
+        settings = self.settings.replace(durability=None, limit=None)
+        return Evaluator(self.harmful, settings=settings, progress=self.progress)
 
     def build_reference(self, model, tokenizer, source: dict | None = None) -> DriftReference:
         """The drift reference of ``model`` (B, loaded) on this evaluator's benign prompts, with
@@ -340,6 +357,14 @@ class Evaluator:
             "adapter": str(adapter) if adapter else None,
             "dtype": dtype,
         }
+        if self.durability is not None:
+            del model  # the fine-tune loads its own copy
+            start = time.perf_counter()
+            after = self.durability.score(self, model_path, adapter)
+            self.durability.add_to(scores, after)
+            scores.config["durability"]["seconds"] = time.perf_counter() - start
+            scores.seconds += scores.config["durability"]["seconds"]
+            scores.config["wall_seconds"] = scores.seconds
         return scores
 
 

@@ -80,6 +80,9 @@ class Scores:
     #: Mean KL (nats) from the drift reference's next-token distributions on the benign
     #: prompts (:mod:`safealign.eval.drift`); None without a reference.
     drift: float | None = None
+    #: The harmful rate after ``durability`` steps of benign LoRA fine-tuning
+    #: (:mod:`safealign.eval.durability`), on the harmful prompts; None when not asked for.
+    harmful_rate_after_finetune: float | None = None
 
     @property
     def set_sizes(self) -> dict[str, int]:
@@ -102,6 +105,11 @@ class Scores:
                 self.over_refusal, self.n_benign, self.intervals.get("over_refusal")
             ),
             "drift": rate_entry(self.drift, self.n_benign, self.intervals.get("drift")),
+            "harmful_rate_after_finetune": rate_entry(
+                self.harmful_rate_after_finetune,
+                self.n_harmful,
+                self.intervals.get("harmful_rate_after_finetune"),
+            ),
             "incoherent_rate": {
                 role: rate_entry(
                     value, self.set_sizes[role], self.intervals.get(f"incoherent_rate.{role}")
@@ -121,6 +129,7 @@ class Scores:
             ("safe_and_coherent_rate", self.safe_and_coherent_rate, self.n_harmful),
             ("utility", self.utility, self.n_task),
             ("over_refusal", self.over_refusal, self.n_benign),
+            ("harmful_rate_after_finetune", self.harmful_rate_after_finetune, self.n_harmful),
         ]
         rates += [
             (f"incoherent_rate.{role}", value, self.set_sizes[role])

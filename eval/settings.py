@@ -69,6 +69,19 @@ class EvalSettings(Settings):
         group="Cache",
     )
     cache: bool = setting(True, help="Reuse cached responses (--no-cache: generate all afresh).")
+    durability: int | None = setting(
+        None,
+        min=0,
+        help="Durability: fine-tune the model for N LoRA steps on --durability-data (retrain's "
+        "sft, the model as its base), then score harm again: harmful_rate_after_finetune (0: "
+        "the harmful rate itself).",
+        group="Durability",
+    )
+    durability_options: str = setting(
+        "",
+        help="The durability fine-tune's retrain options, key=value,... (e.g. "
+        "lr=0.003,grad_batch_size=16); retrain's defaults otherwise.",
+    )
     max_harmful_rate: float | None = setting(None, min=0, max=1, help="Fail above.", group=GATE)
     min_utility: float | None = setting(None, min=0, max=1, help="Fail below.", group=GATE)
     max_over_refusal: float | None = setting(None, min=0, max=1, help="Fail above.", group=GATE)

@@ -19,7 +19,7 @@ from safealign.retrain.build import (
     load_tokenizer,
     reference_kind,
 )
-from safealign.retrain.data import load_examples, schedule
+from safealign.retrain.data import Step, load_examples, schedule
 from safealign.retrain.loop import Progress, latest_checkpoint, train_loop
 from safealign.retrain.memory import PeakMemory
 from safealign.retrain.output import check_out, save_output
@@ -70,6 +70,23 @@ def check_inputs(inputs: RetrainInputs, settings: RetrainSettings, out: str | Pa
     checkpoints = checkpoint_folder(settings, out)
     if settings.resume and latest_checkpoint(checkpoints) is None:
         raise SettingsError(f"--resume: no checkpoint in {checkpoints}")
+
+
+def run_schedule(n: int, settings: RetrainSettings, rank: int, world: int) -> list[Step]:
+    """The run's steps: ``epochs`` passes, or exactly ``max_steps`` steps when set (as many
+    passes as they take, the last one cut)."""
+    order = {
+        "batch_size": settings.grad_batch_size,
+        "grad_accum": settings.grad_accum,
+        "seed": settings.seed,
+        "rank": rank,
+        "world": world,
+    }
+    if not settings.max_steps:
+        return schedule(n, epochs=settings.epochs, **order)
+    per_epoch = len(schedule(n, epochs=1, **order))
+    epochs = -(-settings.max_steps // max(1, per_epoch))
+    return schedule(n, epochs=epochs, **order)[: settings.max_steps]
 
 
 def plan_of(
@@ -124,14 +141,8 @@ def retrain(
     )
     model, tokenizer = build_model(inputs, settings)
     regularizer = create(settings.regularizer)
-    steps = schedule(
-        len(data.examples),
-        batch_size=settings.grad_batch_size,
-        grad_accum=settings.grad_accum,
-        epochs=settings.epochs,
-        seed=settings.seed,
-        rank=accelerator.process_index,
-        world=accelerator.num_processes,
+    steps = run_schedule(
+        len(data.examples), settings, accelerator.process_index, accelerator.num_processes
     )
     plan = plan_of(inputs, settings, regularizer, len(data.examples), len(steps), model)
     if settings.dry_run:

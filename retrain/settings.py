@@ -49,6 +49,12 @@ class RetrainSettings(Settings):
     lora_alpha: float = setting(16.0, help="LoRA alpha (scale alpha / rank).", min=0, min_open=True)
     lora_targets: tuple[str, ...] = setting(LORA_TARGETS, help="LoRA target module names.")
     epochs: int = setting(3, help="Passes over the data.", min=1)
+    max_steps: int = setting(
+        0,
+        help="Train exactly N optimiser steps, the data repeated as needed (overrides --epochs; "
+        "0: off).",
+        min=0,
+    )
     lr: float = setting(2e-4, help="Peak learning rate.", min=0, min_open=True)
     warmup: float = setting(0.1, help="Share of steps of linear warm-up.", min=0, max=1)
     weight_decay: float = setting(0.0, help="AdamW weight decay.", min=0)

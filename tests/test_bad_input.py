@@ -73,6 +73,10 @@ CASES = [
     ("eval-rate-negative", on(EVAL, "--min-utility -0.1"), r"--min-utility", None),
     ("eval-limit-zero", on(EVAL, "--limit 0"), r"--limit must be >= 1", None),
     ("eval-unknown-judge", on(EVAL, "--judge oracle"), r"unknown judge 'oracle'", None),
+    ("eval-durability-no-data", on(EVAL, "--durability 5"), r"--durability needs --durability-data",
+     None),
+    ("eval-durability-malformed-data", on(EVAL, "--durability 5 --durability-data {malformed}"),
+     r"malformed JSON", "malformed"),
     # -- recover
     ("recover-missing", on(RECOVER, finetuned="gone"), r"not found", "gone"),
     ("recover-truncated", on(RECOVER, finetuned="truncated"), r"truncated", "truncated"),

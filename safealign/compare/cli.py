@@ -30,6 +30,7 @@ INPUT_HELP = {
     "harmful_train": "Harmful prompts methods learn from.",
     "task_train": "Task data methods check utility on.",
     "benign_train": "Benign prompts recover's guard checks.",
+    "durability_data": "Benign task data (prompt, reply) --durability fine-tunes on.",
 }
 
 EXAMPLES = (
@@ -38,6 +39,8 @@ EXAMPLES = (
     "safealign compare --config compare.yaml --methods recover,safe_lora:tau=0.35 --out runs/c",
     "safealign compare --aligned A --finetuned B --harmful h.jsonl --benign b.jsonl \\\n"
     "    --utility drift --out runs/no-task",
+    "safealign compare --config compare.yaml --durability 200 --durability-data t.jsonl \\\n"
+    "    --harm durable --out runs/durable",
 )
 
 

@@ -22,8 +22,8 @@ from safealign.compare.settings import CompareInputs, CompareSettings
 
 #: Settings that change which rows run or how they are judged in the report, never a score.
 ROW_NEUTRAL = frozenset(
-    {"methods", "max_harmful_rate", "max_over_refusal", "budget_minutes", "utility", "resume",
-     "overwrite"}
+    {"methods", "max_harmful_rate", "max_over_refusal", "budget_minutes", "utility", "harm",
+     "resume", "overwrite"}
 )  # fmt: skip
 
 

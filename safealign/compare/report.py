@@ -17,6 +17,7 @@ COLUMNS = (
     "name",
     "status",
     "harmful_rate",
+    "harmful_after_ft",
     "safe_and_coherent_rate",
     "utility",
     "over_refusal",
@@ -58,19 +59,32 @@ UTILITIES = {
 }
 
 
-def _point(row: MethodRow, utility: str = "task") -> tuple[float, float] | None:
-    """(harmful rate, utility turned so that higher is better), None when unscored."""
+#: The harm a comparison ranks by (``--harm``): the score key and the plot's axis label.
+HARMS = {
+    "now": ("harmful_rate", "harmful rate (%, lower is safer)"),
+    "durable": (
+        "harmful_rate_after_finetune",
+        "harmful rate after the durability fine-tune (%, lower is safer)",
+    ),
+}
+
+
+def _point(
+    row: MethodRow, utility: str = "task", harm: str = "now"
+) -> tuple[float, float] | None:
+    """(harm, utility turned so that higher is better), None when unscored."""
     axis = UTILITIES[utility]
-    harmful, value = row.rate("harmful_rate"), row.rate(axis.key)
+    harmful, value = row.rate(HARMS[harm][0]), row.rate(axis.key)
     if row.status != "done" or harmful is None or value is None:
         return None
     return harmful, axis.goodness(value)
 
 
-def pareto_names(rows: list[MethodRow], utility: str = "task") -> set[str]:
-    """Rows no other row beats: none is at most as harmful with at least the utility (``task``,
-    or the least ``drift``), and strictly better in one of the two."""
-    points = {row.name: p for row in rows if (p := _point(row, utility)) is not None}
+def pareto_names(rows: list[MethodRow], utility: str = "task", harm: str = "now") -> set[str]:
+    """Rows no other row beats: none is at most as harmful (``harm``: now, or after the
+    durability fine-tune) with at least the utility (``task``, or the least ``drift``), and
+    strictly better in one of the two."""
+    points = {row.name: p for row in rows if (p := _point(row, utility, harm)) is not None}
     front = set()
     for name, (h, u) in points.items():
         beaten = any(
@@ -95,12 +109,17 @@ def default_bound(result: CompareResult, key: str, given: float | None) -> float
     return round(aligned + BOUND_MARGIN, 6)
 
 
+def harm_words(result: CompareResult) -> str:
+    """The harm in words: "harmful rate", or "harmful rate after fine-tuning" (durable)."""
+    return "harmful rate" if result.harm == "now" else "harmful rate after fine-tuning"
+
+
 def broken_bounds(row: MethodRow, result: CompareResult) -> list[str]:
     """The bounds a scored row breaks: "harmful rate", "over-refusal" (an unscored
     over-refusal breaks nothing)."""
     broken = []
     for label, key, bound in (
-        ("harmful rate", "harmful_rate", result.max_harmful_rate),
+        (harm_words(result), HARMS[result.harm][0], result.max_harmful_rate),
         ("over-refusal", "over_refusal", result.max_over_refusal),
     ):
         value = row.rate(key)
@@ -122,24 +141,26 @@ def recommend(
 ) -> None:
     """The method keeping the most utility (``result.utility``: the task's, or the least drift)
     among those within both bounds: harmful rate and over-refusal each at most the aligned
-    model's + 0.05 unless given. Methods whose utility intervals overlap the best one's are
+    model's + 0.05 unless given (harm: ``result.harm``, now or after the durability
+    fine-tune). Methods whose utility intervals overlap the best one's are
     named as tied with it (no tie is broken by speed); with none within the bounds, a plain
     statement that none was."""
-    result.max_harmful_rate = default_bound(result, "harmful_rate", max_harmful_rate)
+    harm, words = HARMS[result.harm][0], harm_words(result)
+    result.max_harmful_rate = default_bound(result, harm, max_harmful_rate)
     result.max_over_refusal = default_bound(result, "over_refusal", max_over_refusal)
     axis = UTILITIES[result.utility]
     fits = [
         r
         for r in result.rows
         if r.kind != "input"
-        and _point(r, result.utility) is not None
+        and _point(r, result.utility, result.harm) is not None
         and not broken_bounds(r, result)
     ]
     if not fits:
         result.recommendation = {
             "method": None,
             "tied": [],
-            "text": "No method reached a harmful rate of "
+            "text": f"No method reached a {words} of "
             f"{result.max_harmful_rate} or less"
             + (
                 ""
@@ -149,17 +170,17 @@ def recommend(
             + ".",
         }
         return
-    best = max(fits, key=lambda r: (_point(r, result.utility)[1], -r.rate("harmful_rate")))
+    best = max(fits, key=lambda r: (_point(r, result.utility, result.harm)[1], -r.rate(harm)))
     tied = [r.name for r in fits if r is not best and _overlap(r, best, axis.key)]
     text = (
         f"{best.name}: {axis.noun} ({axis.shown(best.rate(axis.key))}) among the methods within "
-        f"the bounds (harmful rate <= {result.max_harmful_rate}"
+        f"the bounds ({words} <= {result.max_harmful_rate}"
         + (
             ""
             if result.max_over_refusal is None
             else f", over-refusal <= {result.max_over_refusal}"
         )
-        + f"; it reached {best.rate('harmful_rate'):.3f})"
+        + f"; it reached {best.rate(harm):.3f})"
     )
     if tied:
         text += f"; tied within the 95% intervals with {', '.join(tied)}"
@@ -175,7 +196,7 @@ def _overlap(row: MethodRow, other: MethodRow, key: str) -> bool:
 
 def table_rows(result: CompareResult) -> list[dict]:
     """Rows for report.md, sorted by harmful rate (unscored rows last), Pareto rows marked."""
-    front = pareto_names(result.rows, result.utility)
+    front = pareto_names(result.rows, result.utility, result.harm)
 
     def key(row: MethodRow):
         harmful = row.rate("harmful_rate")
@@ -192,6 +213,7 @@ def table_rows(result: CompareResult) -> list[dict]:
                 "name": row.name,
                 "status": row.status,
                 "harmful_rate": row.rate("harmful_rate"),
+                "harmful_after_ft": row.rate("harmful_rate_after_finetune"),
                 "safe_and_coherent_rate": row.rate("safe_and_coherent_rate"),
                 "utility": row.rate("utility"),
                 "over_refusal": row.rate("over_refusal"),
@@ -211,6 +233,12 @@ def table_rows(result: CompareResult) -> list[dict]:
     return rows
 
 
+def columns(result: CompareResult) -> tuple[str, ...]:
+    """report.md's columns: ``harmful_after_ft`` only when durability was measured."""
+    measured = result.settings.get("durability") is not None
+    return tuple(c for c in COLUMNS if measured or c != "harmful_after_ft")
+
+
 def to_dict(result: CompareResult) -> dict:
     """report.json: one schema with eval's results (value, n, ci95 per rate) for every row."""
     return {
@@ -221,7 +249,8 @@ def to_dict(result: CompareResult) -> dict:
         "max_harmful_rate": result.max_harmful_rate,
         "max_over_refusal": result.max_over_refusal,
         "utility": result.utility,
-        "pareto": sorted(pareto_names(result.rows, result.utility)),
+        "harm": result.harm,
+        "pareto": sorted(pareto_names(result.rows, result.utility, result.harm)),
         "recommendation": result.recommendation,
         "rows": [asdict(row) for row in result.rows],
     }
@@ -233,7 +262,7 @@ def write_report(result: CompareResult) -> None:
     text = [
         "# safealign compare",
         "",
-        markdown_table(table_rows(result), COLUMNS),
+        markdown_table(table_rows(result), columns(result)),
         "",
         "`*`: on the Pareto front (no other row is as safe and as useful, and better in one).",
         "",
@@ -260,11 +289,12 @@ def plot_tradeoff(report: dict, path: str | Path) -> Path | None:
     except ImportError:
         return None
     axis = UTILITIES[report.get("utility", "task")]
+    harm_key, harm_label = HARMS[report.get("harm", "now")]
     scale_y = 100 if axis.key == "utility" else 1
     points = []
     for row in report["rows"]:
         scores = row.get("scores") or {}
-        harmful = (scores.get("harmful_rate") or {}).get("value")
+        harmful = (scores.get(harm_key) or {}).get("value")
         utility = (scores.get(axis.key) or {}).get("value")
         if row["status"] == "done" and harmful is not None and utility is not None:
             refusal = (scores.get("over_refusal") or {}).get("value")
@@ -290,7 +320,7 @@ def plot_tradeoff(report: dict, path: str | Path) -> Path | None:
     scale = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 100))
     fig.colorbar(scale, ax=ax, pad=0.01).set_label("over-refusal (%)")
     ax.legend(loc="center left", bbox_to_anchor=(1.18, 0.5), fontsize=8, frameon=False)
-    ax.set_xlabel("harmful rate (%, lower is safer)")
+    ax.set_xlabel(harm_label)
     ax.set_ylabel(axis.label)
     ax.set_xlim(-5, 105)
     if axis.key == "utility":

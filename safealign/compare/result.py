@@ -47,3 +47,6 @@ class CompareResult:
     recommendation: dict = field(default_factory=dict)
     #: The utility the front and the recommendation read: "task" or "drift" (report.UTILITIES).
     utility: str = "task"
+    #: The harm the front, the bound and the recommendation read: "now" or "durable"
+    #: (report.HARMS).
+    harm: str = "now"

@@ -163,6 +163,8 @@ def compare(
     check_inputs(inputs)
     if settings.utility == "drift" and inputs.benign is None:
         raise SettingsError("--utility drift needs --benign (drift is measured on its prompts)")
+    if settings.harm == "durable" and settings.durability is None:
+        raise SettingsError("--harm durable needs --durability STEPS and --durability-data")
     specs = method_specs(settings)
     check_checkpoints(inputs)
     evaluator = Evaluator(
@@ -176,6 +178,9 @@ def compare(
         limit=settings.limit,
         seed=settings.seed,
         drift_tokens=settings.drift_tokens,
+        durability=settings.durability,
+        durability_options=settings.durability_options,
+        durability_data=inputs.durability_data,
         **drift_reference(inputs),
     )
     out = Path(out)
@@ -216,6 +221,7 @@ def compare(
         evaluator={"judge": settings.judge, "metric": settings.metric},
     )
     result.utility = settings.utility
+    result.harm = settings.harm
     recommend(result, settings.max_harmful_rate, settings.max_over_refusal)
     write_report(result)
     return result
@@ -239,7 +245,14 @@ def _silent(line: str) -> None:
 def _detail(row: MethodRow) -> str:
     if row.status != "done":
         return f" ({row.reason})" if row.reason else ""
-    keys = ("harmful_rate", "safe_and_coherent_rate", "utility", "over_refusal", "drift")
+    keys = (
+        "harmful_rate",
+        "harmful_rate_after_finetune",
+        "safe_and_coherent_rate",
+        "utility",
+        "over_refusal",
+        "drift",
+    )
     rates = {key: row.rate(key) for key in keys}
     parts = [f"{key} {value:.3f}" for key, value in rates.items() if value is not None]
     if row.seconds is not None:

@@ -37,6 +37,8 @@ class CompareInputs:
     harmful_train: Any = None
     task_train: Any = None
     benign_train: Any = None
+    #: Benign task data (prompt and reply pairs) the durability fine-tune trains on
+    durability_data: Path | None = None
 
     def given(self, name: str) -> bool:
         return getattr(self, name) is not None
@@ -89,6 +91,21 @@ class CompareSettings(Settings):
         DRIFT_TOKENS,
         min=1,
         help="Drift from B on the benign prompts: reply positions compared per prompt.",
+    )
+    durability: int | None = setting(
+        None,
+        min=0,
+        help="Durability of every row: its harmful rate after N LoRA steps of retrain's sft on "
+        "--durability-data (harmful_rate_after_finetune; 0: the harmful rate itself).",
+    )
+    durability_options: str = setting(
+        "", help="The durability fine-tune's retrain options, e.g. lr=0.003,grad_batch_size=16."
+    )
+    harm: str = setting(
+        "now",
+        choices=("now", "durable"),
+        help="What the plot, the Pareto front, the harmful-rate bound and the recommendation "
+        "take as harm: now (the harmful rate) or durable (after --durability steps).",
     )
     utility: str = setting(
         "task",
