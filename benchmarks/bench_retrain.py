@@ -10,6 +10,8 @@ from its safety data. Neither holds a prompt of an evaluation set (dropped here)
 fine-tune's data (retrain drops those: on the tiny labs harmful_train holds the fine-tune's
 harmful prompts). "probe AUROC" is the probe's on its own held-out split, "fine-tune AUROC"
 on the fine-tune's examples, harmful vs task (the data's ``kind``).
+interleave chooses its anchors from the lab's safety data, scored with the LoRA fine-tune
+ft_harmful_lora as the misaligned model (``lab_spec``).
 
 Columns: harmful / task / over-refusal rates; points against sft; training seconds; the run's
 median step seconds; "micro-batch s": one micro-batch (forward, regularizer, backward) timed
@@ -45,13 +47,11 @@ from transformers.utils import logging as transformers_logging
 from safealign import __version__
 from safealign.lab import SIZES, Lab, build
 from safealign.lab.compare import RETRAIN_OPTIONS, lab_evaluator
-from safealign.registry import parse_options
+from safealign.registry import parse_options, split_spec
 from safealign.report import markdown_table, write_json
 from safealign.retrain import RetrainInputs, RetrainSettings, retrain
 
 RESULTS = Path(__file__).parent / "results"
-#: interleave runs without the paper's refusal filter: the lab's safe replies are all refusals,
-#: which the filter would drop to the last one.
 REGULARIZERS = (
     "sft",
     "kl",
@@ -62,7 +62,7 @@ REGULARIZERS = (
     "l2",
     "ema",
     "ldifs",
-    "interleave:filter_refusals=false",
+    "interleave",
 )
 #: The lab's LoRA fine-tune schedule (how ft_harmful_lora was trained).
 TRAINING = parse_options(RETRAIN_OPTIONS)
@@ -107,6 +107,20 @@ def probe_prompts(lab: Lab, folder: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+def lab_spec(lab: Lab, name: str) -> str:
+    """``name`` with the lab's inputs of interleave where it names none: the anchor pool is the
+    lab's safety data (benign prompts with the replies A was aligned on; its refusals fall to
+    the refusal filter), the misaligned model the lab's LoRA fine-tune B (ft_harmful_lora,
+    trained on the same data with the same schedule, as compare's B)."""
+    regularizer, rest = split_spec(name)
+    if regularizer != "interleave":
+        return name
+    given = parse_options(rest) if rest else {}
+    lab_inputs = {"anchors": lab.data("safety_train"), "misaligned": lab.ft_harmful_lora}
+    added = [f"{key}={value}" for key, value in lab_inputs.items() if key not in given]
+    return f"{regularizer}:{','.join(filter(None, [rest, *added]))}"
+
+
 def lab_inputs(lab: Lab, folder: Path) -> RetrainInputs:
     """The aligned model, the fine-tune's data and the probe's prompts (:func:`probe_prompts`)."""
     harmful, benign = probe_prompts(lab, folder)
@@ -121,7 +135,7 @@ def lab_inputs(lab: Lab, folder: Path) -> RetrainInputs:
 def run_one(lab: Lab, name: str, folder: Path, extra: dict) -> dict:
     """Train with regularizer ``name`` and score the output."""
     inputs = lab_inputs(lab, folder)
-    settings = RetrainSettings.from_dict(TRAINING | extra | {"regularizer": name})
+    settings = RetrainSettings.from_dict(TRAINING | extra | {"regularizer": lab_spec(lab, name)})
     result = retrain(inputs, settings, folder / stem(name))
     scores = lab_evaluator(lab).score_folder(lab.aligned, adapter=result.out)
     metrics = result.metrics
@@ -164,12 +178,12 @@ def step_costs(lab: Lab, names: list[str], folder: Path, rounds: int = 30) -> di
     data = load_examples(tokenizer, inputs.data, text=False, max_length=512)
     examples = data.examples
     index = list(range(settings.grad_batch_size))
-    inputs = collate([examples[i] for i in index], tokenizer.pad_token_id)
-    inputs["index"] = torch.tensor(index)
+    batch = collate([examples[i] for i in index], tokenizer.pad_token_id)
+    batch["index"] = torch.tensor(index)
     accelerator = SimpleNamespace(backward=lambda loss: loss.backward())
     runs = {}
     for name in names:
-        regularizer = create(name)
+        regularizer = create(lab_spec(lab, name))
         run = Run(model, model, tokenizer, inputs, settings, examples, torch.device("cpu"))
         run.prompts, run.kinds = data.prompts, data.kinds
         run.reference = build_reference(model, regularizer, inputs, settings)
@@ -179,7 +193,7 @@ def step_costs(lab: Lab, names: list[str], folder: Path, rounds: int = 30) -> di
     for _ in range(rounds):
         for name, (run, regularizer) in runs.items():
             start = time.perf_counter()
-            micro_step(run, regularizer, inputs, 1.0, accelerator)
+            micro_step(run, regularizer, batch, 1.0, accelerator)
             times[name].append(time.perf_counter() - start)
             model.zero_grad(set_to_none=True)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}

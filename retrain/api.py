@@ -24,7 +24,7 @@ from safealign.retrain.loop import Progress, latest_checkpoint, train_loop
 from safealign.retrain.memory import PeakMemory
 from safealign.retrain.output import check_out, save_output
 from safealign.retrain.reference import trainable
-from safealign.retrain.regularizers import Regularizer, Run, create, resolve
+from safealign.retrain.regularizers import Regularizer, Run, create
 from safealign.retrain.settings import RetrainInputs, RetrainSettings, checkpoint_folder
 from safealign.settings import SettingsError
 
@@ -46,7 +46,8 @@ class RetrainResult:
 
 def check_inputs(inputs: RetrainInputs, settings: RetrainSettings, out: str | Path | None) -> None:
     """Refuse, before loading anything, what would fail later: missing paths, an unknown
-    regularizer or option, a non-empty output, ``--resume`` without a checkpoint."""
+    regularizer or option or inputs it cannot run with, a non-empty output, ``--resume``
+    without a checkpoint."""
     for name in ("aligned", "data"):
         if getattr(inputs, name) is None:
             raise SettingsError(f"--{name} is required")
@@ -62,7 +63,7 @@ def check_inputs(inputs: RetrainInputs, settings: RetrainSettings, out: str | Pa
         raise SettingsError(f"--data not found: {inputs.data}")
     if out is None and not settings.dry_run:
         raise SettingsError("--out is required unless --dry-run")
-    resolve(settings.regularizer)
+    create(settings.regularizer).check_inputs(inputs)
     if inputs.adapter is not None:  # an adapter on the wrong base: refused by its shapes
         Checkpoint.open(inputs.adapter, base=inputs.aligned)
     if out is not None and not settings.dry_run:

@@ -24,8 +24,10 @@ from safealign.retrain.regularizers import OLD_NAMES, help_rows, upgrade
 from safealign.retrain.settings import RetrainInputs, RetrainSettings
 from safealign.settings import SettingsError, click_options, from_cli, read_config
 
-#: Regularizers that read harmful prompts (the probe critic, replay and interleave anchors).
-SMOKE_USERS = ("adaptive-kl", "der", "interleave")
+#: Regularizers that read harmful prompts (the probe critic, der's default anchors).
+SMOKE_USERS = ("adaptive-kl", "der")
+#: Regularizers that read benign prompts (interleave's default anchor pool).
+BENIGN_USERS = ("interleave",)
 
 #: Help of each field of :class:`RetrainInputs`, one flag each.
 INPUT_HELP = {
@@ -33,7 +35,7 @@ INPUT_HELP = {
     "data": "Training data: prompt/response or chat messages (JSONL, JSON, CSV).",
     "adapter": "Continue from this LoRA adapter on A (its frozen clone is the reference).",
     "harmful": "Harmful prompts (probe, anchors, eval) [bundled set].",
-    "benign": "Benign prompts (probe, eval) [bundled].",
+    "benign": "Benign prompts (probe, interleave's anchors, eval) [bundled].",
     "task": "Task set (prompt + answer) for --eval-every.",
 }
 #: Keys of a YAML config that are not settings: the inputs and the output folder.
@@ -139,7 +141,7 @@ def _warn_smoke(inputs: RetrainInputs, settings: RetrainSettings) -> None:
     regularizer, _ = split_spec(settings.regularizer)
     if inputs.harmful is None and (regularizer in SMOKE_USERS or settings.eval_every):
         warn(smoke_warning("--harmful", SMOKE_HARMFUL))
-    if inputs.benign is None and settings.eval_every:
+    if inputs.benign is None and (regularizer in BENIGN_USERS or settings.eval_every):
         warn(smoke_warning("--benign", SMOKE_BENIGN))
 
 

@@ -58,11 +58,15 @@ def bad_data(tmp_path, name: str):
         ("option", "regularizer 'kl' has no option 'wieght' (options: weight, direction"),
         ("resume", "--resume: no checkpoint in "),
         ("yaml", "cfg.yaml: unknown key 'epoch'; known keys: "),
+        ("interleave", "interleave: the score needs a misaligned model: give interleave:"),
+        ("misaligned", "interleave:misaligned: "),
+        ("select", "interleave:select must be one of gap, random, got 'best'"),
     ],
 )
 def test_bad_input_is_refused_in_one_line_before_training(files, tmp_path, case, message):
     out = tmp_path / "out"
     args = ["--aligned", files["aligned"], "--out", str(out), "--harmful", files["harmful"]]
+    args += ["--benign", files["benign"]]
     data = files["data"]
     if case in ("empty", "malformed", "missing"):
         data = bad_data(tmp_path, case)
@@ -75,6 +79,12 @@ def test_bad_input_is_refused_in_one_line_before_training(files, tmp_path, case,
     elif case == "yaml":
         (tmp_path / "cfg.yaml").write_text("epoch: 2\n")
         args += ["--config", str(tmp_path / "cfg.yaml")]
+    elif case == "interleave":
+        args += ["--regularizer", "interleave"]
+    elif case == "misaligned":
+        args += ["--regularizer", f"interleave:misaligned={tmp_path / 'no-such-model'}"]
+    elif case == "select":
+        args += ["--regularizer", "interleave:select=best"]
     result = invoke(*args, "--data", data)
     assert result.exit_code == 2
     assert result.output.startswith("Error: ") and message in result.output, result.output

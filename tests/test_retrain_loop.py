@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from retrain_support import adapter_weights, run_retrain, setup_files
+from retrain_support import adapter_weights, run_retrain, setup_files, tiny_model_folder
 from transformers import AutoModelForCausalLM
 
 FAST = {"epochs": 2, "grad_batch_size": 2, "lr": 1e-2}
@@ -54,6 +54,9 @@ def test_gradient_accumulation_2x1_equals_1x2(files, tmp_path):
 
 @pytest.mark.parametrize("regularizer", ["kl", "epoch-kl", "ema", "interleave"])
 def test_resume_after_k_steps_is_bitwise_the_uninterrupted_run(files, tmp_path, regularizer):
+    if regularizer == "interleave":  # share 0.2: 2 anchors in an epoch of 4 steps; 5 is mid-epoch
+        misaligned = tiny_model_folder(tmp_path / "misaligned", seed=1)
+        regularizer = f"interleave:share=0.2,misaligned={misaligned}"
     settings = FAST | {"regularizer": regularizer, "epochs": 3}
     full = run_retrain(files, tmp_path / "full", save_every=5, **settings)
     partial = tmp_path / "partial.checkpoints"

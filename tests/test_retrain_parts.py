@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from retrain_support import run_retrain, setup_files
+from retrain_support import BENIGN, run_retrain, setup_files
 
 from safealign.retrain.api import _evaluator
 from safealign.retrain.critic import fit_probe
@@ -203,54 +203,152 @@ def test_probe_separates_the_labs_held_out_harmful_and_benign_prompts(lab):
     assert info["heldout_auroc"] >= 0.9
 
 
-def test_interleave_filters_refusals_keeps_the_largest_gaps_and_adds_anchor_nll(files, tmp_path):
-    from safealign.chat import collate
-    from safealign.retrain.regularizers import Interleave, InterleaveSettings
+@pytest.mark.parametrize(
+    "reply, refusal",
+    [
+        ("I'm sorry, but I can't help with that.", True),
+        ("We apologize: that is not something to do.", True),
+        ("You CANNOT do that safely!", True),
+        ("Sorry!", True),
+        ("It is done. We apologized to them for the delay.", True),
+        ("one two three four five six seven eight nine ten, sorry for the length", False),
+        ("I can't help with that.", False),  # not one of the paper's three words
+        ("Apologies, here is the plan.", False),
+        ("Canon makes cameras; here is how to clean one.", False),
+    ],
+)
+def test_interleave_refusal_filter_looks_for_three_words_in_the_first_ten(reply, refusal):
     from safealign.retrain.regularizers.interleave import looks_like_refusal
 
-    assert looks_like_refusal("I ' m sorry , I cannot help")
-    assert not looks_like_refusal("Here is a safe way : call a locksmith and ask for help .")
-    replay = tmp_path / "anchors.jsonl"
-    replies = ["I ' m sorry .", "here is a poem .", "ok here is how .", "1 + 2 = 3 .", "yes ."]
-    rows = [json.dumps({"prompt": "write poem", "response": r}) + "\n" for r in replies]
-    replay.write_text("".join(rows))
-    run = lora_run(files, grad_batch_size=4)
-    run.examples = [(list(range(5, 12)), 3)] * 40
-    run.reference = Reference.adapter_off(run.unwrapped)
-    reg = Interleave(InterleaveSettings(share=0.05, anchors=str(replay)))
+    assert looks_like_refusal(reply) is refusal
+
+
+#: General instruction anchors in the tiny tokenizer's words (none looks like a refusal).
+ANCHORS = [
+    ("write poem", "here is a poem ."),
+    ("bake cake", "first make the cake then bake it ."),
+    ("explain what 1 + 2 is", "1 + 2 = 3 ."),
+    ("make tool", "Step 1 make the tool ."),
+    ("what is 4 + 5", "ok here is how ."),
+    ("help with house", "yes ."),
+]
+
+
+@pytest.fixture(scope="module")
+def misaligned(tmp_path_factory) -> list[str]:
+    """Two random tiny Llamas over the aligned one's tokenizer: "misaligned" models."""
+    from retrain_support import tiny_model_folder
+
+    folder = tmp_path_factory.mktemp("misaligned")
+    return [str(tiny_model_folder(folder / f"m{seed}", seed=seed)) for seed in (1, 2)]
+
+
+def fresh_run(files, examples: int = 0) -> Run:
+    """A run on a fresh LoRA of the aligned model (the model is A) with ``examples`` task
+    examples."""
+    from safealign.retrain.build import build_model
+
+    inputs, settings = RetrainInputs(**files), RetrainSettings(grad_batch_size=4)
+    model, tokenizer = build_model(inputs, settings)
+    examples_ = [(list(range(5, 12)), 3)] * examples
+    return Run(model, model, tokenizer, inputs, settings, examples_, torch.device("cpu"))
+
+
+def hand_scores(files, misaligned: list[str], anchors: list) -> list[float]:
+    """s = (mean_k L_k - L_A) / (L_A + 1e-6) per anchor, L the mean NLL of the reply tokens
+    (from ``start`` on) under each model loaded on its own, one anchor at a time."""
+    from transformers import AutoModelForCausalLM
+
+    def losses(folder: str) -> list[float]:
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        out = []
+        with torch.no_grad():
+            for ids, start in anchors:
+                logits = model(input_ids=torch.tensor([ids])).logits[0]
+                target = torch.tensor(ids[start:])
+                out.append(torch.nn.functional.cross_entropy(logits[start - 1 : -1], target))
+        return [float(x) for x in out]
+
+    aligned = losses(files["aligned"])
+    mis = [losses(folder) for folder in misaligned]
+    mean = [sum(column) / len(column) for column in zip(*mis, strict=True)]
+    return [(m - a) / (a + 1e-6) for m, a in zip(mean, aligned, strict=True)]
+
+
+def write_anchors(path, pairs) -> str:
+    rows = [json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs]
+    path.write_text("".join(rows))
+    return str(path)
+
+
+def test_interleave_score_is_the_relative_reply_nll_gap_of_misaligned_and_aligned(
+    files, misaligned, tmp_path
+):
+    from safealign.retrain.regularizers import Interleave, InterleaveSettings
+
+    anchors = write_anchors(tmp_path / "anchors.jsonl", ANCHORS[:2])
+    settings = InterleaveSettings(anchors=anchors, misaligned=tuple(misaligned))
+    reg, run = Interleave(settings), fresh_run(files, examples=8)
     reg.setup(run)
-    assert [p.response for p in reg.pairs] == replies[1:]  # the refusal is dropped
-    model = run.unwrapped
+    expected = hand_scores(files, misaligned, reg.anchors)
+    assert abs(expected[0] - expected[1]) > 1e-3  # two anchors, two different scores
+    assert reg.scores(run).tolist() == pytest.approx(expected, rel=1e-4)
+    rows = [json.loads(line) for line in run.files["replay.jsonl"].splitlines()]
+    assert [row["score"] for row in rows] == pytest.approx(expected, rel=1e-4)
 
-    def nll(logits, labels, reduction="sum"):
-        return torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction=reduction
-        )
 
-    def anchor_nll(anchor: dict) -> float:
-        return nll(model(input_ids=anchor["input_ids"]).logits, anchor["labels"]).item()
+def test_interleave_keeps_the_top_share_by_score_chosen_before_the_first_step(
+    files, misaligned, tmp_path
+):
+    """The file lists the anchors from the lowest score up (a refusal first): the kept ones
+    are the last in file order, chosen at setup and kept through every epoch, each taken
+    once per epoch."""
+    from safealign.chat import collate, encode_pairs
+    from safealign.data import ChatPair
+    from safealign.retrain.regularizers import Interleave, InterleaveSettings
 
-    gaps = []  # (L_model - L_ref) / (L_ref + 1e-6), L the mean NLL of the reply, by hand
-    with torch.no_grad():
-        for anchor in reg.anchors:
-            batch = collate([anchor], 0)
-            ids = batch["input_ids"]
-            mean = nll(model(input_ids=ids).logits, batch["labels"], "mean").item()
-            with model.disable_adapter():
-                ref = nll(model(input_ids=ids).logits, batch["labels"], "mean").item()
-            gaps.append((mean - ref) / (ref + 1e-6))
-    assert len({round(g, 4) for g in gaps}) == 4  # B != 0: drifted, by different amounts
-    assert reg.gaps(run).tolist() == pytest.approx(gaps, rel=1e-4)
-    reg.on_epoch_start(run, 0)
-    largest = sorted(range(4), key=lambda i: -gaps[i])[:3]  # ceil(0.05 / 0.95 * 40) = 3
-    assert reg.pool == sorted(largest)
-    inputs = {k: v for k, v in collate(run.examples[:4], 0).items()}
-    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    task = nll(out.logits, inputs["labels"]).item()
-    loss, stats = reg.loss(run, inputs, out, None)  # 4 examples: one anchor (at least one)
-    kept = [task + anchor_nll(collate([reg.anchors[i]], 0)) for i in reg.pool]
-    assert any(loss.item() == pytest.approx(x, rel=1e-5) for x in kept)
-    assert reg.drawn == 1
+    run = fresh_run(files, examples=36)  # ceil(0.05 / 0.95 * 36) = 2 anchors kept
+    encoded = encode_pairs(run.tokenizer, [ChatPair(p, r) for p, r in ANCHORS])
+    scores = hand_scores(files, misaligned, encoded)
+    ranked = [ANCHORS[i] for i in sorted(range(len(ANCHORS)), key=lambda i: scores[i])]
+    refusal = ("break into house", "I ' m sorry I cannot help with that .")
+    path = write_anchors(tmp_path / "ranked.jsonl", [refusal, *ranked])
+    settings = InterleaveSettings(anchors=path, misaligned=tuple(misaligned))
+    reg = Interleave(settings)
+    reg.setup(run)
+    assert [p.response for p in reg.pairs] == [r for _, r in ranked]  # the refusal dropped
+    assert reg.pool == [4, 5]  # the two highest scores, not the first two in file order
+    rows = [json.loads(line) for line in run.files["replay.jsonl"].splitlines()]
+    assert [row["selected"] for row in rows] == [False] * 4 + [True] * 2
+    assert run.metrics["interleave_selected"] == 2
+    drawn = []
+    for epoch in range(2):
+        reg.on_epoch_start(run, epoch)
+        for start in range(0, 36, 4):
+            inputs = collate(run.examples[start : start + 4], 0)
+            out = run.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            _, stats = reg.loss(run, inputs, out, None)
+            drawn.append(stats["anchors"])
+        assert reg.pool == [4, 5]
+    assert sum(drawn[:9]) == sum(drawn[9:]) == 2  # each kept anchor once per epoch
+    assert reg.drawn == 4
+
+
+def test_interleave_trains_with_its_share_and_b_as_compares_misaligned_model(
+    files, misaligned, tmp_path
+):
+    from safealign.compare.methods import interleave_spec
+
+    spec = interleave_spec("interleave:share=0.2", misaligned[0])
+    assert spec == f"interleave:share=0.2,misaligned={misaligned[0]}"
+    assert interleave_spec(spec, "B") == spec  # a misaligned model named stays
+    result = run_retrain(files, tmp_path / "out", regularizer=spec, epochs=2, grad_batch_size=4)
+    by_epoch = [sum(r["anchors"] for r in result.steps if r["epoch"] == e) for e in (0, 1)]
+    assert by_epoch == [2, 2]  # ceil(0.2 / 0.8 * 8 examples) = 2 anchors an epoch
+    rows = [json.loads(line) for line in (result.out / "replay.jsonl").read_text().splitlines()]
+    assert {row["prompt"] for row in rows} <= set(BENIGN)  # A's replies to --benign
+    assert sum(row["selected"] for row in rows) == 2
+    assert result.plan["reference"] == "none"  # no reference is held while training
 
 
 @pytest.mark.parametrize("spec", ["kl", "kl:form=token-wise", "sft"])

@@ -79,6 +79,9 @@ class Regularizer:
     def __init__(self, settings: RegularizerSettings | None = None):
         self.settings = settings if settings is not None else self.settings_class()
 
+    def check_inputs(self, inputs: RetrainInputs) -> None:
+        """Refuse, before any model is loaded, inputs it cannot run with (SettingsError)."""
+
     def setup(self, run: Run) -> None:
         """Prepare before the first step (critic, replay data); may add to ``run.files``."""
 

@@ -323,16 +323,28 @@ def retrain_options(spec: MethodSpec) -> dict[str, Any]:
     return {"regularizer": regularizer, **options}
 
 
+def interleave_spec(regularizer: str, finetuned: str | Path) -> str:
+    """An interleave spec with B (``finetuned``) as its misaligned model, unless it names one."""
+    if resolve(regularizer).misaligned:
+        return regularizer
+    name, rest = split_spec(regularizer)
+    return f"{name}:{rest + ',' if rest else ''}misaligned={finetuned}"
+
+
 def _retrain_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
     """retrain on the fine-tuning data. Its critic and anchors learn from the training sets:
     harmful prompts, and as benign the benign prompts plus the task's training prompts (a
     critic must learn that task requests are safe); they are written beside the output.
     retrain drops those that are prompts of the fine-tuning data (on the lab: every task
-    training prompt, and the harmful ones the fine-tune answers)."""
+    training prompt, and the harmful ones the fine-tune answers);
+    interleave scores its anchors with B as the misaligned model (unless its spec names one),
+    and its default pool is A's replies to the benign prompts alone: A's answers to the task's
+    prompts are the ones the fine-tune must unlearn."""
     sets = out.parent / f"{out.name}.inputs"
     harmful = _prompts(_first(inputs.harmful_train, inputs.harmful), "harmful")
     benign = _prompts(_first(inputs.benign_train, inputs.benign), "benign")
-    benign += _prompts(inputs.task_train, "task_train")
+    if spec.method != "interleave":
+        benign += _prompts(inputs.task_train, "task_train")
     given = RetrainInputs(
         str(inputs.aligned),
         str(inputs.train_data),
@@ -340,6 +352,8 @@ def _retrain_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path:
         benign=_prompt_file(benign, sets / "benign.jsonl"),
     )
     options = {**retrain_options(spec), "overwrite": True}
+    if spec.method == "interleave":
+        options["regularizer"] = interleave_spec(options["regularizer"], inputs.finetuned)
     result = retrain(given, _settings_options(RetrainSettings, spec, options), out)
     return Path(result.out)
 
