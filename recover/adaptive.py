@@ -7,7 +7,8 @@ when that state's harmful rate (on ``--eval-harmful``) is at most A's plus
 ``--harmful-margin``. The first attempt that repairs ends the run. Otherwise every attempt is
 tried (no new one starts after ``--max-minutes``) and the held state with the lowest harmful
 rate is kept (B when none held). The report lists every attempt, what it reached, and why it
-did not repair.
+did not repair. Once ``--max-minutes`` is spent, the running attempt starts no further step (it
+keeps what held so far) and no further attempt starts.
 
 Why these rungs: the authors' loop (``paper``) checks once after a warm-up and once per
 checkpoint, so it is the cheapest when a repair holds at its checkpoints; when a checkpoint
@@ -89,7 +90,9 @@ def run_adaptive(
             continue
         given = attempt.settings(settings, work.layout.n_layers)
         label = f"attempt {number}/{len(LADDER)} {given.schedule} rate={given.rate:g}"
-        outcome, ledger = run(work, guard, sets, given, given.rate, label=label, progress=progress)
+        outcome, ledger = run(
+            work, guard, sets, given, given.rate, label=label, progress=progress, deadline=deadline
+        )
         repaired = bool(outcome.kept_step) and outcome.harmful_rate <= target
         tried.append(_summary(number, given, outcome, repaired))
         if repaired:

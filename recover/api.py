@@ -186,7 +186,14 @@ def _run_rates(
     result.scores = dict(guard.references)
     for extra in sorted(set(settings.sweep) - {settings.rate}):
         outcome, ledger = run(
-            work, guard, sets, single, extra, label=f"sweep rate={extra}", progress=bars
+            work,
+            guard,
+            sets,
+            single,
+            extra,
+            label=f"sweep rate={extra}",
+            progress=bars,
+            deadline=deadline,
         )
         result.sweep.append(outcome.summary())
         work.reset(ledger.take(list(ledger.restored)))
@@ -197,7 +204,9 @@ def _run_rates(
         )
     else:
         label = f"recover rate={rate}"
-        outcome, _ = run(work, guard, sets, settings, rate, label=label, progress=bars)
+        outcome, _ = run(
+            work, guard, sets, settings, rate, label=label, progress=bars, deadline=deadline
+        )
     result.run = outcome
     if settings.sweep:
         result.sweep = sorted([*result.sweep, outcome.summary()], key=lambda r: r["rate"])

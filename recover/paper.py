@@ -18,7 +18,9 @@
    in order; the kept state is the last checkpoint before the first one that fails (B itself
    when the first fails, the last checkpoint when none does). Steps after the first failing
    checkpoint, or after the last checkpoint, change nothing kept and are not run. Without
-   task data or benign prompts nothing is checked and all ``steps`` are kept.
+   task data or benign prompts nothing is checked and all ``steps`` are kept. (Ours: once
+   ``--max-minutes`` is spent no step after the warm-up starts, and the last checkpoint that
+   held is kept.)
 
 Deliberate differences from the reference, none of which changes the method: exact top-k
 counts (the reference takes |g| strictly above the k-th value: k-1 elements, fewer on ties);
@@ -46,7 +48,7 @@ from safealign.recover.working import WorkingModel
 def paper_steps(ctx: StepContext, bar: tqdm) -> tuple[list[StepRecord], int, Ledger]:
     """The warm-up, its check, then the steps (restarted with rollback if it failed) up to
     the first failing checkpoint: (records, kept step, ledger of the last pass)."""
-    work, guard, _sets, settings, _k = ctx
+    work, guard, settings = ctx.work, ctx.guard, ctx.settings
     warmup = min(settings.warmup, settings.steps)
     ledger, records = Ledger(), []
     for step in range(1, warmup + 1):
@@ -61,6 +63,8 @@ def paper_steps(ctx: StepContext, bar: tqdm) -> tuple[list[StepRecord], int, Led
     if guard.checks:
         last = 0 if stop else _last_checkpoint(settings, 0 if restart else warmup)
     for step in range(first, last + 1):
+        if ctx.past_deadline():
+            break  # --max-minutes spent: the last checkpoint that held is kept
         record = _step(ctx, ledger, step, restart)
         records.append(record)
         bar.update()
@@ -105,7 +109,7 @@ def _step(
 ) -> StepRecord:
     """One step: restore (from a fresh gradient when rolling back), roll back, and check at a
     checkpoint (``phase`` "warm-up": never checked here)."""
-    work, guard, sets, settings, k = ctx
+    work, guard, sets, settings, k, _ = ctx
     phase = phase or ("restart" if rollback else "steps")
     start = time.perf_counter()
     if rollback:

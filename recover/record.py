@@ -15,13 +15,19 @@ from safealign.recover.working import Indices, WorkingModel
 
 class StepContext(NamedTuple):
     """What every step of a schedule works with: the model, the guard, the prompt sets, the
-    settings, and ``k``, the elements restored per step."""
+    settings, ``k``, the elements restored per step, and the run's ``deadline`` (a
+    ``time.perf_counter()`` value; None: no limit)."""
 
     work: WorkingModel
     guard: StepGuard
     sets: Sets
     settings: RecoverSettings
     k: int
+    deadline: float | None = None
+
+    def past_deadline(self) -> bool:
+        """Whether ``--max-minutes`` is spent: no further step starts."""
+        return self.deadline is not None and time.perf_counter() > self.deadline
 
 
 def step_record(

@@ -35,13 +35,15 @@ def run(
     *,
     label: str,
     progress: bool = True,
+    deadline: float | None = None,
 ) -> tuple[RunOutcome, Ledger]:
-    """Run the schedule at ``rate``; the model is left in the kept state."""
+    """Run the schedule at ``rate`` (no step starting after ``deadline``); the model is left
+    in the kept state."""
     start, k = time.perf_counter(), work.layout.per_step(rate)
     bar = tqdm(total=settings.steps, desc=label, disable=not progress)
     with work.accumulating():
         try:
-            context = StepContext(work, guard, sets, settings, k)
+            context = StepContext(work, guard, sets, settings, k, deadline)
             records, kept, ledger = SCHEDULES[settings.schedule](context, bar)
         finally:
             bar.close()

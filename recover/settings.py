@@ -57,7 +57,8 @@ class RecoverSettings(Settings):
     )
     max_minutes: float | None = setting(
         None,
-        help="adaptive: no further attempt starts after this many minutes.",
+        help="No step, and under adaptive no attempt, starts after this many minutes; the "
+        "state kept is the best held by then.",
         min=0,
         min_open=True,
         default_text="no limit",

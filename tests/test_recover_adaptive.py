@@ -37,7 +37,7 @@ def _scripted(monkeypatch, script: list[tuple[int, float | None]]) -> list:
     (with that harmful rate), else undoes them. Returns the settings each call got."""
     calls: list[RecoverSettings] = []
 
-    def run(work, guard, sets, given, rate, *, label, progress):
+    def run(work, guard, sets, given, rate, *, label, progress, deadline=None):
         number = len(calls)
         calls.append(given)
         kept, harmful = script[number]
@@ -114,6 +114,33 @@ def test_no_attempt_starts_after_the_deadline(work, monkeypatch):
     assert len(calls) == 1 and outcome.kept_step == 0
     assert [t["verdict"] for t in tried] == ["nothing held", "skipped", "skipped"]
     assert adaptive.changed_elements(work) == {}
+
+
+@pytest.mark.parametrize("schedule, in_time", [("guarded", 3), ("paper", 2)])
+def test_a_spent_budget_stops_the_running_attempt_at_a_step_boundary(
+    tmp_path, monkeypatch, schedule, in_time
+):
+    """Once --max-minutes is spent no further step starts: the run ends after the steps begun
+    before it, keeping the last state that held by then, exactly as a run of that many steps
+    would. The budget is simulated: it runs out at the deadline check before step 4 (paper's
+    warm-up step is not checked against it, so its check before step 4 is its third)."""
+    from safealign.recover import record
+
+    aligned, finetuned = make_pair(tmp_path)
+    task = [{"prompt": p, "answer": "5"} for p in TASK_PROMPTS]
+    common = {"harmful": HARMFUL, "task": task, "rate": 0.01, "max_new_tokens": 6}
+    common |= {"schedule": schedule, "warmup": 1, "check_every": 1, "metric_drop": 0.99}
+    short = run_recover(aligned, finetuned, tmp_path / "short", steps=3, **common)
+    checks = iter(range(100))
+    monkeypatch.setattr(record.StepContext, "past_deadline", lambda self: next(checks) >= in_time)
+    cut = run_recover(aligned, finetuned, tmp_path / "cut", steps=8, max_minutes=1.0, **common)
+    assert [s.step for s in cut.run.steps] == [s.step for s in short.run.steps] == [1, 2, 3]
+    assert cut.run.kept_step == short.run.kept_step == 3  # metric_drop 0.99: every check holds
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "short" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
 def test_adaptive_output_is_the_paper_run_when_paper_repairs(tmp_path):
