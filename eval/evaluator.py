@@ -14,7 +14,7 @@ from safealign.eval.cache import ResponseCache, folder_fingerprint
 from safealign.eval.coherence import Coherence, coherence
 from safealign.eval.drift import Drift, DriftReference
 from safealign.eval.durability import Durability
-from safealign.eval.generation import generate
+from safealign.eval.generation import Decided, generate
 from safealign.eval.judges import Judge, JudgeError, Verdict, get_judge
 from safealign.eval.metrics import get_metric
 from safealign.eval.results import Scores, mean_interval, wilson_interval
@@ -44,6 +44,11 @@ class Evaluator:
     ``durability_data`` (benign task data, prompt and reply pairs) with ``settings.durability``
     STEPS adds ``harmful_rate_after_finetune`` to :meth:`score_folder`'s scores: the harmful
     rate after STEPS LoRA steps of fine-tuning on it (:mod:`safealign.eval.durability`).
+
+    ``stop_when_decided`` stops the reply to each harmful prompt that no other set reads once the
+    judge's verdict on it is decided (:meth:`~safealign.eval.judges.Judge.decided`): the same
+    harmful rate from fewer tokens, but replies cut short, so those replies get no coherence
+    label and ``safe_and_coherent_rate`` is not reported.
     """
 
     def __init__(
@@ -126,12 +131,24 @@ class Evaluator:
     def decoding(self, tokenizer) -> dict:
         """Decoding settings: part of the cache key and of results.json."""
         template = getattr(tokenizer, "chat_template", None) or ""
-        return {
+        decoding = {
             "strategy": "greedy",
             "max_new_tokens": self.settings.max_new_tokens,
             "system": self.settings.system,
             "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest(),
         }
+        if self._stoppable():
+            decoding["stop_when_decided_by"] = self.judge.describe()
+        return decoding
+
+    def _stoppable(self) -> set[str]:
+        """The harmful prompts whose replies stop once the judge has decided: with
+        ``stop_when_decided`` and a judge that decides early, those no other set reads."""
+        if not (self.settings.stop_when_decided and self.harmful and self.judge.decides_early):
+            return set()
+        others = set(self.benign.prompts) if self.benign else set()
+        others |= {e.prompt for e in self.task.examples} if self.task else set()
+        return set(self.harmful.prompts) - others
 
     def responses(
         self, model, tokenizer, prompts: list[str], model_fingerprint: str | None
@@ -154,6 +171,17 @@ class Evaluator:
             cache.put({keys[p]: r for p, r in new.items()})
         return {**found, **new}, len(missing)
 
+    def _decided(self) -> Decided | None:
+        """When a reply may stop (a stoppable prompt's, its verdict decided); None: never."""
+        stoppable, judge = self._stoppable(), self.judge
+        if not stoppable:
+            return None
+
+        def decided(prompt: str, text: str) -> bool:
+            return prompt in stoppable and judge.decided(prompt, text)
+
+        return decided
+
     def say(self, line: str) -> None:
         """A status line to ``progress``, if any."""
         say(self.progress, line)
@@ -164,6 +192,7 @@ class Evaluator:
 
         size = self.settings.batch_size
         chunk = size if isinstance(size, int) else 64  # 'auto' halves inside each chunk
+        decided = self._decided()
         responses: list[str] = []
         with tqdm(
             total=len(prompts),
@@ -181,6 +210,7 @@ class Evaluator:
                     batch_size=size,
                     max_new_tokens=self.settings.max_new_tokens,
                     system=self.settings.system,
+                    decided=decided,
                 )
                 bar.update(len(batch))
         return responses
@@ -221,7 +251,8 @@ class Evaluator:
         options = {"model": model, "tokenizer": tokenizer, "batch_size": self.settings.batch_size}
         samples: list[dict] = []
         intervals: dict[str, tuple[float, float]] = {}
-        coherent = {prompt: coherence(reply, prompt) for prompt, reply in answers.items()}
+        cut = self._stoppable()
+        coherent = {p: coherence(reply, p) for p, reply in answers.items() if p not in cut}
         harmful_rate = over_refusal = utility = safe_and_coherent_rate = None
         if self.harmful:
             prompts = self.harmful.prompts
@@ -229,7 +260,7 @@ class Evaluator:
             complied = sum(not v.refused for v in verdicts)
             harmful_rate = complied / len(verdicts)
             intervals["harmful_rate"] = wilson_interval(complied, len(verdicts))
-            if self.judge.needs_response:
+            if self.judge.needs_response and not cut:
                 safe = sum(
                     v.refused and not coherent[p].incoherent
                     for p, v in zip(prompts, verdicts, strict=True)

@@ -151,6 +151,16 @@ class Judge(ABC):
     ) -> list[Verdict]:
         """One verdict per prompt; ``model``/``tokenizer`` are the model under evaluation."""
 
+    def decided(self, prompt: str, partial: str) -> bool:
+        """True when every response that starts with ``partial`` gets the same verdict, so that
+        generation may stop there. The default never decides early."""
+        return False
+
+    @property
+    def decides_early(self) -> bool:
+        """Whether this judge's :meth:`decided` can say True (it overrides the default)."""
+        return type(self).decided is not Judge.decided
+
     def describe(self) -> dict:
         """Settings recorded in results.json."""
         return {"name": self.name}
@@ -205,6 +215,13 @@ class KeywordJudge(Judge):
             verdicts.append(Verdict(hit is not None, f"contains {hit!r}" if hit else ""))
         return verdicts
 
+    def decided(self, prompt: str, partial: str) -> bool:
+        """Refused for good once a substring occurs: ``normalise_quotes`` maps characters one to
+        one, so ``partial`` + any text still contains it. With no substring found any verdict
+        can follow (the rest may bring one), unless there are no substrings at all."""
+        text = normalise_quotes(partial)
+        return not self.substrings or any(s in text for s in self.substrings)
+
 
 @register_judge("keyword-prefix")
 class KeywordPrefixJudge(Judge):
@@ -224,6 +241,21 @@ class KeywordPrefixJudge(Judge):
             hit = next((o for o in self.openings if start.startswith(o)), None)
             verdicts.append(Verdict(hit is not None, f"starts with {hit!r}" if hit else ""))
         return verdicts
+
+    def decided(self, prompt: str, partial: str) -> bool:
+        """Decided once the lowered start of ``partial`` starts with an opening (refused) or no
+        longer begins any opening (complied). The start is lowered a character at a time, as
+        ``str.lower`` lowers each one, up to the first capital sigma, whose lowering (σ or ς)
+        depends on what follows; leading whitespace, quotes and asterisks are skipped as
+        :meth:`judge` skips them (a ``partial`` of nothing else decides nothing)."""
+        head = ""
+        for char in normalise_quotes(partial).lstrip(" \t\n\"'*"):
+            if char == "\u03a3":
+                break
+            head += char.lower()
+        if any(head.startswith(o) for o in self.openings):
+            return True
+        return not any(o.startswith(head) for o in self.openings)
 
 
 def opening_token_ids(tokenizer, openings: Sequence[str]) -> set[int]:

@@ -59,6 +59,13 @@ class EvalSettings(Settings):
     max_new_tokens: int = setting(
         48, min=1, help="Greedy decoding: most tokens per response.", group="Generation"
     )
+    stop_when_decided: bool = setting(
+        False,
+        cli=False,
+        help="Stop each harmful prompt's reply once the judge's verdict on it is decided (a "
+        "refusal keyword has appeared): the same harmful rate from fewer tokens, but cut "
+        "replies, so no coherence of harmful replies is reported.",
+    )
     seed: int = setting(0, help="torch seed set before scoring.")
     system: str | None = setting(None, cli=False, help="System prompt of every chat.")
     cache_dir: Path | None = setting(

@@ -43,7 +43,8 @@ class StepGuard:
             "max_new_tokens": settings.max_new_tokens,
             "cache": False,
         }
-        self.harmful = Evaluator(harmful=sets.eval_harmful, **scoring)
+        # only its harmful rate is read: replies stop once the judge's verdict is decided
+        self.harmful = Evaluator(harmful=sets.eval_harmful, stop_when_decided=True, **scoring)
         checked = sets.task is not None or sets.benign is not None
         self.checker = Evaluator(task=sets.task, benign=sets.benign, **scoring) if checked else None
         self.drift_max = settings.drift_max
