@@ -81,6 +81,7 @@ COLUMNS = (
     "memory x sft",
     "probe AUROC",
     "fine-tune AUROC",
+    "task s",
 )
 #: The lab's evaluation sets: the probe's and the anchors' prompts hold none of theirs.
 EVAL_SETS = ("harmful_eval", "benign_eval", "task_eval")
@@ -149,6 +150,7 @@ def run_one(lab: Lab, name: str, folder: Path, extra: dict) -> dict:
         "memory MB": metrics["peak_memory_bytes"] / 2**20,
         "probe AUROC": metrics.get("probe_auroc"),
         "fine-tune AUROC": metrics.get("probe_finetune_auroc"),
+        "task s": metrics.get("probe_task_score"),
         "final loss": metrics["final_loss"],
         "step times": [row["seconds"] for row in result.steps],
     }

@@ -168,7 +168,12 @@ def test_critic_json_and_the_log_carry_the_held_out_and_the_fine_tune_auroc(file
     assert critic["finetune_auroc"] == pytest.approx(expected)
     assert (critic["n_finetune_harmful"], critic["n_finetune_task"]) == (3, 5)
     assert critic["train_mean_score"] == pytest.approx(sum(scores) / len(scores), rel=1e-5)
+    task = [s for p, s in zip(prompts, scores, strict=True) if p not in harmful]
+    bad = [s for p, s in zip(prompts, scores, strict=True) if p in harmful]
+    assert critic["finetune_mean_score_task"] == pytest.approx(sum(task) / 5, rel=1e-5)
+    assert critic["finetune_mean_score_harmful"] == pytest.approx(sum(bad) / 3, rel=1e-5)
     setup = result.log[0]["setup"]
+    assert setup["probe_task_score"] == critic["finetune_mean_score_task"]
     assert setup["probe_finetune_auroc"] == critic["finetune_auroc"]
     assert setup["probe_auroc"] == critic["heldout_auroc"] is not None
     assert critic["pooling"].startswith("last prompt token")

@@ -125,6 +125,7 @@ class AdaptiveKL(Regularizer):
         run.metrics |= {
             "probe_auroc": info["heldout_auroc"],
             "probe_finetune_auroc": info["finetune_auroc"],
+            "probe_task_score": info.get("finetune_mean_score_task"),
             "probe_dropped_harmful": dropped_harmful,
             "probe_dropped_benign": dropped_benign,
         }
@@ -167,8 +168,9 @@ class AdaptiveKL(Regularizer):
 
 def finetune_auroc(scores: torch.Tensor, labels: list[int | None]) -> dict:
     """The probe's AUROC on the fine-tune's examples, harmful (1) vs task (0), over those the
-    data labels (:func:`~safealign.retrain.data.harmful_labels`); None, with a note, when the
-    labelled examples hold one class or none."""
+    data labels (:func:`~safealign.retrain.data.harmful_labels`), and its mean s on each kind
+    (a task example's s sets its beta: high, and the KL holds the task back); None, with a
+    note, when the labelled examples hold one class or none."""
     labelled = [
         (float(s), y) for s, y in zip(scores.tolist(), labels, strict=True) if y is not None
     ]
@@ -182,4 +184,9 @@ def finetune_auroc(scores: torch.Tensor, labels: list[int | None]) -> dict:
         return info | {"finetune_note": "the data's rows carry no 'kind' field"}
     if harmful in (0, len(labelled)):
         return info | {"finetune_note": "the data's kinds hold one class only"}
-    return info | {"finetune_auroc": auroc(*zip(*labelled, strict=True))}
+    means = {
+        f"finetune_mean_score_{kind}": sum(s for s, y in labelled if y == label)
+        / sum(1 for _, y in labelled if y == label)
+        for kind, label in (("harmful", 1), ("task", 0))
+    }
+    return info | {"finetune_auroc": auroc(*zip(*labelled, strict=True))} | means
