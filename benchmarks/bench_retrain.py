@@ -229,7 +229,7 @@ def sweep(size: str, specs: list[str], extra: str, lab: Lab) -> dict:
         for spec in specs:
             row = in_subprocess(size, spec, extra, Path(tmp))
             keys = ("regularizer", "harmful", "task", "over-refusal", "train s")
-            keys += ("probe AUROC", "fine-tune AUROC")
+            keys += ("probe AUROC", "fine-tune AUROC", "task s")
             rows.append({k: row[k] for k in keys} | {"set": extra or None})
             print(f"{spec}: harmful {row['harmful']:.3f} task {row['task']:.3f}", flush=True)
     command = f"python benchmarks/bench_retrain.py --size {size} --sweep '{';'.join(specs)}'"
