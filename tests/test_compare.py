@@ -164,6 +164,22 @@ def test_recommendation_holds_over_refusal_to_its_bound_and_names_ties(tmp_path)
     assert "with over-refusal of 0.01 or less" in result.recommendation["text"]
 
 
+def test_no_method_is_recommended_that_keeps_no_more_utility_than_the_aligned_model(tmp_path):
+    """A method within the bounds but no more useful than A (a KL that stopped the task with the
+    harm) is no repair to recommend: the recommendation says so and names none; one point of
+    utility above A's is recommended."""
+    rows = [_row("aligned", 0.0, 0.0, kind="input"), _row("finetuned", 1.0, 1.0, kind="input")]
+    rows += [_row("stops-all", 0.0, 0.0), _row("harmful", 0.5, 1.0)]
+    result = _result(tmp_path, rows)
+    recommend(result, None)
+    assert result.recommendation["method"] is None
+    assert "keeps more utility than the aligned model (0.000)" in result.recommendation["text"]
+    assert "stops-all, reached 0.000" in result.recommendation["text"]
+    rows.append(_row("keeps-some", 0.03, 0.01))
+    recommend(result, None)
+    assert result.recommendation["method"] == "keeps-some"
+
+
 def _png_size(path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
