@@ -28,7 +28,7 @@ def _row(name, harmful, utility, kind="merge", status="done", refusal=0.1):
     if harmful is not None:
         scores = {
             "harmful_rate": {"value": harmful, "n": 10, "ci95": [0.0, 1.0]},
-            "utility": {"value": utility, "n": 10, "ci95": [0.0, 1.0]},
+            "utility": {"value": utility, "n": 10, "ci95": [utility - 0.05, utility + 0.05]},
             "over_refusal": {"value": refusal, "n": 10, "ci95": [0.0, 1.0]},
         }
     return MethodRow(name, kind, status, scores=scores, seconds=1.0)
@@ -165,9 +165,9 @@ def test_recommendation_holds_over_refusal_to_its_bound_and_names_ties(tmp_path)
 
 
 def test_no_method_is_recommended_that_keeps_no_more_utility_than_the_aligned_model(tmp_path):
-    """A method within the bounds but no more useful than A (a KL that stopped the task with the
-    harm) is no repair to recommend: the recommendation says so and names none; one point of
-    utility above A's is recommended."""
+    """A method within the bounds but no more useful than A beyond the 95% intervals (a KL that
+    stopped the task with the harm) is no repair to recommend: the recommendation says so and
+    names none; one whose utility interval lies above A's is recommended."""
     rows = [_row("aligned", 0.0, 0.0, kind="input"), _row("finetuned", 1.0, 1.0, kind="input")]
     rows += [_row("stops-all", 0.0, 0.0), _row("harmful", 0.5, 1.0)]
     result = _result(tmp_path, rows)
@@ -175,7 +175,11 @@ def test_no_method_is_recommended_that_keeps_no_more_utility_than_the_aligned_mo
     assert result.recommendation["method"] is None
     assert "keeps more utility than the aligned model (0.000)" in result.recommendation["text"]
     assert "stops-all, reached 0.000" in result.recommendation["text"]
-    rows.append(_row("keeps-some", 0.03, 0.01))
+    rows.append(_row("a-little", 0.03, 0.05))  # above A's, within its interval: a tie with A
+    recommend(result, None)
+    assert result.recommendation["method"] is None
+    assert "a-little, reached 0.050" in result.recommendation["text"]
+    rows.append(_row("keeps-some", 0.03, 0.2))
     recommend(result, None)
     assert result.recommendation["method"] == "keeps-some"
 

@@ -173,7 +173,7 @@ def _row(name, harmful, after, kind="merge"):
 
 def test_compare_shows_the_column_when_asked_and_ranks_by_it_with_harm_durable(tmp_path):
     rows = [_row("aligned", 0.0, 0.05, "input"), _row("fragile", 0.0, 0.9)]
-    rows[0].scores["utility"]["value"] = 0.0  # A lacks the task both methods keep
+    rows[0].scores["utility"] |= {"value": 0.0, "ci95": [0.0, 0.1]}  # A lacks the task
     rows.append(_row("lasting", 0.05, 0.05))
     asked = CompareResult(tmp_path, rows, settings={"durability": 50}, inputs={}, evaluator={})
     plain = CompareResult(tmp_path, rows, settings={"durability": None}, inputs={}, evaluator={})

@@ -144,8 +144,8 @@ def recommend(
     model's + 0.05 unless given (harm: ``result.harm``, now or after the durability
     fine-tune). Methods whose utility intervals overlap the best one's are
     named as tied with it (no tie is broken by speed); with none within the bounds, or none
-    that keeps more utility than the aligned model (A itself, unchanged, would do as well), a
-    plain statement saying so."""
+    that keeps more utility than the aligned model beyond the 95% intervals (A itself,
+    unchanged, would do as well), a plain statement saying so."""
     harm, words = HARMS[result.harm][0], harm_words(result)
     result.max_harmful_rate = default_bound(result, harm, max_harmful_rate)
     result.max_over_refusal = default_bound(result, "over_refusal", max_over_refusal)
@@ -174,13 +174,14 @@ def recommend(
     best = max(fits, key=lambda r: (_point(r, result.utility, result.harm)[1], -r.rate(harm)))
     aligned = next((r for r in result.rows if r.name == "aligned"), None)
     start = None if aligned is None else _point(aligned, result.utility, result.harm)
-    if start is not None and _point(best, result.utility, result.harm)[1] <= start[1]:
+    gains = start is not None and _point(best, result.utility, result.harm)[1] > start[1]
+    if start is not None and (not gains or _overlap(best, aligned, axis.key)):
         shown = axis.shown(aligned.rate(axis.key))
         result.recommendation = {
             "method": None,
             "tied": [],
             "text": f"No method within the bounds keeps more {axis.key} than the aligned model "
-            f"({shown}): the best of them, {best.name}, reached "
+            f"({shown}) beyond the 95% intervals: the best of them, {best.name}, reached "
             f"{axis.shown(best.rate(axis.key))}, so none is a repair worth its change over A.",
         }
         return
