@@ -110,6 +110,13 @@ def main() -> None:
     lab = build(size=args.size)
     out = args.out or RESULTS / f"durability_{args.size}.json"
     results = json.loads(out.read_text()) if out.is_file() else {"models": {}}
+    for key, value in (
+        ("size", args.size),
+        ("finetuned", args.finetuned),
+        ("options", args.options),
+    ):
+        if results.get(key, value) != value:  # a rerun skips what the file holds: same setting
+            raise SystemExit(f"{out} holds figures for {key} {results[key]!r}: give another --out")
     results.update(
         size=args.size,
         lab=lab.root.name,
