@@ -19,6 +19,8 @@ METHODS = (
     "safemerge:tau=0.5,weights=[0.2, 0.8]",
     "safe_lora",
     "safe_lora:tau=0.35",
+    "csulora",
+    "safetylock",
     "resta",
     "interpolate:alpha=0.5",
     "retrain:sft",
