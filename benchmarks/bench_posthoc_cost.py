@@ -20,9 +20,8 @@ from pathlib import Path
 from safealign import __version__
 from safealign.compare import CompareSettings, compare
 from safealign.compare.run import score_checkpoint
-from safealign.eval import Evaluator
 from safealign.lab import build
-from safealign.lab.compare import lab_inputs
+from safealign.lab.compare import lab_evaluator, lab_inputs
 from safealign.report import markdown_table, write_json
 from safealign.runtime import versions
 
@@ -34,15 +33,8 @@ BATCH_SIZE, MAX_NEW_TOKENS = 64, 24
 
 def evaluation_seconds(lab, finetuned: str) -> float:
     """Wall time of one uncached evaluation of B on the lab's evaluation sets."""
-    evaluator = Evaluator(
-        harmful=lab.data("harmful_eval"),
-        task=lab.data("task_eval"),
-        benign=lab.data("benign_eval"),
-        judge="keyword",
-        metric="exact_match",
-        batch_size=BATCH_SIZE,
-        max_new_tokens=MAX_NEW_TOKENS,
-        cache=False,
+    evaluator = lab_evaluator(
+        lab, batch_size=BATCH_SIZE, max_new_tokens=MAX_NEW_TOKENS, cache=False
     )
     start = time.perf_counter()
     score_checkpoint(evaluator, lab.root / finetuned, lab.aligned)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -137,10 +138,11 @@ class Evaluator:
             "system": self.settings.system,
             "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest(),
         }
-        if self._stoppable():
+        if self._stoppable:
             decoding["stop_when_decided_by"] = self.judge.describe()
         return decoding
 
+    @cached_property
     def _stoppable(self) -> set[str]:
         """The harmful prompts whose replies stop once the judge has decided: with
         ``stop_when_decided`` and a judge that decides early, those no other set reads."""
@@ -173,7 +175,7 @@ class Evaluator:
 
     def _decided(self) -> Decided | None:
         """When a reply may stop (a stoppable prompt's, its verdict decided); None: never."""
-        stoppable, judge = self._stoppable(), self.judge
+        stoppable, judge = self._stoppable, self.judge
         if not stoppable:
             return None
 
@@ -251,7 +253,7 @@ class Evaluator:
         options = {"model": model, "tokenizer": tokenizer, "batch_size": self.settings.batch_size}
         samples: list[dict] = []
         intervals: dict[str, tuple[float, float]] = {}
-        cut = self._stoppable()
+        cut = self._stoppable
         coherent = {p: coherence(reply, p) for p, reply in answers.items() if p not in cut}
         harmful_rate = over_refusal = utility = safe_and_coherent_rate = None
         if self.harmful:
