@@ -20,6 +20,7 @@ from recover_support import (
     tiny_config,
     tiny_tokenizer,
 )
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from safealign.checkpoint import Checkpoint, CheckpointError
@@ -126,42 +127,13 @@ def test_adapter_input(tmp_path):
             assert torch.equal(c[target.name], a.get(target.name))
 
 
-def _count_rollback_rule(monkeypatch, finetuned, of_agreeing: bool) -> list[int]:
-    """Spy on the rollback choice: for each call, the count the schedule's rule gives,
-    computed here independently (qualifying: w != w_B and sign(g) == sign(w - w_B)):
-    guarded, ceil(share x restored), or every qualifying element if fewer qualify; paper
-    (``of_agreeing``), ceil(share x qualifying)."""
-    import safealign.recover.working as working
-
-    b = Checkpoint.open(finetuned)
-    expected: list[int] = []
-    real = working.choose_rollback
-
-    def spy(model, ckpt, picked, grads, share, *flag):
-        qualifying = 0
-        for name, index in picked.items():
-            w = model.get_parameter(name).detach().reshape(-1)[index].float()
-            fine = b.get(name).reshape(-1)[index].float()
-            g = grads[name]
-            qualifying += int(((w != fine) & (torch.sign(g) == torch.sign(w - fine))).sum())
-        total = sum(index.numel() for index in picked.values())
-        if of_agreeing:
-            expected.append(math.ceil(share * qualifying))
-        else:
-            expected.append(min(math.ceil(share * total), qualifying))
-        return real(model, ckpt, picked, grads, share, *flag)
-
-    monkeypatch.setattr(working, "choose_rollback", spy)
-    return expected
-
-
-def _failing_run(tmp_path, monkeypatch, schedule: str, **settings):
+def _failing_run(tmp_path, schedule: str, **settings):
     """recover on a pair whose every restore lowers utility (a task only B knows; by default
-    metric_drop 0, so every check fails): the pair, the task, the rollback counts the rule
-    gives (recomputed by a spy) and the result."""
+    metric_drop 0, so every check fails): the pair, the task and the result. (How many
+    elements each rollback gives back is pinned against a dense reference in
+    ``test_recover_dense.py``.)"""
     aligned, finetuned = make_pair(tmp_path, noise=0.05)
     task = self_task(aligned, finetuned, FAST["max_new_tokens"])
-    expected = _count_rollback_rule(monkeypatch, finetuned, of_agreeing=schedule == "paper")
     result = run_recover(
         aligned,
         finetuned,
@@ -172,13 +144,13 @@ def _failing_run(tmp_path, monkeypatch, schedule: str, **settings):
         **{"rate": 0.03, "steps": 4, "warmup": 1, "metric_drop": 0.0, **settings},
         **FAST,
     )
-    return aligned, finetuned, task, expected, result
+    return aligned, finetuned, task, result
 
 
-def test_rollback_fires_and_kept_step_holds(tmp_path, monkeypatch):
+def test_rollback_fires_and_kept_step_holds(tmp_path):
     # half of B's utility may go: some steps hold once rolled back, others do not
-    aligned, finetuned, task, expected, result = _failing_run(
-        tmp_path, monkeypatch, "guarded", rollback_rate=0.5, metric_drop=0.5
+    aligned, finetuned, task, result = _failing_run(
+        tmp_path, "guarded", rollback_rate=0.5, metric_drop=0.5
     )
     steps = result.run.steps
     assert result.scores["finetuned"]["utility"] == 1.0
@@ -186,8 +158,10 @@ def test_rollback_fires_and_kept_step_holds(tmp_path, monkeypatch):
     assert fired, "no rollback"
     for s in fired:
         assert s.utility_before_rollback < 0.5
-    # every failing step rolled back exactly the count the rule gives, and no other step did
-    assert [s.rolled_back for s in steps if s.utility_before_rollback is not None] == expected
+    # only failing steps roll back, half their restores at most (rounded up)
+    for s in steps:
+        limit = 0 if s.utility_before_rollback is None else -(-s.restored // 2)
+        assert s.rolled_back <= limit
     holding = [s.step for s in steps if s.holds]
     assert holding and result.run.kept_step == holding[-1] < steps[-1].step
     # the written model scores what the kept step scored on the checked half, and that holds
@@ -229,9 +203,7 @@ def test_checks_generate_only_what_they_decide_on(tmp_path, monkeypatch):
         return real(model, tokenizer, prompts, **options)
 
     monkeypatch.setattr(evaluator_module, "generate", spy)
-    aligned, _, task, _, result = _failing_run(
-        tmp_path, monkeypatch, "guarded", rollback_rate=0.5, metric_drop=0.5
-    )
+    aligned, _, task, result = _failing_run(tmp_path, "guarded", rollback_rate=0.5, metric_drop=0.5)
     steps = result.run.steps
     checks = sum(s.holds is not None for s in steps) + sum(bool(s.rolled_back) for s in steps)
     checked = [e["prompt"] for e in task[len(task) // 2 :]]
@@ -311,11 +283,16 @@ def test_dry_run_writes_nothing_and_reads_headers_only(pair, tmp_path, monkeypat
     plan = result.plan
     assert plan.settings.layer == 4 and plan.n_layers == 4  # small model: every block
     assert plan.settings.rate == 0.002  # the paper's rate
-    assert plan.per_step == -(-plan.decoder_params * 2 // 1000)  # ceil(0.002 x decoder params)
+    # counted from the file's header: k is the rate times every decoder parameter, rounded up
+    with safe_open(str(finetuned / "model.safetensors"), "pt") as f:
+        sizes = {name: math.prod(f.get_slice(name).get_shape()) for name in f.keys()}
+    decoder = {name: n for name, n in sizes.items() if name.startswith("model.layers.")}
+    assert plan.per_step == math.ceil(0.002 * sum(decoder.values()))
     assert "layer:        4 of 4" in plan.describe()
     paper = run_recover(aligned, finetuned, out, harmful=HARMFUL, layer=2, rate=0.002, dry_run=True)
-    assert paper.plan.restorable_params == plan.restorable_params // 2  # blocks 0..1 of 4
-    assert paper.plan.per_step == -(-plan.decoder_params * 2 // 1000)
+    below = [n for name, n in decoder.items() if int(name.split(".")[2]) < 2 and "norm" not in name]
+    assert paper.plan.restorable_params == sum(below)  # blocks 0..1, norms never restored
+    assert paper.plan.per_step == plan.per_step  # k counts every decoder parameter
 
 
 def _forbid_loading(monkeypatch) -> None:
@@ -551,16 +528,6 @@ def test_default_layer_paper_for_deep_models_last_for_small():
     assert default_layer(32) == 21 and default_layer(18) == 12  # floor(4n/6), the paper's
     assert default_warmup(32) == 5
     assert default_layer(4) == 4 and default_layer(6) == 6 and default_warmup(6) == 1
-
-
-def test_paper_rolls_back_share_of_agreeing(tmp_path, monkeypatch):
-    """Under paper a failed warm-up check restarts from B, and every step then rolls back
-    ceil(rollback_rate x its restored elements that the task gradient moves toward B)."""
-    *_, expected, result = _failing_run(tmp_path, monkeypatch, "paper", check_every=2)
-    restart = [s for s in result.run.steps if s.phase == "restart"]
-    assert restart, "the warm-up check held with metric_drop=0"
-    assert [s.rolled_back for s in restart] == expected
-    assert all(s.rolled_back > 0 for s in restart)
 
 
 def test_benign_prompts_split_into_steering_and_checked_halves():

@@ -1,8 +1,10 @@
-"""``--schedule paper`` against a dense reimplementation of the authors' loop, written here.
+"""``--schedule paper`` and ``guarded`` against dense reimplementations, written here: the
+authors' loop, and the guarded rules as recover's documentation states them.
 
-The reference below uses nothing of ``safealign.recover``: whole models, whole gradients,
+The references below use nothing of ``safealign.recover``: whole models, whole gradients,
 boolean masks, a full sort. The utility check is scripted (the same script drives both), so
-the test pins the schedule: restart, rollback every step, kept checkpoint.
+the tests pin each schedule: restarts, which elements are restored and rolled back, how many,
+the kept step and the written state.
 """
 
 from __future__ import annotations
@@ -106,10 +108,10 @@ def setup(aligned_dir, finetuned_dir):
     return tokenizer, dict(model_a.named_parameters()), work, eligible, k, direction
 
 
-def run_recover(aligned, finetuned, out, **overrides):
-    """``recover`` under ``paper`` with the test's settings (``overrides`` on top)."""
+def run_recover(aligned, finetuned, out, schedule: str = "paper", **overrides):
+    """``recover`` under ``schedule`` with the test's settings (``overrides`` on top)."""
     inputs = RecoverInputs(aligned, finetuned, harmful=HARMFUL, task=CHECK, task_train=TRAIN)
-    return recover(inputs, RecoverSettings(schedule="paper", **{**RUN, **overrides}), out)
+    return recover(inputs, RecoverSettings(schedule=schedule, **{**RUN, **overrides}), out)
 
 
 def dense_paper(aligned_dir, finetuned_dir, script):
@@ -168,6 +170,60 @@ def dense_paper(aligned_dir, finetuned_dir, script):
     return counts, kept, kept_state
 
 
+def dense_guarded(aligned_dir, finetuned_dir, script):
+    """The guarded rules: harmful gradients summed over every step; each step restores the
+    top k by |sum| among elements not at A's value, not blocked, whose sum's sign matches
+    w - w_A; every step from the warm-up's last on is checked; a failing step gives back
+    min(ceil(rollback_rate x its restores), those qualifying) of its own restores, the largest
+    |g| of the task loss first among those where sign(g) == sign(w - w_B), blocks them for
+    good and is checked again; the last step that held is kept. Returns (per-step (restored,
+    rolled back), kept step, kept state)."""
+    layer, batch = RUN["layer"], RUN["grad_batch_size"]
+    tokenizer, a, work, eligible, k, direction = setup(aligned_dir, finetuned_dir)
+    params = dict(work.named_parameters())
+    b = {n: params[n].detach().clone() for n in eligible}
+    train = [e["prompt"] for e in TRAIN]
+    task_centroid = centroid(work, tokenizer, train, layer)
+    checks = iter(script)
+    total = {n: torch.zeros_like(params[n]) for n in eligible}
+    blocked = {n: torch.zeros_like(params[n], dtype=torch.bool) for n in eligible}
+    counts, kept, kept_state = [], 0, b
+    for s in range(1, RUN["steps"] + 1):
+        g = gradient(work, tokenizer, HARMFUL, layer, direction, batch)
+        w = {n: params[n].detach() for n in eligible}
+        for n in eligible:
+            total[n] = total[n] + g[n]
+        agree = {
+            n: (w[n] != a[n]) & ~blocked[n] & (total[n].sign() == (w[n] - a[n]).sign())
+            for n in eligible
+        }
+        picked = top({n: total[n].abs() for n in eligible}, agree, k)
+        with torch.no_grad():
+            for n in eligible:
+                params[n][picked[n]] = a[n][picked[n]]
+        restored = sum(int(m.sum()) for m in picked.values())
+        holds, rolled = (next(checks) if s >= RUN["warmup"] else None), 0
+        if holds is False:
+            g = gradient(work, tokenizer, train, layer, task_centroid, batch)
+            w = {n: params[n].detach() for n in eligible}
+            back = {
+                n: picked[n] & (w[n] != b[n]) & (g[n].sign() == (w[n] - b[n]).sign())
+                for n in eligible
+            }
+            qualifying = sum(int(m.sum()) for m in back.values())
+            count = min(math.ceil(RUN["rollback_rate"] * restored), qualifying)
+            chosen = top({n: g[n].abs() for n in eligible}, back, count)
+            with torch.no_grad():
+                for n in eligible:
+                    params[n][chosen[n]] = b[n][chosen[n]]
+                    blocked[n] |= chosen[n]
+            rolled, holds = sum(int(m.sum()) for m in chosen.values()), next(checks)
+        counts.append((restored, rolled))
+        if holds:
+            kept, kept_state = s, {n: params[n].detach().clone() for n in eligible}
+    return counts, kept, kept_state
+
+
 # --- the comparison -------------------------------------------------------------------------
 
 
@@ -207,6 +263,25 @@ def test_paper_schedule_matches_dense_reference(tmp_path, monkeypatch, script):
     # biases are restored, norms never are
     assert any(not torch.equal(out[n], b[n]) for n in state if n.endswith("_proj.bias"))
     assert all(torch.equal(out[n], b[n]) for n in out if "norm" in n)
+
+
+#: Each check's answer in call order: steps 2-7 checked, a failing one checked again after
+#: its rollback (step 3 then holds, steps 5 and 7 still fail).
+GUARDED_SCRIPT = (True, False, True, True, False, False, True, False, False)
+
+
+def test_guarded_schedule_matches_dense_reference(tmp_path, monkeypatch):
+    aligned, finetuned = make_pair(tmp_path, noise=0.05, attention_bias=True)
+    scripted_checks(monkeypatch, GUARDED_SCRIPT)
+    result = run_recover(aligned, finetuned, tmp_path / "out", schedule="guarded")
+    counts, kept, state = dense_guarded(aligned, finetuned, GUARDED_SCRIPT)
+    run = result.run
+    assert [(s.restored, s.rolled_back) for s in run.steps] == counts
+    assert [s.step for s in run.steps if s.rolled_back] == [3, 5, 7]
+    assert run.kept_step == kept == 6
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for name, expected in state.items():
+        assert torch.equal(out[name], expected), name
 
 
 def test_rolled_back_elements_can_be_restored_again(tmp_path, monkeypatch):
