@@ -59,7 +59,7 @@ from safealign import __version__
 from safealign.data import TaskExample, load_task
 from safealign.eval import Evaluator
 from safealign.lab import SIZES, Lab, build
-from safealign.lab.compare import BATCH_SIZE, RETRAIN_OPTIONS, lab_evaluator
+from safealign.lab.compare import RETRAIN_OPTIONS, lab_evaluator
 from safealign.registry import parse_options, split_spec
 from safealign.report import markdown_table, write_json
 from safealign.retrain import RetrainInputs, RetrainSettings, retrain
@@ -128,16 +128,9 @@ class Validation:
     def prompts(self) -> set[str]:
         return {*self.harmful, *self.benign, *(e.prompt for e in self.task)}
 
-    def evaluator(self) -> Evaluator:
+    def evaluator(self, lab: Lab) -> Evaluator:
         """:func:`lab_evaluator`'s settings on this split."""
-        return Evaluator(
-            harmful=self.harmful,
-            task=self.task,
-            benign=self.benign,
-            judge="keyword",
-            metric="exact_match",
-            batch_size=BATCH_SIZE,
-        )
+        return lab_evaluator(lab, harmful=self.harmful, task=self.task, benign=self.benign)
 
 
 def validation_split(lab: Lab) -> Validation:
@@ -232,7 +225,7 @@ def run_one(lab: Lab, name: str, folder: Path, extra: dict, validate: bool = Fal
     spec = {"regularizer": lab_spec(lab, name)}
     settings = RetrainSettings.from_dict(training(lab) | extra | spec)
     result = retrain(inputs, settings, folder / stem(name))
-    evaluator = validation.evaluator() if validation else lab_evaluator(lab)
+    evaluator = validation.evaluator(lab) if validation else lab_evaluator(lab)
     scores = evaluator.score_folder(lab.aligned, adapter=result.out)
     metrics = result.metrics
     return {
@@ -343,7 +336,7 @@ def sweep(size: str, specs: list[str], extra: str, lab: Lab, validate: bool = Fa
     }
     if validate:
         split = validation_split(lab)
-        aligned = split.evaluator().score_folder(lab.aligned)
+        aligned = split.evaluator(lab).score_folder(lab.aligned)
         info["validation"] = {
             "n": {
                 "harmful": len(split.harmful),

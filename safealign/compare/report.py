@@ -69,9 +69,7 @@ HARMS = {
 }
 
 
-def _point(
-    row: MethodRow, utility: str = "task", harm: str = "now"
-) -> tuple[float, float] | None:
+def _point(row: MethodRow, utility: str = "task", harm: str = "now") -> tuple[float, float] | None:
     """(harm, utility turned so that higher is better), None when unscored."""
     axis = UTILITIES[utility]
     harmful, value = row.rate(HARMS[harm][0]), row.rate(axis.key)

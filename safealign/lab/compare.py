@@ -50,11 +50,14 @@ def lab_inputs(lab: Lab, finetuned: str = "ft_harmful_lora") -> CompareInputs:
 
 def lab_evaluator(lab: Lab, **settings) -> Evaluator:
     """The shared evaluator on the lab's held-out sets (compare's defaults, lab batch size;
-    ``settings`` override them, e.g. ``max_new_tokens=24, cache=False``)."""
-    defaults = {"judge": "keyword", "metric": "exact_match", "batch_size": BATCH_SIZE}
-    return Evaluator(
-        harmful=lab.data("harmful_eval"),
-        task=lab.data("task_eval"),
-        benign=lab.data("benign_eval"),
-        **(defaults | settings),
-    )
+    ``settings`` override them, e.g. ``max_new_tokens=24, cache=False``, or the sets:
+    ``harmful=[...]``)."""
+    defaults = {
+        "harmful": lab.data("harmful_eval"),
+        "task": lab.data("task_eval"),
+        "benign": lab.data("benign_eval"),
+        "judge": "keyword",
+        "metric": "exact_match",
+        "batch_size": BATCH_SIZE,
+    }
+    return Evaluator(**(defaults | settings))
