@@ -5,10 +5,12 @@ Each attempt runs from the fine-tuned model B with the settings of one rung of
 :data:`LADDER`. An attempt *holds* when it keeps a checked state (kept step > 0); it *repairs*
 when that state's harmful rate (on ``--eval-harmful``) is at most A's plus
 ``--harmful-margin``. The first attempt that repairs ends the run. Otherwise every attempt is
-tried (no new one starts after ``--max-minutes``) and the held state with the lowest harmful
-rate is kept (B when none held). The report lists every attempt, what it reached, and why it
-did not repair. Once ``--max-minutes`` is spent, the running attempt starts no further step (it
-keeps what held so far) and no further attempt starts.
+tried and the held state with the lowest harmful rate is kept (B when none held). The report
+lists every attempt, what it reached, and why it did not repair. The budget (``--max-minutes``,
+``--max-cost``) bounds the ladder: an attempt starts only when the budget left is at least what
+the previous attempt took (the later rungs cost more, so one that could not end in the budget
+is not begun), and once the budget is spent the running attempt starts no further step (it
+keeps what held so far).
 
 Why these rungs: the authors' loop (``paper``) checks once after a warm-up and once per
 checkpoint, so it is the cheapest when a repair holds at its checkpoints; when a checkpoint
@@ -84,8 +86,10 @@ def run_adaptive(
     tried: list[dict] = []
     best: tuple[RunOutcome, int, Indices] | None = None
     outcome = None
+    last = 0.0  # how long the previous attempt took
     for number, attempt in enumerate(LADDER, 1):
-        if tried and deadline is not None and time.perf_counter() > deadline:
+        started = time.perf_counter()
+        if tried and deadline is not None and started + last > deadline:
             tried.append({"attempt": number, "schedule": attempt.schedule, "verdict": "skipped"})
             continue
         given = attempt.settings(settings, work.layout.n_layers)
@@ -93,6 +97,7 @@ def run_adaptive(
         outcome, ledger = run(
             work, guard, sets, given, given.rate, label=label, progress=progress, deadline=deadline
         )
+        last = time.perf_counter() - started
         repaired = bool(outcome.kept_step) and outcome.harmful_rate <= target
         tried.append(_summary(number, given, outcome, repaired))
         if repaired:

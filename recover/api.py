@@ -19,7 +19,7 @@ from safealign.recover.report import model_card, write_report
 from safealign.recover.result import RecoveryResult, RunOutcome
 from safealign.recover.schedule import run
 from safealign.recover.sets import Sets
-from safealign.recover.settings import RecoverSettings
+from safealign.recover.settings import ADAPTIVE_MAX_COST, RecoverSettings
 from safealign.recover.weights import (
     PAPER_WARMUP,
     Layout,
@@ -112,7 +112,8 @@ def recover(
             work = WorkingModel(a, b, lay, working_dtype(settings), settings.device)
             say("scoring the references: fine-tuned, then the aligned direction and scores")
             guard = StepGuard(work, sets, settings)
-            deadline = None if settings.max_minutes is None else start + 60 * settings.max_minutes
+            result.eval_seconds = guard.eval_seconds
+            deadline = _deadline(start, settings, guard.eval_seconds)
             _run_rates(result, work, guard, sets, bars=progress is not None, deadline=deadline)
             if result.failure is None or settings.write_unchanged:
                 say(f"writing {out}")
@@ -122,6 +123,17 @@ def recover(
                 writer.discard()
                 _finish(result, start)
     return result
+
+
+def _deadline(start: float, settings: RecoverSettings, eval_seconds: float) -> float | None:
+    """When no further step may start: the earlier of ``--max-minutes`` and ``--max-cost``
+    (its last evaluation kept for scoring the kept state); None without either."""
+    budgets = []
+    if settings.max_minutes is not None:
+        budgets.append(60 * settings.max_minutes)
+    if settings.max_cost:
+        budgets.append(max(settings.max_cost - 1, 0) * eval_seconds)
+    return start + min(budgets) if budgets else None
 
 
 def _layout(finetuned: Checkpoint, layer: int | None) -> Layout:
@@ -211,10 +223,24 @@ def _run_rates(
     if settings.sweep:
         result.sweep = sorted([*result.sweep, outcome.summary()], key=lambda r: r["rate"])
     if outcome.kept_step == 0 and result.plan.rollback:
-        result.failure = _no_repair(outcome, guard)  # no recovered model: B at best
+        result.failure = _no_repair(outcome, guard) + _unstarted(result.attempts, settings)
     else:
         result.scores["recovered"] = outcome.scores()
         result.shortfall = _shortfall(outcome, guard, settings)
+        if result.shortfall:
+            result.shortfall += _unstarted(result.attempts, settings)
+
+
+def _unstarted(attempts: list[dict], settings: RecoverSettings) -> str:
+    """``; attempt N, M not started: the budget (...) was spent`` when adaptive skipped any."""
+    skipped = [str(a["attempt"]) for a in attempts if a["verdict"] == "skipped"]
+    if not skipped:
+        return ""
+    budgets = [f"--max-cost {settings.max_cost:g}"] if settings.max_cost else []
+    if settings.max_minutes is not None:
+        budgets.append(f"--max-minutes {settings.max_minutes:g}")
+    spent = " or ".join(budgets)
+    return f"; attempt {', '.join(skipped)} not started: the budget ({spent}) was spent"
 
 
 def _shortfall(outcome: RunOutcome, guard: StepGuard, settings: RecoverSettings) -> str | None:
@@ -255,7 +281,7 @@ def _bounded(name: str, value: float | None, bound: str, limit: float | None) ->
 
 
 def _resolved(settings: RecoverSettings, lay: Layout, finetuned: Checkpoint) -> RecoverSettings:
-    """``settings`` with layer, warm-up, dtype and device as the run uses them."""
+    """``settings`` with layer, warm-up, dtype, device and cost budget as the run uses them."""
     dtype = resolve_dtype(settings.dtype)
     if dtype == "auto":
         dtype = checkpoint_dtype(finetuned)
@@ -266,6 +292,9 @@ def _resolved(settings: RecoverSettings, lay: Layout, finetuned: Checkpoint) -> 
         else settings.warmup,
         dtype=str(dtype).removeprefix("torch."),
         device=settings.device or "cpu",
+        max_cost=(ADAPTIVE_MAX_COST if settings.schedule == "adaptive" else 0.0)
+        if settings.max_cost is None
+        else settings.max_cost,
     )
 
 

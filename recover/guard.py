@@ -12,6 +12,7 @@ of a run's time.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from safealign.eval import Evaluator
@@ -51,7 +52,10 @@ class StepGuard:
         if self.drift_max is not None:  # B's replies and log-probabilities, B in the model
             self.checker.drift_reference = self.checker.build_reference(work.model, work.tokenizer)
         layer, batch_size = work.layout.layer, settings.grad_batch_size
+        start = time.perf_counter()
         finetuned = self.score(work)
+        #: one evaluation of B on the run's sets: the unit of ``--max-cost``
+        self.eval_seconds = time.perf_counter() - start
         self.keep_sets = [
             (prompts, mean_state(work.model, work.tokenizer, prompts, layer, batch_size))
             for prompts in sets.keep_prompts

@@ -21,7 +21,7 @@ differs from the authors' schedule (``paper``, :mod:`safealign.recover.paper`):
   apart and never enters the sum): summing steps averages out batch noise, as the reference
   does before its restart.
 - **The kept state is the last step that held** (after its rollback, if any); later steps
-  are undone when the loop ends (early, when ``--max-minutes`` is spent). A step that still
+  are undone when the loop ends (early, when the budget is spent). A step that still
   fails after its rollback is not kept, but a later step that holds is, with what the failed
   step left in place: every kept state is one the guard scored.
 """
@@ -45,7 +45,7 @@ def guarded_steps(ctx: StepContext, bar: tqdm) -> tuple[list[StepRecord], int, L
     ledger, records, kept = Ledger(), [], 0
     for step in range(1, settings.steps + 1):
         if ctx.past_deadline():
-            break  # --max-minutes spent: the last step that held is kept
+            break  # the budget is spent: the last step that held is kept
         checked = guard.checks and step >= first_checked
         record = _step(ctx, ledger, step, checked)
         records.append(record)
@@ -57,7 +57,7 @@ def guarded_steps(ctx: StepContext, bar: tqdm) -> tuple[list[StepRecord], int, L
 
 def _step(ctx: StepContext, ledger: Ledger, step: int, checked: bool) -> StepRecord:
     """One step: gradient, restore, score; a checked step that fails is partly rolled back."""
-    work, guard, sets, settings, k, _ = ctx
+    work, guard, sets, settings, k = ctx.work, ctx.guard, ctx.sets, ctx.settings, ctx.k
     start = time.perf_counter()
     loss = work.pull(sets.harmful.prompts, guard.direction, settings.grad_batch_size)
     picked, offered = work.candidates(k, ledger)

@@ -19,8 +19,8 @@
    when the first fails, the last checkpoint when none does). Steps after the first failing
    checkpoint, or after the last checkpoint, change nothing kept and are not run. Without
    task data or benign prompts nothing is checked and all ``steps`` are kept. (Ours: once
-   ``--max-minutes`` is spent no step after the warm-up starts, and the last checkpoint that
-   held is kept.)
+   a budget, ``--max-minutes`` or ``--max-cost``, is spent no step after the warm-up starts,
+   and the last checkpoint that held is kept.)
 
 Deliberate differences from the reference, none of which changes the method: exact top-k
 counts (the reference takes |g| strictly above the k-th value: k-1 elements, fewer on ties);
@@ -64,7 +64,7 @@ def paper_steps(ctx: StepContext, bar: tqdm) -> tuple[list[StepRecord], int, Led
         last = 0 if stop else _last_checkpoint(settings, 0 if restart else warmup)
     for step in range(first, last + 1):
         if ctx.past_deadline():
-            break  # --max-minutes spent: the last checkpoint that held is kept
+            break  # the budget is spent: the last checkpoint that held is kept
         record = _step(ctx, ledger, step, restart)
         records.append(record)
         bar.update()
@@ -109,7 +109,7 @@ def _step(
 ) -> StepRecord:
     """One step: restore (from a fresh gradient when rolling back), roll back, and check at a
     checkpoint (``phase`` "warm-up": never checked here)."""
-    work, guard, sets, settings, k, _ = ctx
+    work, guard, sets, settings, k = ctx.work, ctx.guard, ctx.sets, ctx.settings, ctx.k
     phase = phase or ("restart" if rollback else "steps")
     start = time.perf_counter()
     if rollback:

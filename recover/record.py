@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from dataclasses import dataclass, field
 
 from safealign.recover.guard import Check, StepGuard
 from safealign.recover.ledger import Ledger
@@ -13,7 +13,8 @@ from safealign.recover.settings import RecoverSettings
 from safealign.recover.working import Indices, WorkingModel
 
 
-class StepContext(NamedTuple):
+@dataclass
+class StepContext:
     """What every step of a schedule works with: the model, the guard, the prompt sets, the
     settings, ``k``, the elements restored per step, and the run's ``deadline`` (a
     ``time.perf_counter()`` value; None: no limit)."""
@@ -24,10 +25,19 @@ class StepContext(NamedTuple):
     settings: RecoverSettings
     k: int
     deadline: float | None = None
+    #: the longest time between two step starts so far (a step and its check)
+    longest_step: float = 0.0
+    _last_start: float | None = field(default=None, repr=False)
 
     def past_deadline(self) -> bool:
-        """Whether ``--max-minutes`` is spent: no further step starts."""
-        return self.deadline is not None and time.perf_counter() > self.deadline
+        """Called as each step starts: whether the budget (``--max-minutes``,
+        ``--max-cost``) is spent, or would be before a step as long as the longest so far
+        ends; then no step starts."""
+        now = time.perf_counter()
+        if self._last_start is not None:
+            self.longest_step = max(self.longest_step, now - self._last_start)
+        self._last_start = now
+        return self.deadline is not None and now + self.longest_step > self.deadline
 
 
 def step_record(

@@ -92,6 +92,8 @@ class RecoveryResult:
     #: whether it is the kept one); empty under the other schedules.
     attempts: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    #: one evaluation of B on the run's sets, timed when the guard scored it: ``--max-cost``'s unit
+    eval_seconds: float = 0.0
     peak_rss_bytes: int = 0
 
     @property
@@ -117,5 +119,7 @@ class RecoveryResult:
             "shortfall": self.shortfall,
             "attempts": self.attempts,
             "seconds": round(self.seconds, 3),
+            "eval_seconds": round(self.eval_seconds, 3),
+            "x_eval": round(self.seconds / self.eval_seconds, 2) if self.eval_seconds else None,
             "peak_rss_bytes": self.peak_rss_bytes,
         }

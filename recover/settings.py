@@ -11,6 +11,9 @@ import torch
 from safealign.model import resolve_dtype
 from safealign.settings import Settings, SettingsError, setting
 
+#: ``--max-cost`` under ``adaptive``: the issue's cost goal, in evaluations of B (README "Recover")
+ADAPTIVE_MAX_COST = 8.0
+
 #: ``--utility drift``'s default bound (nats): see README "Recover", chosen on validation splits.
 DRIFT_MAX = 0.1
 
@@ -62,6 +65,14 @@ class RecoverSettings(Settings):
         min=0,
         min_open=True,
         default_text="no limit",
+    )
+    max_cost: float | None = setting(
+        None,
+        help="No step, and under adaptive no attempt, starts once the run has taken this many "
+        "times one evaluation of B (timed when the guard scores B), less the one evaluation "
+        "kept for scoring the result; the state kept is the best held by then. 0: no limit.",
+        min=0,
+        default_text=f"{ADAPTIVE_MAX_COST:g} under adaptive; paper and guarded: no limit",
     )
     check_every: int = setting(
         5, help="paper: steps between checkpoints, each checked for utility.", min=1

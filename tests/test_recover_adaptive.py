@@ -182,3 +182,83 @@ def test_a_kept_state_above_the_target_is_written_and_exits_1(tmp_path, monkeypa
         result.stderr.splitlines()[-1] == f"repair incomplete: {report['shortfall']}; wrote {out}"
     )
     assert "**Not a full repair**" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "max_cost, max_minutes, deadline",
+    [(8.0, None, 114.0), (8.0, 0.05, 103.0), (0.0, 0.05, 103.0), (0.0, None, None), (1, None, 100)],
+)
+def test_the_budget_is_the_earlier_of_minutes_and_evaluations_of_b(max_cost, max_minutes, deadline):
+    """--max-cost counts evaluations of B (here 2 s each) and keeps one for scoring the kept
+    state; with --max-minutes too, the earlier deadline holds; 0 lifts --max-cost."""
+    from safealign.recover.api import _deadline
+
+    settings = RecoverSettings(max_cost=max_cost, max_minutes=max_minutes)
+    assert _deadline(100.0, settings, 2.0) == deadline
+
+
+@pytest.mark.filterwarnings("ignore:no task data given")
+@pytest.mark.parametrize(
+    "schedule, max_cost", [("adaptive", 8.0), ("paper", 0.0), ("guarded", 0.0)]
+)
+def test_only_adaptive_has_a_cost_budget_by_default(tmp_path, schedule, max_cost):
+    """paper stays the authors' loop, run to its end; adaptive's ladder is bounded by default."""
+    aligned, finetuned = make_pair(tmp_path)
+    planned = run_recover(
+        aligned, finetuned, None, harmful=HARMFUL, schedule=schedule, dry_run=True
+    )
+    assert planned.settings.max_cost == max_cost
+
+
+def test_attempts_the_budget_stopped_are_named_in_the_shortfall(work, monkeypatch):
+    """A run whose budget is spent after its first attempt says which attempts did not start."""
+    import safealign.recover.api as api
+
+    _scripted(monkeypatch, [(1, 0.9)] * 3)
+    outcome, tried = adaptive.run_adaptive(
+        work, _guard(0.0), None, RecoverSettings(), deadline=0.0, progress=False
+    )
+    work.reset(adaptive.changed_elements(work))  # the next test starts from B
+    settings = RecoverSettings(max_cost=8.0, max_minutes=10)
+    line = api._unstarted(tried, settings)
+    assert (
+        line
+        == "; attempt 2, 3 not started: the budget (--max-cost 8 or --max-minutes 10) was spent"
+    )
+    assert api._unstarted(tried[:1], settings) == ""
+
+
+@pytest.mark.parametrize("deadline, started", [(15.0, 1), (25.0, 2), (35.0, 3), (None, 3)])
+def test_an_attempt_starts_only_when_the_budget_left_covers_the_previous_one(
+    work, monkeypatch, deadline, started
+):
+    """Each scripted attempt takes 10 s of a simulated clock; with the deadline at 15 s the
+    second (which would end at 20 s) is not begun, at 25 s the third is not."""
+    clock = [0.0]
+    calls = _scripted(monkeypatch, [(1, 0.9)] * 3)
+    scripted = adaptive.run
+
+    def timed(*args, **kwargs):
+        clock[0] += 10.0
+        return scripted(*args, **kwargs)
+
+    monkeypatch.setattr(adaptive, "run", timed)
+    monkeypatch.setattr(adaptive, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    _, tried = adaptive.run_adaptive(
+        work, _guard(0.0), None, RecoverSettings(), deadline=deadline, progress=False
+    )
+    work.reset(adaptive.changed_elements(work))  # the next test starts from B
+    assert len(calls) == started
+    assert [t["verdict"] for t in tried].count("skipped") == 3 - started
+
+
+def test_a_step_starts_only_when_the_budget_left_covers_the_longest_step(monkeypatch):
+    """Steps start at 0, 30, 50 and 75 s of a simulated clock with the deadline at 100 s: the
+    fourth would end past it (the longest step took 30 s), so it does not start."""
+    from safealign.recover import record
+
+    times = iter([0.0, 30.0, 50.0, 75.0])
+    monkeypatch.setattr(record, "time", SimpleNamespace(perf_counter=lambda: next(times)))
+    ctx = record.StepContext(None, None, None, RecoverSettings(), 1, deadline=100.0)
+    assert [ctx.past_deadline() for _ in range(4)] == [False, False, False, True]
+    assert ctx.longest_step == 30.0
