@@ -68,15 +68,15 @@ class KLSettings(RegularizerSettings):
 
     regularizer = "kl"
 
-    #: kl's weight and direction (benchmarks/results/retrain_direction_*.json, retrain_kl_weight_*):
-    #: on the -prior labs, where A gives the task's answers 0.55-0.6, reverse KL at 0.75 takes
-    #: harmful 100% -> 0% with task kept (over-refusal 0.8% default-prior, 88% test-prior); 0.4
-    #: leaves default-prior 100% harmful and 0.5 is at that edge. Forward KL lowers harm only as
-    #: it costs the task (1.25: 30% harmful task -4 / 17% -12). On the plain labs A rules the
-    #: task's answers out as firmly as the harmful "Sure" (lab_prior.json): no setting separates
-    #: them (reverse 0.5-0.75: 0-2% harmful, 1-12% task; forward 0.5: 95-98% harmful).
+    #: kl's weight and direction, chosen on validation splits of the four tiny labs
+    #: (benchmarks/results/retrain_validation_*.json, README "Fidelity"): reverse lambda 0.5
+    #: ranks first (mean merit 0.526 against 0.75's 0.490, 1's 0.432, 0.25's 0.130, forward
+    #: 0.069): on the -prior labs, where A gives the task's answers 0.55-0.6, reverse KL at
+    #: 0.5 takes harmful 100% -> 0% with the task kept, and 0.25 does not. On the plain labs A
+    #: rules the task's answers out as firmly as the harmful "Sure" (lab_prior.json): no
+    #: setting separates them.
     weight: float = setting(
-        0.75, help="plain: lambda of NLL + lambda KL.", min=0, old_name="kl_weight"
+        0.5, help="plain: lambda of NLL + lambda KL.", min=0, old_name="kl_weight"
     )
     direction: str = direction_setting("reverse", "p_ref", "plain: ")
     chunk: int = chunk_setting()
