@@ -6,11 +6,12 @@ Each attempt runs from the fine-tuned model B with the settings of one rung of
 when that state's harmful rate (on ``--eval-harmful``) is at most A's plus
 ``--harmful-margin``. The first attempt that repairs ends the run. Otherwise every attempt is
 tried and the held state with the lowest harmful rate is kept (B when none held). The report
-lists every attempt, what it reached, and why it did not repair. The budget (``--max-minutes``,
-``--max-cost``) bounds the ladder: an attempt starts only when the budget left is at least what
-the previous attempt took (the later rungs cost more, so one that could not end in the budget
-is not begun), and once the budget is spent the running attempt starts no further step (it
-keeps what held so far).
+lists every attempt, what it reached, and why it did not repair. ``--max-minutes`` bounds every
+attempt; ``--max-cost`` bounds the attempts after the first (the first is the authors' loop, run
+as they run it, so its result does not depend on the machine's load). A further attempt starts
+only when the budget left is at least what the previous attempt took (the later rungs cost
+more, so one that could not end in the budget is not begun), and once the budget is spent the
+running attempt starts no further step (it keeps what held so far).
 
 Why these rungs: the authors' loop (``paper``) checks once after a warm-up and once per
 checkpoint, so it is the cheapest when a repair holds at its checkpoints; when a checkpoint
@@ -78,8 +79,11 @@ def run_adaptive(
     *,
     deadline: float | None,
     progress: bool,
+    ladder_deadline: float | None = None,
 ) -> tuple[RunOutcome, list[dict]]:
-    """Try the ladder's attempts; the model is left in the kept state. Returns the kept
+    """Try the ladder's attempts; the model is left in the kept state. ``deadline``
+    (``--max-minutes``) bounds every attempt; ``ladder_deadline`` (``--max-cost`` too) bounds
+    the attempts after the first, which runs as the authors' loop does. Returns the kept
     attempt's outcome (the last attempt's, kept step 0, when none held) and one summary per
     attempt tried, the kept one marked."""
     target = repair_target(guard, settings)
@@ -87,15 +91,17 @@ def run_adaptive(
     best: tuple[RunOutcome, int, Indices] | None = None
     outcome = None
     last = 0.0  # how long the previous attempt took
+    later = min((d for d in (deadline, ladder_deadline) if d is not None), default=None)
     for number, attempt in enumerate(LADDER, 1):
         started = time.perf_counter()
-        if tried and deadline is not None and started + last > deadline:
+        bound = later if tried else deadline
+        if tried and bound is not None and started + last > bound:
             tried.append({"attempt": number, "schedule": attempt.schedule, "verdict": "skipped"})
             continue
         given = attempt.settings(settings, work.layout.n_layers)
         label = f"attempt {number}/{len(LADDER)} {given.schedule} rate={given.rate:g}"
         outcome, ledger = run(
-            work, guard, sets, given, given.rate, label=label, progress=progress, deadline=deadline
+            work, guard, sets, given, given.rate, label=label, progress=progress, deadline=bound
         )
         last = time.perf_counter() - started
         repaired = bool(outcome.kept_step) and outcome.harmful_rate <= target

@@ -113,8 +113,10 @@ def recover(
             say("scoring the references: fine-tuned, then the aligned direction and scores")
             guard = StepGuard(work, sets, settings)
             result.eval_seconds = guard.eval_seconds
-            deadline = _deadline(start, settings, guard.eval_seconds)
-            _run_rates(result, work, guard, sets, bars=progress is not None, deadline=deadline)
+            budget = _deadline(start, settings, guard.eval_seconds)
+            minutes = _deadline(start, settings.replace(max_cost=0.0), guard.eval_seconds)
+            bars = progress is not None
+            _run_rates(result, work, guard, sets, bars=bars, budget=budget, minutes=minutes)
             if result.failure is None or settings.write_unchanged:
                 say(f"writing {out}")
                 _write(writer, result, work, start)
@@ -186,13 +188,17 @@ def _run_rates(
     sets: Sets,
     *,
     bars: bool,
-    deadline: float | None,
+    budget: float | None,
+    minutes: float | None,
 ) -> None:
     """The sweep's extra rates (each undone after), then the main rate, kept in the model;
     ``result.failure`` says why when no repair held, ``result.shortfall`` when the kept state
-    is above the repair target."""
+    is above the repair target. ``budget``: when no step may start (:func:`_deadline`);
+    ``minutes``: the same from ``--max-minutes`` alone, which is all that bounds adaptive's
+    first attempt (and a sweep's, the same loop)."""
     settings = result.settings
     adaptive = settings.schedule == "adaptive"
+    deadline = minutes if adaptive else budget
     # under adaptive, a sweep rate runs the first attempt (the authors' loop)
     single = LADDER[0].settings(settings, work.layout.n_layers) if adaptive else settings
     result.scores = dict(guard.references)
@@ -212,7 +218,7 @@ def _run_rates(
     rate = settings.rate
     if adaptive:
         outcome, result.attempts = run_adaptive(
-            work, guard, sets, settings, deadline=deadline, progress=bars
+            work, guard, sets, settings, deadline=deadline, ladder_deadline=budget, progress=bars
         )
     else:
         label = f"recover rate={rate}"

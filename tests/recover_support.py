@@ -105,8 +105,10 @@ def run_recover(
 
 
 #: recover settings under which no repair can hold on :func:`no_repair_case`: every restore
-#: changes some of B's replies, and the check allows no utility drop.
+#: changes some of B's replies, and the check allows no utility drop. No cost budget: every
+#: attempt runs whatever the machine's load (the budget is timed).
 NO_REPAIR = {
+    "max_cost": 0,
     "metric_drop": 0.0,
     "rate": 0.03,
     "steps": 2,

@@ -377,7 +377,7 @@ def test_settings_are_recorded_resolved(pair, tmp_path):
     dry = recover(inputs, given.replace(dry_run=True))
     # adaptive (the default) leaves the warm-up to each attempt; the paper's 5 under paper,
     # 1 under guarded on a small model
-    resolved = given.replace(layer=4, dtype="float32", device="cpu", dry_run=True)
+    resolved = given.replace(layer=4, dtype="float32", device="cpu", dry_run=True, max_cost=8.0)
     assert dry.settings == resolved and resolved.warmup is None
     for schedule, warmup in (("paper", 5), ("guarded", 1)):
         fixed = recover(inputs, given.replace(schedule=schedule, dry_run=True))

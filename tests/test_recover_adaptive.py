@@ -262,3 +262,21 @@ def test_a_step_starts_only_when_the_budget_left_covers_the_longest_step(monkeyp
     ctx = record.StepContext(None, None, None, RecoverSettings(), 1, deadline=100.0)
     assert [ctx.past_deadline() for _ in range(4)] == [False, False, False, True]
     assert ctx.longest_step == 30.0
+
+
+def test_the_cost_budget_never_cuts_the_first_attempt(work, monkeypatch):
+    """The first attempt is the authors' loop, run as they run it: a spent --max-cost budget
+    (``ladder_deadline``) stops only the attempts after it."""
+    calls = _scripted(monkeypatch, [(1, 0.9)] * 3)
+    _, tried = adaptive.run_adaptive(
+        work,
+        _guard(0.0),
+        None,
+        RecoverSettings(),
+        deadline=None,
+        ladder_deadline=0.0,
+        progress=False,
+    )
+    work.reset(adaptive.changed_elements(work))  # the next test starts from B
+    assert len(calls) == 1 and tried[0]["verdict"] == "held, harmful rate above the target"
+    assert [t["verdict"] for t in tried[1:]] == ["skipped", "skipped"]
