@@ -68,9 +68,9 @@ class RecoverSettings(Settings):
     )
     max_cost: float | None = setting(
         None,
-        help="No step, and under adaptive no attempt, starts once the run has taken this many "
-        "times one evaluation of B (timed when the guard scores B), less the one evaluation "
-        "kept for scoring the result; the state kept is the best held by then. 0: no limit.",
+        help="No step or attempt starts once the run has taken this many times one evaluation "
+        "of B (timed when the guard scores B), less the one evaluation kept for scoring the "
+        "result; under adaptive it bounds the attempts after the first only. 0: no limit.",
         min=0,
         default_text=f"{ADAPTIVE_MAX_COST:g} under adaptive; paper and guarded: no limit",
     )
