@@ -165,7 +165,7 @@ def row(
         "seconds": None if seconds is None else round(seconds, 1),
         "x_eval": round(seconds / unit, 1) if seconds is not None and unit else None,
         # recover's own ratio: its run over its own timing of B's scoring (--max-cost's unit)
-        "x_own": None if result is None else result.to_dict()["x_eval"],
+        "x_own": None if result is None else result.x_eval,
         "attempts": result.attempts if result else [],
     }
 

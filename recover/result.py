@@ -97,6 +97,11 @@ class RecoveryResult:
     peak_rss_bytes: int = 0
 
     @property
+    def x_eval(self) -> float | None:
+        """The run's wall time in evaluations of B (``--max-cost``'s unit); None before one."""
+        return round(self.seconds / self.eval_seconds, 2) if self.eval_seconds else None
+
+    @property
     def settings(self) -> RecoverSettings:
         """The run's settings, resolved (the plan's)."""
         return self.plan.settings
@@ -120,6 +125,6 @@ class RecoveryResult:
             "attempts": self.attempts,
             "seconds": round(self.seconds, 3),
             "eval_seconds": round(self.eval_seconds, 3),
-            "x_eval": round(self.seconds / self.eval_seconds, 2) if self.eval_seconds else None,
+            "x_eval": self.x_eval,
             "peak_rss_bytes": self.peak_rss_bytes,
         }
