@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from safealign import __version__
 from safealign.data import load_prompts
 from safealign.lab import build
 from safealign.lab.compare import DIRECTION_PROMPTS
@@ -108,15 +107,8 @@ def main() -> None:
             "times": {"one pass": times[False], "shared prefix once": times[True]},
             "gradient_relative_difference": relative,
             "same_picks": same_picks,
-            "machine": {
-                "platform": platform.platform(),
-                "torch_threads": torch.get_num_threads(),
-                "versions": {
-                    "safealign": __version__,
-                    "torch": torch.__version__,
-                    "transformers": version("transformers"),
-                },
-            },
+            "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
+            "versions": {"torch": torch.__version__, "transformers": version("transformers")},
         },
     )
 
