@@ -111,6 +111,7 @@ def measure(
     runs=RUNS,
     models=MODELS,
     max_minutes: float | None = None,
+    step_prompts: int | None = None,
 ) -> list[dict]:
     """Score A and each fine-tune, then every (model, schedule, guard) run; one row each."""
     evaluator, sets, rows = lab_evaluator(lab), inputs(lab), []
@@ -133,7 +134,11 @@ def measure(
             )
             # write_unchanged: kept step 0 in the table (no repair held, B scored)
             settings = RecoverSettings(
-                schedule=schedule, device=device, write_unchanged=True, max_minutes=max_minutes
+                schedule=schedule,
+                device=device,
+                write_unchanged=True,
+                max_minutes=max_minutes,
+                step_prompts=step_prompts,
             )
             result = recover(given, settings, root / f"{model}_{schedule}_{int(guard)}")
             seconds = time.perf_counter() - start
@@ -191,6 +196,9 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", choices=tuple(RUN_NAMES), default=tuple(RUN_NAMES))
     parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS)
     parser.add_argument("--max-minutes", type=float, help="recover's --max-minutes (adaptive)")
+    parser.add_argument(
+        "--step-prompts", type=int, help="recover's --step-prompts [each schedule's own]"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, help="JSON [results/recover_quality_<size>.json]")
@@ -199,7 +207,9 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         runs = [RUN_NAMES[name] for name in args.runs]
-        rows = measure(lab, Path(tmp), args.device, runs, args.models, args.max_minutes)
+        rows = measure(
+            lab, Path(tmp), args.device, runs, args.models, args.max_minutes, args.step_prompts
+        )
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for item in rows:
@@ -215,6 +225,7 @@ def main() -> None:
             "scored_on": ["harmful_eval", "task_eval", "benign_eval"],
         },
         "max_minutes": args.max_minutes,
+        "step_prompts": args.step_prompts,
         "rows": rows,
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -1,5 +1,5 @@
-"""The ``adaptive`` schedule (the default): the authors' loop first, then gentler attempts,
-until one repairs.
+"""The ``adaptive`` schedule (the default): the authors' loop first (each step's gradient on a
+window of the direction prompts), then gentler attempts, until one repairs.
 
 Each attempt runs from the fine-tuned model B with the settings of one rung of
 :data:`LADDER`. An attempt *holds* when it keeps a checked state (kept step > 0); it *repairs*
@@ -7,18 +7,22 @@ when that state's harmful rate (on ``--eval-harmful``) is at most A's plus
 ``--harmful-margin``. The first attempt that repairs ends the run. Otherwise every attempt is
 tried and the held state with the lowest harmful rate is kept (B when none held). The report
 lists every attempt, what it reached, and why it did not repair. ``--max-minutes`` bounds every
-attempt; ``--max-cost`` bounds the attempts after the first (the first is the authors' loop, run
-as they run it, so its result does not depend on the machine's load). A further attempt starts
-only when the budget left is at least what the previous attempt took (the later rungs cost
-more, so one that could not end in the budget is not begun), and once the budget is spent the
-running attempt starts no further step (it keeps what held so far).
+attempt; ``--max-cost`` bounds the attempts after the first (so the first's result does not
+depend on the machine's load). A further attempt starts only when the budget left is at least
+what the previous attempt took (the later rungs cost more, so one that could not end in the
+budget is not begun), and once the budget is spent the running attempt starts no further step
+(it keeps what held so far).
 
 Why these rungs: the authors' loop (``paper``) checks once after a warm-up and once per
 checkpoint, so it is the cheapest when a repair holds at its checkpoints; when a checkpoint
-fails it keeps nothing from there on. ``guarded`` checks every step and rolls back where the
-drop happens. Its last rung halves the share restored per step over twice the steps (the same
-total) and gives back half of a failing step: the smaller moves that hold where larger ones
-overshoot.
+fails it keeps nothing from there on. Its gradient steps are most of its cost (on the
+real-model lab a step over all 128 direction prompts costs about half an evaluation of B), so
+the first rung takes each step's gradient on the next window of about
+:data:`~safealign.recover.settings.ADAPTIVE_STEP_PROMPTS` of them (``--step-prompts``): every
+prompt counts once per round of windows, and the gradients accumulate as the authors' do.
+``guarded`` checks every step and rolls back where the drop happens. Its last rung halves the
+share restored per step over twice the steps (the same total) and gives back half of a failing
+step: the smaller moves that hold where larger ones overshoot.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from safealign.recover.guard import StepGuard
 from safealign.recover.result import RunOutcome
 from safealign.recover.schedule import run
 from safealign.recover.sets import Sets
-from safealign.recover.settings import RecoverSettings
+from safealign.recover.settings import ADAPTIVE_STEP_PROMPTS, RecoverSettings
 from safealign.recover.weights import PAPER_WARMUP, default_warmup, read
 from safealign.recover.working import Indices, WorkingModel
 
@@ -40,19 +44,23 @@ from safealign.recover.working import Indices, WorkingModel
 @dataclass(frozen=True)
 class Attempt:
     """One rung: a schedule, the share per step and the steps as multiples of the run's
-    ``--rate`` and ``--steps``, and the rollback share (None: the run's ``--rollback-rate``)."""
+    ``--rate`` and ``--steps``, the rollback share (None: the run's ``--rollback-rate``) and
+    the prompts a step's gradient takes (0: all; the run's ``--step-prompts`` when set)."""
 
     schedule: str
     rate_scale: float = 1.0
     steps_scale: int = 1
     rollback_rate: float | None = None
+    step_prompts: int = 0
 
     def settings(self, settings: RecoverSettings, n_layers: int) -> RecoverSettings:
         """The run's settings for this attempt; an unset warm-up is the schedule's own."""
         warmup = settings.warmup
         if warmup is None:
             warmup = PAPER_WARMUP if self.schedule == "paper" else default_warmup(n_layers)
+        step_prompts = settings.step_prompts
         return settings.replace(
+            step_prompts=self.step_prompts if step_prompts is None else step_prompts,
             schedule=self.schedule,
             rate=settings.rate * self.rate_scale,
             steps=settings.steps * self.steps_scale,
@@ -65,7 +73,7 @@ class Attempt:
 
 #: The attempts of ``adaptive``, in order.
 LADDER = (
-    Attempt("paper"),
+    Attempt("paper", step_prompts=ADAPTIVE_STEP_PROMPTS),
     Attempt("guarded"),
     Attempt("guarded", rate_scale=0.5, steps_scale=2, rollback_rate=0.5),
 )
@@ -83,7 +91,7 @@ def run_adaptive(
 ) -> tuple[RunOutcome, list[dict]]:
     """Try the ladder's attempts; the model is left in the kept state. ``deadline``
     (``--max-minutes``) bounds every attempt; ``ladder_deadline`` (``--max-cost`` too) bounds
-    the attempts after the first, which runs as the authors' loop does. Returns the kept
+    the attempts after the first, which runs to its end whatever the load. Returns the kept
     attempt's outcome (the last attempt's, kept step 0, when none held) and one summary per
     attempt tried, the kept one marked."""
     target = repair_target(guard, settings)
@@ -146,6 +154,7 @@ def _summary(number: int, given: RecoverSettings, outcome: RunOutcome, repaired:
         "rollback_rate": given.rollback_rate,
         "steps": given.steps,
         "warmup": given.warmup,
+        "step_prompts": given.step_prompts,
         **outcome.summary(),
         "verdict": verdict,
         "kept": False,

@@ -199,7 +199,7 @@ def _run_rates(
     settings = result.settings
     adaptive = settings.schedule == "adaptive"
     deadline = minutes if adaptive else budget
-    # under adaptive, a sweep rate runs the first attempt (the authors' loop)
+    # under adaptive, a sweep rate runs the first attempt (the authors' loop, stepped in windows)
     single = LADDER[0].settings(settings, work.layout.n_layers) if adaptive else settings
     result.scores = dict(guard.references)
     for extra in sorted(set(settings.sweep) - {settings.rate}):
@@ -287,7 +287,8 @@ def _bounded(name: str, value: float | None, bound: str, limit: float | None) ->
 
 
 def _resolved(settings: RecoverSettings, lay: Layout, finetuned: Checkpoint) -> RecoverSettings:
-    """``settings`` with layer, warm-up, dtype, device and cost budget as the run uses them."""
+    """``settings`` with layer, warm-up, step prompts, dtype, device and cost budget as the run
+    uses them (``adaptive`` leaves warm-up and step prompts to each attempt)."""
     dtype = resolve_dtype(settings.dtype)
     if dtype == "auto":
         dtype = checkpoint_dtype(finetuned)
@@ -296,6 +297,9 @@ def _resolved(settings: RecoverSettings, lay: Layout, finetuned: Checkpoint) -> 
         warmup=_default_warmup(settings.schedule, lay.n_layers)
         if settings.warmup is None and settings.schedule != "adaptive"
         else settings.warmup,
+        step_prompts=0
+        if settings.step_prompts is None and settings.schedule != "adaptive"
+        else settings.step_prompts,
         dtype=str(dtype).removeprefix("torch."),
         device=settings.device or "cpu",
         max_cost=(ADAPTIVE_MAX_COST if settings.schedule == "adaptive" else 0.0)

@@ -57,9 +57,9 @@ def guarded_steps(ctx: StepContext, bar: tqdm) -> tuple[list[StepRecord], int, L
 
 def _step(ctx: StepContext, ledger: Ledger, step: int, checked: bool) -> StepRecord:
     """One step: gradient, restore, score; a checked step that fails is partly rolled back."""
-    work, guard, sets, settings, k = ctx.work, ctx.guard, ctx.sets, ctx.settings, ctx.k
+    work, guard, settings, k = ctx.work, ctx.guard, ctx.settings, ctx.k
     start = time.perf_counter()
-    loss = work.pull(sets.harmful.prompts, guard.direction, settings.grad_batch_size)
+    loss = work.pull(ctx.step_prompts(step), guard.direction, settings.grad_batch_size)
     picked, offered = work.candidates(k, ledger)
     restored = work.restore(picked)
     ledger.record_restore(step, restored)

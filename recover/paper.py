@@ -20,7 +20,10 @@
    checkpoint, or after the last checkpoint, change nothing kept and are not run. Without
    task data or benign prompts nothing is checked and all ``steps`` are kept. (Ours: once
    a budget, ``--max-minutes`` or ``--max-cost``, is spent no step after the warm-up starts,
-   and the last checkpoint that held is kept.)
+   and the last checkpoint that held is kept. With ``--step-prompts`` N > 0, as in
+   ``adaptive``'s first attempt, each step's harmful gradient takes one window of the prompts
+   in turn: :meth:`~safealign.recover.record.StepContext.step_prompts`; under ``paper`` it is
+   0, every prompt, as the reference.)
 
 Deliberate differences from the reference, none of which changes the method: exact top-k
 counts (the reference takes |g| strictly above the k-th value: k-1 elements, fewer on ties);
@@ -109,12 +112,12 @@ def _step(
 ) -> StepRecord:
     """One step: restore (from a fresh gradient when rolling back), roll back, and check at a
     checkpoint (``phase`` "warm-up": never checked here)."""
-    work, guard, sets, settings, k = ctx.work, ctx.guard, ctx.sets, ctx.settings, ctx.k
+    work, guard, settings, k = ctx.work, ctx.guard, ctx.settings, ctx.k
     phase = phase or ("restart" if rollback else "steps")
     start = time.perf_counter()
     if rollback:
         work.zero_grad()
-    loss = work.pull(sets.harmful.prompts, guard.direction, settings.grad_batch_size)
+    loss = work.pull(ctx.step_prompts(step), guard.direction, settings.grad_batch_size)
     picked, offered = work.candidates(k, None)
     restored = work.restore(picked)
     ledger.record_restore(step, restored)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from safealign.recover.guard import Check, StepGuard
@@ -28,6 +29,17 @@ class StepContext:
     #: the longest time between two step starts so far (a step and its check)
     longest_step: float = 0.0
     _last_start: float | None = field(default=None, repr=False)
+
+    def step_prompts(self, step: int) -> Sequence[str]:
+        """The harmful prompts step ``step`` (from 1) takes its gradient on: all of them, or
+        under ``--step-prompts`` N one of W = ceil(n / N) windows in turn, window w holding
+        every W-th prompt from the w-th (so each spans the whole list, however it is ordered,
+        and every prompt counts once in any W steps in a row)."""
+        prompts, size = self.sets.harmful.prompts, self.settings.step_prompts
+        if not size or size >= len(prompts):
+            return prompts
+        windows = -(-len(prompts) // size)
+        return prompts[(step - 1) % windows :: windows]
 
     def past_deadline(self) -> bool:
         """Called as each step starts: whether the budget (``--max-minutes``,

@@ -14,6 +14,10 @@ from safealign.settings import Settings, SettingsError, setting
 #: ``--max-cost`` under ``adaptive``: the issue's cost goal, in evaluations of B (README "Recover")
 ADAPTIVE_MAX_COST = 8.0
 
+#: ``--step-prompts`` of adaptive's first attempt: a step's gradient on a quarter of the lab's
+#: 128 direction prompts (README "Recover schedules", chosen on five labs' training-side sets)
+ADAPTIVE_STEP_PROMPTS = 32
+
 #: ``--utility drift``'s default bound (nats): see README "Recover", chosen on validation splits.
 DRIFT_MAX = 0.1
 
@@ -35,8 +39,9 @@ class RecoverSettings(Settings):
     )
     schedule: str = setting(
         "adaptive",
-        help="Rollback schedule: adaptive (paper, then guarded, then guarded at half the rate "
-        "with half of a failing step rolled back, until one repairs), paper (the authors' "
+        help="Rollback schedule: adaptive (paper with --step-prompts windows, then guarded, "
+        "then guarded at half the rate with half of a failing step rolled back, until one "
+        "repairs), paper (the authors' "
         "loop: one check after the warm-up, then a restart with rollback every step) or "
         "guarded (every step checked).",
         choices=("adaptive", "paper", "guarded"),
@@ -116,6 +121,15 @@ class RecoverSettings(Settings):
     grad_batch_size: int = setting(8, help="Harmful prompts per batch.", min=1)
     max_prompts: int | None = setting(
         256, help="Harmful prompts the direction and gradient use.", min=1, group="Method"
+    )
+    step_prompts: int | None = setting(
+        None,
+        help="Harmful prompts each step's gradient takes: the direction prompts split into "
+        "windows of about this many, taken in turn (0: all of them every step, as the "
+        "authors' loop).",
+        min=0,
+        default_text=f"{ADAPTIVE_STEP_PROMPTS} in adaptive's first attempt; else 0",
+        group="Method",
     )
     limit: int | None = setting(None, min=1, help="")
     sweep: tuple[float, ...] = setting(

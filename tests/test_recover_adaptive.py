@@ -144,14 +144,16 @@ def test_a_spent_budget_stops_the_running_attempt_at_a_step_boundary(
 
 
 def test_adaptive_output_is_the_paper_run_when_paper_repairs(tmp_path):
-    """The first attempt is the authors' loop, exactly: where it repairs, adaptive writes the
-    same tensors and stops there."""
+    """The first attempt is the authors' loop (here with fewer direction prompts than a step
+    window, so every step takes them all, as ``--schedule paper``): where it repairs, adaptive
+    writes the same tensors and stops there."""
     aligned, finetuned = make_pair(tmp_path)
     task = [{"prompt": p, "answer": "5"} for p in TASK_PROMPTS]
     common = {"harmful": HARMFUL, "task": task, "rate": 0.01, "steps": 2, "max_new_tokens": 6}
     common["harmful_margin"] = 1.0  # any kept state repairs
     paper = run_recover(aligned, finetuned, tmp_path / "paper", schedule="paper", **common)
     auto = run_recover(aligned, finetuned, tmp_path / "auto", **common)
+    assert len(HARMFUL) <= auto.attempts[0]["step_prompts"]
     assert auto.settings.schedule == "adaptive" and len(auto.attempts) == 1
     assert auto.attempts[0]["verdict"] == "repaired" and auto.attempts[0]["kept"]
     assert auto.run.kept_step == paper.run.kept_step > 0
