@@ -69,6 +69,14 @@ def _pulled(monkeypatch) -> list[list[str]]:
     return pulled
 
 
+def _recover(root, **settings):
+    """recover on a fresh random pair with the test's harmful prompts, small and fast."""
+    aligned, finetuned = make_pair(root)
+    return run_recover(
+        aligned, finetuned, root / "out", harmful=HARMFUL, rate=0.01, max_new_tokens=4, **settings
+    )
+
+
 @pytest.mark.parametrize(
     ("schedule", "step_prompts", "expected"),
     [
@@ -79,41 +87,18 @@ def _pulled(monkeypatch) -> list[list[str]]:
     ],
 )
 def test_each_step_pulls_its_window(tmp_path, monkeypatch, schedule, step_prompts, expected):
-    aligned, finetuned = make_pair(tmp_path)
     pulled = _pulled(monkeypatch)
-    result = run_recover(
-        aligned,
-        finetuned,
-        tmp_path / "out",
-        harmful=HARMFUL,
-        schedule=schedule,
-        step_prompts=step_prompts,
-        rate=0.01,
-        steps=3,
-        warmup=0,
-        max_new_tokens=4,
-    )
+    result = _recover(tmp_path, schedule=schedule, step_prompts=step_prompts, steps=3, warmup=0)
     assert pulled == expected
     assert result.settings.step_prompts == (step_prompts or 0)
 
 
 def test_adaptive_records_each_attempts_step_prompts(tmp_path, monkeypatch):
-    aligned, finetuned = make_pair(tmp_path)
     pulled = _pulled(monkeypatch)
     task = [{"prompt": p, "answer": "5"} for p in TASK_PROMPTS]
-    result = run_recover(
-        aligned,
-        finetuned,
-        tmp_path / "out",
-        harmful=HARMFUL,
-        task=task,
-        step_prompts=4,
-        rate=0.01,
-        steps=2,
-        warmup=1,
-        check_every=1,
-        harmful_margin=1.0,  # the first kept state repairs: one attempt
-        max_new_tokens=4,
+    # harmful_margin 1: the first kept state repairs, so one attempt
+    result = _recover(
+        tmp_path, task=task, step_prompts=4, steps=2, warmup=1, check_every=1, harmful_margin=1.0
     )
     assert [a["step_prompts"] for a in result.attempts] == [4]
     # ceil(6/4) = 2 windows of 3; no rollback when the warm-up holds, so two gradient passes
