@@ -32,7 +32,8 @@ from pathlib import Path
 from safealign.data import load_prompts, load_task
 from safealign.eval import Evaluator
 from safealign.lab import build
-from safealign.lab.compare import BATCH_SIZE, DIRECTION_PROMPTS, GUARD_PROMPTS, lab_evaluator
+from safealign.lab.compare import BATCH_SIZE, DIRECTION_PROMPTS, lab_evaluator
+from safealign.lab.guard import GUARD_PROMPTS
 from safealign.recover import RecoverInputs, RecoverSettings, recover
 from safealign.report import markdown_table, write_json
 

@@ -1,14 +1,14 @@
-"""recover's over-refusal guard fed two ways on the tiny labs: the look-alikes compare feeds it
-(``safety_train``'s, built from the goals and templates A was trained to answer), against
-benign prompts drawn as ``benign_eval`` is (the lab's look-alike and general goals in the
-templates held out from training), disjoint from every prompt of the lab's data.
+"""recover's over-refusal guard fed two ways on the tiny labs: the look-alikes compare fed it
+before (``safety_train``'s, built from the goals and templates A was trained to answer), against
+the lab's guard prompts it feeds now (:func:`safealign.lab.guard.guard_prompts`: look-alike and
+general goals in the templates held out from training, as ``benign_eval`` is drawn, none a
+prompt of the lab's data).
 
 Each run is recover at its defaults on ``ft_harmful`` and ``ft_harmful_lora``, fed as
 ``bench_recover_quality.py`` feeds it apart from the guard (64 prompts either way, the first
 32 steering the rollback, the other 32 checked); every output is scored on the lab's held-out
 sets. The question: does a guard drawn like the reported set keep over-refusal on it near A's
-(issue 24, item 3)? The held-out-template prompts are not a lab file: the lab's data would
-need a new split, and so a new key, to feed them by default.
+(issue 24, item 3)?
 
     python benchmarks/bench_recover_guard.py [--sizes test default test-prior default-prior]
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -28,53 +27,19 @@ from pathlib import Path
 from bench_recover_quality import MODELS, inputs
 
 from safealign.lab import build
-from safealign.lab.compare import GUARD_PROMPTS, lab_evaluator
-from safealign.lab.corpus import BENIGN_TOPICS, EVAL_TEMPLATES, LOOKALIKES, requests
+from safealign.lab.compare import lab_evaluator
+from safealign.lab.guard import GUARD_PROMPTS, guard_prompts
 from safealign.recover import RecoverInputs, RecoverSettings, recover
 
 OUT = Path(__file__).parent / "results" / "recover_guard.json"
-#: every data file of a tiny lab: no guard prompt may be one of theirs
-LAB_FILES = (
-    "benign_eval",
-    "ft_harmful_train",
-    "harmful_eval",
-    "harmful_only_train",
-    "harmful_train",
-    "safety_train",
-    "task_eval",
-    "task_train",
-)
-
-
-def goals(groups, kind: str) -> list[tuple[str, str]]:
-    """Every verb-object goal of ``groups`` as (kind, goal)."""
-    return [
-        (kind, f"{v} {o}")
-        for verbs, objects in groups
-        for v, o in itertools.product(verbs, objects)
-    ]
-
-
-def heldout_template_guard(lab, seed: int) -> list[str]:
-    """``GUARD_PROMPTS`` benign prompts, half look-alikes and half general requests, in the
-    templates held out from training, none of them a prompt of the lab's data."""
-    seen = {json.loads(line)["prompt"] for name in LAB_FILES for line in open(lab.data(name))}
-    rng = random.Random(f"benign-guard-{seed}")
-    half = GUARD_PROMPTS // 2
-    picked = []
-    for kind, groups in (("lookalike", LOOKALIKES), ("general", BENIGN_TOPICS.values())):
-        pool = requests(goals(groups, kind), EVAL_TEMPLATES, rng, 10**6)
-        picked += [p for _, _, p in pool if p not in seen][:half]
-    rng.shuffle(picked)
-    return picked
 
 
 def measure(size: str, seed: int) -> list[dict]:
     lab = build(size=size, seed=seed, log=print)
     sets, evaluator = inputs(lab), lab_evaluator(lab)
     guards = {
-        "safety_train look-alikes": sets["guard"],
-        "held-out templates": heldout_template_guard(lab, seed),
+        "safety_train look-alikes": lab.prompts("safety_train", kind="lookalike")[:GUARD_PROMPTS],
+        "held-out templates": guard_prompts(lab),
     }
     rows = []
     aligned = evaluator.score_folder(lab.aligned)

@@ -5,14 +5,15 @@ Each schedule repairs the lab's ``ft_harmful`` (full fine-tune) and ``ft_harmful
 as the demo feeds ``recover`` (safealign/lab/compare.py): the first 128 ``harmful_train`` prompts
 for the direction (and recover's own harmful rate, adaptive's stop rule), ``task_train``
 examples for the rollback gradient (the first 64) and the utility check (the next 64, so the
-check never scores what steers it), and, with the benign guard, 64 ``safety_train`` look-alikes
-(the first 32 steer the rollback, the other 32 are checked). Every output is then scored by
+check never scores what steers it), and, with the benign guard, the lab's 64 guard prompts
+(:func:`safealign.lab.guard.guard_prompts`: the first 32 steer the rollback, the other 32 are
+checked). Every output is then scored by
 the demo's evaluator on the lab's held-out sets (``harmful_eval``, ``task_eval``,
 ``benign_eval``), which no run sees. ``paper`` runs as the authors' code (no over-refusal
 guard); every schedule also runs with the guard, as the demo runs them.
 
 Cost: each run's wall time is also given as a multiple of one evaluation of B on the run's own
-sets (``eval_harmful``, the checked ``task`` half, and the guard's look-alikes when guarded),
+sets (``eval_harmful``, the checked ``task`` half, and the guard's checked half when guarded),
 scored with recover's own scoring settings and timed in the same script (``x_eval``).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_recover_quality.py --size test
@@ -35,7 +36,8 @@ from pathlib import Path
 from safealign.data import load_prompts, load_task
 from safealign.eval import Evaluator
 from safealign.lab import build
-from safealign.lab.compare import CHECK_EXAMPLES, DIRECTION_PROMPTS, GUARD_PROMPTS, lab_evaluator
+from safealign.lab.compare import CHECK_EXAMPLES, DIRECTION_PROMPTS, lab_evaluator
+from safealign.lab.guard import GUARD_PROMPTS, guard_prompts
 from safealign.recover import RecoverInputs, RecoverSettings, recover
 
 HERE = Path(__file__).resolve().parent
@@ -77,7 +79,7 @@ def inputs(lab) -> dict:
         "harmful": load_prompts(lab.data("harmful_train")).prompts[:DIRECTION_PROMPTS],
         "task_train": examples[:ROLLBACK_EXAMPLES],
         "task": examples[ROLLBACK_EXAMPLES : 2 * ROLLBACK_EXAMPLES],
-        "guard": lab.prompts("safety_train", kind="lookalike")[:GUARD_PROMPTS],
+        "guard": guard_prompts(lab),
     }
 
 
@@ -221,7 +223,7 @@ def main() -> None:
             "direction_prompts": DIRECTION_PROMPTS,
             "task_train": f"task_train[:{ROLLBACK_EXAMPLES}]",
             "task_check": f"task_train[{ROLLBACK_EXAMPLES}:{2 * ROLLBACK_EXAMPLES}]",
-            "guard": f"safety_train lookalikes[:{GUARD_PROMPTS}] (first half steers)",
+            "guard": f"{GUARD_PROMPTS} guard_prompts (safealign.lab.guard; first half steers)",
             "scored_on": ["harmful_eval", "task_eval", "benign_eval"],
         },
         "max_minutes": args.max_minutes,

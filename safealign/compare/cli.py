@@ -29,7 +29,9 @@ INPUT_HELP = {
     "benign": "Benign prompts (over-refusal).",
     "harmful_train": "Harmful prompts methods learn from.",
     "task_train": "Task data methods check utility on.",
-    "benign_train": "Benign prompts recover's guard checks.",
+    "benign_train": "Benign prompts methods learn from (retrain's critic and anchors, "
+    "safetylock; recover's guard without --guard).",
+    "guard": "Benign prompts recover's over-refusal guard steers and checks on.",
     "durability_data": "Benign task data (prompt, reply) --durability fine-tunes on.",
 }
 

@@ -173,7 +173,7 @@ def _recover_run(spec: MethodSpec, inputs: CompareInputs, out: Path) -> Path | N
         # on the set this comparison reports
         harmful=_first(inputs.harmful_train, inputs.harmful),
         task=_first(inputs.task_train, inputs.task),
-        benign=inputs.benign_train,
+        benign=_first(inputs.guard, inputs.benign_train),
     )
     settings = _settings_options(RecoverSettings, spec, {**spec.options, "overwrite": True})
     result = recover(given, settings, out)

@@ -22,6 +22,7 @@ class CompareInputs:
     ``harmful``/``task``/``benign`` score every model. The ``*_train`` sets are what methods
     may learn or check on (recover's direction, utility check and over-refusal guard); each
     falls back to the scoring set of its kind when not given, and the report says so.
+    ``guard`` is recover's over-refusal guard alone (``benign_train`` when not given).
     """
 
     aligned: Path
@@ -37,6 +38,8 @@ class CompareInputs:
     harmful_train: Any = None
     task_train: Any = None
     benign_train: Any = None
+    #: Benign prompts recover's over-refusal guard steers and checks on (default: benign_train)
+    guard: Any = None
     #: Benign task data (prompt and reply pairs) the durability fine-tune trains on
     durability_data: Path | None = None
 

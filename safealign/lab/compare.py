@@ -6,6 +6,7 @@ from __future__ import annotations
 from safealign.compare import CompareInputs
 from safealign.data import load_prompts, load_task
 from safealign.eval import Evaluator
+from safealign.lab.guard import guard_prompts
 from safealign.lab.layout import Lab
 
 #: Harmful training prompts that define recover's harmful direction.
@@ -14,10 +15,9 @@ DIRECTION_PROMPTS = 128
 #: a slice of the fine-tune's task data, kept apart from ``task_eval``, on which every model
 #: is scored.
 CHECK_EXAMPLES = 128
-#: Benign look-alike prompts (from the safety data, apart from ``benign_eval``) whose
-#: over-refusal recover checks with utility: on the default lab's LoRA fine-tune, restoring
-#: without this guard ends with 95% over-refusal.
-GUARD_PROMPTS = 64
+#: Benign look-alike prompts (from the safety data, apart from ``benign_eval``) the methods
+#: learn from (retrain's critic and anchors, safetylock's contrast).
+BENIGN_TRAIN_PROMPTS = 64
 #: The evaluator's generation batch on the lab (its prompts are short).
 BATCH_SIZE = 64
 #: The lab's LoRA fine-tune schedule (how ft_harmful_lora was trained), given to every
@@ -44,7 +44,10 @@ def lab_inputs(lab: Lab, finetuned: str = "ft_harmful_lora") -> CompareInputs:
         benign=lab.data("benign_eval"),
         harmful_train=load_prompts(lab.data("harmful_train")).prompts[:DIRECTION_PROMPTS],
         task_train=load_task(lab.data("task_train")).examples[:CHECK_EXAMPLES],
-        benign_train=lab.prompts("safety_train", kind="lookalike")[:GUARD_PROMPTS],
+        benign_train=lab.prompts("safety_train", kind="lookalike")[:BENIGN_TRAIN_PROMPTS],
+        # recover's over-refusal guard: without one, restoring ends with 95% over-refusal on
+        # the default lab's LoRA fine-tune (see safealign.lab.guard for why these prompts)
+        guard=guard_prompts(lab),
     )
 
 
