@@ -24,12 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_recover_quality import MODELS, inputs
+from bench_recover_quality import MODELS, inputs, recover_inputs
 
 from safealign.lab import build
 from safealign.lab.compare import lab_evaluator
 from safealign.lab.guard import GUARD_PROMPTS, guard_prompts
-from safealign.recover import RecoverInputs, RecoverSettings, recover
+from safealign.recover import RecoverSettings, recover
 
 OUT = Path(__file__).parent / "results" / "recover_guard.json"
 
@@ -45,14 +45,7 @@ def measure(size: str, seed: int) -> list[dict]:
     aligned = evaluator.score_folder(lab.aligned)
     with tempfile.TemporaryDirectory() as tmp:
         for model, (name, guard) in itertools.product(MODELS, guards.items()):
-            given = RecoverInputs(
-                lab.aligned,
-                lab.model(model),
-                harmful=sets["harmful"],
-                task=sets["task"],
-                task_train=sets["task_train"],
-                benign=guard,
-            )
+            given = recover_inputs(lab, model, sets, guard)
             out = Path(tmp) / f"{model}_{len(rows)}"
             result = recover(given, RecoverSettings(write_unchanged=True), out)
             scores = evaluator.score_folder(result.out)

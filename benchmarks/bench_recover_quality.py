@@ -83,6 +83,18 @@ def inputs(lab) -> dict:
     }
 
 
+def recover_inputs(lab, model: str, sets: dict, benign) -> RecoverInputs:
+    """recover's inputs on ``model`` as the demo feeds them, with ``benign`` as the guard."""
+    return RecoverInputs(
+        lab.aligned,
+        lab.model(model),
+        harmful=sets["harmful"],
+        task=sets["task"],
+        task_train=sets["task_train"],
+        benign=benign,
+    )
+
+
 def eval_seconds(lab, model: str, sets: dict, guard: bool, device: str | None) -> float:
     """One evaluation of ``model`` (B) on a run's own sets with recover's scoring settings
     (its harmful prompts, the checked task half, the checked half of the guard's prompts):
@@ -126,14 +138,7 @@ def measure(
         units = {g: eval_seconds(lab, model, sets, g, device) for g in {g for _, g in runs}}
         for schedule, guard in runs:
             start = time.perf_counter()
-            given = RecoverInputs(
-                lab.aligned,
-                lab.model(model),
-                harmful=sets["harmful"],
-                task=sets["task"],
-                task_train=sets["task_train"],
-                benign=sets["guard"] if guard else None,
-            )
+            given = recover_inputs(lab, model, sets, sets["guard"] if guard else None)
             # write_unchanged: kept step 0 in the table (no repair held, B scored)
             settings = RecoverSettings(
                 schedule=schedule,
