@@ -14,12 +14,10 @@ are. Drawn at feed time, not a lab file, so the labs' build keys stay as they ar
 from __future__ import annotations
 
 import itertools
-import json
 import random
-from pathlib import Path
 
 from safealign.lab.corpus import BENIGN_TOPICS, EVAL_TEMPLATES, LOOKALIKES, requests
-from safealign.lab.layout import Lab
+from safealign.lab.layout import DATASETS, Lab
 
 #: Benign prompts the guard is fed: the first half steers recover's rollback, the other half
 #: is checked.
@@ -32,12 +30,12 @@ def guard_prompts(lab: Lab, n: int = GUARD_PROMPTS) -> list[str]:
     templates, none a prompt of the lab's data, shuffled with the lab's seed."""
     if lab.data("benign_val").exists():
         return lab.prompts("benign_val")[:n]
-    files = sorted(lab.data("benign_eval").parent.glob("*.jsonl"))
-    seen = {prompt for path in files for prompt in _prompts(path)}
+    seen = {prompt for name in DATASETS for prompt in lab.prompts(name)}
     rng = random.Random(f"benign-guard-{lab.info.get('seed', 0)}")
     picked: list[str] = []
     for kind, groups in (("lookalike", LOOKALIKES), ("general", BENIGN_TOPICS.values())):
-        pool = requests(_goals(groups, kind), EVAL_TEMPLATES, rng, 10**6)
+        goals = _goals(groups, kind)
+        pool = requests(goals, EVAL_TEMPLATES, rng, len(goals) * len(EVAL_TEMPLATES))
         half = n // 2 if kind == "lookalike" else n - n // 2
         picked += [prompt for _, _, prompt in pool if prompt not in seen][:half]
     rng.shuffle(picked)
@@ -51,7 +49,3 @@ def _goals(groups, kind: str) -> list[tuple[str, str]]:
         for verbs, objects in groups
         for verb, obj in itertools.product(verbs, objects)
     ]
-
-
-def _prompts(path: Path) -> list[str]:
-    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
